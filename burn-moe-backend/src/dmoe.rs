@@ -1,0 +1,189 @@
+//! The embeddable dropless MoE module: a top-k softmax router and stacked SwiGLU experts.
+
+use burn::config::Config;
+use burn::module::{Module, Param};
+use burn::nn::Initializer;
+use burn::tensor::{Int, Tensor, activation::softmax, backend::Backend};
+
+use crate::aux::MoeAuxStats;
+use crate::kernel::MoeKernel;
+use crate::reference;
+
+/// Configuration of a [`DMoe`] layer.
+#[derive(Config, Debug)]
+pub struct DMoeConfig {
+    /// Model (input and output) width `D`.
+    pub d_model: usize,
+    /// Hidden width of each expert's SwiGLU `F`.
+    pub d_ff: usize,
+    /// Number of experts `E`.
+    pub num_experts: usize,
+    /// Experts per token `k` (1 ≤ k ≤ E).
+    pub top_k: usize,
+    /// Which implementation computes the experts.
+    #[config(default = "MoeKernel::Reference")]
+    pub kernel: MoeKernel,
+    /// Initializer of the router and expert weights (fan-in is the input width of each matrix).
+    #[config(default = "Initializer::KaimingUniform{gain:1.0/3.0f64.sqrt(), fan_out_only:false}")]
+    pub initializer: Initializer,
+}
+
+/// Dropless mixture of SwiGLU experts with a softmax top-k router.
+///
+/// Routing follows transformers 5.x `MixtralTopKRouter`: `logits = x · gateᵀ`, softmax over all
+/// experts, top-k, then the k probabilities are renormalised to sum to one. Each expert computes
+/// `w2 · (silu(w1 · x) ⊙ (w3 · x))`, and a token's output is the weighted sum over its experts.
+///
+/// Weights are stored stacked per expert in the PyTorch `[out, in]` convention.
+///
+/// # Shapes
+/// - `gate`: `[E, D]`
+/// - `w1`, `w3`: `[E, F, D]`
+/// - `w2`: `[E, D, F]`
+#[derive(Module, Debug)]
+pub struct DMoe<B: Backend> {
+    /// Router weight `[E, D]`.
+    pub gate: Param<Tensor<B, 2>>,
+    /// Gate projections `[E, F, D]`.
+    pub w1: Param<Tensor<B, 3>>,
+    /// Up projections `[E, F, D]`.
+    pub w3: Param<Tensor<B, 3>>,
+    /// Down projections `[E, D, F]`.
+    pub w2: Param<Tensor<B, 3>>,
+    /// Experts per token.
+    pub top_k: usize,
+    /// Expert-computation path.
+    #[module(skip)]
+    pub kernel: MoeKernel,
+}
+
+/// The router's decisions for a batch of tokens.
+///
+/// # Shapes
+/// - `logits`, `probs`: `[T, E]`
+/// - `weights`: `[T, k]` (renormalised top-k probabilities, differentiable)
+/// - `experts`: `[T, k]` (expert index of each slot)
+#[derive(Debug, Clone)]
+pub struct RouterOutput<B: Backend> {
+    /// Raw router logits.
+    pub logits: Tensor<B, 2>,
+    /// Softmax over all experts.
+    pub probs: Tensor<B, 2>,
+    /// Combine weights of the selected experts.
+    pub weights: Tensor<B, 2>,
+    /// Selected experts, in descending probability order.
+    pub experts: Tensor<B, 2, Int>,
+}
+
+/// Result of [`DMoe::forward`].
+#[derive(Debug, Clone)]
+pub struct MoeOutput<B: Backend> {
+    /// Layer output `[T, D]`.
+    pub output: Tensor<B, 2>,
+    /// Router logits `[T, E]`.
+    pub router_logits: Tensor<B, 2>,
+    /// Load-balancing statistics (aux loss via [`MoeAuxStats::loss`]; per-expert token counts).
+    pub aux: MoeAuxStats<B>,
+}
+
+impl DMoeConfig {
+    /// Creates a layer with freshly initialised weights.
+    ///
+    /// # Panics
+    /// When `top_k` is 0 or larger than `num_experts`, or a width is 0: these are programming errors
+    /// in the caller's config (model loaders validate user configs before they get here).
+    pub fn init<B: Backend>(&self, device: &B::Device) -> DMoe<B> {
+        assert!(
+            self.top_k >= 1 && self.top_k <= self.num_experts,
+            "top_k {} must be in 1..={} (num_experts)",
+            self.top_k,
+            self.num_experts
+        );
+        assert!(self.d_model > 0 && self.d_ff > 0, "d_model and d_ff must be positive");
+        let (e, d, f) = (self.num_experts, self.d_model, self.d_ff);
+        let init = |shape: Vec<usize>, fan_in: usize, fan_out: usize| {
+            self.initializer.init_with::<B, 3, _>(shape, Some(fan_in), Some(fan_out), device)
+        };
+        DMoe {
+            gate: self.initializer.init_with([e, d], Some(d), Some(e), device),
+            w1: init(vec![e, f, d], d, f),
+            w3: init(vec![e, f, d], d, f),
+            w2: init(vec![e, d, f], f, d),
+            top_k: self.top_k,
+            kernel: self.kernel,
+        }
+    }
+}
+
+impl<B: Backend> DMoe<B> {
+    /// Builds a layer from existing weights (e.g. a checkpoint).
+    ///
+    /// # Shapes
+    /// - `gate`: `[E, D]`, `w1`/`w3`: `[E, F, D]`, `w2`: `[E, D, F]`
+    pub fn from_weights(
+        gate: Tensor<B, 2>,
+        w1: Tensor<B, 3>,
+        w3: Tensor<B, 3>,
+        w2: Tensor<B, 3>,
+        top_k: usize,
+        kernel: MoeKernel,
+    ) -> Self {
+        Self {
+            gate: Param::from_tensor(gate),
+            w1: Param::from_tensor(w1),
+            w3: Param::from_tensor(w3),
+            w2: Param::from_tensor(w2),
+            top_k,
+            kernel,
+        }
+    }
+
+    /// Number of experts `E`.
+    pub fn num_experts(&self) -> usize {
+        self.gate.dims()[0]
+    }
+
+    /// Routes tokens: softmax over all experts, top-k, renormalise.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, D]`
+    pub fn route(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
+        let logits = x.matmul(self.gate.val().transpose());
+        let probs = softmax(logits.clone(), 1);
+        // The choice of experts is not differentiable; the weights are, through `gather`.
+        let (_, experts) = probs.clone().detach().topk_with_indices(self.top_k, 1);
+        let top = probs.clone().gather(1, experts.clone());
+        let weights = top.clone() / top.sum_dim(1);
+        RouterOutput { logits, probs, weights, experts }
+    }
+
+    /// Applies the layer to a flat batch of tokens.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, D]` → `output`: `[T, D]`
+    pub fn forward(&self, x: Tensor<B, 2>) -> MoeOutput<B> {
+        let [rows, _] = x.dims();
+        let num_experts = self.num_experts();
+        let route = self.route(x.clone());
+        let token_counts = route
+            .experts
+            .clone()
+            .one_hot::<3>(num_experts)
+            .sum_dim(1)
+            .sum_dim(0)
+            .reshape([num_experts])
+            .float();
+        let output = match self.kernel {
+            MoeKernel::Reference => reference::dropless_experts(
+                x,
+                route.weights,
+                route.experts,
+                self.w1.val(),
+                self.w3.val(),
+                self.w2.val(),
+            ),
+        };
+        let aux = MoeAuxStats { prob_sum: route.probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
+        MoeOutput { output, router_logits: route.logits, aux }
+    }
+}

@@ -1,0 +1,19 @@
+//! # burn-moe-backend
+//!
+//! The Burn side of burn-moe's dropless mixture-of-experts (dMoE): an embeddable [`DMoe`] module
+//! (router + stacked SwiGLU experts) whose expert computation is selected by [`MoeKernel`], the
+//! load-balancing statistics it returns ([`MoeAuxStats`]), and the reference dropless implementation
+//! built from standard Burn tensor ops, which runs on every backend and is the ground truth the CubeCL
+//! kernels are tested against.
+//!
+//! This crate knows nothing about Mixtral: any Burn model can embed [`DMoe`]. It may depend on
+//! `burn` and `kernels-cubecl`.
+
+pub mod aux;
+pub mod dmoe;
+pub mod kernel;
+pub mod reference;
+
+pub use aux::{MoeAuxStats, load_balancing_loss};
+pub use dmoe::{DMoe, DMoeConfig, MoeOutput, RouterOutput};
+pub use kernel::MoeKernel;

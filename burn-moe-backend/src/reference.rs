@@ -1,0 +1,63 @@
+//! Reference dropless expert computation from standard Burn tensor ops.
+//!
+//! Runs on any backend (and under `Autodiff`, whose gradients come from the ops used here), so it is
+//! the ground truth the CubeCL kernels are compared with. It reads the routing decisions back to the
+//! host to build the expert segments, which costs a synchronisation per layer: acceptable for a
+//! reference, and the reason the production kernels compute the plan on the device.
+
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, activation::silu, backend::Backend};
+use kernels_cubecl::RoutingPlan;
+
+/// `out[t] = Σ_j weights[t, j] · expert_{experts[t, j]}(x[t])`, with SwiGLU experts, computed by
+/// grouping the (token, slot) pairs by expert and running one matmul chain per non-empty segment.
+/// No token is dropped and no expert sees padding.
+///
+/// # Shapes
+/// - `x`: `[T, D]`
+/// - `weights`: `[T, k]`
+/// - `experts`: `[T, k]` (values in `0..E`)
+/// - `w1`, `w3`: `[E, F, D]`; `w2`: `[E, D, F]`
+/// - returns `[T, D]`
+pub fn dropless_experts<B: Backend>(
+    x: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    experts: Tensor<B, 2, Int>,
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let device = x.device();
+    let [tokens, d_model] = x.dims();
+    let [_, top_k] = experts.dims();
+    let [num_experts, d_ff, _] = w1.dims();
+    if tokens == 0 {
+        return Tensor::zeros([0, d_model], &device);
+    }
+    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
+    let plan = RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
+        .expect("router produced expert indices outside 0..num_experts");
+    let pairs = tokens * top_k;
+    let as_int = |v: &[usize]| {
+        Tensor::<B, 1, Int>::from_data(TensorData::new(v.iter().map(|&i| i as i64).collect::<Vec<_>>(), [pairs]), &device)
+    };
+    let sorted_token = as_int(&plan.sorted_token);
+    let sorted_flat = as_int(&plan.sorted_flat);
+
+    let x_sorted = x.select(0, sorted_token.clone());
+    let mut segments = Vec::with_capacity(num_experts);
+    for e in 0..num_experts {
+        let (start, end) = (plan.offsets[e], plan.offsets[e + 1]);
+        if start == end {
+            continue;
+        }
+        let xe = x_sorted.clone().slice([start..end]);
+        let w1e = w1.clone().slice([e..e + 1]).reshape([d_ff, d_model]);
+        let w3e = w3.clone().slice([e..e + 1]).reshape([d_ff, d_model]);
+        let w2e = w2.clone().slice([e..e + 1]).reshape([d_model, d_ff]);
+        let h = silu(xe.clone().matmul(w1e.transpose())) * xe.matmul(w3e.transpose());
+        segments.push(h.matmul(w2e.transpose()));
+    }
+    let y_sorted = Tensor::cat(segments, 0);
+    let w_sorted = weights.reshape([pairs]).select(0, sorted_flat).reshape([pairs, 1]);
+    Tensor::zeros([tokens, d_model], &device).select_assign(0, sorted_token, y_sorted * w_sorted, IndexingUpdateOp::Add)
+}

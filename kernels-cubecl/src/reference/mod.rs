@@ -1,0 +1,3 @@
+//! Plain-Rust references for the MoE kernels.
+
+pub mod routing;

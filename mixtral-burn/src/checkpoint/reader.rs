@@ -1,0 +1,149 @@
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors, tensor::TensorInfo};
+
+use super::error::CheckpointError;
+
+/// One memory-mapped safetensors file and its parsed header.
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// The safetensors files of a checkpoint, memory-mapped: a tensor's bytes are read only when it is
+/// converted, so each byte of a large checkpoint is read once.
+pub struct SafetensorsFiles {
+    dir: PathBuf,
+    files: Vec<MappedFile>,
+    location: BTreeMap<String, usize>,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.display().to_string(), source }
+}
+
+impl SafetensorsFiles {
+    /// Maps `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    ///
+    /// # Errors
+    /// [`CheckpointError`] for a missing or corrupt file, a bad index, or a tensor listed twice.
+    pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let shard_names: Vec<String> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+            let bad = |message: String| CheckpointError::Index { path: index.display().to_string(), message };
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let map = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| bad("no `weight_map` object".into()))?;
+            let mut names: Vec<String> = Vec::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
+                if file.contains('/') || file.contains('\\') {
+                    return Err(bad(format!("weight_map[{tensor}] = {file} points outside the directory")));
+                }
+                if !names.iter().any(|n| n == file) {
+                    names.push(file.to_string());
+                }
+            }
+            names.sort();
+            names
+        } else if single.exists() {
+            vec!["model.safetensors".to_string()]
+        } else {
+            return Err(CheckpointError::NoWeights { dir: dir.display().to_string() });
+        };
+
+        let mut files = Vec::with_capacity(shard_names.len());
+        let mut location = BTreeMap::new();
+        for name in shard_names {
+            let path = dir.join(&name);
+            let file = File::open(&path).map_err(io(&path))?;
+            // SAFETY: the map is read-only; a checkpoint modified while we read it is the user's race,
+            // and safetensors validates offsets against the mapped length before any access.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| CheckpointError::Safetensors {
+                path: path.display().to_string(),
+                message: format!("{e:?}"),
+            })?;
+            let tensors: HashMap<String, TensorInfo> =
+                metadata.tensors().into_iter().map(|(k, v)| (k, v.clone())).collect();
+            let idx = files.len();
+            for tensor in tensors.keys() {
+                if let Some(prev) = location.insert(tensor.clone(), idx) {
+                    let first: &MappedFile = &files[prev];
+                    return Err(CheckpointError::Duplicate {
+                        name: tensor.clone(),
+                        first: first.path.display().to_string(),
+                        second: path.display().to_string(),
+                    });
+                }
+            }
+            files.push(MappedFile { path, mmap, data_start: 8 + header_len, tensors });
+        }
+        Ok(Self { dir: dir.to_path_buf(), files, location })
+    }
+
+    /// Every tensor name, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.location.keys().map(String::as_str)
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.location.contains_key(name)
+    }
+
+    /// The file holding a tensor.
+    pub fn file_of(&self, name: &str) -> Option<&Path> {
+        self.location.get(name).map(|&i| self.files[i].path.as_path())
+    }
+
+    /// Shape of a tensor.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        let &i = self.location.get(name)?;
+        self.files[i].tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// Reads a tensor as f32 after checking its shape.
+    ///
+    /// # Errors
+    /// [`CheckpointError::MissingTensor`], [`CheckpointError::Shape`] or [`CheckpointError::Dtype`].
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let &i = self.location.get(name).ok_or_else(|| CheckpointError::MissingTensor {
+            dir: self.dir.display().to_string(),
+            name: name.to_string(),
+        })?;
+        let file = &self.files[i];
+        let info = &file.tensors[name];
+        let file_name = || file.path.display().to_string();
+        if info.shape != expected {
+            return Err(CheckpointError::Shape {
+                name: name.to_string(),
+                file: file_name(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+        let out = match info.dtype {
+            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::BF16 => {
+                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
+            }
+            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            other => {
+                return Err(CheckpointError::Dtype { name: name.to_string(), file: file_name(), dtype: format!("{other:?}") });
+            }
+        };
+        Ok(out)
+    }
+}

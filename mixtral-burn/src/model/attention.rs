@@ -1,0 +1,85 @@
+use burn::module::Module;
+use burn::tensor::{Bool, Tensor, TensorData, activation::softmax, backend::Backend};
+
+use super::linear::HfLinear;
+use super::rope::RotaryEmbedding;
+
+/// Causal self-attention with RoPE and grouped-query heads (HF `MixtralAttention`, eager path).
+///
+/// # Shapes
+/// - `q_proj`: `[H·hd, D]`, `k_proj`/`v_proj`: `[KV·hd, D]`, `o_proj`: `[D, H·hd]`
+/// - input and output `[B, S, D]`
+#[derive(Module, Debug)]
+pub struct MixtralAttention<B: Backend> {
+    /// Query projection.
+    pub q_proj: HfLinear<B>,
+    /// Key projection.
+    pub k_proj: HfLinear<B>,
+    /// Value projection.
+    pub v_proj: HfLinear<B>,
+    /// Output projection.
+    pub o_proj: HfLinear<B>,
+    /// Query heads `H`.
+    pub num_heads: usize,
+    /// Key/value heads `KV` (divides `H`).
+    pub num_kv_heads: usize,
+    /// Head width `hd`.
+    pub head_dim: usize,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// Sliding window, if any.
+    #[module(skip)]
+    pub sliding_window: Option<usize>,
+}
+
+impl<B: Backend> MixtralAttention<B> {
+    /// Attention over the whole sequence (training / prefill; no KV cache).
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, s, _] = x.dims();
+        let (h, kv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let device = x.device();
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([b, s, n, hd]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(x.clone()), h);
+        let k = heads(self.k_proj.forward(x.clone()), kv);
+        let v = heads(self.v_proj.forward(x), kv);
+
+        let rope = RotaryEmbedding { head_dim: hd, theta: self.rope_theta };
+        let (cos, sin) = rope.tables::<B>(s, &device);
+        let q = rope.apply(q, cos.clone(), sin.clone());
+        let k = rope.apply(k, cos, sin);
+
+        // Grouped-query attention: query head i reads key/value head i / (H / KV).
+        let repeat = |t: Tensor<B, 4>| {
+            if h == kv {
+                t
+            } else {
+                t.unsqueeze_dim::<5>(2).repeat_dim(2, h / kv).reshape([b, h, s, hd])
+            }
+        };
+        let k = repeat(k);
+        let v = repeat(v);
+
+        let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5));
+        let mask = attention_mask::<B>(s, self.sliding_window, &device).unsqueeze::<4>().expand([b, h, s, s]);
+        let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+/// `true` where query `q` must not see key `k`: the future (`k > q`) and, with a window `w`, keys at
+/// or before `q - w` (HF: a key is visible iff `q - w < k ≤ q`).
+///
+/// # Shapes
+/// - returns `[S, S]` (query, key)
+pub fn attention_mask<B: Backend>(seq: usize, window: Option<usize>, device: &B::Device) -> Tensor<B, 2, Bool> {
+    let mut mask = Vec::with_capacity(seq * seq);
+    for q in 0..seq {
+        for k in 0..seq {
+            let future = k > q;
+            let too_old = window.is_some_and(|w| k + w <= q);
+            mask.push(future || too_old);
+        }
+    }
+    Tensor::from_data(TensorData::new(mask, [seq, seq]), device)
+}

@@ -1,0 +1,35 @@
+use burn::module::{Module, Param};
+use burn::tensor::{Tensor, backend::Backend};
+
+/// Root-mean-square layer norm as in HF Mixtral: `weight · x / sqrt(mean(x²) + eps)`.
+///
+/// # Shapes
+/// - `weight`: `[D]`; input and output `[..., D]`
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// Per-channel scale `[D]`.
+    pub weight: Param<Tensor<B, 1>>,
+    /// Added to the mean square before the square root.
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// A norm with unit scale.
+    pub fn init(d: usize, eps: f64, device: &B::Device) -> Self {
+        Self { weight: Param::from_tensor(Tensor::ones([d], device)), eps }
+    }
+
+    /// Wraps an existing scale.
+    pub fn from_weight(weight: Tensor<B, 1>, eps: f64) -> Self {
+        Self { weight: Param::from_tensor(weight), eps }
+    }
+
+    /// Normalises the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        let mut shape = [1usize; D];
+        shape[D - 1] = self.weight.dims()[0];
+        normed * self.weight.val().reshape(shape)
+    }
+}

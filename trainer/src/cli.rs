@@ -1,0 +1,320 @@
+//! Command-line arguments, named after Hugging Face `TrainingArguments` (kebab-case) so that
+//! commands carry over from `transformers` scripts. Unknown flags are rejected by clap.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::data::PromptStyle;
+
+/// Fine-tune a Mixtral-style MoE model on alpaca-style instruction data.
+#[derive(Debug, Clone, PartialEq, Parser, serde::Serialize)]
+#[command(name = "trainer", version, about)]
+pub struct Args {
+    /// Directory for metrics.jsonl, train_summary.json and checkpoints (created if missing).
+    #[arg(long, default_value = "results")]
+    pub output_dir: PathBuf,
+
+    /// Alpaca-style dataset: a JSON array or a JSON Lines file of objects with `instruction`,
+    /// optional `input`, and `output`. Defaults to the bundled tiny dataset.
+    #[arg(long)]
+    pub data_path: Option<PathBuf>,
+
+    /// Peak learning rate of AdamW.
+    #[arg(long, default_value_t = 3e-3, value_parser = non_negative_f64)]
+    pub learning_rate: f64,
+
+    /// Number of passes over the data; fractional values stop mid-epoch. Used only when
+    /// --max-steps is -1.
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f64)]
+    pub num_train_epochs: f64,
+
+    /// Number of optimizer steps; -1 derives it from --num-train-epochs.
+    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = max_steps)]
+    pub max_steps: i64,
+
+    /// Examples per forward/backward pass.
+    #[arg(long, default_value_t = 8, value_parser = positive_usize)]
+    pub per_device_train_batch_size: usize,
+
+    /// Batches whose gradients are accumulated into one optimizer step.
+    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
+    pub gradient_accumulation_steps: usize,
+
+    /// Seed for weight initialisation and data shuffling.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+
+    /// Log (and append to metrics.jsonl) every N optimizer steps.
+    #[arg(long, default_value_t = 1, value_parser = positive_usize)]
+    pub logging_steps: usize,
+
+    /// Examples longer than this many tokens are truncated (and counted in the log).
+    #[arg(long, default_value_t = 128, value_parser = max_seq_length)]
+    pub max_seq_length: usize,
+
+    /// Prompt template: `compact` suits the tiny bundled model; `alpaca` is the Stanford
+    /// Alpaca template (about 190 bytes of boilerplate: raise --max-seq-length with it).
+    #[arg(long, value_enum, default_value_t = PromptStyle::Compact)]
+    pub prompt_template: PromptStyle,
+
+    /// Decoupled (AdamW) weight decay.
+    #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
+    pub weight_decay: f64,
+
+    /// Optimizer steps of linear warmup from 0 to --learning-rate.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+
+    /// Adam beta1.
+    #[arg(long, default_value_t = 0.9, value_parser = adam_beta)]
+    pub adam_beta1: f64,
+
+    /// Adam beta2.
+    #[arg(long, default_value_t = 0.999, value_parser = adam_beta)]
+    pub adam_beta2: f64,
+
+    /// Adam epsilon.
+    #[arg(long, default_value_t = 1e-8, value_parser = positive_f64)]
+    pub adam_epsilon: f64,
+
+    /// Clip the global gradient L2 norm to this value; 0 disables clipping (as in HF).
+    #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
+    pub max_grad_norm: f64,
+}
+
+impl Args {
+    /// `--max-steps` when it overrides the epoch count, `None` when it is -1.
+    #[must_use]
+    pub fn max_steps_override(&self) -> Option<usize> {
+        usize::try_from(self.max_steps).ok().filter(|&s| s > 0)
+    }
+
+    /// Examples per optimizer step.
+    #[must_use]
+    pub fn effective_batch_size(&self) -> usize {
+        self.per_device_train_batch_size * self.gradient_accumulation_steps
+    }
+
+    /// Number of optimizer steps to run, given the data loader's batches per epoch.
+    ///
+    /// With `--max-steps -1` this is HF Trainer's rule:
+    /// `ceil(num_train_epochs * max(batches_per_epoch / gradient_accumulation_steps, 1))`
+    /// (integer division: a trailing partial accumulation does not count as a step).
+    #[must_use]
+    pub fn total_train_steps(&self, batches_per_epoch: usize) -> usize {
+        if let Some(steps) = self.max_steps_override() {
+            return steps;
+        }
+        let updates_per_epoch = (batches_per_epoch / self.gradient_accumulation_steps).max(1);
+        // Both factors are small positive numbers; the product is exact enough in f64.
+        (self.num_train_epochs * updates_per_epoch as f64).ceil() as usize
+    }
+
+    /// Whether gradient clipping is enabled (`--max-grad-norm` > 0).
+    #[must_use]
+    pub fn clip_grad_norm(&self) -> Option<f64> {
+        (self.max_grad_norm > 0.0).then_some(self.max_grad_norm)
+    }
+}
+
+fn parse_finite(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}` is not a number: {e}"))?;
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!("`{s}` is not a finite number"))
+    }
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    let v = parse_finite(s)?;
+    if v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be > 0, got {v}"))
+    }
+}
+
+fn non_negative_f64(s: &str) -> Result<f64, String> {
+    let v = parse_finite(s)?;
+    if v >= 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("must be >= 0, got {v}"))
+    }
+}
+
+fn adam_beta(s: &str) -> Result<f64, String> {
+    let v = parse_finite(s)?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1), got {v}"))
+    }
+}
+
+fn positive_usize(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}` is not a positive integer: {e}"))?;
+    if v > 0 {
+        Ok(v)
+    } else {
+        Err("must be at least 1".to_owned())
+    }
+}
+
+fn max_seq_length(s: &str) -> Result<usize, String> {
+    let v: usize = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}` is not a positive integer: {e}"))?;
+    // BOS plus at least one target token.
+    if v >= 2 {
+        Ok(v)
+    } else {
+        Err(format!("must be at least 2, got {v}"))
+    }
+}
+
+fn max_steps(s: &str) -> Result<i64, String> {
+    let v: i64 = s
+        .trim()
+        .parse()
+        .map_err(|e| format!("`{s}` is not an integer: {e}"))?;
+    // 0 and other negatives are rejected rather than guessed at: HF treats them as "use
+    // epochs", which silently hides typos.
+    if v == -1 || v > 0 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "must be -1 (use --num-train-epochs) or a positive step count, got {v}"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+    use clap::error::ErrorKind;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("trainer").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn command_is_well_formed() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.output_dir, PathBuf::from("results"));
+        assert_eq!(a.data_path, None);
+        assert_eq!(a.learning_rate, 3e-3);
+        assert_eq!(a.num_train_epochs, 1.0);
+        assert_eq!(a.max_steps, 40);
+        assert_eq!(a.per_device_train_batch_size, 8);
+        assert_eq!(a.gradient_accumulation_steps, 1);
+        assert_eq!(a.seed, 42);
+        assert_eq!(a.logging_steps, 1);
+        assert_eq!(a.max_seq_length, 128);
+        assert_eq!(a.prompt_template, PromptStyle::Compact);
+        assert_eq!(a.weight_decay, 0.0);
+        assert_eq!(a.warmup_steps, 0);
+        assert_eq!(a.adam_beta1, 0.9);
+        assert_eq!(a.adam_beta2, 0.999);
+        assert_eq!(a.adam_epsilon, 1e-8);
+        assert_eq!(a.max_grad_norm, 1.0);
+        assert_eq!(a.max_steps_override(), Some(40));
+        assert_eq!(a.clip_grad_norm(), Some(1.0));
+    }
+
+    #[test]
+    fn flags() {
+        let a = parse(&[
+            "--output-dir",
+            "out/run1",
+            "--data-path=my.jsonl",
+            "--learning-rate",
+            "1e-4",
+            "--max-steps",
+            "-1",
+            "--num-train-epochs",
+            "2.5",
+            "--per-device-train-batch-size",
+            "4",
+            "--gradient-accumulation-steps",
+            "2",
+            "--seed",
+            "7",
+            "--prompt-template",
+            "alpaca",
+            "--max-seq-length",
+            "512",
+            "--max-grad-norm",
+            "0",
+            "--warmup-steps",
+            "5",
+        ])
+        .unwrap();
+        assert_eq!(a.output_dir, PathBuf::from("out/run1"));
+        assert_eq!(a.data_path, Some(PathBuf::from("my.jsonl")));
+        assert_eq!(a.learning_rate, 1e-4);
+        assert_eq!(a.max_steps, -1);
+        assert_eq!(a.max_steps_override(), None);
+        assert_eq!(a.num_train_epochs, 2.5);
+        assert_eq!(a.effective_batch_size(), 8);
+        assert_eq!(a.seed, 7);
+        assert_eq!(a.prompt_template, PromptStyle::Alpaca);
+        assert_eq!(a.max_seq_length, 512);
+        assert_eq!(a.clip_grad_norm(), None);
+        assert_eq!(a.warmup_steps, 5);
+        // 25 batches / 2 accumulation = 12 updates per epoch; ceil(2.5 * 12) = 30.
+        assert_eq!(a.total_train_steps(25), 30);
+        // Fewer batches than accumulation steps still give one update per epoch.
+        assert_eq!(a.total_train_steps(1), 3);
+    }
+
+    #[test]
+    fn max_steps_overrides_epochs() {
+        let a = parse(&["--max-steps", "7", "--num-train-epochs", "100"]).unwrap();
+        assert_eq!(a.total_train_steps(1000), 7);
+    }
+
+    #[test]
+    fn unknown_flag_is_an_error() {
+        let err = parse(&["--bf16"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownArgument);
+        let err = parse(&["--learning_rate", "1e-3"]).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::UnknownArgument);
+    }
+
+    #[test]
+    fn invalid_values_are_errors() {
+        for bad in [
+            &["--per-device-train-batch-size", "0"][..],
+            &["--gradient-accumulation-steps", "0"],
+            &["--logging-steps", "0"],
+            &["--max-steps", "0"],
+            &["--max-steps", "-2"],
+            &["--max-seq-length", "1"],
+            &["--learning-rate", "-1"],
+            &["--learning-rate", "nan"],
+            &["--num-train-epochs", "0"],
+            &["--adam-beta1", "1.0"],
+            &["--adam-epsilon", "0"],
+            &["--prompt-template", "chatml"],
+            &["--seed", "-3"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}
