@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{Int, Tensor, activation::softmax, backend::Backend};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation::softmax, backend::Backend};
 
 use crate::aux::MoeAuxStats;
 use crate::kernel::MoeKernel;
@@ -162,17 +162,35 @@ impl<B: Backend> DMoe<B> {
     /// # Shapes
     /// - `x`: `[T, D]` → `output`: `[T, D]`
     pub fn forward(&self, x: Tensor<B, 2>) -> MoeOutput<B> {
+        self.forward_masked(x, None)
+    }
+
+    /// [`forward`](Self::forward) where `mask` leaves padding tokens out of the load-balancing
+    /// statistics (as transformers does with an `attention_mask`). Padding is still routed and
+    /// computed, so outputs are the same as without a mask.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, D]`; `mask.weights`: `[T]`
+    pub fn forward_masked(&self, x: Tensor<B, 2>, mask: Option<&TokenMask<B>>) -> MoeOutput<B> {
         let [rows, _] = x.dims();
         let num_experts = self.num_experts();
         let route = self.route(x.clone());
-        let token_counts = route
-            .experts
-            .clone()
-            .one_hot::<3>(num_experts)
-            .sum_dim(1)
-            .sum_dim(0)
-            .reshape([num_experts])
-            .float();
+        let device = x.device();
+        let pairs = rows * self.top_k;
+        let (slot_weights, probs, rows) = match mask {
+            None => (Tensor::ones([pairs], &device), route.probs.clone(), rows),
+            Some(m) => {
+                let w = m.weights.clone().unsqueeze_dim::<2>(1);
+                (w.clone().repeat_dim(1, self.top_k).reshape([pairs]), route.probs.clone() * w, m.valid)
+            }
+        };
+        // Histogram by scatter-add on the device (Burn's `one_hot` reads its input back to the host).
+        let token_counts = Tensor::<B, 1>::zeros([num_experts], &device).scatter(
+            0,
+            route.experts.clone().reshape([pairs]),
+            slot_weights,
+            IndexingUpdateOp::Add,
+        );
         let output = match self.kernel {
             MoeKernel::Reference => reference::dropless_experts(
                 x,
@@ -183,7 +201,25 @@ impl<B: Backend> DMoe<B> {
                 self.w2.val(),
             ),
         };
-        let aux = MoeAuxStats { prob_sum: route.probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
+        let aux = MoeAuxStats { prob_sum: probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
         MoeOutput { output, router_logits: route.logits, aux }
+    }
+}
+
+/// Which tokens of a flat batch are real (1) and which are padding (0), for the MoE statistics.
+#[derive(Debug, Clone)]
+pub struct TokenMask<B: Backend> {
+    /// `[T]`, 1.0 for real tokens and 0.0 for padding.
+    pub weights: Tensor<B, 1>,
+    /// Number of real tokens.
+    pub valid: usize,
+}
+
+impl<B: Backend> TokenMask<B> {
+    /// Builds a mask from per-token flags.
+    pub fn from_flags(flags: &[bool], device: &B::Device) -> Self {
+        let values: Vec<f32> = flags.iter().map(|&f| if f { 1.0 } else { 0.0 }).collect();
+        let weights = Tensor::from_data(burn::tensor::TensorData::new(values, [flags.len()]), device);
+        Self { weights, valid: flags.iter().filter(|&&f| f).count() }
     }
 }

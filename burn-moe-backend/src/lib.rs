@@ -15,5 +15,5 @@ pub mod kernel;
 pub mod reference;
 
 pub use aux::{MoeAuxStats, load_balancing_loss};
-pub use dmoe::{DMoe, DMoeConfig, MoeOutput, RouterOutput};
+pub use dmoe::{DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use kernel::MoeKernel;

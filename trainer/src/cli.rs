@@ -30,7 +30,7 @@ pub struct Args {
     pub num_train_epochs: f64,
 
     /// Number of optimizer steps; -1 derives it from --num-train-epochs.
-    #[arg(long, default_value_t = 40, allow_negative_numbers = true, value_parser = max_steps)]
+    #[arg(long, default_value_t = 60, allow_negative_numbers = true, value_parser = max_steps)]
     pub max_steps: i64,
 
     /// Examples per forward/backward pass.
@@ -81,6 +81,24 @@ pub struct Args {
     /// Clip the global gradient L2 norm to this value; 0 disables clipping (as in HF).
     #[arg(long, default_value_t = 1.0, value_parser = non_negative_f64)]
     pub max_grad_norm: f64,
+
+    /// Where the model runs: `ndarray` (CPU) or `cuda` (needs the `cuda` cargo feature).
+    #[arg(long, value_enum, default_value_t = Device::Ndarray)]
+    pub device: Device,
+
+    /// Expert-computation path of the MoE layers.
+    #[arg(long, default_value = "reference")]
+    pub moe_kernel: burn_moe_backend::MoeKernel,
+}
+
+/// Compute device of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Device {
+    /// burn-ndarray on the CPU.
+    Ndarray,
+    /// burn-cuda on GPU 0 (build with `--features cuda`).
+    Cuda,
 }
 
 impl Args {
@@ -220,7 +238,7 @@ mod tests {
         assert_eq!(a.data_path, None);
         assert_eq!(a.learning_rate, 3e-3);
         assert_eq!(a.num_train_epochs, 1.0);
-        assert_eq!(a.max_steps, 40);
+        assert_eq!(a.max_steps, 60);
         assert_eq!(a.per_device_train_batch_size, 8);
         assert_eq!(a.gradient_accumulation_steps, 1);
         assert_eq!(a.seed, 42);
@@ -233,7 +251,7 @@ mod tests {
         assert_eq!(a.adam_beta2, 0.999);
         assert_eq!(a.adam_epsilon, 1e-8);
         assert_eq!(a.max_grad_norm, 1.0);
-        assert_eq!(a.max_steps_override(), Some(40));
+        assert_eq!(a.max_steps_override(), Some(60));
         assert_eq!(a.clip_grad_norm(), Some(1.0));
     }
 

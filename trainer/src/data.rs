@@ -559,6 +559,19 @@ impl Batch {
         self.batch * self.seq
     }
 
+    /// `[batch * seq]` flags, `true` for real tokens and `false` for right padding (the model's
+    /// MoE statistics skip padding, as HF does with an attention mask).
+    #[must_use]
+    pub fn real_tokens(&self) -> Vec<bool> {
+        self.input_ids.iter().map(|&id| id != i64::from(PAD_ID)).collect()
+    }
+
+    /// Number of real (non-padding) tokens.
+    #[must_use]
+    pub fn n_real_tokens(&self) -> usize {
+        self.input_ids.iter().filter(|&&id| id != i64::from(PAD_ID)).count()
+    }
+
     /// The input ids as an integer tensor on `device`.
     ///
     /// # Shapes

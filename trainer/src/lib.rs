@@ -5,6 +5,7 @@ pub mod cli;
 pub mod data;
 pub mod metrics;
 pub mod tokenizer;
+pub mod train;
 
 pub use cli::Args;
 pub use data::{

@@ -148,6 +148,7 @@ pub fn save_hf<B: Backend>(
         CheckpointError::Io { path: tmp.display().to_string(), source: std::io::Error::other(format!("{e:?}")) }
     })?;
     std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+    remove_stale_shards(dir)?;
 
     let mut json = config.to_hf_json();
     json["torch_dtype"] = match dtype {
@@ -162,6 +163,32 @@ pub fn save_hf<B: Backend>(
     std::fs::write(&tmp, text).map_err(io(&tmp))?;
     std::fs::rename(&tmp, &config_path).map_err(io(&config_path))?;
     Ok(())
+}
+
+/// A sharded checkpoint saved earlier into the same directory would shadow nothing (the reader and
+/// transformers both prefer `model.safetensors`) but would waste space and mislead people: its
+/// index and the shards it lists go once the new file is in place.
+fn remove_stale_shards(dir: &Path) -> Result<(), CheckpointError> {
+    let index = dir.join("model.safetensors.index.json");
+    let Ok(text) = std::fs::read_to_string(&index) else {
+        return Ok(());
+    };
+    let shards: Vec<String> = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|json| json.get("weight_map").and_then(|m| m.as_object()).cloned())
+        .map(|map| map.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    for shard in shards {
+        // Only plain file names inside the directory; never the file just written.
+        if shard.contains('/') || shard.contains('\\') || shard == "model.safetensors" {
+            continue;
+        }
+        let path = dir.join(&shard);
+        if path.exists() {
+            std::fs::remove_file(&path).map_err(|source| CheckpointError::Io { path: path.display().to_string(), source })?;
+        }
+    }
+    std::fs::remove_file(&index).map_err(|source| CheckpointError::Io { path: index.display().to_string(), source })
 }
 
 /// [`save_hf`] in the classic per-expert layout, the one every transformers version loads.

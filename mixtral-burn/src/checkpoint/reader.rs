@@ -28,14 +28,17 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 }
 
 impl SafetensorsFiles {
-    /// Maps `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    /// Maps `model.safetensors`, or else the shards listed in `model.safetensors.index.json` (the
+    /// order transformers uses, so both read the same weights from a directory holding both).
     ///
     /// # Errors
     /// [`CheckpointError`] for a missing or corrupt file, a bad index, or a tensor listed twice.
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let shard_names: Vec<String> = if index.exists() {
+        let shard_names: Vec<String> = if single.exists() {
+            vec!["model.safetensors".to_string()]
+        } else if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io(&index))?;
             let bad = |message: String| CheckpointError::Index { path: index.display().to_string(), message };
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
@@ -55,8 +58,6 @@ impl SafetensorsFiles {
             }
             names.sort();
             names
-        } else if single.exists() {
-            vec!["model.safetensors".to_string()]
         } else {
             return Err(CheckpointError::NoWeights { dir: dir.display().to_string() });
         };

@@ -1,7 +1,7 @@
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Initializer};
-use burn::tensor::{Int, Tensor, backend::Backend};
-use burn_moe_backend::{DMoeConfig, MoeAuxStats, load_balancing_loss};
+use burn::nn::Embedding;
+use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
+use burn_moe_backend::{DMoe, MoeAuxStats, TokenMask, load_balancing_loss};
 
 use super::attention::MixtralAttention;
 use super::decoder::DecoderLayer;
@@ -61,47 +61,110 @@ pub struct CausalLmOutput<B: Backend> {
 }
 
 impl MixtralConfig {
-    /// A model with fresh weights: `N(0, initializer_range²)` for matrices, unit norms.
+    /// A model with fresh weights drawn by the backend's RNG: `N(0, initializer_range²)` for matrices,
+    /// unit norms. Fast on any device; reproducible only if nothing else draws from that RNG
+    /// concurrently (see [`init_seeded`](Self::init_seeded)).
     ///
     /// # Panics
     /// When [`validate`](Self::validate) fails: build user-supplied configs through
     /// [`MixtralConfig::from_hf_json_file`] or call `validate` first to get an error instead.
     pub fn init<B: Backend>(&self, device: &B::Device) -> MixtralForCausalLM<B> {
+        let std = self.initializer_range;
+        self.build(device, |n| Tensor::random([n], Distribution::Normal(0.0, std), device))
+    }
+
+    /// Like [`init`](Self::init), but the weights come from a host RNG seeded with `seed`, so the same
+    /// seed gives the same model on every backend, in every thread and every process (data-parallel
+    /// ranks, tests running concurrently). Burn's backend RNGs are process-global.
+    ///
+    /// # Panics
+    /// As [`init`](Self::init).
+    pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> MixtralForCausalLM<B> {
+        let mut rng = HostNormal::new(seed);
+        let std = self.initializer_range as f32;
+        self.build(device, |n| {
+            let values: Vec<f32> = (0..n).map(|_| rng.sample() * std).collect();
+            Tensor::from_data(TensorData::new(values, [n]), device)
+        })
+    }
+
+    /// Assembles the model; `normal(n)` returns `n` values of `N(0, initializer_range²)`, drawn in
+    /// parameter order.
+    fn build<B: Backend>(&self, device: &B::Device, mut normal: impl FnMut(usize) -> Tensor<B, 1>) -> MixtralForCausalLM<B> {
         if let Err(e) = self.validate("MixtralConfig::init") {
             panic!("{e}");
         }
-        let (d, hd, std) = (self.hidden_size, self.head_dim(), self.initializer_range);
-        let normal = Initializer::Normal { mean: 0.0, std };
-        let moe = DMoeConfig::new(d, self.intermediate_size, self.num_local_experts, self.num_experts_per_tok)
-            .with_kernel(self.moe_kernel)
-            .with_initializer(normal.clone());
-        let layers = (0..self.num_hidden_layers)
-            .map(|_| DecoderLayer {
-                self_attn: MixtralAttention {
-                    q_proj: HfLinear::init(d, self.num_attention_heads * hd, std, device),
-                    k_proj: HfLinear::init(d, self.num_key_value_heads * hd, std, device),
-                    v_proj: HfLinear::init(d, self.num_key_value_heads * hd, std, device),
-                    o_proj: HfLinear::init(self.num_attention_heads * hd, d, std, device),
-                    num_heads: self.num_attention_heads,
-                    num_kv_heads: self.num_key_value_heads,
-                    head_dim: hd,
-                    rope_theta: self.rope_theta,
-                    sliding_window: self.sliding_window,
-                },
-                mlp: moe.init(device),
+        let (d, f, e, hd) = (self.hidden_size, self.intermediate_size, self.num_local_experts, self.head_dim());
+        let mut matrix = |rows: usize, cols: usize| normal(rows * cols).reshape([rows, cols]);
+        let embed = matrix(self.vocab_size, d);
+        let mut layers = Vec::with_capacity(self.num_hidden_layers);
+        for _ in 0..self.num_hidden_layers {
+            let self_attn = MixtralAttention {
+                q_proj: HfLinear::from_weight(matrix(self.num_attention_heads * hd, d)),
+                k_proj: HfLinear::from_weight(matrix(self.num_key_value_heads * hd, d)),
+                v_proj: HfLinear::from_weight(matrix(self.num_key_value_heads * hd, d)),
+                o_proj: HfLinear::from_weight(matrix(d, self.num_attention_heads * hd)),
+                num_heads: self.num_attention_heads,
+                num_kv_heads: self.num_key_value_heads,
+                head_dim: hd,
+                rope_theta: self.rope_theta,
+                sliding_window: self.sliding_window,
+            };
+            let gate = matrix(e, d);
+            let w1 = matrix(e * f, d).reshape([e, f, d]);
+            let w3 = matrix(e * f, d).reshape([e, f, d]);
+            let w2 = matrix(e * d, f).reshape([e, d, f]);
+            layers.push(DecoderLayer {
+                self_attn,
+                mlp: DMoe::from_weights(gate, w1, w3, w2, self.num_experts_per_tok, self.moe_kernel),
                 input_layernorm: RmsNorm::init(d, self.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::init(d, self.rms_norm_eps, device),
-            })
-            .collect();
+            });
+        }
+        let lm_head = HfLinear::from_weight(matrix(self.vocab_size, d));
         MixtralForCausalLM {
             model: MixtralModel {
-                embed_tokens: Embedding { weight: normal.init([self.vocab_size, d], device) },
+                embed_tokens: MixtralForCausalLM::<B>::embedding_from(embed),
                 layers,
                 norm: RmsNorm::init(d, self.rms_norm_eps, device),
             },
-            lm_head: HfLinear::init(d, self.vocab_size, std, device),
+            lm_head,
             router_aux_loss_coef: self.router_aux_loss_coef,
         }
+    }
+}
+
+/// Standard normal samples from SplitMix64 and the Box–Muller transform: a fixed algorithm (unlike
+/// `rand`'s `StdRng`, which may change between versions), so a seed means the same weights forever.
+struct HostNormal {
+    state: u64,
+    spare: Option<f32>,
+}
+
+impl HostNormal {
+    fn new(seed: u64) -> Self {
+        Self { state: seed ^ 0x5DEE_CE66_D1CE_5EED, spare: None }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // 53 random bits in (0, 1]: never 0, so the logarithm below is finite.
+        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f32 {
+        if let Some(v) = self.spare.take() {
+            return v;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some((r * theta.sin()) as f32);
+        (r * theta.cos()) as f32
     }
 }
 
@@ -111,10 +174,19 @@ impl<B: Backend> MixtralForCausalLM<B> {
     /// # Shapes
     /// - `input_ids`: `[B, S]` → logits `[B, S, V]`
     pub fn forward(&self, input_ids: Tensor<B, 2, Int>) -> ModelOutput<B> {
+        self.forward_masked(input_ids, None)
+    }
+
+    /// [`forward`](Self::forward) with the padding of a right-padded batch left out of the MoE
+    /// load-balancing statistics. `real` is `[B·S]` row-major, `true` for real tokens. Under the causal
+    /// mask, right padding never influences real tokens, so no attention mask is needed.
+    pub fn forward_masked(&self, input_ids: Tensor<B, 2, Int>, real: Option<&[bool]>) -> ModelOutput<B> {
+        let device = input_ids.device();
+        let mask = real.map(|flags| TokenMask::from_flags(flags, &device));
         let mut h = self.model.embed_tokens.forward(input_ids);
         let mut aux = Vec::with_capacity(self.model.layers.len());
         for layer in &self.model.layers {
-            let (next, stats) = layer.forward(h);
+            let (next, stats) = layer.forward(h, mask.as_ref());
             h = next;
             aux.push(stats);
         }
@@ -128,7 +200,18 @@ impl<B: Backend> MixtralForCausalLM<B> {
     /// # Shapes
     /// - `input_ids`, `labels`: `[B, S]`
     pub fn forward_with_labels(&self, input_ids: Tensor<B, 2, Int>, labels: Tensor<B, 2, Int>) -> CausalLmOutput<B> {
-        let ModelOutput { logits, aux } = self.forward(input_ids);
+        self.forward_with_labels_masked(input_ids, labels, None)
+    }
+
+    /// [`forward_with_labels`](Self::forward_with_labels) for a right-padded batch; `real` as in
+    /// [`forward_masked`](Self::forward_masked) (HF's `attention_mask`).
+    pub fn forward_with_labels_masked(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        labels: Tensor<B, 2, Int>,
+        real: Option<&[bool]>,
+    ) -> CausalLmOutput<B> {
+        let ModelOutput { logits, aux } = self.forward_masked(input_ids, real);
         let (lm_loss_sum, num_target_tokens) = causal_lm_loss(logits.clone(), labels);
         let lm_loss = lm_loss_sum.clone() / num_target_tokens.clone().clamp_min(1.0);
         let aux_loss = load_balancing_loss(&aux);

@@ -1,6 +1,6 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
-use burn_moe_backend::{DMoe, MoeAuxStats};
+use burn_moe_backend::{DMoe, MoeAuxStats, TokenMask};
 
 use super::attention::MixtralAttention;
 use super::rms_norm::RmsNorm;
@@ -22,12 +22,13 @@ pub struct DecoderLayer<B: Backend> {
 }
 
 impl<B: Backend> DecoderLayer<B> {
-    /// Runs the block; also returns the MoE layer's load-balancing statistics.
-    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, MoeAuxStats<B>) {
+    /// Runs the block; also returns the MoE layer's load-balancing statistics (over the tokens that
+    /// `mask` marks as real, all tokens without a mask).
+    pub fn forward(&self, x: Tensor<B, 3>, mask: Option<&TokenMask<B>>) -> (Tensor<B, 3>, MoeAuxStats<B>) {
         let [b, s, d] = x.dims();
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x));
         let normed = self.post_attention_layernorm.forward(h.clone());
-        let moe = self.mlp.forward(normed.reshape([b * s, d]));
+        let moe = self.mlp.forward_masked(normed.reshape([b * s, d]), mask);
         (h + moe.output.reshape([b, s, d]), moe.aux)
     }
 }

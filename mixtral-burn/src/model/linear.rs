@@ -1,5 +1,4 @@
 use burn::module::{Module, Param};
-use burn::nn::Initializer;
 use burn::tensor::{Tensor, backend::Backend};
 
 /// A bias-free linear layer that stores its weight as PyTorch does, `[out, in]`, so checkpoints map
@@ -15,12 +14,6 @@ pub struct HfLinear<B: Backend> {
 }
 
 impl<B: Backend> HfLinear<B> {
-    /// A layer with weights drawn from `N(0, std²)`, as HF initialises Mixtral.
-    pub fn init(d_in: usize, d_out: usize, std: f64, device: &B::Device) -> Self {
-        let weight = Initializer::Normal { mean: 0.0, std }.init([d_out, d_in], device);
-        Self { weight }
-    }
-
     /// Wraps an existing `[out, in]` weight.
     pub fn from_weight(weight: Tensor<B, 2>) -> Self {
         Self { weight: Param::from_tensor(weight) }
