@@ -7,6 +7,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation::softmax, backend::
 
 use crate::aux::MoeAuxStats;
 use crate::kernel::MoeKernel;
+use crate::ops::{MoeBackend, moe_combine, moe_grouped_matmul, moe_permute};
 use crate::reference;
 
 /// Configuration of a [`DMoe`] layer.
@@ -156,7 +157,9 @@ impl<B: Backend> DMoe<B> {
         let weights = top.clone() / top.sum_dim(1);
         RouterOutput { logits, probs, weights, experts }
     }
+}
 
+impl<B: MoeBackend> DMoe<B> {
     /// Applies the layer to a flat batch of tokens.
     ///
     /// # Shapes
@@ -191,15 +194,10 @@ impl<B: Backend> DMoe<B> {
             slot_weights,
             IndexingUpdateOp::Add,
         );
+        let (w1, w3, w2) = (self.w1.val(), self.w3.val(), self.w2.val());
         let output = match self.kernel {
-            MoeKernel::Reference => reference::dropless_experts(
-                x,
-                route.weights,
-                route.experts,
-                self.w1.val(),
-                self.w3.val(),
-                self.w2.val(),
-            ),
+            MoeKernel::Reference => reference::dropless_experts(x, route.weights, route.experts, w1, w3, w2),
+            MoeKernel::Scatter => scatter_experts(x, route.weights, route.experts, w1, w3, w2),
         };
         let aux = MoeAuxStats { prob_sum: probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
         MoeOutput { output, router_logits: route.logits, aux }
@@ -222,4 +220,41 @@ impl<B: Backend> TokenMask<B> {
         let weights = Tensor::from_data(burn::tensor::TensorData::new(values, [flags.len()]), device);
         Self { weights, valid: flags.iter().filter(|&&f| f).count() }
     }
+}
+
+/// The scatter path: permute → grouped matmuls (w1, w3) → SwiGLU → grouped matmul (w2) → combine.
+///
+/// # Shapes
+/// As [`reference::dropless_experts`].
+fn scatter_experts<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    experts: Tensor<B, 2, Int>,
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    let device = x.device();
+    let [tokens, d_model] = x.dims();
+    let [_, top_k] = experts.dims();
+    let [num_experts, _, _] = w1.dims();
+    if tokens == 0 {
+        return Tensor::zeros([0, d_model], &device);
+    }
+    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
+    let plan = kernels_cubecl::RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
+        .expect("router produced expert indices outside 0..num_experts");
+    let int = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(v.clone(), [v.len()]), &device);
+    let rows = int(plan.sorted_token.iter().map(|&t| t as i64).collect());
+    // slots[t·k + j] = position of pair (t, j) in expert order: the inverse of the sort.
+    let mut slots = vec![0i64; plan.sorted_flat.len()];
+    for (pos, &flat) in plan.sorted_flat.iter().enumerate() {
+        slots[flat] = pos as i64;
+    }
+    let xs = moe_permute(x, rows);
+    let gate = moe_grouped_matmul(xs.clone(), w1, &plan.offsets, true);
+    let up = moe_grouped_matmul(xs, w3, &plan.offsets, true);
+    let h = burn::tensor::activation::silu(gate) * up;
+    let y = moe_grouped_matmul(h, w2, &plan.offsets, true);
+    moe_combine(y, int(slots), weights)
 }

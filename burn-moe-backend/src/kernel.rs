@@ -12,16 +12,21 @@ pub enum MoeKernel {
     /// expert segment, weighted scatter-add. Runs on every backend; the ground truth for the others.
     #[default]
     Reference,
+    /// ScatterMoE-style: permute rows into expert order, one grouped matmul per projection over the
+    /// expert segments, weighted combine; each op is a [`MoeBackend`](crate::MoeBackend) op with an
+    /// adjoint backward (CubeCL kernels on CubeCL backends, standard ops elsewhere).
+    Scatter,
 }
 
 impl MoeKernel {
     /// Every kernel, for tests and command-line help.
-    pub const ALL: [MoeKernel; 1] = [MoeKernel::Reference];
+    pub const ALL: [MoeKernel; 2] = [MoeKernel::Reference, MoeKernel::Scatter];
 
     /// The name used on command lines and in configs.
     pub fn name(self) -> &'static str {
         match self {
             MoeKernel::Reference => "reference",
+            MoeKernel::Scatter => "scatter",
         }
     }
 }

@@ -12,8 +12,10 @@
 pub mod aux;
 pub mod dmoe;
 pub mod kernel;
+pub mod ops;
 pub mod reference;
 
 pub use aux::{MoeAuxStats, load_balancing_loss};
 pub use dmoe::{DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use kernel::MoeKernel;
+pub use ops::MoeBackend;

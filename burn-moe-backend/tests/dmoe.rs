@@ -49,6 +49,10 @@ impl Case {
     }
 
     fn layer<Bk: Backend>(&self, device: &Bk::Device) -> DMoe<Bk> {
+        self.layer_with::<Bk>(device, MoeKernel::Reference)
+    }
+
+    fn layer_with<Bk: Backend>(&self, device: &Bk::Device, kernel: MoeKernel) -> DMoe<Bk> {
         let t3 = |v: &Vec<f32>, s: [usize; 3]| Tensor::<Bk, 3>::from_data(TensorData::new(v.clone(), s), device);
         DMoe::from_weights(
             Tensor::from_data(TensorData::new(self.gate.clone(), [self.e, self.d]), device),
@@ -56,7 +60,7 @@ impl Case {
             t3(&self.w3, [self.e, self.f, self.d]),
             t3(&self.w2, [self.e, self.d, self.f]),
             self.k,
-            MoeKernel::Reference,
+            kernel,
         )
     }
 
@@ -107,12 +111,18 @@ fn rel_err(a: &[f32], b: &[f64]) -> f64 {
 }
 
 fn check_forward(case: &Case) {
+    for kernel in MoeKernel::ALL {
+        check_forward_with(case, kernel);
+    }
+}
+
+fn check_forward_with(case: &Case, kernel: MoeKernel) {
     let device = Default::default();
-    let out = case.layer::<B>(&device).forward(case.x::<B>(&device));
+    let out = case.layer_with::<B>(&device, kernel).forward(case.x::<B>(&device));
     let got: Vec<f32> = out.output.into_data().iter::<f32>().collect();
     let (want, counts) = case.host_reference();
     let err = rel_err(&got, &want);
-    assert!(err < 1e-5, "T={} E={} k={}: forward rel err {err:e}", case.t, case.e, case.k);
+    assert!(err < 1e-5, "{kernel} T={} E={} k={}: forward rel err {err:e}", case.t, case.e, case.k);
     let got_counts: Vec<usize> = out.aux.token_counts.into_data().iter::<f32>().map(|c| c as usize).collect();
     assert_eq!(got_counts, counts);
 }
@@ -171,8 +181,8 @@ fn gradients_match_dense_computation() {
         let case = Case::random(t, 10, 14, e, k, 40 + t as u64);
         let device = Default::default();
         let probe = Tensor::<AB, 2>::from_data(TensorData::new(values(t * 10, 99, 1.0), [t, 10]), &device);
-        let grads_of = |dense: bool| {
-            let layer = case.layer::<AB>(&device);
+        let grads_of = |dense: bool, kernel: MoeKernel| {
+            let layer = case.layer_with::<AB>(&device, kernel);
             let x = case.x::<AB>(&device).require_grad();
             let out = if dense { dense_moe(&layer, x.clone()) } else { layer.forward(x.clone()).output };
             let g = (out * probe.clone()).sum().backward();
@@ -185,10 +195,13 @@ fn gradients_match_dense_computation() {
                 ("w2", host(layer.w2.val().grad(&g))),
             ]
         };
-        for ((name, ours), (_, dense)) in grads_of(false).into_iter().zip(grads_of(true)) {
-            let dense64: Vec<f64> = dense.iter().map(|v| *v as f64).collect();
-            let err = rel_err(&ours, &dense64);
-            assert!(err < 1e-5, "T={t} E={e} k={k}: grad {name} rel err {err:e}");
+        let dense = grads_of(true, MoeKernel::Reference);
+        for kernel in MoeKernel::ALL {
+            for ((name, ours), (_, want)) in grads_of(false, kernel).into_iter().zip(&dense) {
+                let want64: Vec<f64> = want.iter().map(|v| *v as f64).collect();
+                let err = rel_err(&ours, &want64);
+                assert!(err < 1e-5, "{kernel} T={t} E={e} k={k}: grad {name} rel err {err:e}");
+            }
         }
     }
 }

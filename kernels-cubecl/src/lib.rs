@@ -9,10 +9,11 @@
 //! into Burn ops.
 //!
 //! What is here today: the plain-Rust routing references ([`reference::routing`]) that define the
-//! exact metadata (histogram, stable expert sort, offsets, padded blocks) every routing kernel and
-//! the Burn reference path must reproduce. The CubeCL kernels (scatter grouped GEMM, block-sparse
-//! SDD/DSD, permute/unpermute) are built on top of these definitions.
+//! exact metadata (histogram, stable expert sort, offsets, padded blocks), and the ScatterMoE kernel
+//! family ([`scatter`]): permute, grouped matmul over expert segments and its weight gradient,
+//! weighted combine, each accumulating in f32 for f32/f16/bf16 storage.
 
 pub mod reference;
+pub mod scatter;
 
 pub use reference::routing::{RoutingError, RoutingPlan};

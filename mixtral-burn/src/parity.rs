@@ -5,7 +5,7 @@ use std::path::Path;
 
 use burn::module::Param;
 use burn::tensor::{Int, Tensor, TensorData, backend::AutodiffBackend};
-use burn_moe_backend::MoeKernel;
+use burn_moe_backend::{MoeBackend, MoeKernel};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::checkpoint::{CheckpointError, FetchTensor, HfCheckpoint, hf_tensors};
@@ -59,7 +59,7 @@ pub fn read_input_ids(path: &Path, vocab_size: usize) -> Result<TensorData, Chec
 ///
 /// # Errors
 /// [`CheckpointError`] from loading the checkpoint.
-pub fn parity_outputs<B: AutodiffBackend>(
+pub fn parity_outputs<B: AutodiffBackend + MoeBackend>(
     checkpoint: &HfCheckpoint,
     input_ids: TensorData,
     grads: bool,

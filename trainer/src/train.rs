@@ -59,7 +59,7 @@ pub fn default_model_config(args: &Args) -> Result<MixtralConfig, TrainError> {
 ///
 /// # Errors
 /// [`TrainError`] for unreadable data, unwritable outputs, or a diverging loss.
-pub fn train<B: AutodiffBackend>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError> {
+pub fn train<B: AutodiffBackend + burn_moe_backend::MoeBackend>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError> {
     let tokenizer = ByteTokenizer::new();
     let records = load_records(args.data_path.as_deref())?;
     let dataset = TrainDataset::new(&records, args.prompt_template, args.max_seq_length, &tokenizer)?;

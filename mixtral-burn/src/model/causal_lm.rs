@@ -1,7 +1,7 @@
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
-use burn_moe_backend::{DMoe, MoeAuxStats, TokenMask, load_balancing_loss};
+use burn_moe_backend::{DMoe, MoeAuxStats, MoeBackend, TokenMask, load_balancing_loss};
 
 use super::attention::MixtralAttention;
 use super::decoder::DecoderLayer;
@@ -168,7 +168,7 @@ impl HostNormal {
     }
 }
 
-impl<B: Backend> MixtralForCausalLM<B> {
+impl<B: MoeBackend> MixtralForCausalLM<B> {
     /// Logits and MoE statistics for a batch of token ids.
     ///
     /// # Shapes
@@ -219,6 +219,9 @@ impl<B: Backend> MixtralForCausalLM<B> {
         CausalLmOutput { logits, loss, lm_loss, aux_loss, lm_loss_sum, num_target_tokens, aux }
     }
 
+}
+
+impl<B: Backend> MixtralForCausalLM<B> {
     /// Number of trainable scalars.
     pub fn num_parameters(&self) -> usize {
         self.num_params()

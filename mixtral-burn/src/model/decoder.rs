@@ -1,6 +1,6 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
-use burn_moe_backend::{DMoe, MoeAuxStats, TokenMask};
+use burn_moe_backend::{DMoe, MoeAuxStats, MoeBackend, TokenMask};
 
 use super::attention::MixtralAttention;
 use super::rms_norm::RmsNorm;
@@ -21,7 +21,7 @@ pub struct DecoderLayer<B: Backend> {
     pub post_attention_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> {
+impl<B: MoeBackend> DecoderLayer<B> {
     /// Runs the block; also returns the MoE layer's load-balancing statistics (over the tokens that
     /// `mask` marks as real, all tokens without a mask).
     pub fn forward(&self, x: Tensor<B, 3>, mask: Option<&TokenMask<B>>) -> (Tensor<B, 3>, MoeAuxStats<B>) {

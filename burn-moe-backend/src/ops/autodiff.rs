@@ -1,0 +1,139 @@
+//! `Autodiff<B>` for [`MoeBackend`]: each op records a backward pass made of the adjoint ops, run on
+//! the inner backend (so CubeCL backends differentiate with their own kernels).
+//!
+//! | forward | d(input) | d(weight) |
+//! | --- | --- | --- |
+//! | `permute(x, rows)` | scatter-add of `dy` into `rows` | — |
+//! | `grouped_matmul(x, w, ᵀ)` | `grouped_matmul(dy, w, no ᵀ)` | `weight_grad(dy, x)` |
+//! | `grouped_matmul(x, w, no ᵀ)` | `grouped_matmul(dy, w, ᵀ)` | `weight_grad(x, dy)` |
+//! | `combine(y, slots, wts)` | `wts · dy` scattered to `slots` | `⟨y[slots], dy⟩` |
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
+
+use super::backend::MoeBackend;
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
+    fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct PermuteBackward;
+
+        impl<B: MoeBackend> Backward<B, 1> for PermuteBackward {
+            type State = (IntTensor<B>, usize);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_x] = ops.parents;
+                let dy: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
+                let (rows, num_rows) = ops.state;
+                if let Some(node) = node_x {
+                    let [_, d] = dy.dims();
+                    let rows = Tensor::<B, 1, Int>::from_primitive(rows);
+                    let dx = Tensor::<B, 2>::zeros([num_rows, d], &dy.device()).select_assign(0, rows, dy, IndexingUpdateOp::Add);
+                    grads.register::<B>(node.id, prim(dx));
+                }
+            }
+        }
+
+        let num_rows = x.primitive.shape()[0];
+        match PermuteBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((rows.clone(), num_rows), B::moe_permute(x.primitive, rows)),
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_permute(x.primitive, rows)),
+        }
+    }
+
+    fn moe_grouped_matmul(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        offsets: &[usize],
+        transpose: bool,
+    ) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GroupedMatmulBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for GroupedMatmulBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, Vec<usize>, bool);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_x, node_w] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (x, w, offsets, transpose) = ops.state;
+                if let Some(node) = node_w {
+                    let dw = if transpose {
+                        B::moe_grouped_matmul_weight_grad(dy.clone(), x, &offsets)
+                    } else {
+                        B::moe_grouped_matmul_weight_grad(x, dy.clone(), &offsets)
+                    };
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::moe_grouped_matmul(dy, w, &offsets, !transpose));
+                }
+            }
+        }
+
+        match GroupedMatmulBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::moe_grouped_matmul(x.primitive.clone(), w.primitive.clone(), offsets, transpose);
+                prep.finish((x.primitive, w.primitive, offsets.to_vec(), transpose), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_grouped_matmul(x.primitive, w.primitive, offsets, transpose)),
+        }
+    }
+
+    fn moe_grouped_matmul_weight_grad(dy: FloatTensor<Self>, x: FloatTensor<Self>, offsets: &[usize]) -> FloatTensor<Self> {
+        // Used inside backward passes only; second derivatives are not needed.
+        <FloatTensor<Self>>::new(B::moe_grouped_matmul_weight_grad(dy.primitive, x.primitive, offsets))
+    }
+
+    fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct CombineBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
+            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_y, node_w] = ops.parents;
+                let dout: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
+                let (y, slots, weights) = ops.state;
+                let y: Tensor<B, 2> = float(y);
+                let weights: Tensor<B, 2> = float(weights);
+                let slots = Tensor::<B, 1, Int>::from_primitive(slots);
+                let [t, k] = weights.dims();
+                let [n, d] = y.dims();
+                if let Some(node) = node_w {
+                    let picked = y.select(0, slots.clone()).reshape([t, k, d]);
+                    let dw = (picked * dout.clone().reshape([t, 1, d])).sum_dim(2).reshape([t, k]);
+                    grads.register::<B>(node.id, prim(dw));
+                }
+                if let Some(node) = node_y {
+                    let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
+                    let dy = Tensor::<B, 2>::zeros([n, d], &contrib.device()).select_assign(0, slots, contrib, IndexingUpdateOp::Add);
+                    grads.register::<B>(node.id, prim(dy));
+                }
+            }
+        }
+
+        match CombineBackward.prepare::<C>([y.node.clone(), weights.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::moe_combine(y.primitive.clone(), slots.clone(), weights.primitive.clone());
+                prep.finish((y.primitive, slots, weights.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_combine(y.primitive, slots, weights.primitive)),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! [`MoeBackend`] for CubeCL backends (`CubeBackend<R, F, I, BT>`: CUDA, wgpu, ...): the ops run the
+//! `kernels-cubecl` scatter kernels. Each launch follows the tensors' *runtime* dtypes (a
+//! `CubeBackend<_, bf16>` tensor can hold f32 data), so the element types are chosen per call.
+
+use burn::tensor::{DType, Shape};
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use kernels_cubecl::scatter::{
+    GroupedMatmulProblem, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
+};
+
+use super::backend::MoeBackend;
+
+/// Calls `$body` with `$f` bound to the Rust float type of `$dtype`.
+macro_rules! with_float {
+    ($dtype:expr, $f:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $f = f32;
+                $body
+            }
+            DType::F16 => {
+                type $f = half::f16;
+                $body
+            }
+            DType::BF16 => {
+                type $f = half::bf16;
+                $body
+            }
+            other => panic!("MoE kernels support f32, f16 and bf16 tensors, not {other:?}"),
+        }
+    };
+}
+
+/// Calls `$body` with `$i` bound to the Rust integer type of `$dtype`.
+macro_rules! with_int {
+    ($dtype:expr, $i:ident => $body:expr) => {
+        match $dtype {
+            DType::I32 => {
+                type $i = i32;
+                $body
+            }
+            DType::I64 => {
+                type $i = i64;
+                $body
+            }
+            DType::U32 => {
+                type $i = u32;
+                $body
+            }
+            other => panic!("MoE index tensors must be i32, i64 or u32, not {other:?}"),
+        }
+    };
+}
+
+fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
+    let shape = Shape::new(shape);
+    let bytes = (shape.num_elements() * dtype.size()).max(dtype.size());
+    let handle = like.client.empty(bytes);
+    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, dtype)
+}
+
+fn offsets_buffer<R: CubeRuntime>(like: &CubeTensor<R>, offsets: &[usize]) -> cubecl::server::Handle {
+    let host: Vec<u32> = offsets.iter().map(|&o| u32::try_from(o).expect("more than u32::MAX MoE rows")).collect();
+    like.client.create_from_slice(bytemuck_u32(&host))
+}
+
+fn bytemuck_u32(v: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
+    fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
+        let x = into_contiguous(x);
+        let rows = into_contiguous(rows);
+        let [t, d] = [x.meta.shape()[0], x.meta.shape()[1]];
+        let n = rows.meta.shape()[0];
+        let out = empty(&x, [n, d], x.dtype);
+        with_float!(x.dtype, FE => with_int!(rows.dtype, IE => launch_permute::<R, FE, IE>(
+            &x.client, x.handle.clone(), t, rows.handle.clone(), n, d, out.handle.clone()
+        )));
+        out
+    }
+
+    fn moe_grouped_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>, offsets: &[usize], transpose: bool) -> FloatTensor<Self> {
+        let x = into_contiguous(x);
+        let w = into_contiguous(w);
+        let (n, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let ws = w.meta.shape();
+        let (e, m) = (ws[0], if transpose { ws[1] } else { ws[2] });
+        assert_eq!(if transpose { ws[2] } else { ws[1] }, k, "grouped matmul: inner sizes differ");
+        assert_eq!(x.dtype, w.dtype, "grouped matmul: x is {:?} but w is {:?}", x.dtype, w.dtype);
+        let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose };
+        let out = empty(&x, [n, m], x.dtype);
+        let dev_offsets = offsets_buffer(&x, offsets);
+        with_float!(x.dtype, FE => launch_grouped_matmul::<R, FE>(
+            &x.client, &problem, offsets, x.handle.clone(), w.handle.clone(), dev_offsets, out.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("grouped matmul: {e}"));
+        out
+    }
+
+    fn moe_grouped_matmul_weight_grad(dy: FloatTensor<Self>, x: FloatTensor<Self>, offsets: &[usize]) -> FloatTensor<Self> {
+        let dy = into_contiguous(dy);
+        let x = into_contiguous(x);
+        let (n, m, k) = (dy.meta.shape()[0], dy.meta.shape()[1], x.meta.shape()[1]);
+        let e = offsets.len() - 1;
+        let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose: true };
+        let shape = Shape::new([e, m, k]);
+        let bytes = (shape.num_elements() * dy.dtype.size()).max(dy.dtype.size());
+        let dw = CubeTensor::new_contiguous(dy.client.clone(), dy.device.clone(), shape, dy.client.empty(bytes), dy.dtype);
+        let dev_offsets = offsets_buffer(&dy, offsets);
+        with_float!(dy.dtype, FE => launch_grouped_matmul_weight_grad::<R, FE>(
+            &dy.client, &problem, offsets, dy.handle.clone(), x.handle.clone(), dev_offsets, dw.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("grouped matmul weight grad: {e}"));
+        dw
+    }
+
+    fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        let y = into_contiguous(y);
+        let slots = into_contiguous(slots);
+        let weights = into_contiguous(weights);
+        let (n, d) = (y.meta.shape()[0], y.meta.shape()[1]);
+        let (t, k) = (weights.meta.shape()[0], weights.meta.shape()[1]);
+        assert_eq!(y.dtype, weights.dtype, "combine: y is {:?} but weights are {:?}", y.dtype, weights.dtype);
+        let out = empty(&y, [t, d], y.dtype);
+        with_float!(y.dtype, FE => with_int!(slots.dtype, IE => launch_combine::<R, FE, IE>(
+            &y.client, y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d, out.handle.clone()
+        )));
+        out
+    }
+}
