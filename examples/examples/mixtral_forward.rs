@@ -7,7 +7,8 @@
 //!
 //! `IDS` holds an integer tensor `input_ids [B, S]`. `OUT` receives f32 tensors `logits [B, S, V]`,
 //! `loss`, `lm_loss`, `aux_loss` (shape `[]`; labels = input_ids, as HF) and with `--grads`
-//! `grad.<name>` for every tensor of the checkpoint. Runs in f32 on the CPU unless told otherwise.
+//! `grad.<name>` for every tensor of the checkpoint. Runs in f32 on the CPU unless told otherwise
+//! (`--backend wgpu|cuda`, `--moe-kernel reference|scatter`).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -45,6 +46,8 @@ struct Args {
 enum BackendKind {
     /// burn-ndarray, f32, CPU.
     Ndarray,
+    /// CubeCL on wgpu (Vulkan/Metal/DX12, or Mesa lavapipe on a CPU), f32.
+    Wgpu,
     /// burn-cuda, f32 (build with `--features cuda`).
     Cuda,
 }
@@ -58,6 +61,10 @@ fn main() -> Result<()> {
     let outputs = match args.backend {
         BackendKind::Ndarray => {
             type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
+            parity_outputs::<B>(&checkpoint, ids, args.grads, args.moe_kernel, &Default::default())?
+        }
+        BackendKind::Wgpu => {
+            type B = burn::backend::Autodiff<burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>>;
             parity_outputs::<B>(&checkpoint, ids, args.grads, args.moe_kernel, &Default::default())?
         }
         BackendKind::Cuda => run_cuda(&checkpoint, ids, &args)?,
@@ -84,7 +91,7 @@ fn run_cuda(
     ids: burn::tensor::TensorData,
     args: &Args,
 ) -> Result<Vec<(String, burn::tensor::TensorData)>> {
-    type B = burn::backend::Autodiff<burn::backend::Cuda<f32>>;
+    type B = burn::backend::Autodiff<burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>>;
     Ok(parity_outputs::<B>(checkpoint, ids, args.grads, args.moe_kernel, &Default::default())?)
 }
 

@@ -60,6 +60,8 @@ fn scatter_kernels_on_wgpu_match_the_reference_on_cpu() {
         Layer { t: 19, d: 33, f: 17, e: 8, k: 3, seed: 3 },
         Layer { t: 23, d: 16, f: 24, e: 4, k: 1, seed: 4 },
         Layer { t: 11, d: 16, f: 8, e: 1, k: 1, seed: 5 },
+        // Large enough for the per-segment matmul path of the grouped matmuls.
+        Layer { t: 200, d: 128, f: 160, e: 4, k: 2, seed: 6 },
     ];
     for case in &cases {
         let want = case.run::<CpuAutodiff>(&Default::default(), MoeKernel::Reference);
