@@ -183,12 +183,12 @@ impl<B: MoeBackend> DMoe<B> {
         let (slot_weights, probs, rows) = match mask {
             None => (Tensor::ones([pairs], &device), route.probs.clone(), rows),
             Some(m) => {
-                let w = m.weights.clone().unsqueeze_dim::<2>(1);
+                let w = m.weights.clone().cast(route.probs.dtype()).unsqueeze_dim::<2>(1);
                 (w.clone().repeat_dim(1, self.top_k).reshape([pairs]), route.probs.clone() * w, m.valid)
             }
         };
         // Histogram by scatter-add on the device (Burn's `one_hot` reads its input back to the host).
-        let token_counts = Tensor::<B, 1>::zeros([num_experts], &device).scatter(
+        let token_counts = Tensor::<B, 1>::zeros([num_experts], (&device, slot_weights.dtype())).scatter(
             0,
             route.experts.clone().reshape([pairs]),
             slot_weights,

@@ -59,5 +59,6 @@ pub fn dropless_experts<B: Backend>(
     }
     let y_sorted = Tensor::cat(segments, 0);
     let w_sorted = weights.reshape([pairs]).select(0, sorted_flat).reshape([pairs, 1]);
-    Tensor::zeros([tokens, d_model], &device).select_assign(0, sorted_token, y_sorted * w_sorted, IndexingUpdateOp::Add)
+    let contrib = y_sorted * w_sorted;
+    Tensor::zeros([tokens, d_model], (&device, contrib.dtype())).select_assign(0, sorted_token, contrib, IndexingUpdateOp::Add)
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use burn::backend::Autodiff;
-use burn::tensor::{Distribution, Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData, backend::Backend};
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement};
 use burn_moe_backend::{DMoe, MoeBackend, MoeKernel};
 use clap::{Parser, ValueEnum};
@@ -102,8 +102,18 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// The storage type of `F`. Tensors are cast to it explicitly: a `CubeBackend<_, bf16>` creates f32
+/// tensors when the device's default float type is f32, and the kernels follow the runtime dtype.
+fn float_dtype<F: FloatElement>() -> FloatDType {
+    match F::dtype() {
+        DType::BF16 => FloatDType::BF16,
+        DType::F16 => FloatDType::F16,
+        _ => FloatDType::F32,
+    }
+}
+
 /// Same random layer on any backend: the weights are drawn on the host from a fixed seed.
-fn layer<B: MoeBackend>(args: &Args, device: &B::Device, kernel: MoeKernel, seed: u64) -> DMoe<B> {
+fn layer<B: MoeBackend>(args: &Args, device: &B::Device, kernel: MoeKernel, seed: u64, dtype: FloatDType) -> DMoe<B> {
     let (e, d, f) = (args.experts, args.d, args.ffn);
     let rnd = |n: usize, s: u64, scale: f32| -> Vec<f32> {
         let mut x = s.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
@@ -116,9 +126,11 @@ fn layer<B: MoeBackend>(args: &Args, device: &B::Device, kernel: MoeKernel, seed
             })
             .collect()
     };
-    let t3 = |shape: [usize; 3], s, scale| Tensor::<B, 3>::from_data(TensorData::new(rnd(shape.iter().product(), s, scale), shape), device);
+    let t3 = |shape: [usize; 3], s, scale| {
+        Tensor::<B, 3>::from_data(TensorData::new(rnd(shape.iter().product(), s, scale), shape), device).cast(dtype)
+    };
     DMoe::from_weights(
-        Tensor::from_data(TensorData::new(rnd(e * d, seed, 1.0 / (d as f32).sqrt()), [e, d]), device),
+        Tensor::<B, 2>::from_data(TensorData::new(rnd(e * d, seed, 1.0 / (d as f32).sqrt()), [e, d]), device).cast(dtype),
         t3([e, f, d], seed + 1, 1.0 / (d as f32).sqrt()),
         t3([e, f, d], seed + 2, 1.0 / (d as f32).sqrt()),
         t3([e, d, f], seed + 3, 1.0 / (f as f32).sqrt()),
@@ -136,8 +148,10 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
     for &t in &args.tokens {
         let flops_fwd = 2.0 * (t * args.top_k) as f64 * 3.0 * args.d as f64 * args.ffn as f64;
         // Dense reference: Burn's own matmul at the same per-GEMM shape ([T·k, d] × [d, ffn]).
-        let a = Tensor::<B<R, F>, 2>::random([t * args.top_k, args.d], Distribution::Default, device);
-        let b = Tensor::<B<R, F>, 2>::random([args.d, args.ffn], Distribution::Default, device);
+        let dtype = float_dtype::<F>();
+        let a = Tensor::<B<R, F>, 2>::random([t * args.top_k, args.d], Distribution::Default, device).cast(dtype);
+        let b = Tensor::<B<R, F>, 2>::random([args.d, args.ffn], Distribution::Default, device).cast(dtype);
+        println!("T={t} timed dtype: {:?}", a.dtype());
         let mut times = Vec::new();
         for rep in 0..=args.reps {
             sync::<B<R, F>>(device);
@@ -155,8 +169,8 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
         drop((a, b));
 
         for &kernel in &args.kernels {
-            let x = Tensor::<B<R, F>, 2>::random([t, args.d], Distribution::Default, device);
-            let moe = layer::<B<R, F>>(args, device, kernel, 7);
+            let x = Tensor::<B<R, F>, 2>::random([t, args.d], Distribution::Default, device).cast(dtype);
+            let moe = layer::<B<R, F>>(args, device, kernel, 7, dtype);
             let mut fwd = Vec::new();
             for rep in 0..=args.reps {
                 sync::<B<R, F>>(device);
@@ -168,7 +182,7 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
                 }
                 drop(out);
             }
-            let moe_ad = layer::<Autodiff<B<R, F>>>(args, device, kernel, 7);
+            let moe_ad = layer::<Autodiff<B<R, F>>>(args, device, kernel, 7, dtype);
             let x_ad = Tensor::<Autodiff<B<R, F>>, 2>::from_inner(x.clone()).require_grad();
             let mut both = Vec::new();
             for rep in 0..=args.reps {
@@ -202,11 +216,13 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 fn outputs<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device, kernel: MoeKernel, t: usize) -> Vec<(&'static str, Vec<f32>)> {
     type B<R, F> = Cube<R, F>;
-    let moe = layer::<Autodiff<B<R, F>>>(args, device, kernel, 11);
+    let dtype = float_dtype::<F>();
+    let moe = layer::<Autodiff<B<R, F>>>(args, device, kernel, 11, dtype);
     let xv: Vec<f32> = (0..t * args.d).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
-    let x = Tensor::<Autodiff<B<R, F>>, 2>::from_data(TensorData::new(xv, [t, args.d]), device).require_grad();
+    let x = Tensor::<Autodiff<B<R, F>>, 2>::from_data(TensorData::new(xv, [t, args.d]), device).cast(dtype).require_grad();
+    assert_eq!(x.dtype(), F::dtype(), "input is not stored as {:?}", F::dtype());
     let out = moe.forward(x.clone()).output;
-    let host = |v: TensorData| v.iter::<f32>().collect::<Vec<_>>();
+    let host = |v: TensorData| v.convert::<f32>().iter::<f32>().collect::<Vec<_>>();
     let y = host(out.clone().into_data());
     let g = out.sum().backward();
     vec![

@@ -42,7 +42,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 if let Some(node) = node_x {
                     let [_, d] = dy.dims();
                     let rows = Tensor::<B, 1, Int>::from_primitive(rows);
-                    let dx = Tensor::<B, 2>::zeros([num_rows, d], &dy.device()).select_assign(0, rows, dy, IndexingUpdateOp::Add);
+                    let dx = Tensor::<B, 2>::zeros([num_rows, d], (&dy.device(), dy.dtype())).select_assign(0, rows, dy, IndexingUpdateOp::Add);
                     grads.register::<B>(node.id, prim(dx));
                 }
             }
@@ -122,7 +122,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 }
                 if let Some(node) = node_y {
                     let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
-                    let dy = Tensor::<B, 2>::zeros([n, d], &contrib.device()).select_assign(0, slots, contrib, IndexingUpdateOp::Add);
+                    let dy = Tensor::<B, 2>::zeros([n, d], (&contrib.device(), contrib.dtype())).select_assign(0, slots, contrib, IndexingUpdateOp::Add);
                     grads.register::<B>(node.id, prim(dy));
                 }
             }

@@ -42,7 +42,7 @@ pub fn reference_grouped_matmul_weight_grad<B: Backend>(dy: Tensor<B, 2>, x: Ten
         .windows(2)
         .map(|seg| {
             if seg[0] == seg[1] {
-                Tensor::zeros([1, m, k], &device)
+                Tensor::zeros([1, m, k], (&device, dy.dtype()))
             } else {
                 let r = seg[0]..seg[1];
                 dy.clone().slice([r.clone()]).transpose().matmul(x.clone().slice([r])).reshape([1, m, k])
