@@ -10,6 +10,7 @@
 //! `burn` and `kernels-cubecl`.
 
 pub mod aux;
+pub mod dist;
 pub mod dmoe;
 pub mod kernel;
 pub mod ops;

@@ -1,0 +1,174 @@
+//! The collective-communication interface every parallel layer of burn-moe talks to.
+//!
+//! Semantics follow `torch.distributed` so that code (and people) can move between the two:
+//! every member of a group calls the same collectives in the same order; ranks are positions inside
+//! the group (`0..size()`); tensors are contiguous and the split/concat dimension is explicit.
+//! Implementations: the in-process one (one thread per rank, any backend, used by CI and CPU
+//! training) and NCCL (CUDA tensors, one process per GPU). Both must give identical results for the
+//! same inputs, which is what the CPU tests pin down.
+
+use std::time::Duration;
+
+use burn::tensor::{Tensor, backend::Backend};
+
+/// Reduction applied by [`Communicator::all_reduce`] and [`Communicator::reduce_scatter`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    /// Element-wise sum over ranks.
+    Sum,
+    /// Element-wise sum divided by the group size.
+    Avg,
+}
+
+/// Errors of a collective. Every variant names the collective and the group so that a failure in a
+/// 4 × 2 mesh says which of the six groups broke.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    /// Some ranks did not reach the collective in time (dead, hung, or calling collectives in a
+    /// different order).
+    #[error(
+        "{collective} on group `{group}` timed out after {timeout:?}: rank(s) {missing:?} never arrived"
+    )]
+    Timeout {
+        collective: &'static str,
+        group: String,
+        missing: Vec<usize>,
+        timeout: Duration,
+    },
+    /// A peer reported a failure (its process exited, its thread panicked, the NCCL
+    /// communicator was aborted).
+    #[error("{collective} on group `{group}`: rank {rank} failed: {reason}")]
+    PeerFailed {
+        collective: &'static str,
+        group: String,
+        rank: usize,
+        reason: String,
+    },
+    /// Ranks disagree on something that must match (shapes, dtypes, split sizes, root).
+    #[error("{collective} on group `{group}`: ranks disagree: {detail}")]
+    Mismatch {
+        collective: &'static str,
+        group: String,
+        detail: String,
+    },
+    /// The call itself is invalid on this rank (bad dim, split sizes not summing to the length, ...).
+    #[error("{collective} on group `{group}`: invalid argument: {detail}")]
+    InvalidArgument {
+        collective: &'static str,
+        group: String,
+        detail: String,
+    },
+    /// Process-group set-up failed (environment variables, rendezvous, NCCL initialisation).
+    #[error("process group setup: {0}")]
+    Setup(String),
+    /// The transport itself failed (NCCL error code, CUDA error).
+    #[error("{collective} on group `{group}`: {detail}")]
+    Transport {
+        collective: &'static str,
+        group: String,
+        detail: String,
+    },
+}
+
+/// Collectives over Burn tensors for one process group.
+///
+/// A communicator is bound to one rank of one group; a sub-group is obtained with
+/// [`split`](Communicator::split), which every member of the parent group must call.
+/// All methods are blocking for the caller: when they return, the result tensor holds the data
+/// (implementations synchronise the backend as needed — the NCCL one documents how).
+///
+/// Inputs are taken by value; on error the input is dropped. Dimension arguments are plain
+/// `usize` indices into the tensor's shape.
+pub trait Communicator<B: Backend>: Send + Sized {
+    /// This member's rank inside the group, `0..size()`.
+    fn rank(&self) -> usize;
+    /// Number of members of the group.
+    fn size(&self) -> usize;
+    /// Human-readable group name used in errors and logs (e.g. `world`, `ep[2,3]`).
+    fn group_name(&self) -> &str;
+    /// The world (global) rank of each member, in group-rank order.
+    fn global_ranks(&self) -> &[usize];
+
+    /// Element-wise reduction of `tensor` over the group; every rank receives the result.
+    /// All ranks must pass the same shape and dtype.
+    fn all_reduce<const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, D>, CommError>;
+
+    /// Concatenation of every rank's `tensor` along `dim`, in rank order. All ranks must pass the
+    /// same shape (uneven shards are padded by the caller, as the sharded-tensor type does).
+    fn all_gather<const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+        dim: usize,
+    ) -> Result<Tensor<B, D>, CommError>;
+
+    /// Reduces `tensor` over the group, then returns this rank's `size()`-th part along `dim`
+    /// (rank `r` gets rows `r*n/size .. (r+1)*n/size`). `shape[dim]` must be divisible by `size()`.
+    fn reduce_scatter<const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+        dim: usize,
+        op: ReduceOp,
+    ) -> Result<Tensor<B, D>, CommError>;
+
+    /// All-to-all with per-rank split sizes along dim 0 (`all_to_all_single` with
+    /// `input_split_sizes` / `output_split_sizes`): rows `input_splits[..j].sum() ..` of this rank's
+    /// input go to rank `j`; the output holds, in rank order, `output_splits[j]` rows from rank `j`.
+    /// `input_splits` must sum to `shape[0]`; every rank's `output_splits[j]` must equal rank `j`'s
+    /// `input_splits[rank]` (checked by the in-process implementation; the caller exchanges counts
+    /// first, as token dispatch does). Zero-length splits are allowed; trailing dims must match.
+    fn all_to_all_single<const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+        input_splits: &[usize],
+        output_splits: &[usize],
+    ) -> Result<Tensor<B, D>, CommError>;
+
+    /// Every rank receives rank `root`'s `tensor` (others pass a tensor of the same shape and dtype
+    /// whose content is ignored).
+    fn broadcast<const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+        root: usize,
+    ) -> Result<Tensor<B, D>, CommError>;
+
+    /// Returns once every member has called it.
+    fn barrier(&self) -> Result<(), CommError>;
+
+    /// Splits the group like `MPI_Comm_split` / `ncclCommSplit`: members passing the same `color`
+    /// form a new group, ordered by `(key, parent rank)`. Every member of this group must call it.
+    /// `name` names the new group in errors and logs.
+    fn split(&self, color: usize, key: usize, name: &str) -> Result<Self, CommError>;
+}
+
+/// Validates the split sizes of an all-to-all on one rank against the input length and group size.
+pub fn check_splits(
+    group: &str,
+    size: usize,
+    len: usize,
+    input_splits: &[usize],
+    output_splits: &[usize],
+) -> Result<(), CommError> {
+    let invalid = |detail: String| CommError::InvalidArgument {
+        collective: "all_to_all_single",
+        group: group.to_string(),
+        detail,
+    };
+    if input_splits.len() != size || output_splits.len() != size {
+        return Err(invalid(format!(
+            "{} input and {} output split sizes for a group of {size}",
+            input_splits.len(),
+            output_splits.len()
+        )));
+    }
+    let sum: usize = input_splits.iter().sum();
+    if sum != len {
+        return Err(invalid(format!(
+            "input split sizes {input_splits:?} sum to {sum}, but the input has {len} rows"
+        )));
+    }
+    Ok(())
+}
