@@ -3,6 +3,8 @@
 
 pub mod cli;
 pub mod data;
+pub mod launch;
+pub mod parallel;
 pub mod metrics;
 pub mod tokenizer;
 pub mod train;

@@ -26,9 +26,7 @@ pub enum ReduceOp {
 pub enum CommError {
     /// Some ranks did not reach the collective in time (dead, hung, or calling collectives in a
     /// different order).
-    #[error(
-        "{collective} on group `{group}` timed out after {timeout:?}: rank(s) {missing:?} never arrived"
-    )]
+    #[error("{collective} on group `{group}` timed out after {timeout:?}: {}", describe_missing(.missing))]
     Timeout {
         collective: &'static str,
         group: String,
@@ -142,6 +140,14 @@ pub trait Communicator<B: Backend>: Send + Sized {
     /// form a new group, ordered by `(key, parent rank)`. Every member of this group must call it.
     /// `name` names the new group in errors and logs.
     fn split(&self, color: usize, key: usize, name: &str) -> Result<Self, CommError>;
+}
+
+fn describe_missing(missing: &[usize]) -> String {
+    if missing.is_empty() {
+        "a peer never completed it (the transport cannot tell which; see the launcher's log for a rank that exited)".to_string()
+    } else {
+        format!("rank(s) {missing:?} never arrived")
+    }
 }
 
 /// Validates the split sizes of an all-to-all on one rank against the input length and group size.

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device call (nvidia-h200-x2 / -x4): NCCL correctness check of burn-moe's collectives, then
+# bandwidth of ours and torch.distributed's side by side. Expects (carried, git-ignored)
+# .dev/bin/nccl_check.xz (release build with --features nccl, stripped, xz). Logs to $OUT.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+exec > >(tee -a "$OUT/nccl_run.log") 2>&1
+NPROC=${NPROC:-$(nvidia-smi -L | wc -l)}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/nccl_check.xz"), open("/tmp/nccl_check","wb"))'
+chmod +x /tmp/nccl_check
+NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
+export LD_LIBRARY_PATH=$NCCL_LIB:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0 CUDA_PATH=${CUDA_PATH:-/usr/local/cuda}
+echo "=== check (world $NPROC, under torchrun)"
+timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29511 /tmp/nccl_check check
+echo "check rc=$?"
+echo "=== timeout: the last rank never joins an all_reduce (5 s timeout)"
+timeout 60 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29521 /tmp/nccl_check timeout
+echo "timeout rc=$?"
+echo "=== bandwidth: burn-moe NCCL"
+timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29531 /tmp/nccl_check bench ${MAX_MIB:-1024}
+echo "=== bandwidth: torch.distributed NCCL"
+timeout 180 python3 -m torch.distributed.run --nproc-per-node $NPROC --master-port 29551 bench/collectives_torch.py ${MAX_MIB:-1024}
