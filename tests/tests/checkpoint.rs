@@ -811,3 +811,63 @@ fn saving_over_a_sharded_checkpoint_is_read_back() {
         assert!(bits(want) == bits(got), "{name}: reopened checkpoint does not hold the saved values");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sharded loading: a block of a tensor, read without the rest
+// ---------------------------------------------------------------------------------------------
+
+/// Host reference: the block of a row-major tensor.
+fn host_block(full: &[f32], shape: &[usize], ranges: &[std::ops::Range<usize>]) -> Vec<f32> {
+    let mut out = Vec::new();
+    let total: usize = shape.iter().product();
+    for flat in 0..total {
+        let mut rest = flat;
+        let mut inside = true;
+        for d in (0..shape.len()).rev() {
+            let i = rest % shape[d];
+            rest /= shape[d];
+            inside &= ranges[d].contains(&i);
+        }
+        if inside {
+            out.push(full[flat]);
+        }
+    }
+    out
+}
+
+#[test]
+fn block_reads_equal_slices_of_the_full_tensor_in_every_dtype() {
+    for case in ["e4_k2", "sharded_bf16", "fused_sharded_f16"] {
+        let (_tmp, dir) = copy_fixture(case);
+        let ckpt = open(&dir);
+        let names: Vec<String> = ckpt.files.names().map(str::to_string).collect();
+        for name in names {
+            let shape = ckpt.files.shape(&name).unwrap().to_vec();
+            let full = ckpt.files.read_f32(&name, &shape).unwrap();
+            // Rows 1.. of dim 0 (a Shard(0) piece), and a middle block of the last dim.
+            let mut ranges: Vec<std::ops::Range<usize>> = shape.iter().map(|&n| 0..n).collect();
+            ranges[0] = 1.min(shape[0])..shape[0];
+            let got = ckpt.files.read_f32_block(&name, &ranges).unwrap();
+            assert_eq!(bits(&got), bits(&host_block(&full, &shape, &ranges)), "{case} {name} {ranges:?}");
+            let last = shape.len() - 1;
+            ranges[last] = shape[last] / 3..(2 * shape[last]).div_ceil(3);
+            let got = ckpt.files.read_f32_block(&name, &ranges).unwrap();
+            assert_eq!(bits(&got), bits(&host_block(&full, &shape, &ranges)), "{case} {name} {ranges:?}");
+            // An empty shard (torch.chunk's trailing empty piece) is a valid, empty read.
+            ranges[0] = shape[0]..shape[0];
+            assert!(ckpt.files.read_f32_block(&name, &ranges).unwrap().is_empty());
+        }
+    }
+}
+
+#[test]
+fn block_outside_the_tensor_is_a_slice_error_naming_shape_and_ranges() {
+    let (_tmp, dir) = copy_fixture("e4_k2");
+    let ckpt = open(&dir);
+    let name = "model.embed_tokens.weight";
+    let shape = ckpt.files.shape(name).unwrap().to_vec();
+    let err = ckpt.files.read_f32_block(name, &[0..shape[0] + 1, 0..shape[1]]).unwrap_err();
+    assert_mentions(&err, &[name, "model.safetensors", &format!("{shape:?}"), &format!("{}", shape[0] + 1)]);
+    let err = ckpt.files.read_f32_block(name, &[0..1]).unwrap_err();
+    assert!(matches!(err, CheckpointError::Slice { .. }), "{err}");
+}

@@ -47,6 +47,18 @@ pub enum CheckpointError {
         /// The other.
         second: String,
     },
+    /// A requested block does not fit the tensor (sharded loading).
+    #[error("tensor {name} in {file} has shape {shape:?}; cannot read block {ranges}")]
+    Slice {
+        /// Tensor name.
+        name: String,
+        /// The file holding it.
+        file: String,
+        /// Its shape on disk.
+        shape: Vec<usize>,
+        /// The requested ranges, one per dimension.
+        ranges: String,
+    },
     /// A tensor the model needs is absent.
     #[error("checkpoint {dir} has no tensor {name}")]
     MissingTensor {

@@ -135,16 +135,95 @@ impl SafetensorsFiles {
         }
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        let out = match info.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::BF16 => {
-                bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect()
-            }
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        decode(bytes, info.dtype).ok_or_else(|| CheckpointError::Dtype {
+            name: name.to_string(),
+            file: file_name(),
+            dtype: format!("{:?}", info.dtype),
+        })
+    }
+
+    /// Reads the block `ranges[0] × ranges[1] × …` of a tensor as f32, row-major, touching only
+    /// the bytes of that block: this is how a rank loads its shard of a parameter without
+    /// materialising the whole tensor (the file is memory-mapped, so untouched pages are never read).
+    ///
+    /// # Errors
+    /// [`CheckpointError::MissingTensor`], [`CheckpointError::Dtype`], or
+    /// [`CheckpointError::Slice`] when the ranges do not fit the tensor's shape.
+    pub fn read_f32_block(&self, name: &str, ranges: &[std::ops::Range<usize>]) -> Result<Vec<f32>, CheckpointError> {
+        let &i = self.location.get(name).ok_or_else(|| CheckpointError::MissingTensor {
+            dir: self.dir.display().to_string(),
+            name: name.to_string(),
+        })?;
+        let file = &self.files[i];
+        let info = &file.tensors[name];
+        let shape = &info.shape;
+        let bad = ranges.len() != shape.len()
+            || ranges.iter().zip(shape).any(|(r, &n)| r.start > r.end || r.end > n);
+        if bad {
+            return Err(CheckpointError::Slice {
+                name: name.to_string(),
+                file: file.path.display().to_string(),
+                shape: shape.clone(),
+                ranges: format!("{ranges:?}"),
+            });
+        }
+        let elem = match info.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
             other => {
-                return Err(CheckpointError::Dtype { name: name.to_string(), file: file_name(), dtype: format!("{other:?}") });
+                return Err(CheckpointError::Dtype {
+                    name: name.to_string(),
+                    file: file.path.display().to_string(),
+                    dtype: format!("{other:?}"),
+                });
             }
         };
-        Ok(out)
+        let base = file.data_start + info.data_offsets.0;
+        let data = &file.mmap[..];
+        let total: usize = ranges.iter().map(|r| r.len()).product();
+        let mut out = Vec::with_capacity(total);
+        if total == 0 {
+            return Ok(out);
+        }
+        let rank = shape.len();
+        // Row-major strides in elements; the innermost range is one contiguous run.
+        let mut strides = vec![1usize; rank];
+        for d in (0..rank.saturating_sub(1)).rev() {
+            strides[d] = strides[d + 1] * shape[d + 1];
+        }
+        let (run_start, run_len) = match rank {
+            0 => (0, 1),
+            _ => (ranges[rank - 1].start, ranges[rank - 1].len()),
+        };
+        let outer = rank.saturating_sub(1);
+        let mut index: Vec<usize> = ranges[..outer].iter().map(|r| r.start).collect();
+        loop {
+            let offset: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum::<usize>() + run_start;
+            let bytes = &data[base + offset * elem..base + (offset + run_len) * elem];
+            out.extend(decode(bytes, info.dtype).expect("dtype checked above"));
+            // Odometer over the outer dimensions.
+            let mut d = outer;
+            loop {
+                if d == 0 {
+                    return Ok(out);
+                }
+                d -= 1;
+                index[d] += 1;
+                if index[d] < ranges[d].end {
+                    break;
+                }
+                index[d] = ranges[d].start;
+            }
+        }
     }
+}
+
+/// Little-endian float bytes to f32; `None` for dtypes the model cannot hold.
+fn decode(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        _ => return None,
+    })
 }
