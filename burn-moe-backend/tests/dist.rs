@@ -891,3 +891,53 @@ fn world_setup_errors() {
     );
     assert!(Comm::run_ranks(0, config(), |c| c.rank()).is_empty());
 }
+
+#[test]
+fn collectives_work_on_the_autodiff_backend_and_per_rank_devices() {
+    type AB = burn::backend::Autodiff<NdArray<f32>>;
+    let devices = vec![Default::default(); 3];
+    let inputs: Vec<Vec<f32>> = (0..3).map(|r| values(r, 4, 4)).collect();
+    let sum = host_sum(&inputs);
+    let out = ThreadComm::<AB>::run_ranks_on(&devices, config(), |comm| {
+        let x = Tensor::<AB, 1>::from_data(
+            TensorData::new(values(comm.rank(), 4, 4), [4]),
+            comm.device(),
+        );
+        let y = comm.all_reduce(x, ReduceOp::Sum).unwrap();
+        let g = comm.all_gather(y.clone(), 0).unwrap();
+        (
+            y.into_data().to_vec::<f32>().unwrap(),
+            g.into_data().to_vec::<f32>().unwrap(),
+        )
+    });
+    for r in out {
+        let (y, g) = r.unwrap();
+        assert_eq!(y, sum);
+        assert_eq!(g, [sum.clone(), sum.clone(), sum.clone()].concat());
+    }
+}
+
+#[test]
+fn mesh_dim_groups_and_rank_of_agree_with_the_layout() {
+    let out = run(4, |comm| {
+        let mesh = DeviceMesh::with_ep::<B>(comm, 2).unwrap();
+        assert_eq!(mesh.shape(), [2, 2]);
+        assert_eq!(DeviceMesh::<Comm>::DIM_NAMES, ["dp", "ep"]);
+        let [d, e] = mesh.coords();
+        assert_eq!(mesh.rank_of(d, e), mesh.world().rank());
+        assert!(mesh.dim_group(2).is_none());
+        (
+            mesh.dim_group(0).unwrap().global_ranks().to_vec(),
+            mesh.dim_group(1).unwrap().global_ranks().to_vec(),
+        )
+    });
+    assert_eq!(
+        out,
+        vec![
+            (vec![0, 2], vec![0, 1]),
+            (vec![1, 3], vec![0, 1]),
+            (vec![0, 2], vec![2, 3]),
+            (vec![1, 3], vec![2, 3]),
+        ]
+    );
+}

@@ -24,9 +24,11 @@
 //!   rank dead in every group. Both notify the condvar. A waiter whose round misses a departed rank
 //!   fails at once with `PeerFailed`; otherwise it waits at most the configured timeout and fails
 //!   with `Timeout` naming the missing group ranks. The first rank to fail stores the failure in the
-//!   round, so every rank already waiting in it returns the same error, and a rank arriving later
-//!   gets `PeerFailed` naming the rank that gave up: either everybody gets the result or nobody
-//!   does.
+//!   round, so every rank already waiting in it returns the same error; a rank arriving later gets
+//!   the same `PeerFailed`, or, after a timeout, a `PeerFailed` naming the rank that gave up:
+//!   either everybody gets the result or nobody does.
+//! * **Rank numbers in errors** (`Timeout::missing`, `PeerFailed::rank`, mismatch details) are
+//!   ranks of the group the collective ran on; `PeerFailed` reasons add the global rank.
 //! * **After an error** the communicator is unusable (as an aborted NCCL communicator): its
 //!   sequence no longer lines up with its peers', so every later call returns `Transport`.
 //!
@@ -381,19 +383,17 @@ impl<B: Backend> ThreadComm<B> {
         });
         if let Some((failure, gave_up)) = &round.failure {
             // Peers already gave up on this round; joining it now would complete it for nobody.
-            let reason = match failure {
-                Failure::Timeout { missing } => {
-                    format!("a peer gave up on this collective (timed out waiting for {missing:?})")
-                }
-                Failure::PeerFailed { rank, reason } => {
-                    format!("a peer gave up on this collective (rank {rank}: {reason})")
-                }
-            };
-            return Err(CommError::PeerFailed {
-                collective,
-                group: self.name.clone(),
-                rank: *gave_up,
-                reason,
+            return Err(match failure {
+                // The cause (a departed peer) applies to this rank just the same.
+                Failure::PeerFailed { .. } => to_error(failure),
+                Failure::Timeout { missing } => CommError::PeerFailed {
+                    collective,
+                    group: self.name.clone(),
+                    rank: *gave_up,
+                    reason: format!(
+                        "gave up on this collective after timing out waiting for rank(s) {missing:?}"
+                    ),
+                },
             });
         }
         round.slots[self.rank] = Some(Arc::new(Contribution { meta, data }));
