@@ -1,12 +1,22 @@
 //! Distributed runtime: collectives over Burn tensors ([`Communicator`]), an in-process implementation
-//! for CPU runs and tests, NCCL for CUDA (feature `nccl`), the device mesh and sharded parameters.
+//! for CPU runs and tests ([`ThreadComm`]), NCCL for CUDA (feature `nccl`, [`NcclComm`]), the
+//! torchrun-style environment and rendezvous ([`DistEnv`]), the device mesh ([`DeviceMesh`]) and
+//! sharded tensors ([`DTensor`]).
 
 mod comm;
+mod dtensor;
 mod env;
+mod host;
+mod mesh;
 #[cfg(feature = "nccl")]
 mod nccl;
+mod thread;
 
 pub use comm::{CommError, Communicator, ReduceOp, check_splits};
+pub use dtensor::{DTensor, DTensorError, GroupInfo, Placement, reduce_scatter_shard, shard_range};
 pub use env::{DistEnv, rendezvous};
+pub use host::reduce_host;
+pub use mesh::{DeviceMesh, MeshError, validate_mesh};
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensorAccess, NcclComm, NcclConfig, local_cuda_device};
+pub use thread::{CommConfig, RankError, ThreadComm};
