@@ -820,9 +820,9 @@ pub fn rank_slice(global: &[usize], world_size: usize, rank: usize) -> Result<&[
 
 /// Yields padded batches of `batch_size` examples, reshuffling at every epoch, endlessly.
 ///
-/// A thin stateful view of [`DataOrder`] for one rank; the single-process trainer uses world size
-/// 1. The iterator never returns `None`: take as many batches as the schedule needs, never
-/// `collect()` it.
+/// A thin stateful view of [`DataOrder`] for one rank; the single-process trainer uses a world
+/// size of one. The iterator never returns `None`: take as many batches as the schedule needs,
+/// never `collect()` it.
 #[derive(Debug, Clone)]
 pub struct DataLoader<'a> {
     dataset: &'a TrainDataset,

@@ -150,7 +150,7 @@ fn ends_epoch(step: usize, micro: usize, bpe: usize) -> bool {
 fn due(strategy: IntervalStrategy, step: usize, every: usize, epoch_end: bool) -> bool {
     match strategy {
         IntervalStrategy::No => false,
-        IntervalStrategy::Steps => (step + 1) % every == 0,
+        IntervalStrategy::Steps => (step + 1).is_multiple_of(every),
         IntervalStrategy::Epoch => epoch_end,
     }
 }
