@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::Parser;
 
 use crate::data::PromptStyle;
+use crate::schedule::LrSchedulerType;
 
 /// Fine-tune a Mixtral-style MoE model on alpaca-style instruction data.
 #[derive(Debug, Clone, PartialEq, Parser, serde::Serialize)]
@@ -62,7 +63,8 @@ pub struct Args {
     #[arg(long, default_value_t = 0.0, value_parser = non_negative_f64)]
     pub weight_decay: f64,
 
-    /// Optimizer steps of linear warmup from 0 to --learning-rate.
+    /// Optimizer steps of linear warmup from 0 to --learning-rate; when > 0 it overrides
+    /// --warmup-ratio (as in HF).
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
 
@@ -89,6 +91,78 @@ pub struct Args {
     /// Expert-computation path of the MoE layers.
     #[arg(long, default_value = "reference")]
     pub moe_kernel: burn_moe_backend::MoeKernel,
+
+    // ---- Model and data ----
+    /// HF Mixtral directory to fine-tune: config.json, safetensors weights (classic or fused
+    /// layout) and tokenizer.json. Without it, the tiny preset with the byte-level tokenizer.
+    #[arg(long, help_heading = "Model and data")]
+    pub model_path: Option<PathBuf>,
+
+    /// Concatenate tokenized examples (each BOS ... EOS) into rows of exactly --max-seq-length
+    /// tokens. Attention is causal over the whole row: an example can attend to earlier examples
+    /// in its row (HF's simple packing); prompts stay masked out of the loss.
+    #[arg(long, help_heading = "Model and data")]
+    pub packing: bool,
+
+    // ---- Schedule ----
+    /// Learning-rate schedule after warm-up: linear decay to 0, cosine decay to 0, constant, or
+    /// constant_with_warmup.
+    #[arg(long, value_enum, default_value_t = LrSchedulerType::Linear, help_heading = "Schedule")]
+    pub lr_scheduler_type: LrSchedulerType,
+
+    /// Fraction of the total steps used for warm-up (rounded up), when --warmup-steps is 0.
+    #[arg(long, default_value_t = 0.0, value_parser = unit_interval, help_heading = "Schedule")]
+    pub warmup_ratio: f64,
+
+    // ---- Evaluation ----
+    /// Alpaca-style evaluation set (same formats as --data-path).
+    #[arg(long, help_heading = "Evaluation")]
+    pub eval_data_path: Option<PathBuf>,
+
+    /// When to compute the evaluation loss: never, every --eval-steps steps, or at each epoch end.
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::No, help_heading = "Evaluation")]
+    pub evaluation_strategy: IntervalStrategy,
+
+    /// Evaluation interval in optimizer steps for `--evaluation-strategy steps`; defaults to
+    /// --logging-steps (as in HF).
+    #[arg(long, value_parser = positive_usize, help_heading = "Evaluation")]
+    pub eval_steps: Option<usize>,
+
+    /// Examples per evaluation forward pass.
+    #[arg(long, default_value_t = 8, value_parser = positive_usize, help_heading = "Evaluation")]
+    pub per_device_eval_batch_size: usize,
+
+    // ---- Checkpoints ----
+    /// When to write `OUTPUT_DIR/checkpoint-<step>/`: never, every --save-steps steps, or at each
+    /// epoch end.
+    #[arg(long, value_enum, default_value_t = IntervalStrategy::No, help_heading = "Checkpoints")]
+    pub save_strategy: IntervalStrategy,
+
+    /// Checkpoint interval in optimizer steps for `--save-strategy steps`.
+    #[arg(long, default_value_t = 500, value_parser = positive_usize, help_heading = "Checkpoints")]
+    pub save_steps: usize,
+
+    /// Keep at most this many checkpoints in --output-dir, deleting the oldest.
+    #[arg(long, value_parser = positive_usize, help_heading = "Checkpoints")]
+    pub save_total_limit: Option<usize>,
+
+    /// Continue from a checkpoint directory, or `latest` for the newest `checkpoint-<step>` in
+    /// --output-dir. The other flags must match the interrupted run.
+    #[arg(long, help_heading = "Checkpoints")]
+    pub resume_from_checkpoint: Option<String>,
+}
+
+/// HF's `IntervalStrategy`, for evaluation and saving.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IntervalStrategy {
+    /// Never.
+    #[default]
+    No,
+    /// Every N optimizer steps.
+    Steps,
+    /// At the end of every epoch.
+    Epoch,
 }
 
 /// Compute device of a run.
@@ -127,6 +201,12 @@ impl Args {
         let updates_per_epoch = (batches_per_epoch / self.gradient_accumulation_steps).max(1);
         // Both factors are small positive numbers; the product is exact enough in f64.
         (self.num_train_epochs * updates_per_epoch as f64).ceil() as usize
+    }
+
+    /// Evaluation interval in steps (`--eval-steps`, else `--logging-steps`).
+    #[must_use]
+    pub fn eval_interval(&self) -> usize {
+        self.eval_steps.unwrap_or(self.logging_steps)
     }
 
     /// Whether gradient clipping is enabled (`--max-grad-norm` > 0).
@@ -172,6 +252,15 @@ fn adam_beta(s: &str) -> Result<f64, String> {
         Ok(v)
     } else {
         Err(format!("must be in [0, 1), got {v}"))
+    }
+}
+
+fn unit_interval(s: &str) -> Result<f64, String> {
+    let v = parse_finite(s)?;
+    if (0.0..=1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("must be in [0, 1], got {v}"))
     }
 }
 
@@ -253,6 +342,42 @@ mod tests {
         assert_eq!(a.max_grad_norm, 1.0);
         assert_eq!(a.max_steps_override(), Some(60));
         assert_eq!(a.clip_grad_norm(), Some(1.0));
+        assert_eq!(a.model_path, None);
+        assert!(!a.packing);
+        assert_eq!(a.lr_scheduler_type, LrSchedulerType::Linear);
+        assert_eq!(a.warmup_ratio, 0.0);
+        assert_eq!(a.evaluation_strategy, IntervalStrategy::No);
+        assert_eq!(a.eval_interval(), 1);
+        assert_eq!(a.per_device_eval_batch_size, 8);
+        assert_eq!(a.save_strategy, IntervalStrategy::No);
+        assert_eq!(a.save_steps, 500);
+        assert_eq!(a.save_total_limit, None);
+        assert_eq!(a.resume_from_checkpoint, None);
+    }
+
+    #[test]
+    fn eval_schedule_and_checkpoint_flags() {
+        let a = parse(&[
+            "--model-path", "m", "--packing", "--lr-scheduler-type", "constant_with_warmup", "--warmup-ratio", "0.1",
+            "--eval-data-path", "e.json", "--evaluation-strategy", "steps", "--eval-steps", "3",
+            "--per-device-eval-batch-size", "2", "--save-strategy", "epoch", "--save-steps", "4",
+            "--save-total-limit", "2", "--resume-from-checkpoint", "latest",
+        ])
+        .unwrap();
+        assert_eq!(a.model_path, Some(PathBuf::from("m")));
+        assert!(a.packing);
+        assert_eq!(a.lr_scheduler_type, LrSchedulerType::ConstantWithWarmup);
+        assert_eq!(a.warmup_ratio, 0.1);
+        assert_eq!(a.eval_data_path, Some(PathBuf::from("e.json")));
+        assert_eq!(a.evaluation_strategy, IntervalStrategy::Steps);
+        assert_eq!(a.eval_interval(), 3);
+        assert_eq!(a.per_device_eval_batch_size, 2);
+        assert_eq!(a.save_strategy, IntervalStrategy::Epoch);
+        assert_eq!(a.save_steps, 4);
+        assert_eq!(a.save_total_limit, Some(2));
+        assert_eq!(a.resume_from_checkpoint.as_deref(), Some("latest"));
+        assert_eq!(parse(&["--lr-scheduler-type", "cosine"]).unwrap().lr_scheduler_type, LrSchedulerType::Cosine);
+        assert_eq!(parse(&["--lr-scheduler-type", "constant"]).unwrap().lr_scheduler_type, LrSchedulerType::Constant);
     }
 
     #[test]
@@ -331,6 +456,11 @@ mod tests {
             &["--adam-epsilon", "0"],
             &["--prompt-template", "chatml"],
             &["--seed", "-3"],
+            &["--warmup-ratio", "1.5"],
+            &["--lr-scheduler-type", "polynomial"],
+            &["--evaluation-strategy", "always"],
+            &["--save-steps", "0"],
+            &["--save-total-limit", "0"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be rejected");
         }

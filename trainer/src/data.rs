@@ -6,8 +6,15 @@
 //!   predicting `labels[t + 1]` from the logits at position `t`.
 //! - Positions whose label is [`IGNORE_INDEX`] (-100) do not contribute to the loss: BOS, the
 //!   prompt and padding. Only the response bytes and the final EOS are learned.
-//! - Batches are right-padded with [`PAD_ID`]; under a causal mask, trailing padding cannot
-//!   influence the real tokens before it, so no attention mask is needed for training.
+//! - Batches are right-padded with the tokenizer's pad id; under a causal mask, trailing padding
+//!   cannot influence the real tokens before it, so no attention mask is needed for training. The
+//!   batch still carries a padding mask ([`Batch::real_tokens`]) so that MoE statistics skip padding.
+//! - With packing ([`TrainDataset::new_packed`]) whole examples are concatenated and cut into rows of
+//!   exactly `max_seq_length` tokens. Attention stays plain causal over the packed row, so an
+//!   example can attend to the examples before it in the same row (as HF's simple packing does);
+//!   the labels still mask every prompt.
+//! - The order of examples depends only on the seed, the step and the *global* batch size
+//!   ([`DataOrder`]), never on how many data-parallel ranks share a global batch.
 
 use std::cell::Cell;
 use std::fmt;
@@ -18,7 +25,7 @@ use burn::tensor::{Int, Tensor, TensorData};
 use serde::de::{Deserializer as _, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::tokenizer::{BOS_ID, ByteTokenizer, EOS_ID, PAD_ID};
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
 /// The dataset bundled into the binary, used when no `--data-path` is given.
 /// Regenerate with `python3 trainer/data/make_alpaca_tiny.py`.
@@ -101,6 +108,17 @@ pub enum DataError {
     /// `--per-device-train-batch-size` is zero.
     #[error("--per-device-train-batch-size must be at least 1")]
     ZeroBatchSize,
+    /// The data-parallel layout is impossible (`rank >= world_size` or `world_size == 0`).
+    #[error("invalid data-parallel layout: rank {rank} of world size {world_size}")]
+    InvalidRank { rank: usize, world_size: usize },
+    /// The tokenizer failed on a record.
+    #[error("record {record}: {source}")]
+    Tokenize {
+        /// 1-based record number.
+        record: usize,
+        #[source]
+        source: TokenizerError,
+    },
 }
 
 fn at_record(record: &Option<usize>) -> String {
@@ -341,22 +359,28 @@ impl TokenizedExample {
 
 /// Tokenises one record as `BOS + prompt + output + EOS`, masks BOS and the prompt out of the
 /// labels, and truncates on the right to `max_seq_length` tokens.
-#[must_use]
+///
+/// Prompt and response are encoded separately (as Stanford Alpaca's `train.py` does), so the
+/// prompt/response boundary is a token boundary whatever the tokenizer merges; neither encoding
+/// adds special tokens, so there is exactly one BOS.
+///
+/// # Errors
+/// [`TokenizerError`] if an HF tokenizer fails on the text.
 pub fn build_example(
-    tokenizer: &ByteTokenizer,
+    tokenizer: &Tokenizer,
     record: &AlpacaRecord,
     style: PromptStyle,
     max_seq_length: usize,
-) -> TokenizedExample {
-    let prompt = tokenizer.encode(&style.render_prompt(&record.instruction, &record.input));
-    let response = tokenizer.encode(&record.output);
+) -> Result<TokenizedExample, TokenizerError> {
+    let prompt = tokenizer.encode(&style.render_prompt(&record.instruction, &record.input))?;
+    let response = tokenizer.encode(&record.output)?;
 
     let mut input_ids = Vec::with_capacity(prompt.len() + response.len() + 2);
-    input_ids.push(BOS_ID);
+    input_ids.push(tokenizer.bos_id());
     input_ids.extend_from_slice(&prompt);
     let n_masked = input_ids.len();
     input_ids.extend_from_slice(&response);
-    input_ids.push(EOS_ID);
+    input_ids.push(tokenizer.eos_id());
 
     let mut labels: Vec<i64> = input_ids
         .iter()
@@ -373,17 +397,42 @@ pub fn build_example(
     let truncated = input_ids.len() > max_seq_length;
     input_ids.truncate(max_seq_length);
     labels.truncate(max_seq_length);
-    TokenizedExample {
+    Ok(TokenizedExample {
         input_ids,
         labels,
         truncated,
-    }
+    })
+}
+
+/// Concatenates whole examples (each already `BOS + prompt + response + EOS`) in the given order
+/// and cuts the stream into rows of `max_seq_length` tokens; the last row may be shorter.
+///
+/// The label of each row's first position is set to [`IGNORE_INDEX`]: the shifted loss never
+/// predicts position 0 of a row, and masking it keeps [`Batch::n_target_tokens`] equal to the
+/// number of predictions. Prompt labels stay masked wherever the row boundary falls.
+#[must_use]
+pub fn pack_examples(examples: &[TokenizedExample], max_seq_length: usize) -> Vec<TokenizedExample> {
+    let ids: Vec<u32> = examples.iter().flat_map(|e| e.input_ids.iter().copied()).collect();
+    let labels: Vec<i64> = examples.iter().flat_map(|e| e.labels.iter().copied()).collect();
+    ids.chunks(max_seq_length.max(1))
+        .zip(labels.chunks(max_seq_length.max(1)))
+        .map(|(ids, labels)| {
+            let mut labels = labels.to_vec();
+            labels[0] = IGNORE_INDEX;
+            TokenizedExample {
+                input_ids: ids.to_vec(),
+                labels,
+                truncated: false,
+            }
+        })
+        .collect()
 }
 
 /// The tokenised training set.
 #[derive(Debug, Clone)]
 pub struct TrainDataset {
     examples: Vec<TokenizedExample>,
+    pad_id: u32,
     n_records: usize,
     n_truncated: usize,
     n_dropped: usize,
@@ -402,15 +451,16 @@ impl TrainDataset {
         records: &[AlpacaRecord],
         style: PromptStyle,
         max_seq_length: usize,
-        tokenizer: &ByteTokenizer,
+        tokenizer: &Tokenizer,
     ) -> Result<Self, DataError> {
         if max_seq_length < 2 {
             return Err(DataError::MaxSeqLengthTooSmall(max_seq_length));
         }
         let mut n_truncated = 0;
         let mut examples = Vec::with_capacity(records.len());
-        for record in records {
-            let example = build_example(tokenizer, record, style, max_seq_length);
+        for (i, record) in records.iter().enumerate() {
+            let example = build_example(tokenizer, record, style, max_seq_length)
+                .map_err(|source| DataError::Tokenize { record: i + 1, source })?;
             n_truncated += usize::from(example.truncated);
             examples.push(example);
         }
@@ -448,11 +498,74 @@ impl TrainDataset {
         }
         Ok(Self {
             examples,
+            pad_id: tokenizer.pad_id(),
             n_records,
             n_truncated,
             n_dropped,
             max_seq_length,
         })
+    }
+
+    /// Tokenises `records` without truncation and packs them, in file order, into rows of
+    /// `max_seq_length` tokens ([`pack_examples`]); the rows are what the loader shuffles. No
+    /// example is truncated or dropped; a final short row is padded in its batch.
+    ///
+    /// # Errors
+    /// As [`TrainDataset::new`].
+    pub fn new_packed(
+        records: &[AlpacaRecord],
+        style: PromptStyle,
+        max_seq_length: usize,
+        tokenizer: &Tokenizer,
+    ) -> Result<Self, DataError> {
+        if max_seq_length < 2 {
+            return Err(DataError::MaxSeqLengthTooSmall(max_seq_length));
+        }
+        let mut examples = Vec::with_capacity(records.len());
+        for (i, record) in records.iter().enumerate() {
+            examples.push(
+                build_example(tokenizer, record, style, usize::MAX)
+                    .map_err(|source| DataError::Tokenize { record: i + 1, source })?,
+            );
+        }
+        // Rows without a target (inside one long prompt) are kept: they cost compute but add
+        // nothing to the loss, and dropping them would make row contents depend on the labels.
+        let rows = pack_examples(&examples, max_seq_length);
+        if rows.iter().all(|r| r.n_target_tokens() == 0) {
+            return Err(DataError::NoTrainableExamples {
+                total: records.len(),
+                max_seq_length,
+            });
+        }
+        tracing::info!(
+            n_records = records.len(),
+            n_rows = rows.len(),
+            max_seq_length,
+            "packed {} examples into {} rows of {max_seq_length} tokens",
+            records.len(),
+            rows.len()
+        );
+        Ok(Self {
+            examples: rows,
+            pad_id: tokenizer.pad_id(),
+            n_records: records.len(),
+            n_truncated: 0,
+            n_dropped: 0,
+            max_seq_length,
+        })
+    }
+
+    /// The id padding is written with.
+    #[must_use]
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+
+    /// Pads the examples at `indices` into one batch.
+    #[must_use]
+    pub fn collate(&self, indices: &[usize]) -> Batch {
+        let rows: Vec<&TokenizedExample> = indices.iter().map(|&i| &self.examples[i]).collect();
+        Batch::collate(&rows, self.pad_id)
     }
 
     /// Number of (kept) examples.
@@ -523,25 +636,30 @@ pub struct Batch {
     pub batch: usize,
     /// Padded sequence length.
     pub seq: usize,
-    /// Number of labels that are not [`IGNORE_INDEX`]. Since every row starts with a masked
-    /// BOS, this is also the number of predictions made by the shifted loss, i.e. the divisor
-    /// of a token-mean loss.
+    /// Number of labels that are not [`IGNORE_INDEX`]. Every row starts with a masked label
+    /// (BOS, or the first position of a packed row), so this is also the number of predictions
+    /// made by the shifted loss, i.e. the divisor of a token-mean loss.
     pub n_target_tokens: usize,
+    /// `[batch * seq]`: `true` for real tokens, `false` for right padding.
+    pub real: Vec<bool>,
 }
 
 impl Batch {
-    /// Pads `examples` to the longest of them and flattens them into one batch.
+    /// Pads `examples` with `pad_id` to the longest of them and flattens them into one batch.
     #[must_use]
-    pub fn collate(examples: &[&TokenizedExample]) -> Self {
+    pub fn collate(examples: &[&TokenizedExample], pad_id: u32) -> Self {
         let batch = examples.len();
         let seq = examples.iter().map(|e| e.len()).max().unwrap_or(0);
         let mut input_ids = Vec::with_capacity(batch * seq);
         let mut labels = Vec::with_capacity(batch * seq);
+        let mut real = Vec::with_capacity(batch * seq);
         for e in examples {
             input_ids.extend(e.input_ids.iter().map(|&id| i64::from(id)));
-            input_ids.extend(std::iter::repeat_n(i64::from(PAD_ID), seq - e.len()));
+            input_ids.extend(std::iter::repeat_n(i64::from(pad_id), seq - e.len()));
             labels.extend_from_slice(&e.labels);
             labels.extend(std::iter::repeat_n(IGNORE_INDEX, seq - e.len()));
+            real.extend(std::iter::repeat_n(true, e.len()));
+            real.extend(std::iter::repeat_n(false, seq - e.len()));
         }
         let n_target_tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
         Self {
@@ -550,6 +668,7 @@ impl Batch {
             batch,
             seq,
             n_target_tokens,
+            real,
         }
     }
 
@@ -563,13 +682,13 @@ impl Batch {
     /// MoE statistics skip padding, as HF does with an attention mask).
     #[must_use]
     pub fn real_tokens(&self) -> Vec<bool> {
-        self.input_ids.iter().map(|&id| id != i64::from(PAD_ID)).collect()
+        self.real.clone()
     }
 
     /// Number of real (non-padding) tokens.
     #[must_use]
     pub fn n_real_tokens(&self) -> usize {
-        self.input_ids.iter().filter(|&&id| id != i64::from(PAD_ID)).count()
+        self.real.iter().filter(|&&r| r).count()
     }
 
     /// The input ids as an integer tensor on `device`.
@@ -634,23 +753,89 @@ pub fn shuffled_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// Which examples make up each global batch: a pure function of the dataset size, the seed and
+/// the global batch size, so that the data order does not depend on the number of data-parallel
+/// ranks and a resumed run can find its place from the step number alone.
+///
+/// Global micro-batch `g` (`g = step * gradient_accumulation_steps + micro`) is batch
+/// `g % batches_per_epoch` of epoch `g / batches_per_epoch`; every epoch is a fresh permutation
+/// ([`shuffled_order`]); an epoch's last batch holds the remainder (PyTorch's `drop_last=False`)
+/// and batches never straddle epochs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataOrder {
+    /// Number of examples (rows) in the dataset.
+    pub n_examples: usize,
+    /// Shuffle seed.
+    pub seed: u64,
+    /// Examples per global micro-batch: per-device batch × world size.
+    pub global_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+}
+
+impl DataOrder {
+    /// Global micro-batches per epoch, `ceil(n_examples / global_batch_size)` (at least 1).
+    #[must_use]
+    pub fn batches_per_epoch(&self) -> usize {
+        self.n_examples.div_ceil(self.global_batch_size.max(1)).max(1)
+    }
+
+    /// The example indices of global micro-batch `g`.
+    #[must_use]
+    pub fn batch(&self, g: usize) -> Vec<usize> {
+        let bpe = self.batches_per_epoch();
+        let (epoch, b) = (g / bpe, g % bpe);
+        let order = shuffled_order(self.n_examples, self.seed, epoch);
+        let start = (b * self.global_batch_size).min(order.len());
+        let end = ((b + 1) * self.global_batch_size).min(order.len());
+        order[start..end].to_vec()
+    }
+
+    /// The example indices of micro-step `micro` of optimizer step `step` (both 0-based), over
+    /// all ranks.
+    #[must_use]
+    pub fn global_batch(&self, step: usize, micro: usize) -> Vec<usize> {
+        self.batch(step * self.gradient_accumulation_steps + micro)
+    }
+
+    /// Epochs completed after `n_micro` global micro-batches, as a fraction (HF's `epoch` field).
+    #[must_use]
+    pub fn epoch_after(&self, n_micro: usize) -> f64 {
+        n_micro as f64 / self.batches_per_epoch() as f64
+    }
+}
+
+/// The part of a global batch that `rank` of `world_size` processes: a contiguous slice, as
+/// even as possible (sizes differ by at most one when the batch is an epoch's short remainder).
+///
+/// # Errors
+/// [`DataError::InvalidRank`] if `rank >= world_size`.
+pub fn rank_slice(global: &[usize], world_size: usize, rank: usize) -> Result<&[usize], DataError> {
+    if rank >= world_size {
+        return Err(DataError::InvalidRank { rank, world_size });
+    }
+    let n = global.len();
+    Ok(&global[rank * n / world_size..(rank + 1) * n / world_size])
+}
+
 /// Yields padded batches of `batch_size` examples, reshuffling at every epoch, endlessly.
 ///
-/// The last batch of an epoch holds the remainder when the dataset size is not a multiple of
-/// `batch_size` (PyTorch's `drop_last=False`); batches never straddle epochs. The iterator
-/// never returns `None`: take as many batches as the schedule needs, never `collect()` it.
+/// A thin stateful view of [`DataOrder`] for one rank; the single-process trainer uses a world
+/// size of one. The iterator never returns `None`: take as many batches as the schedule needs,
+/// never `collect()` it.
 #[derive(Debug, Clone)]
 pub struct DataLoader<'a> {
     dataset: &'a TrainDataset,
     batch_size: usize,
+    world_size: usize,
+    rank: usize,
     seed: u64,
-    epoch: usize,
-    order: Vec<usize>,
-    cursor: usize,
+    gradient_accumulation_steps: usize,
+    next: usize,
 }
 
 impl<'a> DataLoader<'a> {
-    /// Creates a loader positioned at the start of epoch 0.
+    /// Creates a single-process loader positioned at the start of epoch 0.
     ///
     /// # Errors
     /// [`DataError::ZeroBatchSize`] if `batch_size == 0`.
@@ -661,20 +846,53 @@ impl<'a> DataLoader<'a> {
         Ok(Self {
             dataset,
             batch_size,
+            world_size: 1,
+            rank: 0,
             seed,
-            epoch: 0,
-            order: shuffled_order(dataset.len(), seed, 0),
-            cursor: 0,
+            gradient_accumulation_steps: 1,
+            next: 0,
         })
     }
 
-    /// Batches per epoch, the last one possibly partial: `ceil(len / batch_size)`.
-    #[must_use]
-    pub fn batches_per_epoch(&self) -> usize {
-        self.dataset.len().div_ceil(self.batch_size)
+    /// Sets the data-parallel layout: global batches hold `batch_size * world_size` examples and
+    /// this loader yields the slice of `rank`.
+    ///
+    /// # Errors
+    /// [`DataError::InvalidRank`] if `rank >= world_size`.
+    pub fn with_ranks(mut self, world_size: usize, rank: usize) -> Result<Self, DataError> {
+        if rank >= world_size {
+            return Err(DataError::InvalidRank { rank, world_size });
+        }
+        self.world_size = world_size;
+        self.rank = rank;
+        Ok(self)
     }
 
-    /// The configured batch size (the size of every batch but possibly an epoch's last).
+    /// Sets the micro-batches per optimizer step used by [`DataLoader::micro_batch`].
+    #[must_use]
+    pub fn with_gradient_accumulation_steps(mut self, steps: usize) -> Self {
+        self.gradient_accumulation_steps = steps.max(1);
+        self
+    }
+
+    /// The order this loader follows.
+    #[must_use]
+    pub fn order(&self) -> DataOrder {
+        DataOrder {
+            n_examples: self.dataset.len(),
+            seed: self.seed,
+            global_batch_size: self.batch_size * self.world_size,
+            gradient_accumulation_steps: self.gradient_accumulation_steps,
+        }
+    }
+
+    /// Global batches per epoch, the last one possibly partial.
+    #[must_use]
+    pub fn batches_per_epoch(&self) -> usize {
+        self.order().batches_per_epoch()
+    }
+
+    /// The configured per-device batch size (the size of every batch but possibly an epoch's last).
     #[must_use]
     pub fn batch_size(&self) -> usize {
         self.batch_size
@@ -683,11 +901,26 @@ impl<'a> DataLoader<'a> {
     /// The epoch (0-based) that the next batch will come from.
     #[must_use]
     pub fn epoch(&self) -> usize {
-        if self.cursor >= self.order.len() {
-            self.epoch + 1
-        } else {
-            self.epoch
-        }
+        self.next / self.batches_per_epoch()
+    }
+
+    /// Moves the iterator to global micro-batch `g` (used when resuming).
+    pub fn seek(&mut self, g: usize) {
+        self.next = g;
+    }
+
+    /// This rank's batch of global micro-batch `g`.
+    #[must_use]
+    pub fn batch_at(&self, g: usize) -> Batch {
+        let global = self.order().batch(g);
+        let mine = rank_slice(&global, self.world_size, self.rank).expect("rank checked in with_ranks");
+        self.dataset.collate(mine)
+    }
+
+    /// This rank's batch of micro-step `micro` of optimizer step `step`.
+    #[must_use]
+    pub fn micro_batch(&self, step: usize, micro: usize) -> Batch {
+        self.batch_at(step * self.gradient_accumulation_steps + micro)
     }
 
     /// The example order of `epoch`.
@@ -698,16 +931,8 @@ impl<'a> DataLoader<'a> {
 
     /// The batches of one epoch, independently of the loader's position.
     pub fn epoch_batches(&self, epoch: usize) -> impl Iterator<Item = Batch> + '_ {
-        let order = self.epoch_order(epoch);
-        let examples = self.dataset.examples();
-        (0..self.batches_per_epoch()).map(move |b| {
-            let end = ((b + 1) * self.batch_size).min(order.len());
-            let rows: Vec<&TokenizedExample> = order[b * self.batch_size..end]
-                .iter()
-                .map(|&i| &examples[i])
-                .collect();
-            Batch::collate(&rows)
-        })
+        let bpe = self.batches_per_epoch();
+        (0..bpe).map(move |b| self.batch_at(epoch * bpe + b))
     }
 }
 
@@ -715,21 +940,9 @@ impl Iterator for DataLoader<'_> {
     type Item = Batch;
 
     fn next(&mut self) -> Option<Batch> {
-        // The dataset is never empty (TrainDataset::new guarantees it), so a new epoch always
-        // has at least one example.
-        if self.cursor >= self.order.len() {
-            self.epoch += 1;
-            self.order = shuffled_order(self.dataset.len(), self.seed, self.epoch);
-            self.cursor = 0;
-        }
-        let end = (self.cursor + self.batch_size).min(self.order.len());
-        let examples = self.dataset.examples();
-        let rows: Vec<&TokenizedExample> = self.order[self.cursor..end]
-            .iter()
-            .map(|&i| &examples[i])
-            .collect();
-        self.cursor = end;
-        Some(Batch::collate(&rows))
+        let batch = self.batch_at(self.next);
+        self.next += 1;
+        Some(batch)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -740,6 +953,7 @@ impl Iterator for DataLoader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tokenizer::{BOS_ID, EOS_ID, PAD_ID};
 
     fn rec(instruction: &str, input: &str, output: &str) -> AlpacaRecord {
         AlpacaRecord {
@@ -753,7 +967,7 @@ mod tests {
         let records: Vec<_> = (0..n)
             .map(|i| rec("Echo.", &i.to_string(), &"x".repeat(i % 5 + 1)))
             .collect();
-        TrainDataset::new(&records, PromptStyle::Compact, 128, &ByteTokenizer::new()).unwrap()
+        TrainDataset::new(&records, PromptStyle::Compact, 128, &Tokenizer::default()).unwrap()
     }
 
     #[test]
@@ -762,7 +976,7 @@ mod tests {
         assert!((150..=300).contains(&records.len()), "{}", records.len());
         assert!(records.iter().any(|r| r.input.is_empty()));
         let ds =
-            TrainDataset::new(&records, PromptStyle::Compact, 128, &ByteTokenizer::new()).unwrap();
+            TrainDataset::new(&records, PromptStyle::Compact, 128, &Tokenizer::default()).unwrap();
         assert_eq!(ds.len(), records.len());
         assert_eq!(
             ds.n_truncated(),
@@ -793,15 +1007,15 @@ mod tests {
 
     #[test]
     fn masking_covers_bos_and_prompt_only() {
-        let tok = ByteTokenizer::new();
+        let tok = Tokenizer::default();
         let r = rec("Add.", "1 + 2", "3");
-        let e = build_example(&tok, &r, PromptStyle::Compact, 128);
+        let e = build_example(&tok, &r, PromptStyle::Compact, 128).unwrap();
         let prompt = PromptStyle::Compact.render_prompt("Add.", "1 + 2");
         let n_prompt = 1 + prompt.len();
         assert_eq!(e.len(), n_prompt + 1 + 1);
         assert_eq!(e.input_ids[0], BOS_ID);
         assert_eq!(*e.input_ids.last().unwrap(), EOS_ID);
-        assert_eq!(tok.decode(&e.input_ids), format!("{prompt}3"));
+        assert_eq!(tok.decode(&e.input_ids).unwrap(), format!("{prompt}3"));
         assert!(e.labels[..n_prompt].iter().all(|&l| l == IGNORE_INDEX));
         assert_eq!(&e.labels[n_prompt..], &[i64::from(b'3'), i64::from(EOS_ID)]);
         assert_eq!(e.n_target_tokens(), 2);
@@ -814,7 +1028,7 @@ mod tests {
 
     #[test]
     fn truncation_is_counted_and_untrainable_examples_dropped() {
-        let tok = ByteTokenizer::new();
+        let tok = Tokenizer::default();
         let prompt_len = 1 + PromptStyle::Compact.render_prompt("I", "").len();
         let max = prompt_len + 3;
         let records = vec![
@@ -823,7 +1037,7 @@ mod tests {
             rec("I", "", &"y".repeat(100)),     // truncated, keeps 3 targets
             rec(&"long ".repeat(40), "", "ok"), // truncated inside the prompt: dropped
         ];
-        let e = build_example(&tok, &records[1], PromptStyle::Compact, max);
+        let e = build_example(&tok, &records[1], PromptStyle::Compact, max).unwrap();
         assert!(e.truncated);
         assert_eq!(e.len(), max);
         assert_eq!(e.n_target_tokens(), 3);
@@ -841,7 +1055,7 @@ mod tests {
     #[test]
     fn alpaca_template_at_128_is_untrainable_error() {
         let records = vec![rec(&"word ".repeat(30), "input", "out")];
-        let err = TrainDataset::new(&records, PromptStyle::Alpaca, 128, &ByteTokenizer::new())
+        let err = TrainDataset::new(&records, PromptStyle::Alpaca, 128, &Tokenizer::default())
             .unwrap_err();
         assert!(matches!(
             err,
@@ -850,17 +1064,17 @@ mod tests {
                 max_seq_length: 128
             }
         ));
-        let err = TrainDataset::new(&records, PromptStyle::Compact, 1, &ByteTokenizer::new())
+        let err = TrainDataset::new(&records, PromptStyle::Compact, 1, &Tokenizer::default())
             .unwrap_err();
         assert!(matches!(err, DataError::MaxSeqLengthTooSmall(1)));
     }
 
     #[test]
     fn padding_to_longest_in_batch() {
-        let tok = ByteTokenizer::new();
-        let a = build_example(&tok, &rec("A", "", "1"), PromptStyle::Compact, 128);
-        let b = build_example(&tok, &rec("A", "", "12345"), PromptStyle::Compact, 128);
-        let batch = Batch::collate(&[&a, &b]);
+        let tok = Tokenizer::default();
+        let a = build_example(&tok, &rec("A", "", "1"), PromptStyle::Compact, 128).unwrap();
+        let b = build_example(&tok, &rec("A", "", "12345"), PromptStyle::Compact, 128).unwrap();
+        let batch = Batch::collate(&[&a, &b], PAD_ID);
         assert_eq!((batch.batch, batch.seq), (2, b.len()));
         assert_eq!(batch.input_ids.len(), 2 * b.len());
         assert_eq!(batch.labels.len(), 2 * b.len());
@@ -879,17 +1093,17 @@ mod tests {
         assert_eq!(&batch.labels[batch.seq..], b.labels.as_slice());
         assert_eq!(batch.n_target_tokens, 2 + 6);
 
-        let empty = Batch::collate(&[]);
+        let empty = Batch::collate(&[], PAD_ID);
         assert_eq!((empty.batch, empty.seq, empty.n_target_tokens), (0, 0, 0));
     }
 
     #[test]
     fn batch_tensors_have_batch_seq_shape() {
         type B = burn::backend::NdArray;
-        let tok = ByteTokenizer::new();
-        let a = build_example(&tok, &rec("A", "", "1"), PromptStyle::Compact, 128);
-        let b = build_example(&tok, &rec("A", "", "123"), PromptStyle::Compact, 128);
-        let batch = Batch::collate(&[&a, &b]);
+        let tok = Tokenizer::default();
+        let a = build_example(&tok, &rec("A", "", "1"), PromptStyle::Compact, 128).unwrap();
+        let b = build_example(&tok, &rec("A", "", "123"), PromptStyle::Compact, 128).unwrap();
+        let batch = Batch::collate(&[&a, &b], PAD_ID);
         let device = Default::default();
         let ids = batch.input_ids_tensor::<B>(&device);
         let labels = batch.labels_tensor::<B>(&device);
@@ -1077,5 +1291,108 @@ mod tests {
             "{err:?}"
         );
         assert!(err.to_string().contains("missing.json"));
+    }
+
+    #[test]
+    fn world_size_does_not_change_the_data_order() {
+        // world_size 1 with batch 4 and world_size 4 with batch 1 see the same global batches.
+        let order = |global: usize, accum: usize| DataOrder {
+            n_examples: 10,
+            seed: 3,
+            global_batch_size: global,
+            gradient_accumulation_steps: accum,
+        };
+        let o = order(4, 2);
+        assert_eq!(o.batches_per_epoch(), 3);
+        let mut seen_epoch0 = Vec::new();
+        for step in 0..4 {
+            for micro in 0..2 {
+                let global = o.global_batch(step, micro);
+                let g = step * 2 + micro;
+                // Epoch boundaries: batches 0..3 are epoch 0, the third is the remainder of 2.
+                assert_eq!(global.len(), if g % 3 == 2 { 2 } else { 4 }, "step {step} micro {micro}");
+                if g < 3 {
+                    seen_epoch0.extend_from_slice(&global);
+                }
+                let one = rank_slice(&global, 1, 0).unwrap().to_vec();
+                let mut union = Vec::new();
+                for r in 0..4 {
+                    let part = rank_slice(&global, 4, r).unwrap();
+                    assert!(part.len() <= 1, "rank {r} got {part:?}");
+                    union.extend_from_slice(part);
+                }
+                assert_eq!(union, one, "step {step} micro {micro}");
+                assert_eq!(one, shuffled_order(10, 3, g / 3)[(g % 3) * 4..((g % 3) * 4 + 4).min(10)]);
+            }
+        }
+        seen_epoch0.sort_unstable();
+        assert_eq!(seen_epoch0, (0..10).collect::<Vec<_>>());
+
+        // The loaders of 4 ranks with batch 1 together yield the batches of one loader with batch 4.
+        let ds = dataset(10);
+        let single = DataLoader::new(&ds, 4, 3).unwrap().with_gradient_accumulation_steps(2);
+        let ranks: Vec<DataLoader> = (0..4)
+            .map(|r| DataLoader::new(&ds, 1, 3).unwrap().with_ranks(4, r).unwrap().with_gradient_accumulation_steps(2))
+            .collect();
+        for step in 0..3 {
+            for micro in 0..2 {
+                let whole = single.micro_batch(step, micro);
+                let mut ids = Vec::new();
+                for l in &ranks {
+                    let b = l.micro_batch(step, micro);
+                    if b.batch > 0 {
+                        // Rows are padded per rank, so compare unpadded rows.
+                        ids.push(b.input_ids[..b.real.iter().filter(|&&r| r).count()].to_vec());
+                    }
+                }
+                let rows: Vec<Vec<i64>> = (0..whole.batch)
+                    .map(|r| {
+                        let row = &whole.input_ids[r * whole.seq..(r + 1) * whole.seq];
+                        let n = whole.real[r * whole.seq..(r + 1) * whole.seq].iter().filter(|&&x| x).count();
+                        row[..n].to_vec()
+                    })
+                    .collect();
+                assert_eq!(ids, rows);
+            }
+        }
+        assert!(matches!(rank_slice(&[1, 2], 2, 2), Err(DataError::InvalidRank { rank: 2, world_size: 2 })));
+    }
+
+    #[test]
+    fn packing_concatenates_examples_into_fixed_rows() {
+        let tok = Tokenizer::default();
+        let records = vec![rec("A", "", "12"), rec("B", "", "345"), rec("C", "x", "6")];
+        let examples: Vec<TokenizedExample> = records
+            .iter()
+            .map(|r| build_example(&tok, r, PromptStyle::Compact, usize::MAX).unwrap())
+            .collect();
+        let stream: Vec<u32> = examples.iter().flat_map(|e| e.input_ids.clone()).collect();
+        let stream_labels: Vec<i64> = examples.iter().flat_map(|e| e.labels.clone()).collect();
+        let max = 16;
+        let ds = TrainDataset::new_packed(&records, PromptStyle::Compact, max, &tok).unwrap();
+        let rows = ds.examples();
+        assert_eq!(rows.len(), stream.len().div_ceil(max));
+        for (r, row) in rows.iter().enumerate() {
+            let lo = r * max;
+            let hi = (lo + max).min(stream.len());
+            assert_eq!(row.input_ids, stream[lo..hi], "row {r}");
+            assert_eq!(row.labels[0], IGNORE_INDEX, "row {r}: position 0 is never predicted");
+            assert_eq!(row.labels[1..], stream_labels[lo + 1..hi], "row {r}");
+        }
+        assert!(rows[..rows.len() - 1].iter().all(|r| r.len() == max));
+        // Every example keeps BOS ... EOS in the stream, and the responses are the only targets.
+        assert_eq!(stream.iter().filter(|&&t| t == BOS_ID).count(), 3);
+        assert_eq!(stream.iter().filter(|&&t| t == EOS_ID).count(), 3);
+        let targets: Vec<u32> = stream
+            .iter()
+            .zip(&stream_labels)
+            .filter(|(_, l)| **l != IGNORE_INDEX)
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(tok.decode(&targets).unwrap(), "123456");
+        // A packed batch of full rows has no padding.
+        let batch = ds.collate(&[0, 1]);
+        assert_eq!((batch.batch, batch.seq), (2, max));
+        assert!(batch.real.iter().all(|&r| r));
     }
 }

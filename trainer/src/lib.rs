@@ -2,17 +2,20 @@
 //! training loop needs that is not the model itself (`mixtral-burn`).
 
 pub mod cli;
+pub mod checkpoint;
 pub mod data;
 pub mod launch;
 pub mod parallel;
 pub mod metrics;
+pub mod schedule;
 pub mod tokenizer;
 pub mod train;
 
 pub use cli::Args;
 pub use data::{
-    AlpacaRecord, Batch, DataError, DataLoader, IGNORE_INDEX, PromptStyle, TokenizedExample,
-    TrainDataset, build_example, load_records, parse_records,
+    AlpacaRecord, Batch, DataError, DataLoader, DataOrder, IGNORE_INDEX, PromptStyle, TokenizedExample,
+    TrainDataset, build_example, load_records, pack_examples, parse_records, rank_slice,
 };
 pub use metrics::{MetricsError, MetricsWriter, StepMetrics, TrainSummary};
-pub use tokenizer::{BOS_ID, ByteTokenizer, EOS_ID, PAD_ID, VOCAB_SIZE};
+pub use schedule::{LrSchedulerType, learning_rate, warmup_steps};
+pub use tokenizer::{BOS_ID, ByteTokenizer, EOS_ID, HfTokenizer, PAD_ID, Tokenizer, TokenizerError, VOCAB_SIZE};

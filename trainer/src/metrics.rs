@@ -115,6 +115,10 @@ pub struct TrainSummary {
     pub gpu_mem_used_peak: Option<f64>,
     /// GPU memory allocated by the run, bytes; `null` on CPU backends.
     pub gpu_mem_alloc: Option<f64>,
+    /// Loss of the last evaluation (mean over the evaluation set's target tokens); `null` when
+    /// no evaluation ran.
+    #[serde(default)]
+    pub eval_loss: Option<f64>,
 }
 
 /// Writes `metrics.jsonl` and `train_summary.json` into an output directory.
@@ -170,6 +174,29 @@ impl MetricsWriter {
         self.dir.join(SUMMARY_FILE)
     }
 
+    /// Like [`MetricsWriter::create`], but `metrics.jsonl` starts with the lines of `history` (the
+    /// log of the run being resumed), and the mean loss counts their `loss` fields.
+    ///
+    /// # Errors
+    /// [`MetricsError::CreateDir`], [`MetricsError::Serialize`] or [`MetricsError::Write`].
+    pub fn resume(dir: impl Into<PathBuf>, history: &[Value]) -> Result<Self, MetricsError> {
+        let mut writer = Self::create(dir)?;
+        for v in history {
+            writer.lines.push_str(&serde_json::to_string(v)?);
+            writer.lines.push('\n');
+            writer.loss_sum += v["loss"].as_f64().unwrap_or(f64::NAN);
+            writer.n_logged += 1;
+        }
+        write_atomic(&writer.metrics_path(), writer.lines.as_bytes())?;
+        Ok(writer)
+    }
+
+    /// The logged lines so far, parsed (HF's `log_history`).
+    #[must_use]
+    pub fn history(&self) -> Vec<Value> {
+        self.lines.lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+
     /// Appends one step to `metrics.jsonl`.
     ///
     /// # Errors
@@ -215,6 +242,7 @@ impl MetricsWriter {
             train_steps,
             gpu_mem_used_peak: None,
             gpu_mem_alloc: None,
+            eval_loss: None,
         }
     }
 
@@ -329,10 +357,30 @@ mod tests {
             train_steps: 1,
             gpu_mem_used_peak: Some(1024.0),
             gpu_mem_alloc: None,
+            eval_loss: Some(2.5),
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["gpu_mem_used_peak"], 1024.0);
         assert_eq!(v["gpu_mem_alloc"], Value::Null);
+        assert_eq!(v["eval_loss"], 2.5);
+    }
+
+    #[test]
+    fn resume_keeps_history() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut w = MetricsWriter::create(tmp.path()).unwrap();
+        w.log_step(&StepMetrics::new(1, 4.0, 1e-3).with("eval_loss", 3.5)).unwrap();
+        w.log_step(&StepMetrics::new(2, 2.0, 5e-4)).unwrap();
+        let before = std::fs::read_to_string(w.metrics_path()).unwrap();
+        let history = w.history();
+        assert_eq!(history.len(), 2);
+        assert_eq!(history[0]["eval_loss"], 3.5);
+        let mut r = MetricsWriter::resume(tmp.path(), &history).unwrap();
+        assert_eq!(std::fs::read_to_string(r.metrics_path()).unwrap(), before);
+        assert_eq!(r.mean_logged_loss(), 3.0);
+        r.log_step(&StepMetrics::new(3, 0.0, 0.0)).unwrap();
+        assert_eq!(r.mean_logged_loss(), 2.0);
+        assert_eq!(r.n_logged(), 3);
     }
 
     #[test]

@@ -1,18 +1,27 @@
 //! The training loop: tiny (or given) Mixtral, AdamW, linear warm-up/decay, gradient accumulation
 //! normalised by the global number of target tokens, global-norm gradient clipping, metrics files.
 
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, backend::AutodiffBackend};
+use burn_moe_backend::MoeBackend;
 use indicatif::{ProgressBar, ProgressStyle};
-use mixtral_burn::{MixtralConfig, MixtralForCausalLM};
+use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
 
-use crate::cli::Args;
+use crate::checkpoint::{
+    CheckpointError, TrainerState, load_optimizer_record, load_trainer_state, param_ids, resolve_checkpoint,
+    rotate_checkpoints, save_checkpoint,
+};
+use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
 use crate::metrics::{MetricsError, MetricsWriter, StepMetrics, TrainSummary};
-use crate::tokenizer::{ByteTokenizer, VOCAB_SIZE};
+pub use crate::schedule::linear_schedule;
+use crate::schedule::{learning_rate, warmup_steps};
+use crate::tokenizer::{HfTokenizer, Tokenizer, TokenizerError, VOCAB_SIZE};
 
 /// Why a training run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +35,18 @@ pub enum TrainError {
     /// The model config is inconsistent with the tokenizer or invalid.
     #[error(transparent)]
     Config(#[from] mixtral_burn::ConfigError),
+    /// The `--model-path` weights could not be loaded.
+    #[error(transparent)]
+    Model(#[from] mixtral_burn::CheckpointError),
+    /// The tokenizer of `--model-path` is unusable.
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// A training checkpoint could not be written or resumed from.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Flags that contradict each other.
+    #[error("invalid arguments: {0}")]
+    Args(String),
     /// The loss stopped being a finite number.
     #[error("loss became {value} at step {step}; lower --learning-rate or check the data")]
     NonFiniteLoss {
@@ -34,15 +55,6 @@ pub enum TrainError {
         /// The value.
         value: f64,
     },
-}
-
-/// HF's `get_linear_schedule_with_warmup`: linear warm-up to `lr`, then linear decay to zero at
-/// `total` steps. `step` is the 0-based optimizer step about to be taken.
-pub fn linear_schedule(lr: f64, step: usize, warmup: usize, total: usize) -> f64 {
-    if step < warmup {
-        return lr * step as f64 / warmup.max(1) as f64;
-    }
-    lr * ((total.saturating_sub(step)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
 }
 
 /// The model the trainer fine-tunes by default: [`MixtralConfig::tiny`], whose vocabulary matches the
@@ -54,28 +66,169 @@ pub fn default_model_config(args: &Args) -> Result<MixtralConfig, TrainError> {
     Ok(config)
 }
 
-/// Runs the whole training job on `device` and writes `metrics.jsonl` and `train_summary.json`
-/// into `--output-dir`.
+/// Model config, tokenizer and (for `--model-path`) the opened checkpoint of a run.
+pub struct ModelSource {
+    /// The architecture.
+    pub config: MixtralConfig,
+    /// The tokenizer matching it.
+    pub tokenizer: Tokenizer,
+    /// The pretrained weights, when `--model-path` is given.
+    pub checkpoint: Option<HfCheckpoint>,
+    /// `tokenizer.json` of `--model-path` (copied into training checkpoints).
+    pub tokenizer_json: Option<PathBuf>,
+}
+
+/// Opens `--model-path` (config, weights header, `tokenizer.json`), or describes the tiny preset
+/// with the byte tokenizer when it is absent.
 ///
 /// # Errors
-/// [`TrainError`] for unreadable data, unwritable outputs, or a diverging loss.
-pub fn train<B: AutodiffBackend + burn_moe_backend::MoeBackend>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError> {
-    let tokenizer = ByteTokenizer::new();
-    let records = load_records(args.data_path.as_deref())?;
-    let dataset = TrainDataset::new(&records, args.prompt_template, args.max_seq_length, &tokenizer)?;
-    let mut loader = DataLoader::new(&dataset, args.per_device_train_batch_size, args.seed)?;
-    let total_steps = args.total_train_steps(loader.batches_per_epoch());
+/// [`TrainError::Model`] / [`TrainError::Tokenizer`] naming the file at fault.
+pub fn model_source(args: &Args) -> Result<ModelSource, TrainError> {
+    let Some(dir) = &args.model_path else {
+        return Ok(ModelSource {
+            config: default_model_config(args)?,
+            tokenizer: Tokenizer::default(),
+            checkpoint: None,
+            tokenizer_json: None,
+        });
+    };
+    let checkpoint = HfCheckpoint::open(dir)?;
+    let config = checkpoint.config.clone().with_moe_kernel(args.moe_kernel);
+    let path = dir.join("tokenizer.json");
+    let tokenizer = HfTokenizer::from_file(&path, config.vocab_size, config.bos_token_id, config.eos_token_id)?;
+    Ok(ModelSource { config, tokenizer: Tokenizer::Hf(tokenizer), checkpoint: Some(checkpoint), tokenizer_json: Some(path) })
+}
 
-    let config = default_model_config(args)?;
-    // Weights from a host RNG: the backend's RNG is process-global, so concurrent runs (tests,
-    // in-process ranks) would otherwise draw each other's numbers.
-    let mut model: MixtralForCausalLM<B> = config.init_seeded(device, args.seed);
+/// Evaluation result: mean next-token cross-entropy over every target token of the set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalOutput {
+    /// `sum of token losses / n_target_tokens`.
+    pub loss: f64,
+    /// Target tokens of the set.
+    pub n_target_tokens: usize,
+}
+
+/// Language-model loss of `model` over `dataset` (in file order, `batch_size` rows per forward),
+/// without gradients and without the load-balancing term.
+pub fn evaluate<B: MoeBackend>(
+    model: &MixtralForCausalLM<B>,
+    dataset: &TrainDataset,
+    batch_size: usize,
+    device: &B::Device,
+) -> EvalOutput {
+    let indices: Vec<usize> = (0..dataset.len()).collect();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in indices.chunks(batch_size.max(1)) {
+        let batch = dataset.collate(chunk);
+        let real = batch.real_tokens();
+        let out = model.forward_with_labels_masked(
+            batch.input_ids_tensor::<B>(device),
+            batch.labels_tensor::<B>(device),
+            Some(&real),
+        );
+        sum += scalar(out.lm_loss_sum);
+        n += batch.n_target_tokens;
+    }
+    EvalOutput { loss: sum / n.max(1) as f64, n_target_tokens: n }
+}
+
+fn build_dataset(args: &Args, path: Option<&Path>, tokenizer: &Tokenizer, pack: bool) -> Result<TrainDataset, DataError> {
+    let records = load_records(path)?;
+    if pack {
+        TrainDataset::new_packed(&records, args.prompt_template, args.max_seq_length, tokenizer)
+    } else {
+        TrainDataset::new(&records, args.prompt_template, args.max_seq_length, tokenizer)
+    }
+}
+
+/// Whether optimizer step `step` (0-based) is the last of an epoch, for `micro` micro-batches per
+/// step and `bpe` micro-batches per epoch.
+fn ends_epoch(step: usize, micro: usize, bpe: usize) -> bool {
+    (step + 1) * micro / bpe > step * micro / bpe
+}
+
+fn due(strategy: IntervalStrategy, step: usize, every: usize, epoch_end: bool) -> bool {
+    match strategy {
+        IntervalStrategy::No => false,
+        IntervalStrategy::Steps => (step + 1).is_multiple_of(every),
+        IntervalStrategy::Epoch => epoch_end,
+    }
+}
+
+/// Runs the whole training job on `device` and writes `metrics.jsonl`, `train_summary.json` and
+/// the requested checkpoints into `--output-dir`.
+///
+/// # Errors
+/// [`TrainError`] for unreadable data, model or checkpoint files, unwritable outputs, or a
+/// diverging loss.
+pub fn train<B>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError>
+where
+    B: AutodiffBackend + MoeBackend,
+    B::InnerBackend: MoeBackend,
+{
+    if args.evaluation_strategy != IntervalStrategy::No && args.eval_data_path.is_none() {
+        return Err(TrainError::Args(format!(
+            "--evaluation-strategy {:?} needs --eval-data-path",
+            args.evaluation_strategy
+        )));
+    }
+    let source = model_source(args)?;
+    let tokenizer = &source.tokenizer;
+    let dataset = build_dataset(args, args.data_path.as_deref(), tokenizer, args.packing)?;
+    // Evaluation rows are never packed: the loss stays a per-example quantity.
+    let eval_dataset = match &args.eval_data_path {
+        Some(p) if args.evaluation_strategy != IntervalStrategy::No => {
+            Some(build_dataset(args, Some(p), tokenizer, false)?)
+        }
+        _ => None,
+    };
+    let accum = args.gradient_accumulation_steps;
+    let loader = DataLoader::new(&dataset, args.per_device_train_batch_size, args.seed)?
+        .with_gradient_accumulation_steps(accum);
+    let order = loader.order();
+    let bpe = loader.batches_per_epoch();
+    let total_steps = args.total_train_steps(bpe);
+    let warmup = warmup_steps(args.warmup_steps, args.warmup_ratio, total_steps);
+
+    let config = source.config.clone();
+    let resume = match &args.resume_from_checkpoint {
+        Some(spec) => {
+            let dir = resolve_checkpoint(spec, &args.output_dir)?;
+            let state = load_trainer_state(&dir)?;
+            let state_path = dir.join(crate::checkpoint::TRAINER_STATE_FILE);
+            for (what, saved, now) in [
+                ("seed", state.seed, args.seed),
+                ("global batch size", state.global_batch_size as u64, order.global_batch_size as u64),
+                ("gradient accumulation steps", state.gradient_accumulation_steps as u64, accum as u64),
+            ] {
+                if saved != now {
+                    return Err(CheckpointError::Mismatch {
+                        path: state_path,
+                        message: format!("{what} was {saved}, this run has {now}"),
+                    }
+                    .into());
+                }
+            }
+            Some((dir, state))
+        }
+        None => None,
+    };
+
+    let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
+        (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.moe_kernel)?,
+        (None, Some(ckpt)) => ckpt.load_model(device, args.moe_kernel)?,
+        // Weights from a host RNG: the backend's RNG is process-global, so concurrent runs (tests,
+        // in-process ranks) would otherwise draw each other's numbers.
+        (None, None) => config.init_seeded(device, args.seed),
+    };
     tracing::info!(
         parameters = model.num_parameters(),
         examples = dataset.len(),
         total_steps,
+        warmup,
         moe_kernel = %args.moe_kernel,
-        "training tiny Mixtral"
+        "training {}",
+        args.model_path.as_ref().map_or_else(|| "tiny Mixtral".to_owned(), |p| p.display().to_string())
     );
 
     let mut optimizer = AdamWConfig::new()
@@ -84,18 +237,31 @@ pub fn train<B: AutodiffBackend + burn_moe_backend::MoeBackend>(args: &Args, dev
         .with_epsilon(args.adam_epsilon as f32)
         .with_weight_decay(args.weight_decay as f32)
         .init::<B, MixtralForCausalLM<B>>();
-    let mut metrics = MetricsWriter::create(&args.output_dir)?;
+    let (start_step, mut tokens, mut last_eval, mut metrics) = match &resume {
+        Some((dir, state)) => {
+            let record = load_optimizer_record::<B, _, _>(dir, state, &param_ids::<B, _>(&model), device)?;
+            optimizer = optimizer.load_record(record);
+            tracing::info!(step = state.global_step, "resumed from {}", dir.display());
+            (
+                state.global_step,
+                state.tokens_seen,
+                state.last_eval_loss,
+                MetricsWriter::resume(&args.output_dir, &state.log_history)?,
+            )
+        }
+        None => (0, 0u64, None, MetricsWriter::create(&args.output_dir)?),
+    };
 
     let progress = ProgressBar::new(total_steps as u64);
     progress.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
             .expect("static progress template"),
     );
+    progress.set_position(start_step as u64);
     let start = Instant::now();
-    let mut tokens = 0u64;
-    for step in 0..total_steps {
-        let lr = linear_schedule(args.learning_rate, step, args.warmup_steps, total_steps);
-        let micro: Vec<Batch> = loader.by_ref().take(args.gradient_accumulation_steps).collect();
+    for step in start_step..total_steps {
+        let lr = learning_rate(args.lr_scheduler_type, args.learning_rate, step, warmup, total_steps);
+        let micro: Vec<Batch> = (0..accum).map(|m| loader.micro_batch(step, m)).collect();
         // Every micro-batch's token losses are divided by the target tokens of the whole step, so the
         // accumulated gradient is that of one big batch however it is split.
         let step_targets: usize = micro.iter().map(|b| b.n_target_tokens).sum::<usize>().max(1);
@@ -126,24 +292,67 @@ pub fn train<B: AutodiffBackend + burn_moe_backend::MoeBackend>(args: &Args, dev
         let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, args.clip_grad_norm());
         model = optimizer.step(lr, model, grads);
 
+        let epoch_end = ends_epoch(step, accum, bpe);
+        let eval_loss = match &eval_dataset {
+            Some(eval) if due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
+                let out = evaluate(&model.valid(), eval, args.per_device_eval_batch_size, device);
+                last_eval = Some(out.loss);
+                Some(out.loss)
+            }
+            _ => None,
+        };
+        let epoch = order.epoch_after((step + 1) * accum);
+
         progress.set_message(format!("loss {loss_value:.4} lr {lr:.2e}"));
         progress.inc(1);
-        if (step + 1) % args.logging_steps == 0 || step + 1 == total_steps {
-            metrics.log_step(
-                &StepMetrics::new((step + 1) as u64, loss_value, lr)
-                    .with("lm_loss", lm_value)
-                    .with("aux_loss", aux_value)
-                    .with("grad_norm", grad_norm)
-                    .with("epoch", loader.epoch() as f64),
+        if (step + 1) % args.logging_steps == 0 || step + 1 == total_steps || eval_loss.is_some() {
+            let mut line = StepMetrics::new((step + 1) as u64, loss_value, lr)
+                .with("lm_loss", lm_value)
+                .with("aux_loss", aux_value)
+                .with("grad_norm", grad_norm)
+                .with("epoch", epoch);
+            if let Some(e) = eval_loss {
+                line = line.with("eval_loss", e);
+            }
+            metrics.log_step(&line)?;
+        }
+        if due(args.save_strategy, step, args.save_steps, epoch_end) {
+            let state = TrainerState {
+                global_step: step + 1,
+                epoch,
+                micro_batches_seen: (step + 1) * accum,
+                seed: args.seed,
+                scheduler_step: step + 1,
+                max_steps: total_steps,
+                global_batch_size: order.global_batch_size,
+                gradient_accumulation_steps: accum,
+                tokens_seen: tokens,
+                last_eval_loss: last_eval,
+                log_history: metrics.history(),
+                param_ids: param_ids::<B, _>(&model).iter().map(ParamId::val).collect(),
+            };
+            let dir = save_checkpoint::<B, _>(
+                &args.output_dir,
+                &model,
+                &config,
+                optimizer.to_record(),
+                &state,
+                source.tokenizer_json.as_deref(),
             )?;
+            tracing::info!("saved {}", dir.display());
+            if let Some(limit) = args.save_total_limit {
+                rotate_checkpoints(&args.output_dir, limit)?;
+            }
         }
     }
     progress.finish();
-    let summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
+    let mut summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
+    summary.eval_loss = last_eval;
     metrics.write_summary(&summary)?;
     tracing::info!(
         train_runtime = summary.train_runtime,
         train_loss = summary.train_loss,
+        eval_loss = ?summary.eval_loss,
         tokens_per_second = summary.tokens_per_second,
         "done; metrics in {}",
         metrics.dir().display()
@@ -151,7 +360,7 @@ pub fn train<B: AutodiffBackend + burn_moe_backend::MoeBackend>(args: &Args, dev
     Ok(summary)
 }
 
-fn scalar<B: AutodiffBackend>(t: Tensor<B, 1>) -> f64 {
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
 
@@ -199,15 +408,13 @@ fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
 
 #[cfg(test)]
 mod tests {
-    use super::linear_schedule;
+    use super::ends_epoch;
 
     #[test]
-    fn linear_schedule_warms_up_then_decays_to_zero() {
-        assert_eq!(linear_schedule(1.0, 0, 2, 10), 0.0);
-        assert_eq!(linear_schedule(1.0, 1, 2, 10), 0.5);
-        assert_eq!(linear_schedule(1.0, 2, 2, 10), 1.0);
-        assert_eq!(linear_schedule(1.0, 6, 2, 10), 0.5);
-        assert_eq!(linear_schedule(1.0, 10, 2, 10), 0.0);
-        assert_eq!(linear_schedule(2.0, 0, 0, 4), 2.0);
+    fn epoch_ends() {
+        // 3 micro-batches per epoch, 2 per step: epochs end during steps 1 (micro 3), 2 (micro 6).
+        let ends: Vec<bool> = (0..4).map(|s| ends_epoch(s, 2, 3)).collect();
+        assert_eq!(ends, vec![false, true, true, false]);
+        assert!((0..5).all(|s| ends_epoch(s, 1, 1)));
     }
 }

@@ -86,3 +86,46 @@ fn gradient_accumulation_equals_one_big_batch() {
         assert!(rel(*a, *b) < 2e-3, "big batch {a} vs accumulated {b}");
     }
 }
+
+#[test]
+fn scheduler_flags_drive_the_logged_learning_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cos");
+    let args = Args::try_parse_from([
+        "trainer", "--max-steps", "4", "--per-device-train-batch-size", "2", "--learning-rate", "1e-3",
+        "--lr-scheduler-type", "cosine", "--warmup-ratio", "0.3", "--output-dir", out.to_str().unwrap(),
+    ])
+    .unwrap();
+    train::<B>(&args, &Default::default()).unwrap();
+    let lrs: Vec<f64> = read_field(&out, "learning_rate").into_iter().map(|(_, v)| v).collect();
+    // warmup = ceil(0.3 * 4) = 2: steps 0, 1 warm up; then 0.5 * (1 + cos(pi * (s - 2) / 2)).
+    let expected = [0.0, 0.5e-3, 1e-3, 0.5e-3];
+    for (got, want) in lrs.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-15, "{lrs:?} vs {expected:?}");
+    }
+}
+
+#[test]
+fn packing_trains_on_full_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("packed");
+    let args = Args::try_parse_from([
+        "trainer", "--max-steps", "3", "--per-device-train-batch-size", "2", "--max-seq-length", "64",
+        "--packing", "--output-dir", out.to_str().unwrap(),
+    ])
+    .unwrap();
+    let records = trainer::load_records(None).unwrap();
+    let ds = trainer::TrainDataset::new_packed(&records, trainer::PromptStyle::Compact, 64, &trainer::Tokenizer::default())
+        .unwrap();
+    let unpacked_tokens: usize = records
+        .iter()
+        .map(|r| trainer::build_example(&trainer::Tokenizer::default(), r, trainer::PromptStyle::Compact, usize::MAX).unwrap().len())
+        .sum();
+    assert_eq!(ds.len(), unpacked_tokens.div_ceil(64));
+    assert!(ds.examples()[..ds.len() - 1].iter().all(|r| r.len() == 64));
+    train::<B>(&args, &Default::default()).unwrap();
+    let losses = read_losses(&out);
+    assert_eq!(losses.len(), 3);
+    // Byte-level vocabulary of 259: a fresh model starts near ln(259) = 5.56.
+    assert!((losses[0].1 - 259f64.ln()).abs() < 0.5, "{losses:?}");
+}
