@@ -150,6 +150,47 @@ pub struct Args {
     /// --output-dir. The other flags must match the interrupted run.
     #[arg(long, help_heading = "Checkpoints")]
     pub resume_from_checkpoint: Option<String>,
+
+    // ---- Distributed ----
+    /// Data-parallel workers on this node. With `--device cuda`, one process per GPU (this binary
+    /// re-executed with torchrun's variables; it also runs unchanged under `torchrun`/`srun`).
+    /// With `--device ndarray`, in-process ranks (threads) with in-process collectives.
+    #[arg(long, default_value_t = 1, value_parser = positive_usize, help_heading = "Distributed")]
+    pub nproc_per_node: usize,
+
+    /// Machines in the job (`--device cuda` only).
+    #[arg(long, default_value_t = 1, value_parser = positive_usize, help_heading = "Distributed")]
+    pub nnodes: usize,
+
+    /// This machine's index, `0..--nnodes`.
+    #[arg(long, default_value_t = 0, help_heading = "Distributed")]
+    pub node_rank: usize,
+
+    /// Address of node 0 as the other nodes reach it.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Distributed")]
+    pub master_addr: String,
+
+    /// Rendezvous port on --master-addr.
+    #[arg(long, default_value_t = 29500, help_heading = "Distributed")]
+    pub master_port: u16,
+
+    /// Seconds a collective may wait for the other ranks before failing with an error naming the
+    /// collective and group (a dead or stuck rank never hangs the others forever).
+    #[arg(long, default_value_t = 600.0, value_parser = positive_f64, help_heading = "Distributed")]
+    pub collective_timeout: f64,
+}
+
+impl Args {
+    /// The launcher settings of this command line.
+    pub fn launch_config(&self) -> crate::launch::LaunchConfig {
+        crate::launch::LaunchConfig {
+            nproc_per_node: self.nproc_per_node,
+            nnodes: self.nnodes,
+            node_rank: self.node_rank,
+            master_addr: self.master_addr.clone(),
+            master_port: self.master_port,
+        }
+    }
 }
 
 /// HF's `IntervalStrategy`, for evaluation and saving.

@@ -1,12 +1,20 @@
 //! `cargo run -p trainer`: fine-tunes Mixtral on alpaca-style data. With no arguments it trains the
 //! tiny preset on the bundled dataset on the CPU and writes `results/metrics.jsonl` and
 //! `results/train_summary.json`.
+//!
+//! Data parallelism: `--nproc-per-node N` runs N in-process ranks on the CPU backend, or launches N
+//! worker processes (one per GPU, NCCL) with `--device cuda`; a process started by `torchrun` or
+//! `srun` with torchrun's variables joins that group instead.
 
-use anyhow::Context;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use burn_moe_backend::dist::{CommConfig, DistEnv, ThreadComm};
 use clap::Parser;
 use trainer::Args;
 use trainer::cli::Device;
-use trainer::train::train;
+use trainer::launch::{is_launched_worker, run_workers};
+use trainer::train::{train, train_with};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
@@ -15,12 +23,41 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let summary = match args.device {
-        Device::Ndarray => {
+    let env = DistEnv::from_env().context("reading the distributed environment")?;
+    let timeout = Duration::from_secs_f64(args.collective_timeout);
+    let wants_parallel = args.nproc_per_node > 1 || args.nnodes > 1;
+
+    let summary = match (env, args.device) {
+        // A worker of a multi-process group (ours, torchrun's or srun's).
+        (Some(env), Device::Cuda) if env.world_size > 1 => run_cuda_rank(&args, &env, timeout)?,
+        (Some(env), Device::Ndarray) if env.world_size > 1 => bail!(
+            "this process is rank {} of a {}-process group, but --device ndarray runs data-parallel ranks \
+             as threads of one process: start it once with --nproc-per-node {} instead",
+            env.rank,
+            env.world_size,
+            env.world_size
+        ),
+        // The launcher: N processes (GPU) or N threads (CPU).
+        (None, Device::Cuda) if wants_parallel && !is_launched_worker() => {
+            let program = std::env::current_exe().context("locating this executable to launch workers")?;
+            let argv: Vec<_> = std::env::args_os().skip(1).collect();
+            if let Err(e) = run_workers(&args.launch_config(), &program, &argv, Duration::from_secs(10)) {
+                eprintln!("{e}");
+                std::process::exit(e.exit_code());
+            }
+            return Ok(());
+        }
+        (None, Device::Ndarray) if wants_parallel => {
+            if args.nnodes > 1 {
+                bail!("--nnodes {} needs --device cuda: CPU ranks are threads of one process", args.nnodes);
+            }
+            run_cpu_threads(&args, timeout)?
+        }
+        (_, Device::Ndarray) => {
             type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
             train::<B>(&args, &Default::default()).context("training failed")?
         }
-        Device::Cuda => run_cuda(&args)?,
+        (_, Device::Cuda) => run_cuda(&args)?,
     };
     println!(
         "train_runtime {:.2} s, train_loss {:.4}, {:.0} tokens/s; metrics in {}",
@@ -32,13 +69,48 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--nproc-per-node N` on the CPU: N threads, one data-parallel rank each.
+fn run_cpu_threads(args: &Args, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
+    type Inner = burn::backend::NdArray<f32>;
+    type B = burn::backend::Autodiff<Inner>;
+    let results = ThreadComm::<Inner>::run_ranks(args.nproc_per_node, CommConfig::with_timeout(timeout), |comm| {
+        train_with::<B, _>(args, &Default::default(), &comm)
+    });
+    let mut first = None;
+    for (rank, result) in results.into_iter().enumerate() {
+        match result {
+            Ok(Ok(summary)) if rank == 0 => first = Some(summary),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(anyhow::Error::new(e).context(format!("rank {rank} failed"))),
+            Err(e) => bail!("rank {rank}: {e}"),
+        }
+    }
+    first.context("rank 0 returned no summary")
+}
+
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
     type B = burn::backend::Autodiff<burn::backend::Cuda<f32>>;
     train::<B>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
 }
 
+#[cfg(feature = "cuda")]
+fn run_cuda_rank(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
+    use burn_moe_backend::dist::{NcclComm, NcclConfig};
+    type Inner = burn::backend::Cuda<f32>;
+    type B = burn::backend::Autodiff<Inner>;
+    let device = burn::backend::cuda::CudaDevice { index: env.local_rank };
+    let comm = NcclComm::<Inner>::init(env, device.clone(), NcclConfig { timeout })
+        .with_context(|| format!("rank {} joining the NCCL group", env.rank))?;
+    train_with::<B, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
+}
+
 #[cfg(not(feature = "cuda"))]
 fn run_cuda(_args: &Args) -> anyhow::Result<trainer::TrainSummary> {
-    anyhow::bail!("this trainer was built without CUDA; rebuild with `--features cuda`")
+    bail!("this trainer was built without CUDA; rebuild with `--features cuda`")
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda_rank(_args: &Args, _env: &DistEnv, _timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
+    bail!("this trainer was built without CUDA; rebuild with `--features cuda`")
 }

@@ -18,6 +18,9 @@ where
     M: AutodiffModule<B>,
     C: Communicator<B::InnerBackend>,
 {
+    if comm.size() == 1 {
+        return Ok(());
+    }
     struct Sync<'a, C> {
         grads: &'a mut GradientsParams,
         comm: &'a C,

@@ -8,7 +8,8 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, backend::AutodiffBackend};
-use burn_moe_backend::MoeBackend;
+use burn_moe_backend::dist::{CommConfig, CommError, Communicator, ThreadComm};
+use burn_moe_backend::{MoeAuxStats, MoeBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
 
@@ -19,6 +20,7 @@ use crate::checkpoint::{
 use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
 use crate::metrics::{MetricsError, MetricsWriter, StepMetrics, TrainSummary};
+use crate::parallel::{all_reduce_grads, all_reduce_scalars};
 pub use crate::schedule::linear_schedule;
 use crate::schedule::{learning_rate, warmup_steps};
 use crate::tokenizer::{HfTokenizer, Tokenizer, TokenizerError, VOCAB_SIZE};
@@ -44,6 +46,9 @@ pub enum TrainError {
     /// A training checkpoint could not be written or resumed from.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// A collective between data-parallel ranks failed (a peer died, timed out, or disagreed).
+    #[error(transparent)]
+    Comm(#[from] CommError),
     /// Flags that contradict each other.
     #[error("invalid arguments: {0}")]
     Args(String),
@@ -166,6 +171,31 @@ where
     B: AutodiffBackend + MoeBackend,
     B::InnerBackend: MoeBackend,
 {
+    let solo = ThreadComm::<B::InnerBackend>::world(1, std::slice::from_ref(device), CommConfig::default())?
+        .remove(0);
+    train_with::<B, _>(args, device, &solo)
+}
+
+/// [`train`] as one data-parallel rank of `comm` (DDP: every rank holds the whole model).
+///
+/// Rank `r` of `n` takes its slice of each global batch of `per_device_train_batch_size × n`
+/// examples (the order does not depend on `n`); losses are divided by the *global* number of target
+/// tokens and the load-balancing statistics are pooled over all ranks, so the summed gradient — and
+/// therefore every update and logged loss — equals a single-device run on the global batch. Rank 0
+/// alone writes metrics, evaluates and saves checkpoints; other ranks write their metrics under
+/// `--output-dir/rank<r>/`.
+///
+/// # Errors
+/// As [`train`], plus [`TrainError::Comm`] when a collective fails.
+pub fn train_with<B, C>(args: &Args, device: &B::Device, comm: &C) -> Result<TrainSummary, TrainError>
+where
+    B: AutodiffBackend + MoeBackend,
+    B::InnerBackend: MoeBackend,
+    C: Communicator<B::InnerBackend>,
+{
+    let (rank, world) = (comm.rank(), comm.size());
+    let lead = rank == 0;
+    let output_dir = if lead { args.output_dir.clone() } else { args.output_dir.join(format!("rank{rank}")) };
     if args.evaluation_strategy != IntervalStrategy::No && args.eval_data_path.is_none() {
         return Err(TrainError::Args(format!(
             "--evaluation-strategy {:?} needs --eval-data-path",
@@ -184,6 +214,7 @@ where
     };
     let accum = args.gradient_accumulation_steps;
     let loader = DataLoader::new(&dataset, args.per_device_train_batch_size, args.seed)?
+        .with_ranks(world, rank)?
         .with_gradient_accumulation_steps(accum);
     let order = loader.order();
     let bpe = loader.batches_per_epoch();
@@ -246,13 +277,14 @@ where
                 state.global_step,
                 state.tokens_seen,
                 state.last_eval_loss,
-                MetricsWriter::resume(&args.output_dir, &state.log_history)?,
+                MetricsWriter::resume(&output_dir, &state.log_history)?,
             )
         }
-        None => (0, 0u64, None, MetricsWriter::create(&args.output_dir)?),
+        None => (0, 0u64, None, MetricsWriter::create(&output_dir)?),
     };
+    let num_experts = config.num_local_experts;
 
-    let progress = ProgressBar::new(total_steps as u64);
+    let progress = if lead { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     progress.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}")
             .expect("static progress template"),
@@ -262,21 +294,34 @@ where
     for step in start_step..total_steps {
         let lr = learning_rate(args.lr_scheduler_type, args.learning_rate, step, warmup, total_steps);
         let micro: Vec<Batch> = (0..accum).map(|m| loader.micro_batch(step, m)).collect();
-        // Every micro-batch's token losses are divided by the target tokens of the whole step, so the
-        // accumulated gradient is that of one big batch however it is split.
-        let step_targets: usize = micro.iter().map(|b| b.n_target_tokens).sum::<usize>().max(1);
+        // Every micro-batch's token losses are divided by the target tokens of the whole step (over
+        // all ranks), so the accumulated gradient is that of one big batch however it is split.
+        let local_targets = micro.iter().map(|b| b.n_target_tokens).sum::<usize>() as f64;
+        let step_targets = all_reduce_scalars::<B::InnerBackend, C>(&[local_targets], comm, device)?[0].max(1.0);
         let mut accumulator = GradientsAccumulator::<MixtralForCausalLM<B>>::new();
-        let (mut loss_value, mut lm_value, mut aux_value) = (0.0, 0.0, 0.0);
+        let (mut loss_value, mut lm_value, mut aux_value, mut step_tokens) = (0.0, 0.0, 0.0, 0.0);
         for batch in &micro {
-            tokens += batch.n_real_tokens() as u64;
+            step_tokens += batch.n_real_tokens() as f64;
+            if batch.batch == 0 {
+                // This rank's slice of a short last batch is empty; it still joins the collectives.
+                if world > 1 {
+                    global_aux_share::<B, C>(&[], num_experts, comm, device)?;
+                }
+                continue;
+            }
             let real = batch.real_tokens();
             let out = model.forward_with_labels_masked(
                 batch.input_ids_tensor::<B>(device),
                 batch.labels_tensor::<B>(device),
                 Some(&real),
             );
-            let lm = out.lm_loss_sum.div_scalar(step_targets as f64);
-            let aux = out.aux_loss.div_scalar(micro.len() as f64);
+            let lm = out.lm_loss_sum.div_scalar(step_targets);
+            let aux = if world == 1 {
+                out.aux_loss
+            } else {
+                global_aux_share::<B, C>(&out.aux, num_experts, comm, device)?
+            }
+            .div_scalar(micro.len() as f64);
             let loss = lm.clone() + aux.clone().mul_scalar(model.router_aux_loss_coef);
             lm_value += scalar(lm);
             aux_value += scalar(aux);
@@ -284,17 +329,23 @@ where
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             accumulator.accumulate(&model, grads);
         }
+        let mut grads = accumulator.grads();
+        if world > 1 {
+            all_reduce_grads::<B, _, C>(&model, &mut grads, comm)?;
+            let sums = all_reduce_scalars::<B::InnerBackend, C>(&[loss_value, lm_value, aux_value, step_tokens], comm, device)?;
+            (loss_value, lm_value, aux_value, step_tokens) = (sums[0], sums[1], sums[2], sums[3]);
+        }
+        tokens += step_tokens as u64;
         if !loss_value.is_finite() {
             progress.abandon();
             return Err(TrainError::NonFiniteLoss { step: step + 1, value: loss_value });
         }
-        let mut grads = accumulator.grads();
         let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, args.clip_grad_norm());
         model = optimizer.step(lr, model, grads);
 
         let epoch_end = ends_epoch(step, accum, bpe);
         let eval_loss = match &eval_dataset {
-            Some(eval) if due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
+            Some(eval) if lead && due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
                 let out = evaluate(&model.valid(), eval, args.per_device_eval_batch_size, device);
                 last_eval = Some(out.loss);
                 Some(out.loss)
@@ -316,7 +367,7 @@ where
             }
             metrics.log_step(&line)?;
         }
-        if due(args.save_strategy, step, args.save_steps, epoch_end) {
+        if lead && due(args.save_strategy, step, args.save_steps, epoch_end) {
             let state = TrainerState {
                 global_step: step + 1,
                 epoch,
@@ -358,6 +409,47 @@ where
         metrics.dir().display()
     );
     Ok(summary)
+}
+
+/// This rank's share of the load-balancing loss of the *global* batch:
+/// `E · Σ_e (C_e / N) · (p_e / N)` with the token counts `C` and row count `N` summed over all
+/// ranks (no gradient) and `p` this rank's router probabilities. The shares of all ranks add up to
+/// the single-device loss, and each share's gradient is exactly that loss's gradient with respect
+/// to this rank's router outputs.
+fn global_aux_share<B, C>(
+    aux: &[MoeAuxStats<B>],
+    num_experts: usize,
+    comm: &C,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, CommError>
+where
+    B: AutodiffBackend,
+    C: Communicator<B::InnerBackend>,
+{
+    let mut local = vec![0.0f64; num_experts + 1];
+    let mut probs: Option<Tensor<B, 1>> = None;
+    for s in aux {
+        let counts = s.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
+        for (acc, c) in local.iter_mut().zip(counts) {
+            *acc += c;
+        }
+        local[num_experts] += s.rows as f64;
+        probs = Some(match probs {
+            Some(p) => p + s.prob_sum.clone(),
+            None => s.prob_sum.clone(),
+        });
+    }
+    let global = all_reduce_scalars::<B::InnerBackend, C>(&local, comm, device)?;
+    let n = global[num_experts];
+    let Some(probs) = probs else { return Ok(Tensor::zeros([1], device)) };
+    if n == 0.0 {
+        return Ok(Tensor::zeros([1], device));
+    }
+    let counts = Tensor::<B, 1>::from_data(
+        burn::tensor::TensorData::new(global[..num_experts].iter().map(|&c| c as f32).collect::<Vec<_>>(), [num_experts]),
+        device,
+    );
+    Ok((counts.div_scalar(n) * probs.div_scalar(n)).sum().mul_scalar(num_experts as f64))
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {

@@ -1,0 +1,117 @@
+//! Data parallelism on the CPU (in-process ranks): N ranks with per-device batch b/N give the same
+//! losses, gradient norms and updated weights as one device with batch b — the data order does not
+//! depend on the rank count, losses are normalised by the global target-token count, and the
+//! load-balancing statistics are pooled over ranks.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn_moe_backend::dist::{CommConfig, ThreadComm};
+use clap::Parser;
+use trainer::Args;
+use trainer::train::{train, train_with};
+
+type Inner = burn::backend::NdArray<f32>;
+type B = burn::backend::Autodiff<Inner>;
+
+fn args(out: &Path, batch: usize, extra: &[&str]) -> Args {
+    let mut v = vec![
+        "trainer".to_string(),
+        "--output-dir".into(),
+        out.display().to_string(),
+        "--per-device-train-batch-size".into(),
+        batch.to_string(),
+        "--save-strategy".into(),
+        "steps".into(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    Args::try_parse_from(v).unwrap()
+}
+
+fn metrics(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn weights(file: &Path) -> BTreeMap<String, Vec<f32>> {
+    let bytes = std::fs::read(file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let data = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (name, data)
+        })
+        .collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
+
+fn run_ranks(n: usize, args: &Args) {
+    let results = ThreadComm::<Inner>::run_ranks(n, CommConfig::default(), |comm| {
+        train_with::<B, _>(args, &Default::default(), &comm).map(|s| s.train_loss)
+    });
+    for (rank, r) in results.into_iter().enumerate() {
+        r.unwrap_or_else(|e| panic!("rank {rank} panicked: {e}")).unwrap_or_else(|e| panic!("rank {rank}: {e}"));
+    }
+}
+
+/// Compares two runs' per-step metrics and final checkpoint weights.
+fn assert_same_run(single: &Path, parallel: &Path, step: usize, what: &str) {
+    let (a, b) = (metrics(single), metrics(parallel));
+    assert_eq!(a.len(), b.len(), "{what}: logged steps");
+    for (x, y) in a.iter().zip(&b) {
+        for key in ["loss", "lm_loss", "aux_loss", "grad_norm", "learning_rate"] {
+            let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+            assert!(rel(u, v) <= 1e-5, "{what}: step {} {key}: single {u} vs parallel {v}", x["step"]);
+        }
+    }
+    let ckpt = format!("checkpoint-{step}/model.safetensors");
+    let (wa, wb) = (weights(&single.join(&ckpt)), weights(&parallel.join(&ckpt)));
+    assert_eq!(wa.keys().collect::<Vec<_>>(), wb.keys().collect::<Vec<_>>());
+    for (name, x) in &wa {
+        let y = &wb[name];
+        let num: f64 = x.iter().zip(y).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
+        let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        assert!(num / den <= 1e-5, "{what}: weight {name} differs: rel L2 {}", num / den);
+    }
+}
+
+#[test]
+fn ranks_times_batch_equals_one_device_with_accumulation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = ["--max-steps", "3", "--seed", "1", "--gradient-accumulation-steps", "2", "--save-steps", "3"];
+    let single = tmp.path().join("single");
+    train::<B>(&args(&single, 4, &common), &Default::default()).unwrap();
+    for n in [2usize, 4] {
+        let out = tmp.path().join(format!("ddp{n}"));
+        run_ranks(n, &args(&out, 4 / n, &common));
+        assert_same_run(&single, &out, 3, &format!("{n} ranks x batch {}", 4 / n));
+        // Only rank 0 saves; the other ranks log under rank<r>/.
+        assert!(out.join("rank1/metrics.jsonl").exists());
+        assert!(!out.join("rank1/checkpoint-3").exists());
+    }
+}
+
+#[test]
+fn a_rank_with_an_empty_slice_still_matches() {
+    // 5 examples, global batch 3: the second batch has 2 examples, so rank 2 of 3 gets none.
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("five.jsonl");
+    let lines: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"instruction": "Say {i} twice.", "output": "{i} {i}"}}"#))
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let d = data.display().to_string();
+    let common = ["--max-steps", "2", "--seed", "3", "--save-steps", "2", "--data-path", d.as_str()];
+    let single = tmp.path().join("single");
+    train::<B>(&args(&single, 3, &common), &Default::default()).unwrap();
+    let out = tmp.path().join("ddp3");
+    run_ranks(3, &args(&out, 1, &common));
+    assert_same_run(&single, &out, 2, "3 ranks x batch 1 with an empty slice");
+}
