@@ -173,18 +173,10 @@ impl<C> DeviceMesh<C> {
         C: Communicator<B>,
     {
         let world_size = world.size();
-        if ep_size == 0 {
-            return Err(MeshError::ZeroSize {
-                dim: "ep",
-                world_size,
-            });
-        }
-        if !world_size.is_multiple_of(ep_size) {
-            return Err(MeshError::NotDivisor {
-                dim: "ep",
-                size: ep_size,
-                world_size,
-            });
+        // dp = world / ep is only meaningful when ep divides the world; validate_mesh reports the
+        // zero / non-divisor cases with the numbers (dp is given as 1 just to reach those checks).
+        if ep_size == 0 || !world_size.is_multiple_of(ep_size) {
+            validate_mesh(world_size, 1, ep_size)?;
         }
         Self::new(world, world_size / ep_size, ep_size)
     }

@@ -113,17 +113,22 @@ impl SafetensorsFiles {
         self.files[i].tensors.get(name).map(|t| t.shape.as_slice())
     }
 
-    /// Reads a tensor as f32 after checking its shape.
-    ///
-    /// # Errors
-    /// [`CheckpointError::MissingTensor`], [`CheckpointError::Shape`] or [`CheckpointError::Dtype`].
-    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+    /// The mapped file holding `name` and the tensor's header entry.
+    fn entry(&self, name: &str) -> Result<(&MappedFile, &TensorInfo), CheckpointError> {
         let &i = self.location.get(name).ok_or_else(|| CheckpointError::MissingTensor {
             dir: self.dir.display().to_string(),
             name: name.to_string(),
         })?;
         let file = &self.files[i];
-        let info = &file.tensors[name];
+        Ok((file, &file.tensors[name]))
+    }
+
+    /// Reads a tensor as f32 after checking its shape.
+    ///
+    /// # Errors
+    /// [`CheckpointError::MissingTensor`], [`CheckpointError::Shape`] or [`CheckpointError::Dtype`].
+    pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        let (file, info) = self.entry(name)?;
         let file_name = || file.path.display().to_string();
         if info.shape != expected {
             return Err(CheckpointError::Shape {
@@ -150,12 +155,7 @@ impl SafetensorsFiles {
     /// [`CheckpointError::MissingTensor`], [`CheckpointError::Dtype`], or
     /// [`CheckpointError::Slice`] when the ranges do not fit the tensor's shape.
     pub fn read_f32_block(&self, name: &str, ranges: &[std::ops::Range<usize>]) -> Result<Vec<f32>, CheckpointError> {
-        let &i = self.location.get(name).ok_or_else(|| CheckpointError::MissingTensor {
-            dir: self.dir.display().to_string(),
-            name: name.to_string(),
-        })?;
-        let file = &self.files[i];
-        let info = &file.tensors[name];
+        let (file, info) = self.entry(name)?;
         let shape = &info.shape;
         let bad = ranges.len() != shape.len()
             || ranges.iter().zip(shape).any(|(r, &n)| r.start > r.end || r.end > n);
