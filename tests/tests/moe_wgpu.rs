@@ -128,17 +128,27 @@ fn fusion_wrapped_wgpu_runs_every_kernel() {
     }
 }
 
-#[test]
-fn whole_model_matches_transformers_on_wgpu_with_scatter_kernels() {
+/// The whole model on wgpu with `kernel` (default block size) against the transformers fixture.
+fn whole_model_on_wgpu(kernel: MoeKernel) {
     let case = fixtures_dir().join("gqa_swa");
     let checkpoint = HfCheckpoint::open(case.join("model")).unwrap();
     let ids = read_input_ids(&case.join("input_ids.safetensors"), checkpoint.config.vocab_size).unwrap();
-    let ours = parity_outputs::<Autodiff<Wgpu>>(&checkpoint, ids, true, MoeKernel::Scatter, &Default::default()).unwrap();
+    let ours = parity_outputs::<Autodiff<Wgpu>>(&checkpoint, ids, true, kernel, &Default::default()).unwrap();
     let expected = read_f32_tensors(&case.join("expected.safetensors"));
     for (key, data) in &ours {
         let got: Vec<f32> = data.iter::<f32>().collect();
         let err = rel_l2(&got, &expected[key].data);
         let tol = if key.starts_with("grad.") { 1e-4 } else { 1e-5 };
-        assert!(err <= tol, "{key}: rel err {err:e} > {tol:e}");
+        assert!(err <= tol, "{kernel} {key}: rel err {err:e} > {tol:e}");
     }
+}
+
+#[test]
+fn whole_model_matches_transformers_on_wgpu_with_scatter_kernels() {
+    whole_model_on_wgpu(MoeKernel::Scatter);
+}
+
+#[test]
+fn whole_model_matches_transformers_on_wgpu_with_block_sparse_kernels() {
+    whole_model_on_wgpu(MoeKernel::BlockSparse);
 }

@@ -23,7 +23,7 @@ pub fn sdd_kernel<F: Float>(
     ffn_padded: usize,
     #[comptime] transpose: bool,
 ) {
-    let pos = ABSOLUTE_POS as usize;
+    let pos = ABSOLUTE_POS;
     if pos >= out.len() {
         terminate!();
     }
@@ -61,7 +61,7 @@ pub fn dsd_kernel<F: Float>(
     ffn_padded: usize,
     #[comptime] transpose: bool,
 ) {
-    let pos = ABSOLUTE_POS as usize;
+    let pos = ABSOLUTE_POS;
     if pos >= out.len() {
         terminate!();
     }
@@ -104,7 +104,7 @@ pub fn dstd_kernel<F: Float>(
     ffn_padded: usize,
     #[comptime] transpose_out: bool,
 ) {
-    let pos = ABSOLUTE_POS as usize;
+    let pos = ABSOLUTE_POS;
     if pos >= out.len() {
         terminate!();
     }
