@@ -239,3 +239,45 @@ fn problems_that_do_not_match_the_topology_are_rejected() {
     let msg = BlockSparseProblem { rows: 48, ..ok }.validate(&topo).unwrap_err().to_string();
     assert_eq!(msg, "padded rows: got 48, expected 32");
 }
+
+/// The kernels follow the storage type: f16 operands, f32 accumulation, compared with the f64
+/// reference on the f16-rounded inputs (only the final rounding to f16 differs). `w` serves as
+/// `[E, F, d]` for the SDD and as `[E, d, F]` for the DSD (same element count).
+fn check_f16<R: Runtime>(client: &ComputeClient<R>) {
+    use half::f16;
+    let plan = plan(21, 2, 4, 5, Routing::Random(Some(1)));
+    let topo = BlockSparseTopology::for_experts(&plan.counts, 17, 16).unwrap();
+    let bufs = TopologyBuffers::upload(client, &topo).unwrap();
+    let d = 33;
+    let round = |v: Vec<f32>| v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    let up = |v: &[f32]| client.create_from_slice(f16::as_bytes(&v.iter().map(|x| f16::from_f32(*x)).collect::<Vec<_>>()));
+    let down = |h, n: usize| f16::from_bytes(&client.read_one(h).expect("read back"))[..n].iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let x = round(padded_x(&plan, &topo, &values(21 * d, 1), d));
+    let w = round(values(4 * 17 * d, 2));
+    let s = round(values(topo.sparse_len(), 3));
+    let problem = BlockSparseProblem::for_topology(&topo, d, true);
+
+    let out = client.empty(topo.sparse_len() * 2);
+    launch_sdd::<R, f16>(client, &problem, &topo, &bufs, up(&x), up(&w), out.clone()).unwrap();
+    let want = reference::sdd(&topo, &x, &w, d, true);
+    let err = max_rel(&down(out, topo.sparse_len()), &want);
+    assert!(err < 2e-3, "f16 sdd err {err}");
+
+    let out = client.empty(topo.rows() * d * 2);
+    launch_dsd::<R, f16>(client, &problem, &topo, &bufs, up(&s), up(&w), out.clone()).unwrap();
+    let want = reference::dsd(&topo, &s, &w, d, true);
+    let err = max_rel(&down(out, topo.rows() * d), &want);
+    assert!(err < 2e-3, "f16 dsd err {err}");
+
+    let out = client.empty(4 * 17 * d * 2);
+    launch_dstd::<R, f16>(client, &problem, &topo, &bufs, up(&s), up(&x), out.clone()).unwrap();
+    let want = reference::dstd(&topo, &s, &x, d, true);
+    let err = max_rel(&down(out, 4 * 17 * d), &want);
+    assert!(err < 2e-3, "f16 dstd err {err}");
+}
+
+#[test]
+fn block_sparse_kernels_follow_f16_storage_on_wgpu() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    check_f16(&client);
+}
