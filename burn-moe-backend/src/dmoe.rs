@@ -7,8 +7,12 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation::softmax, backend::
 
 use crate::aux::MoeAuxStats;
 use crate::kernel::MoeKernel;
-use crate::ops::{MoeBackend, moe_combine, moe_grouped_matmul, moe_permute};
+use crate::ops::{MoeBackend, moe_combine, moe_dsd, moe_grouped_matmul, moe_permute, moe_sdd};
 use crate::reference;
+
+/// Default block size of [`MoeKernel::BlockSparse`]: MegaBlocks' 128, the tile size GPUs like.
+/// Small layers waste less padding with 16 or 32 (see [`DMoe::with_block_size`]).
+pub const DEFAULT_BLOCK_SIZE: usize = 128;
 
 /// Configuration of a [`DMoe`] layer.
 #[derive(Config, Debug)]
@@ -24,6 +28,10 @@ pub struct DMoeConfig {
     /// Which implementation computes the experts.
     #[config(default = "MoeKernel::Reference")]
     pub kernel: MoeKernel,
+    /// Block size of [`MoeKernel::BlockSparse`] (rows per expert are padded to a multiple of it, and
+    /// so is `F` inside the sparse layout); ignored by the other kernels.
+    #[config(default = "DEFAULT_BLOCK_SIZE")]
+    pub block_size: usize,
     /// Initializer of the router and expert weights (fan-in is the input width of each matrix).
     #[config(default = "Initializer::KaimingUniform{gain:1.0/3.0f64.sqrt(), fan_out_only:false}")]
     pub initializer: Initializer,
@@ -56,6 +64,9 @@ pub struct DMoe<B: Backend> {
     /// Expert-computation path.
     #[module(skip)]
     pub kernel: MoeKernel,
+    /// Block size of [`MoeKernel::BlockSparse`].
+    #[module(skip)]
+    pub block_size: usize,
 }
 
 /// The router's decisions for a batch of tokens.
@@ -91,9 +102,11 @@ impl DMoeConfig {
     /// Creates a layer with freshly initialised weights.
     ///
     /// # Panics
-    /// When `top_k` is 0 or larger than `num_experts`, or a width is 0: these are programming errors
-    /// in the caller's config (model loaders validate user configs before they get here).
+    /// When `top_k` is 0 or larger than `num_experts`, or a width or the block size is 0: these are
+    /// programming errors in the caller's config (model loaders validate user configs before they get
+    /// here).
     pub fn init<B: Backend>(&self, device: &B::Device) -> DMoe<B> {
+        assert!(self.block_size > 0, "block_size must be positive");
         assert!(
             self.top_k >= 1 && self.top_k <= self.num_experts,
             "top_k {} must be in 1..={} (num_experts)",
@@ -112,6 +125,7 @@ impl DMoeConfig {
             w2: init(vec![e, d, f], f, d),
             top_k: self.top_k,
             kernel: self.kernel,
+            block_size: self.block_size,
         }
     }
 }
@@ -136,7 +150,23 @@ impl<B: Backend> DMoe<B> {
             w2: Param::from_tensor(w2),
             top_k,
             kernel,
+            block_size: DEFAULT_BLOCK_SIZE,
         }
+    }
+
+    /// Sets the block size of [`MoeKernel::BlockSparse`] (default [`DEFAULT_BLOCK_SIZE`]).
+    ///
+    /// # Panics
+    /// When `block_size` is 0 (a programming error, like a zero width in [`DMoeConfig`]).
+    pub fn with_block_size(mut self, block_size: usize) -> Self {
+        assert!(block_size > 0, "block_size must be positive");
+        self.block_size = block_size;
+        self
+    }
+
+    /// Block size of [`MoeKernel::BlockSparse`].
+    pub fn block_size(&self) -> usize {
+        self.block_size
     }
 
     /// Number of experts `E`.
@@ -198,6 +228,7 @@ impl<B: MoeBackend> DMoe<B> {
         let output = match self.kernel {
             MoeKernel::Reference => reference::dropless_experts(x, route.weights, route.experts, w1, w3, w2),
             MoeKernel::Scatter => scatter_experts(x, route.weights, route.experts, w1, w3, w2),
+            MoeKernel::BlockSparse => block_sparse_experts(x, route.weights, route.experts, w1, w3, w2, self.block_size),
         };
         let aux = MoeAuxStats { prob_sum: probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
         MoeOutput { output, router_logits: route.logits, aux }
@@ -256,5 +287,53 @@ fn scatter_experts<B: MoeBackend>(
     let up = moe_grouped_matmul(xs, w3, &plan.offsets, true);
     let h = burn::tensor::activation::silu(gate) * up;
     let y = moe_grouped_matmul(h, w2, &plan.offsets, true);
+    moe_combine(y, int(slots), weights)
+}
+
+/// The MegaBlocks path: permute into expert order with each expert padded by zero rows to a multiple
+/// of `block` → SDD (w1, w3) → SwiGLU on the nonzero blocks → DSD (w2) → combine (padding rows are
+/// never read back).
+///
+/// # Shapes
+/// As [`reference::dropless_experts`].
+fn block_sparse_experts<B: MoeBackend>(
+    x: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    experts: Tensor<B, 2, Int>,
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+    block: usize,
+) -> Tensor<B, 2> {
+    let device = x.device();
+    let [tokens, d_model] = x.dims();
+    let [_, top_k] = experts.dims();
+    let [num_experts, d_ff, _] = w1.dims();
+    if tokens == 0 {
+        return Tensor::zeros([0, d_model], &device);
+    }
+    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
+    let plan = kernels_cubecl::RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
+        .expect("router produced expert indices outside 0..num_experts");
+    let topology = kernels_cubecl::BlockSparseTopology::for_experts(&plan.counts, d_ff, block)
+        .expect("DMoe guarantees a positive block size and hidden width");
+    let padded = topology.padded_offsets();
+    // Padding rows read row `tokens`, a zero row appended to x: they stay zero through both products.
+    let mut rows = vec![tokens as i64; topology.rows()];
+    let mut slots = vec![0i64; plan.sorted_flat.len()];
+    for e in 0..num_experts {
+        for r in 0..plan.counts[e] {
+            let pos = plan.offsets[e] + r;
+            rows[padded[e] + r] = plan.sorted_token[pos] as i64;
+            slots[plan.sorted_flat[pos]] = (padded[e] + r) as i64;
+        }
+    }
+    let int = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(v.clone(), [v.len()]), &device);
+    let zero_row = Tensor::zeros([1, d_model], (&device, x.dtype()));
+    let xp = moe_permute(Tensor::cat(vec![x, zero_row], 0), int(rows));
+    let gate = moe_sdd(xp.clone(), w1, &topology, true);
+    let up = moe_sdd(xp, w3, &topology, true);
+    let h = burn::tensor::activation::silu(gate) * up;
+    let y = moe_dsd(h, w2, &topology, true);
     moe_combine(y, int(slots), weights)
 }

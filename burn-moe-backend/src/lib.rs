@@ -17,6 +17,6 @@ pub mod ops;
 pub mod reference;
 
 pub use aux::{MoeAuxStats, load_balancing_loss};
-pub use dmoe::{DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
+pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use kernel::MoeKernel;
 pub use ops::MoeBackend;

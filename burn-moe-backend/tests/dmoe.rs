@@ -254,3 +254,70 @@ fn aux_loss_pools_layers_like_transformers() {
     let single: f32 = sa.loss().into_scalar();
     assert!((single - pooled).abs() > 1e-6, "pooled loss must differ from one layer's loss");
 }
+
+/// Output and the gradients of `sum(output · probe)` for x, gate, w1, w3, w2 with `kernel`.
+fn layer_grads(case: &Case, kernel: MoeKernel, block: usize) -> Vec<(&'static str, Vec<f32>)> {
+    let device = Default::default();
+    let layer = case.layer_with::<AB>(&device, kernel).with_block_size(block);
+    let x = case.x::<AB>(&device).require_grad();
+    let probe = Tensor::<AB, 2>::from_data(TensorData::new(values(case.t * case.d, 77, 1.0), [case.t, case.d]), &device);
+    let out = layer.forward(x.clone()).output;
+    let y: Vec<f32> = out.clone().into_data().iter::<f32>().collect();
+    let g = (out * probe).sum().backward();
+    let host3 = |t: Option<Tensor<B, 3>>| t.unwrap().into_data().iter::<f32>().collect::<Vec<_>>();
+    vec![
+        ("output", y),
+        ("x", x.grad(&g).unwrap().into_data().iter::<f32>().collect()),
+        ("gate", layer.gate.val().grad(&g).unwrap().into_data().iter::<f32>().collect()),
+        ("w1", host3(layer.w1.val().grad(&g))),
+        ("w3", host3(layer.w3.val().grad(&g))),
+        ("w2", host3(layer.w2.val().grad(&g))),
+    ]
+}
+
+fn check_block_sparse(case: &Case, block: usize) {
+    let want = layer_grads(case, MoeKernel::Reference, block);
+    let got = layer_grads(case, MoeKernel::BlockSparse, block);
+    let label = format!("T={} d={} F={} E={} k={} bs={block}", case.t, case.d, case.f, case.e, case.k);
+    for ((name, a), (_, b)) in got.iter().zip(&want) {
+        if case.k == 1 && *name == "gate" {
+            // One expert per token: the combine weight is p/p = 1 and the router gradient vanishes up
+            // to rounding on both sides, so only its size is compared.
+            let max = a.iter().chain(b).fold(0f32, |m, v| m.max(v.abs()));
+            assert!(max < 1e-5, "{label}: k=1 router gradient should vanish, max |g| = {max:e}");
+            continue;
+        }
+        let b64: Vec<f64> = b.iter().map(|v| *v as f64).collect();
+        let err = rel_err(a, &b64);
+        assert!(err <= 1e-5, "{label}: block-sparse {name} rel err {err:e}");
+    }
+}
+
+#[test]
+fn block_sparse_layer_and_gradients_match_reference_with_small_blocks() {
+    // (T, d, F, E, k, bs): one token; T not a multiple of bs with d = 33, F = 17 (F padded to 32 in
+    // the sparse layout); k = 3; k = 1; E = 1 with F a multiple of bs; bs larger than every segment.
+    for (t, d, f, e, k, bs) in [(1, 8, 12, 4, 2, 16), (21, 33, 17, 4, 2, 16), (19, 33, 17, 8, 3, 16), (23, 16, 32, 4, 1, 16), (13, 10, 8, 1, 1, 4), (9, 12, 20, 4, 2, 32)] {
+        check_block_sparse(&Case::random(t, d, f, e, k, (t * 1000 + d * 10 + k) as u64), bs);
+    }
+}
+
+#[test]
+fn block_sparse_handles_a_starved_expert_and_all_tokens_on_one_expert() {
+    let mut case = Case::random(10, 8, 17, 4, 2, 7);
+    case.x.iter_mut().for_each(|v| *v = v.abs() + 0.1);
+    case.gate[3 * 8..4 * 8].iter_mut().for_each(|g| *g = -4.0);
+    assert_eq!(case.host_reference().1[3], 0, "the case must starve expert 3");
+    check_block_sparse(&case, 16);
+    // The starved expert's weights get exactly zero gradient.
+    let grads = layer_grads(&case, MoeKernel::BlockSparse, 16);
+    for (name, g) in grads.iter().filter(|(n, _)| ["w1", "w3", "w2"].contains(n)) {
+        assert!(g[3 * 17 * 8..].iter().all(|v| *v == 0.0), "{name}: starved expert has a gradient");
+    }
+
+    let mut case = Case::random(10, 8, 16, 4, 1, 8);
+    case.x.iter_mut().for_each(|v| *v = v.abs() + 0.1);
+    case.gate[..8].iter_mut().for_each(|g| *g = 4.0);
+    assert_eq!(case.host_reference().1, vec![10, 0, 0, 0]);
+    check_block_sparse(&case, 8);
+}

@@ -1,7 +1,7 @@
 //! Embedding the dropless MoE layer in your own Burn model (not Mixtral) and training it on the CPU.
 //!
 //! ```text
-//! cargo run -p examples --example dmoe_embed -- [--kernel reference|scatter] [--steps 300]
+//! cargo run -p examples --example dmoe_embed -- [--kernel reference|scatter|block-sparse] [--steps 300]
 //! ```
 //!
 //! The model is `input → Linear → DMoe (8 experts, top-2) → Linear`, fitted to a function that behaves

@@ -8,7 +8,7 @@
 //! `IDS` holds an integer tensor `input_ids [B, S]`. `OUT` receives f32 tensors `logits [B, S, V]`,
 //! `loss`, `lm_loss`, `aux_loss` (shape `[]`; labels = input_ids, as HF) and with `--grads`
 //! `grad.<name>` for every tensor of the checkpoint. Runs in f32 on the CPU unless told otherwise
-//! (`--backend wgpu|cuda`, `--moe-kernel reference|scatter`).
+//! (`--backend wgpu|cuda`, `--moe-kernel reference|scatter|block-sparse`).
 
 use std::path::PathBuf;
 use std::time::Instant;

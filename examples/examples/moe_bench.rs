@@ -5,7 +5,8 @@
 //! ```
 //!
 //! For each token count: forward and forward+backward time and TFLOP/s of the `reference` and
-//! `scatter` paths (2·T·k·3·d·ffn FLOPs per forward, ×3 for forward+backward), Burn's own dense matmul
+//! `scatter` paths, or those listed in `--kernels` (e.g. `block-sparse`) (2·T·k·3·d·ffn FLOPs per
+//! forward, ×3 for forward+backward), Burn's own dense matmul
 //! on `[T·k, d] × [d, ffn]` for comparison, and with `--check` the error of the layer (output and
 //! every gradient) against an f32 reference computed on the same device.
 
@@ -239,11 +240,16 @@ fn check<R: CubeRuntime>(args: &Args, device: &R::Device) {
     let t = args.tokens[0];
     let want = outputs::<R, f32>(args, device, MoeKernel::Reference, t);
     let mut failures = 0;
-    for (label, tol, got) in [
+    let mut runs = vec![
         ("scatter f32", 1e-5, outputs::<R, f32>(args, device, MoeKernel::Scatter, t)),
         ("scatter bf16", 1e-2, outputs::<R, half::bf16>(args, device, MoeKernel::Scatter, t)),
         ("reference bf16", 1e-2, outputs::<R, half::bf16>(args, device, MoeKernel::Reference, t)),
-    ] {
+    ];
+    // The block-sparse kernels are the untiled baseline: checked only when asked for.
+    if args.kernels.contains(&MoeKernel::BlockSparse) {
+        runs.push(("block-sparse f32", 1e-5, outputs::<R, f32>(args, device, MoeKernel::BlockSparse, t)));
+    }
+    for (label, tol, got) in runs {
         for ((name, a), (_, b)) in got.iter().zip(&want) {
             let err = rel_l2(a, b);
             let ok = err <= tol || (name == &"gate" && label.contains("bf16"));

@@ -12,8 +12,18 @@
 //! exact metadata (histogram, stable expert sort, offsets, padded blocks), and the ScatterMoE kernel
 //! family ([`scatter`]): permute, grouped matmul over expert segments and its weight gradient,
 //! weighted combine, each accumulating in f32 for f32/f16/bf16 storage.
+//!
+//! The MegaBlocks block-sparse family ([`blocksparse`]): sorted tokens are padded per expert to a
+//! multiple of the block size `bs`, and the expert layer becomes two block-sparse matrix products
+//! whose topology ([`BlockSparseTopology`], block-CSR plus its transpose) is built from the routing
+//! counts: an SDD (`X_padded · W1catᵀ`, only the blocks where a row's expert meets its own columns),
+//! a DSD (`H · W2cat`), and for the weight gradients a DSᵀD (`Hᵀ · D` over the transposed topology).
+//! A hidden width `F` that is not a multiple of `bs` is padded to `Fp` in the sparse layout only: the
+//! padded columns read no weight, are computed as zero and receive no gradient.
 
+pub mod blocksparse;
 pub mod reference;
 pub mod scatter;
 
+pub use reference::blocksparse::{BlockSparseError, BlockSparseTopology};
 pub use reference::routing::{RoutingError, RoutingPlan};

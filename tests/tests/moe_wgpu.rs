@@ -1,12 +1,12 @@
 //! The dMoE layer's CubeCL kernels inside Burn, on wgpu (Mesa lavapipe in CI): forward and every
-//! gradient of `MoeKernel::Scatter` on `Autodiff<CubeBackend<Wgpu>>` against the reference path on
+//! gradient of `MoeKernel::Scatter` and `MoeKernel::BlockSparse` on `Autodiff<CubeBackend<Wgpu>>` against the reference path on
 //! `Autodiff<NdArray>`, the fusion-wrapped `Wgpu` backend, and HF parity of the whole model on wgpu.
 
 use burn::backend::Autodiff;
 use burn::backend::wgpu::WgpuRuntime;
 use burn::tensor::{Tensor, TensorData, backend::AutodiffBackend};
 use burn_cubecl::CubeBackend;
-use burn_moe_backend::{DMoe, MoeBackend, MoeKernel};
+use burn_moe_backend::{DEFAULT_BLOCK_SIZE, DMoe, MoeBackend, MoeKernel};
 use burn_moe_tests::{CpuAutodiff, fixtures_dir, pseudo_random, read_f32_tensors, rel_l2};
 use mixtral_burn::HfCheckpoint;
 use mixtral_burn::parity::{parity_outputs, read_input_ids};
@@ -23,18 +23,24 @@ struct Layer {
 }
 
 impl Layer {
-    fn build<B: MoeBackend>(&self, device: &B::Device, kernel: MoeKernel) -> (DMoe<B>, Tensor<B, 2>, Tensor<B, 2>) {
+    fn build<B: MoeBackend>(&self, device: &B::Device, kernel: MoeKernel, block: usize) -> (DMoe<B>, Tensor<B, 2>, Tensor<B, 2>) {
         let (t, d, f, e) = (self.t, self.d, self.f, self.e);
         let s = self.seed;
         let t2 = |n: [usize; 2], seed, scale| Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(n[0] * n[1], seed, scale), n), device);
         let t3 = |n: [usize; 3], seed| Tensor::<B, 3>::from_data(TensorData::new(pseudo_random(n.iter().product(), seed, 0.4), n), device);
-        let layer = DMoe::from_weights(t2([e, d], s + 1, 1.0), t3([e, f, d], s + 2), t3([e, f, d], s + 3), t3([e, d, f], s + 4), self.k, kernel);
+        let layer = DMoe::from_weights(t2([e, d], s + 1, 1.0), t3([e, f, d], s + 2), t3([e, f, d], s + 3), t3([e, d, f], s + 4), self.k, kernel)
+            .with_block_size(block);
         (layer, t2([t, d], s + 5, 1.0), t2([t, d], s + 6, 1.0))
     }
 
     /// Output and the gradients of `sum(output · probe)` for x, gate, w1, w3, w2.
     fn run<B: AutodiffBackend + MoeBackend>(&self, device: &B::Device, kernel: MoeKernel) -> Vec<(&'static str, Vec<f32>)> {
-        let (layer, x, probe) = self.build::<B>(device, kernel);
+        self.run_with_block::<B>(device, kernel, DEFAULT_BLOCK_SIZE)
+    }
+
+    /// [`run`](Self::run) with the block size of `MoeKernel::BlockSparse`.
+    fn run_with_block<B: AutodiffBackend + MoeBackend>(&self, device: &B::Device, kernel: MoeKernel, block: usize) -> Vec<(&'static str, Vec<f32>)> {
+        let (layer, x, probe) = self.build::<B>(device, kernel, block);
         let x = x.require_grad();
         let out = layer.forward(x.clone()).output;
         let host = |t: Tensor<B::InnerBackend, 2>| t.into_data().iter::<f32>().collect::<Vec<_>>();
@@ -81,7 +87,35 @@ fn scatter_kernels_on_wgpu_match_the_reference_on_cpu() {
 }
 
 #[test]
-fn fusion_wrapped_wgpu_runs_both_kernels() {
+fn block_sparse_kernels_on_wgpu_match_the_reference_on_cpu() {
+    // (case, block size): one token; T not a multiple of bs with d = 33, F = 17 (F padded to 32 in
+    // the sparse layout); k = 3 over 8 experts; k = 1; E = 1; the default block size of 128.
+    let cases = [
+        (Layer { t: 1, d: 8, f: 12, e: 4, k: 2, seed: 11 }, 16),
+        (Layer { t: 21, d: 33, f: 17, e: 4, k: 2, seed: 12 }, 16),
+        (Layer { t: 19, d: 33, f: 17, e: 8, k: 3, seed: 13 }, 16),
+        (Layer { t: 23, d: 16, f: 24, e: 4, k: 1, seed: 14 }, 32),
+        (Layer { t: 11, d: 16, f: 8, e: 1, k: 1, seed: 15 }, 16),
+        (Layer { t: 9, d: 12, f: 20, e: 4, k: 2, seed: 16 }, DEFAULT_BLOCK_SIZE),
+    ];
+    for (case, block) in &cases {
+        let want = case.run::<CpuAutodiff>(&Default::default(), MoeKernel::Reference);
+        let got = case.run_with_block::<Autodiff<Wgpu>>(&Default::default(), MoeKernel::BlockSparse, *block);
+        for ((name, a), (_, b)) in got.iter().zip(&want) {
+            if case.k == 1 && *name == "gate" {
+                let max = a.iter().chain(b).fold(0f32, |m, v| m.max(v.abs()));
+                assert!(max < 1e-5, "k=1 router gradient should vanish, max |g| = {max:e}");
+                continue;
+            }
+            let err = rel_l2(a, b);
+            let label = format!("T={} d={} f={} E={} k={} bs={block}", case.t, case.d, case.f, case.e, case.k);
+            assert!(err <= 1e-5, "{label}: block-sparse {name} rel err {err:e}");
+        }
+    }
+}
+
+#[test]
+fn fusion_wrapped_wgpu_runs_every_kernel() {
     type Fused = Autodiff<burn::backend::Wgpu<f32, i32>>;
     let case = Layer { t: 9, d: 12, f: 20, e: 4, k: 2, seed: 9 };
     let want = case.run::<CpuAutodiff>(&Default::default(), MoeKernel::Reference);
@@ -94,17 +128,27 @@ fn fusion_wrapped_wgpu_runs_both_kernels() {
     }
 }
 
-#[test]
-fn whole_model_matches_transformers_on_wgpu_with_scatter_kernels() {
+/// The whole model on wgpu with `kernel` (default block size) against the transformers fixture.
+fn whole_model_on_wgpu(kernel: MoeKernel) {
     let case = fixtures_dir().join("gqa_swa");
     let checkpoint = HfCheckpoint::open(case.join("model")).unwrap();
     let ids = read_input_ids(&case.join("input_ids.safetensors"), checkpoint.config.vocab_size).unwrap();
-    let ours = parity_outputs::<Autodiff<Wgpu>>(&checkpoint, ids, true, MoeKernel::Scatter, &Default::default()).unwrap();
+    let ours = parity_outputs::<Autodiff<Wgpu>>(&checkpoint, ids, true, kernel, &Default::default()).unwrap();
     let expected = read_f32_tensors(&case.join("expected.safetensors"));
     for (key, data) in &ours {
         let got: Vec<f32> = data.iter::<f32>().collect();
         let err = rel_l2(&got, &expected[key].data);
         let tol = if key.starts_with("grad.") { 1e-4 } else { 1e-5 };
-        assert!(err <= tol, "{key}: rel err {err:e} > {tol:e}");
+        assert!(err <= tol, "{kernel} {key}: rel err {err:e} > {tol:e}");
     }
+}
+
+#[test]
+fn whole_model_matches_transformers_on_wgpu_with_scatter_kernels() {
+    whole_model_on_wgpu(MoeKernel::Scatter);
+}
+
+#[test]
+fn whole_model_matches_transformers_on_wgpu_with_block_sparse_kernels() {
+    whole_model_on_wgpu(MoeKernel::BlockSparse);
 }

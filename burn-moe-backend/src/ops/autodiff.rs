@@ -7,6 +7,10 @@
 //! | `grouped_matmul(x, w, ᵀ)` | `grouped_matmul(dy, w, no ᵀ)` | `weight_grad(dy, x)` |
 //! | `grouped_matmul(x, w, no ᵀ)` | `grouped_matmul(dy, w, ᵀ)` | `weight_grad(x, dy)` |
 //! | `combine(y, slots, wts)` | `wts · dy` scattered to `slots` | `⟨y[slots], dy⟩` |
+//! | `sdd(x, w, ᵀ)` | `dsd(dy, w, no ᵀ)` | `dstd(dy, x)` |
+//! | `sdd(x, w, no ᵀ)` | `dsd(dy, w, ᵀ)` | `dstd(dy, x, out ᵀ)` |
+//! | `dsd(s, w, ᵀ)` | `sdd(dy, w, no ᵀ)` | `dstd(s, dy, out ᵀ)` |
+//! | `dsd(s, w, no ᵀ)` | `sdd(dy, w, ᵀ)` | `dstd(s, dy)` |
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -16,6 +20,7 @@ use burn::backend::autodiff::{
 };
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
+use kernels_cubecl::BlockSparseTopology;
 
 use super::backend::MoeBackend;
 
@@ -135,5 +140,70 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::moe_combine(y.primitive, slots, weights.primitive)),
         }
+    }
+
+    fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SddBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for SddBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, BlockSparseTopology, bool);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_x, node_w] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (x, w, topology, transpose) = ops.state;
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, B::moe_dstd(dy.clone(), x, &topology, !transpose));
+                }
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, B::moe_dsd(dy, w, &topology, !transpose));
+                }
+            }
+        }
+
+        match SddBackward.prepare::<C>([x.node.clone(), w.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::moe_sdd(x.primitive.clone(), w.primitive.clone(), topology, transpose);
+                prep.finish((x.primitive, w.primitive, topology.clone(), transpose), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_sdd(x.primitive, w.primitive, topology, transpose)),
+        }
+    }
+
+    fn moe_dsd(s: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct DsdBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for DsdBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>, BlockSparseTopology, bool);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_s, node_w] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (s, w, topology, transpose) = ops.state;
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, B::moe_dstd(s, dy.clone(), &topology, transpose));
+                }
+                if let Some(node) = node_s {
+                    // The adjoint of a DSD is an SDD on the same topology: only the nonzero blocks of
+                    // `dy · Wcatᵀ` are gradients of stored values.
+                    grads.register::<B>(node.id, B::moe_sdd(dy, w, &topology, !transpose));
+                }
+            }
+        }
+
+        match DsdBackward.prepare::<C>([s.node.clone(), w.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::moe_dsd(s.primitive.clone(), w.primitive.clone(), topology, transpose);
+                prep.finish((s.primitive, w.primitive, topology.clone(), transpose), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_dsd(s.primitive, w.primitive, topology, transpose)),
+        }
+    }
+
+    fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
+        // Used inside backward passes only; second derivatives are not needed.
+        <FloatTensor<Self>>::new(B::moe_dstd(s.primitive, d.primitive, topology, transpose_out))
     }
 }

@@ -1,19 +1,23 @@
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
+use kernels_cubecl::BlockSparseTopology;
 
 use super::reference;
 
 /// Backend extension for dropless MoE.
 ///
-/// The three ops are the ScatterMoE decomposition of an expert layer: rows are *permuted* into expert
-/// order, each expert segment is multiplied by that expert's matrix (*grouped matmul*), and the
-/// results are *combined* back per token with the routing weights. Every method has a default
+/// Permute, grouped matmul and combine are the ScatterMoE decomposition of an expert layer: rows are
+/// *permuted* into expert order, each expert segment is multiplied by that expert's matrix (*grouped
+/// matmul*), and the results are *combined* back per token with the routing weights. The MegaBlocks
+/// decomposition keeps permute and combine (on rows padded per expert to the block size) and replaces
+/// the grouped matmuls by block-sparse products on a [`BlockSparseTopology`]: SDD (up-projections),
+/// DSD (down-projection) and DSᵀD (their weight gradients). Every method has a default
 /// implementation from standard Burn ops, so `impl MoeBackend for MyBackend {}` gives a correct (slow)
 /// backend; CubeCL backends override them with kernels, and `Autodiff<B>` wraps them with backward
 /// passes built from the same ops (each op's adjoint is another of these ops).
 ///
-/// Segment boundaries (`offsets`, `E + 1` entries) are passed on the host: the routing plan is built
-/// there by [`kernels_cubecl::RoutingPlan`].
+/// Segment boundaries (`offsets`, `E + 1` entries) and block-sparse topologies are passed on the
+/// host: the routing plan is built there by [`kernels_cubecl::RoutingPlan`].
 pub trait MoeBackend: Backend {
     /// `out[i] = x[rows[i]]`.
     ///
@@ -56,6 +60,35 @@ pub trait MoeBackend: Backend {
         let slots = Tensor::<Self, 1, Int>::from_primitive(slots);
         reference::reference_combine::<Self>(float(y), slots, float(weights)).into_primitive().tensor()
     }
+
+    /// Block-sparse SDD (MegaBlocks): the nonzero blocks of `x · Wcatᵀ` on `topology`, where sparse
+    /// column `e·Fp + c` is expert `e`'s hidden unit `c` (padded units, `c ≥ F`, are zero).
+    /// `w: [E, F, K]` when `transpose` (PyTorch `[out, in]`), else `[E, K, F]`.
+    ///
+    /// # Shapes
+    /// - `x`: `[Tp, K]` (sorted, padded rows) → `[nnz, bs, bs]`
+    fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        reference::reference_sdd::<Self>(float(x), float(w), topology, transpose).into_primitive().tensor()
+    }
+
+    /// Block-sparse DSD: `s · Wcat` with `w: [E, M, F]` when `transpose`, else `[E, F, M]`; padded
+    /// hidden units of `s` are ignored.
+    ///
+    /// # Shapes
+    /// - `s`: `[nnz, bs, bs]` → `[Tp, M]`
+    fn moe_dsd(s: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        reference::reference_dsd::<Self>(float(s), float(w), topology, transpose).into_primitive().tensor()
+    }
+
+    /// Block-sparse DSᵀD, the weight gradient of both products: `out[e, c, m] = Σ_r s[r, e·Fp + c] ·
+    /// d[r, m]` for the real hidden units, as `[E, F, M]` or, when `transpose_out`, `[E, M, F]`;
+    /// zeros for experts without rows.
+    ///
+    /// # Shapes
+    /// - `s`: `[nnz, bs, bs]`, `d`: `[Tp, M]` → `[E, F, M]` or `[E, M, F]`
+    fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
+        reference::reference_dstd::<Self>(float(s), float(d), topology, transpose_out).into_primitive().tensor()
+    }
 }
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -75,4 +108,19 @@ pub fn moe_grouped_matmul<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, offse
 /// [`MoeBackend::moe_combine`] on tensors.
 pub fn moe_combine<B: MoeBackend>(y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
     float(B::moe_combine(y.into_primitive().tensor(), slots.into_primitive(), weights.into_primitive().tensor()))
+}
+
+/// [`MoeBackend::moe_sdd`] on tensors.
+pub fn moe_sdd<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, topology: &BlockSparseTopology, transpose: bool) -> Tensor<B, 3> {
+    float(B::moe_sdd(x.into_primitive().tensor(), w.into_primitive().tensor(), topology, transpose))
+}
+
+/// [`MoeBackend::moe_dsd`] on tensors.
+pub fn moe_dsd<B: MoeBackend>(s: Tensor<B, 3>, w: Tensor<B, 3>, topology: &BlockSparseTopology, transpose: bool) -> Tensor<B, 2> {
+    float(B::moe_dsd(s.into_primitive().tensor(), w.into_primitive().tensor(), topology, transpose))
+}
+
+/// [`MoeBackend::moe_dstd`] on tensors.
+pub fn moe_dstd<B: MoeBackend>(s: Tensor<B, 3>, d: Tensor<B, 2>, topology: &BlockSparseTopology, transpose_out: bool) -> Tensor<B, 3> {
+    float(B::moe_dstd(s.into_primitive().tensor(), d.into_primitive().tensor(), topology, transpose_out))
 }

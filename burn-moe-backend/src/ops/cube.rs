@@ -1,5 +1,5 @@
 //! [`MoeBackend`] for CubeCL backends (`CubeBackend<R, F, I, BT>`: CUDA, wgpu, ...): the ops run the
-//! `kernels-cubecl` scatter kernels. Each launch follows the tensors' *runtime* dtypes (a
+//! `kernels-cubecl` scatter and block-sparse kernels. Each launch follows the tensors' *runtime* dtypes (a
 //! `CubeBackend<_, bf16>` tensor can hold f32 data), so the element types are chosen per call.
 
 use burn::tensor::{DType, Shape};
@@ -7,6 +7,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn::tensor::ops::{FloatTensor, IntTensor};
+use kernels_cubecl::BlockSparseTopology;
+use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::scatter::{
     GroupedMatmulProblem, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
 };
@@ -56,10 +58,18 @@ macro_rules! with_int {
 }
 
 fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) -> CubeTensor<R> {
+    empty_nd(like, shape, dtype)
+}
+
+fn empty_nd<R: CubeRuntime, const D: usize>(like: &CubeTensor<R>, shape: [usize; D], dtype: DType) -> CubeTensor<R> {
     let shape = Shape::new(shape);
     let bytes = (shape.num_elements() * dtype.size()).max(dtype.size());
     let handle = like.client.empty(bytes);
     CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, dtype)
+}
+
+fn topology_buffers<R: CubeRuntime>(like: &CubeTensor<R>, topology: &BlockSparseTopology) -> TopologyBuffers {
+    TopologyBuffers::upload(&like.client, topology).unwrap_or_else(|e| panic!("block-sparse topology: {e}"))
 }
 
 fn offsets_buffer<R: CubeRuntime>(like: &CubeTensor<R>, offsets: &[usize]) -> cubecl::server::Handle {
@@ -171,6 +181,62 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         with_float!(y.dtype, FE => with_int!(slots.dtype, IE => launch_combine::<R, FE, IE>(
             &y.client, y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d, out.handle.clone()
         )));
+        out
+    }
+
+    fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        let x = into_contiguous(x);
+        let w = into_contiguous(w);
+        let (rows, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let ws = w.meta.shape();
+        assert_eq!(x.dtype, w.dtype, "sdd: x is {:?} but w is {:?}", x.dtype, w.dtype);
+        assert_eq!(rows, topology.rows(), "sdd: x has {rows} rows, the topology {}", topology.rows());
+        let (ffn, inner) = if transpose { (ws[1], ws[2]) } else { (ws[2], ws[1]) };
+        assert_eq!((ws[0], ffn, inner), (topology.num_experts(), topology.ffn(), k), "sdd: weight shape {:?} vs x {:?}", ws, x.meta.shape());
+        let problem = BlockSparseProblem::for_topology(topology, k, transpose);
+        let bs = topology.block();
+        let out = empty_nd(&x, [topology.nnz(), bs, bs], x.dtype);
+        let buffers = topology_buffers(&x, topology);
+        with_float!(x.dtype, FE => launch_sdd::<R, FE>(
+            &x.client, &problem, topology, &buffers, x.handle.clone(), w.handle.clone(), out.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("sdd: {e}"));
+        out
+    }
+
+    fn moe_dsd(s: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        let s = into_contiguous(s);
+        let w = into_contiguous(w);
+        let ws = w.meta.shape();
+        assert_eq!(s.dtype, w.dtype, "dsd: s is {:?} but w is {:?}", s.dtype, w.dtype);
+        assert_eq!(s.meta.shape().num_elements(), topology.sparse_len(), "dsd: sparse operand {:?} vs topology", s.meta.shape());
+        let (ffn, m) = if transpose { (ws[2], ws[1]) } else { (ws[1], ws[2]) };
+        assert_eq!((ws[0], ffn), (topology.num_experts(), topology.ffn()), "dsd: weight shape {ws:?} vs topology");
+        let problem = BlockSparseProblem::for_topology(topology, m, transpose);
+        let out = empty(&s, [topology.rows(), m], s.dtype);
+        let buffers = topology_buffers(&s, topology);
+        with_float!(s.dtype, FE => launch_dsd::<R, FE>(
+            &s.client, &problem, topology, &buffers, s.handle.clone(), w.handle.clone(), out.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("dsd: {e}"));
+        out
+    }
+
+    fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
+        let s = into_contiguous(s);
+        let d = into_contiguous(d);
+        let (rows, m) = (d.meta.shape()[0], d.meta.shape()[1]);
+        assert_eq!(s.dtype, d.dtype, "dstd: s is {:?} but d is {:?}", s.dtype, d.dtype);
+        assert_eq!(rows, topology.rows(), "dstd: d has {rows} rows, the topology {}", topology.rows());
+        assert_eq!(s.meta.shape().num_elements(), topology.sparse_len(), "dstd: sparse operand {:?} vs topology", s.meta.shape());
+        let problem = BlockSparseProblem::for_topology(topology, m, transpose_out);
+        let (e, f) = (topology.num_experts(), topology.ffn());
+        let out = empty_nd(&s, if transpose_out { [e, m, f] } else { [e, f, m] }, s.dtype);
+        let buffers = topology_buffers(&s, topology);
+        with_float!(s.dtype, FE => launch_dstd::<R, FE>(
+            &s.client, &problem, topology, &buffers, s.handle.clone(), d.handle.clone(), out.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("dstd: {e}"));
         out
     }
 }

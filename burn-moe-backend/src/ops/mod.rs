@@ -1,6 +1,7 @@
-//! The MoE backend extension: three differentiable ops that every dropless-MoE kernel family is built
-//! from, with default implementations from standard Burn ops (any backend) and adjoint backward passes
-//! for `Autodiff`.
+//! The MoE backend extension: the differentiable ops that the dropless-MoE kernel families are built
+//! from (ScatterMoE: permute, grouped matmul, combine; MegaBlocks: block-sparse SDD, DSD, DSᵀD), with
+//! default implementations from standard Burn ops (any backend) and adjoint backward passes for
+//! `Autodiff`.
 
 mod autodiff;
 mod backend;
@@ -9,5 +10,9 @@ mod cube;
 mod impls;
 mod reference;
 
-pub use backend::{MoeBackend, moe_combine, moe_grouped_matmul, moe_permute};
-pub use reference::{reference_combine, reference_grouped_matmul, reference_grouped_matmul_weight_grad};
+pub use backend::{MoeBackend, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd};
+pub use kernels_cubecl::BlockSparseTopology;
+pub use reference::{
+    reference_combine, reference_dsd, reference_dstd, reference_grouped_matmul, reference_grouped_matmul_weight_grad,
+    reference_sdd,
+};

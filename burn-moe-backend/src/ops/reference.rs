@@ -2,6 +2,7 @@
 //! and the ground truth of the kernel tests.
 
 use burn::tensor::{Int, Tensor, backend::Backend};
+use kernels_cubecl::BlockSparseTopology;
 
 /// Segment-wise `x[seg e] · w[e]ᵀ` (`transpose`) or `x[seg e] · w[e]`.
 ///
@@ -61,4 +62,112 @@ pub fn reference_combine<B: Backend>(y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, 
     let [_, d] = y.dims();
     let picked = y.select(0, slots).reshape([t, k, d]);
     (picked * weights.reshape([t, k, 1])).sum_dim(1).reshape([t, d])
+}
+
+/// Dense rows `[rb·bs, cb·bs]` → their blocks `[rb·cb, bs, bs]` in block-CSR order.
+fn rows_to_blocks<B: Backend>(dense: Tensor<B, 2>, bs: usize) -> Tensor<B, 3> {
+    let [r, c] = dense.dims();
+    let (rb, cb) = (r / bs, c / bs);
+    dense.reshape([rb, bs, cb, bs]).swap_dims(1, 2).reshape([rb * cb, bs, bs])
+}
+
+/// Blocks `[rb·cb, bs, bs]` of full block rows (`cb` blocks each) → dense rows `[rb·bs, cb·bs]`.
+fn blocks_to_rows<B: Backend>(blocks: Tensor<B, 3>, cb: usize) -> Tensor<B, 2> {
+    let [n, bs, _] = blocks.dims();
+    let rb = n / cb;
+    blocks.reshape([rb, cb, bs, bs]).swap_dims(1, 2).reshape([rb * bs, cb * bs])
+}
+
+/// Expert `e`'s weight as `[F, O]` from `w: [E, F, O]` (`ffn_major`) or `[E, O, F]`.
+fn expert_weight<B: Backend>(w: &Tensor<B, 3>, e: usize, ffn_major: bool) -> Tensor<B, 2> {
+    let [_, a, b] = w.dims();
+    let we = w.clone().slice([e..e + 1]).reshape([a, b]);
+    if ffn_major { we } else { we.transpose() }
+}
+
+fn check_topology(what: &str, topology: &BlockSparseTopology, rows: usize, w: [usize; 3], ffn_axis: usize) {
+    assert_eq!(rows, topology.rows(), "{what}: {rows} rows but the topology has {}", topology.rows());
+    assert_eq!(w[0], topology.num_experts(), "{what}: weights for {} experts, topology for {}", w[0], topology.num_experts());
+    assert_eq!(w[ffn_axis], topology.ffn(), "{what}: weight hidden width {} but topology F = {}", w[ffn_axis], topology.ffn());
+}
+
+/// Block-sparse SDD from one dense matmul per expert (its padded rows times its weight), reshaped
+/// into blocks; padded hidden units are zero columns.
+///
+/// # Shapes
+/// - `x`: `[Tp, K]`; `w`: `[E, F, K]` (`transpose`) or `[E, K, F]` → `[nnz, bs, bs]`
+pub fn reference_sdd<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 3>, topology: &BlockSparseTopology, transpose: bool) -> Tensor<B, 3> {
+    let [rows, _] = x.dims();
+    check_topology("sdd", topology, rows, w.dims(), if transpose { 1 } else { 2 });
+    let (bs, f, fp) = (topology.block(), topology.ffn(), topology.ffn_padded());
+    let device = x.device();
+    let mut parts = Vec::with_capacity(topology.num_experts());
+    for e in 0..topology.num_experts() {
+        let r = topology.expert_rows(e);
+        if r.is_empty() {
+            continue;
+        }
+        let n = r.len();
+        let mut h = x.clone().slice([r]).matmul(expert_weight(&w, e, transpose).transpose());
+        if fp > f {
+            h = Tensor::cat(vec![h, Tensor::zeros([n, fp - f], (&device, x.dtype()))], 1);
+        }
+        parts.push(rows_to_blocks(h, bs));
+    }
+    if parts.is_empty() {
+        return Tensor::zeros([0, bs, bs], (&device, x.dtype()));
+    }
+    Tensor::cat(parts, 0)
+}
+
+/// Block-sparse DSD from one dense matmul per expert (its blocks as dense rows, real hidden units
+/// only, times its weight).
+///
+/// # Shapes
+/// - `s`: `[nnz, bs, bs]`; `w`: `[E, M, F]` (`transpose`) or `[E, F, M]` → `[Tp, M]`
+pub fn reference_dsd<B: Backend>(s: Tensor<B, 3>, w: Tensor<B, 3>, topology: &BlockSparseTopology, transpose: bool) -> Tensor<B, 2> {
+    let wd = w.dims();
+    check_topology("dsd", topology, topology.rows(), wd, if transpose { 2 } else { 1 });
+    let m = if transpose { wd[1] } else { wd[2] };
+    let f = topology.ffn();
+    let device = s.device();
+    let mut parts = Vec::with_capacity(topology.num_experts());
+    for e in 0..topology.num_experts() {
+        let blocks = topology.expert_blocks(e);
+        if blocks.is_empty() {
+            continue;
+        }
+        let dense = blocks_to_rows(s.clone().slice([blocks]), topology.blocks_per_row());
+        let n = dense.dims()[0];
+        parts.push(dense.slice([0..n, 0..f]).matmul(expert_weight(&w, e, !transpose)));
+    }
+    if parts.is_empty() {
+        return Tensor::zeros([0, m], (&device, s.dtype()));
+    }
+    Tensor::cat(parts, 0)
+}
+
+/// Block-sparse DSᵀD from one dense matmul per expert: `s_eᵀ · d_e` over its real hidden units.
+///
+/// # Shapes
+/// - `s`: `[nnz, bs, bs]`, `d`: `[Tp, M]` → `[E, F, M]` (or `[E, M, F]` when `transpose_out`)
+pub fn reference_dstd<B: Backend>(s: Tensor<B, 3>, d: Tensor<B, 2>, topology: &BlockSparseTopology, transpose_out: bool) -> Tensor<B, 3> {
+    let [rows, m] = d.dims();
+    assert_eq!(rows, topology.rows(), "dstd: {rows} rows but the topology has {}", topology.rows());
+    let f = topology.ffn();
+    let device = d.device();
+    let parts: Vec<Tensor<B, 3>> = (0..topology.num_experts())
+        .map(|e| {
+            let blocks = topology.expert_blocks(e);
+            if blocks.is_empty() {
+                return Tensor::zeros([1, f, m], (&device, d.dtype()));
+            }
+            let dense = blocks_to_rows(s.clone().slice([blocks]), topology.blocks_per_row());
+            let n = dense.dims()[0];
+            let de = d.clone().slice([topology.expert_rows(e)]);
+            dense.slice([0..n, 0..f]).transpose().matmul(de).reshape([1, f, m])
+        })
+        .collect();
+    let out = Tensor::cat(parts, 0);
+    if transpose_out { out.swap_dims(1, 2) } else { out }
 }

@@ -1,4 +1,5 @@
 //! Plain-Rust references for the MoE kernels.
 
+pub mod blocksparse;
 pub mod routing;
 pub mod scatter;

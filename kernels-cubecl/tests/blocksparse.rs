@@ -1,0 +1,283 @@
+//! Block-sparse (MegaBlocks) kernels against the plain-Rust references and against dense masked
+//! computations, generic over the CubeCL runtime; run here on wgpu (Mesa lavapipe in CI).
+
+use cubecl::prelude::*;
+use kernels_cubecl::RoutingPlan;
+use kernels_cubecl::blocksparse::{
+    BlockSparseError, BlockSparseProblem, BlockSparseTopology, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd,
+};
+use kernels_cubecl::reference::blocksparse as reference;
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+fn upload<R: Runtime>(client: &ComputeClient<R>, v: &[f32]) -> cubecl::server::Handle {
+    client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v }))
+}
+
+fn read<R: Runtime>(client: &ComputeClient<R>, h: cubecl::server::Handle, n: usize) -> Vec<f32> {
+    let bytes = client.read_one(h).expect("read back");
+    f32::from_bytes(&bytes)[..n].to_vec()
+}
+
+/// How the tokens are routed.
+#[derive(Debug, Clone, Copy)]
+enum Routing {
+    /// Pseudo-random top-k, optionally never choosing one expert.
+    Random(Option<usize>),
+    /// Every token's first slot on expert 0 (`k = 1`: all tokens on one expert).
+    AllToFirst,
+}
+
+fn plan(tokens: usize, top_k: usize, experts: usize, seed: u64, routing: Routing) -> RoutingPlan {
+    let mut idx = Vec::with_capacity(tokens * top_k);
+    let r = values(tokens * experts, seed);
+    for t in 0..tokens {
+        let starve = if let Routing::Random(s) = routing { s } else { None };
+        let mut order: Vec<usize> = (0..experts).filter(|e| Some(*e) != starve).collect();
+        order.sort_by(|a, b| r[t * experts + b].partial_cmp(&r[t * experts + a]).unwrap());
+        if let Routing::AllToFirst = routing {
+            order.retain(|&e| e != 0);
+            order.insert(0, 0);
+        }
+        idx.extend(order[..top_k].iter().map(|&e| e as i64));
+    }
+    RoutingPlan::from_expert_indices(&idx, top_k, experts).unwrap()
+}
+
+/// Sorted tokens padded per expert with zero rows, `[Tp, d]`.
+fn padded_x(plan: &RoutingPlan, topo: &BlockSparseTopology, x: &[f32], d: usize) -> Vec<f32> {
+    let mut out = vec![0f32; topo.rows() * d];
+    for e in 0..plan.num_experts {
+        for r in 0..plan.counts[e] {
+            let t = plan.sorted_token[plan.offsets[e] + r];
+            let row = topo.padded_offsets()[e] + r;
+            out[row * d..(row + 1) * d].copy_from_slice(&x[t * d..(t + 1) * d]);
+        }
+    }
+    out
+}
+
+/// The expert of every padded row, from the padded offsets alone.
+fn row_expert(topo: &BlockSparseTopology) -> Vec<usize> {
+    let p = topo.padded_offsets();
+    (0..topo.rows()).map(|r| (0..topo.num_experts()).find(|&e| r >= p[e] && r < p[e + 1]).unwrap()).collect()
+}
+
+/// `Wcat [E·Fp, o]` with zero rows for padded columns: `Wcat[e·Fp + c, l] = w[e, c, l]` (`ffn_major`,
+/// `w: [E, F, o]`) or `w[e, l, c]` (`w: [E, o, F]`).
+fn weight_cat(topo: &BlockSparseTopology, w: &[f32], o: usize, ffn_major: bool) -> Vec<f32> {
+    let (f, fp) = (topo.ffn(), topo.ffn_padded());
+    let mut out = vec![0f32; topo.cols() * o];
+    for e in 0..topo.num_experts() {
+        for c in 0..f {
+            for l in 0..o {
+                out[(e * fp + c) * o + l] = if ffn_major { w[(e * f + c) * o + l] } else { w[(e * o + l) * f + c] };
+            }
+        }
+    }
+    out
+}
+
+/// Dense `a [n, k] · b [k, m]` in f64.
+fn matmul(a: &[f32], b: &[f32], n: usize, k: usize, m: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n * m];
+    for i in 0..n {
+        for j in 0..m {
+            out[i * m + j] = (0..k).map(|l| a[i * k + l] as f64 * b[l * m + j] as f64).sum::<f64>() as f32;
+        }
+    }
+    out
+}
+
+fn transposed(a: &[f32], n: usize, m: usize) -> Vec<f32> {
+    (0..m * n).map(|p| a[(p % n) * m + p / n]).collect()
+}
+
+struct Case {
+    tokens: usize,
+    d: usize,
+    f: usize,
+    experts: usize,
+    top_k: usize,
+    block: usize,
+    routing: Routing,
+}
+
+fn check_case<R: Runtime>(client: &ComputeClient<R>, c: &Case) {
+    let (d, f, experts) = (c.d, c.f, c.experts);
+    let label = format!("T={} d={d} F={f} E={experts} k={} bs={} {:?}", c.tokens, c.top_k, c.block, c.routing);
+    let plan = plan(c.tokens, c.top_k, experts, (c.tokens * 31 + d * 7 + experts) as u64, c.routing);
+    let topo = BlockSparseTopology::for_experts(&plan.counts, f, c.block).unwrap();
+    let (rows, cols, nnz_len) = (topo.rows(), topo.cols(), topo.sparse_len());
+    let bufs = TopologyBuffers::upload(client, &topo).unwrap();
+    let experts_of = row_expert(&topo);
+    // Dense masking: keep entry (r, n) iff column n belongs to row r's expert.
+    let mask = |dense: &mut Vec<f32>| {
+        for r in 0..rows {
+            for n in 0..cols {
+                if n / topo.ffn_padded() != experts_of[r] {
+                    dense[r * cols + n] = 0.0;
+                }
+            }
+        }
+    };
+
+    let x = padded_x(&plan, &topo, &values(c.tokens * d, 1), d);
+    let w1 = values(experts * f * d, 2); // [E, F, d]
+    let w2 = values(experts * d * f, 3); // [E, d, F]
+    let s = values(nnz_len, 4); // arbitrary sparse data, padded columns included
+    let dout = values(rows * d, 5);
+
+    for transpose in [true, false] {
+        // SDD: transpose → w1 [E, F, d] (forward up-projection); else w2 [E, d, F] (dH of the DSD).
+        let w = if transpose { &w1 } else { &w2 };
+        let problem = BlockSparseProblem::for_topology(&topo, d, transpose);
+        let out = client.empty(nnz_len.max(1) * 4);
+        launch_sdd::<R, f32>(client, &problem, &topo, &bufs, upload(client, &x), upload(client, w), out.clone()).unwrap();
+        let got = read(client, out, nnz_len);
+        let want = reference::sdd(&topo, &x, w, d, transpose);
+        assert!(max_rel(&got, &want) < 1e-5, "{label}: sdd ᵀ={transpose} vs reference {}", max_rel(&got, &want));
+        let mut dense = matmul(&x, &transpose_cat(&topo, w, d, transpose), rows, d, cols);
+        mask(&mut dense);
+        let got_dense = reference::to_dense(&topo, &got);
+        assert!(max_rel(&got_dense, &dense) < 1e-5, "{label}: sdd ᵀ={transpose} vs dense {}", max_rel(&got_dense, &dense));
+
+        // DSD: transpose → w2 [E, d, F] (forward down-projection); else w1 [E, F, d] (dX of the SDD).
+        let w = if transpose { &w2 } else { &w1 };
+        let out = client.empty((rows * d).max(1) * 4);
+        launch_dsd::<R, f32>(client, &problem, &topo, &bufs, upload(client, &s), upload(client, w), out.clone()).unwrap();
+        let got = read(client, out, rows * d);
+        let want = reference::dsd(&topo, &s, w, d, transpose);
+        assert!(max_rel(&got, &want) < 1e-5, "{label}: dsd ᵀ={transpose} vs reference {}", max_rel(&got, &want));
+        let dense = matmul(&reference::to_dense(&topo, &s), &weight_cat(&topo, w, d, !transpose), rows, cols, d);
+        assert!(max_rel(&got, &dense) < 1e-5, "{label}: dsd ᵀ={transpose} vs dense {}", max_rel(&got, &dense));
+
+        // DSᵀD: the weight gradients, [E, F, d] or (transpose) [E, d, F].
+        let out = client.empty((experts * f * d).max(1) * 4);
+        launch_dstd::<R, f32>(client, &problem, &topo, &bufs, upload(client, &s), upload(client, &dout), out.clone()).unwrap();
+        let got = read(client, out, experts * f * d);
+        let want = reference::dstd(&topo, &s, &dout, d, transpose);
+        assert!(max_rel(&got, &want) < 1e-5, "{label}: dstd ᵀ={transpose} vs reference {}", max_rel(&got, &want));
+        // Dense: (masked S)ᵀ · dout = [E·Fp, d], then drop the padded columns.
+        let mut sd = reference::to_dense(&topo, &s);
+        mask(&mut sd);
+        let g = matmul(&transposed(&sd, rows, cols), &dout, cols, rows, d);
+        let mut dense = vec![0f32; experts * f * d];
+        for e in 0..experts {
+            for cc in 0..f {
+                for o in 0..d {
+                    let idx = if transpose { (e * d + o) * f + cc } else { (e * f + cc) * d + o };
+                    dense[idx] = g[(e * topo.ffn_padded() + cc) * d + o];
+                }
+            }
+        }
+        assert!(max_rel(&got, &dense) < 1e-5, "{label}: dstd ᵀ={transpose} vs dense {}", max_rel(&got, &dense));
+        for e in (0..experts).filter(|&e| plan.counts[e] == 0) {
+            assert!(got[e * f * d..(e + 1) * f * d].iter().all(|v| *v == 0.0), "{label}: expert {e} without rows has a gradient");
+        }
+    }
+}
+
+/// `Wcatᵀ [d, E·Fp]` for the SDD: from `w [E, F, d]` (`transpose`) or `w [E, d, F]`.
+fn transpose_cat(topo: &BlockSparseTopology, w: &[f32], d: usize, transpose: bool) -> Vec<f32> {
+    transposed(&weight_cat(topo, w, d, transpose), topo.cols(), d)
+}
+
+fn all_cases<R: Runtime>(device: &R::Device) {
+    let client = R::client(device);
+    let cases = [
+        Case { tokens: 1, d: 8, f: 12, experts: 4, top_k: 2, block: 16, routing: Routing::Random(None) },
+        // T not a multiple of bs, odd d and F (F = 17 padded to 32), an expert with no token.
+        Case { tokens: 21, d: 33, f: 17, experts: 4, top_k: 2, block: 16, routing: Routing::Random(Some(2)) },
+        Case { tokens: 19, d: 33, f: 17, experts: 8, top_k: 3, block: 16, routing: Routing::Random(None) },
+        Case { tokens: 23, d: 16, f: 32, experts: 4, top_k: 1, block: 16, routing: Routing::Random(None) },
+        Case { tokens: 20, d: 12, f: 20, experts: 4, top_k: 1, block: 8, routing: Routing::AllToFirst },
+        Case { tokens: 11, d: 16, f: 8, experts: 1, top_k: 1, block: 32, routing: Routing::Random(None) },
+    ];
+    for case in &cases {
+        check_case(&client, case);
+    }
+}
+
+#[test]
+fn block_sparse_kernels_match_reference_and_dense_on_wgpu() {
+    all_cases::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+}
+
+#[test]
+fn problems_that_do_not_match_the_topology_are_rejected() {
+    let topo = BlockSparseTopology::for_experts(&[3, 0, 5], 17, 16).unwrap();
+    let ok = BlockSparseProblem::for_topology(&topo, 33, true);
+    assert_eq!(ok.validate(&topo), Ok(()));
+    assert_eq!((ok.rows, ok.block, ok.ffn, ok.num_experts), (32, 16, 17, 3));
+    assert_eq!(
+        BlockSparseProblem { rows: 48, ..ok }.validate(&topo),
+        Err(BlockSparseError::Mismatch { what: "padded rows", got: 48, expected: 32 })
+    );
+    assert_eq!(
+        BlockSparseProblem { ffn: 16, ..ok }.validate(&topo),
+        Err(BlockSparseError::Mismatch { what: "expert hidden width", got: 16, expected: 17 })
+    );
+    assert_eq!(BlockSparseProblem { block: 0, ..ok }.validate(&topo), Err(BlockSparseError::ZeroSize { what: "block size" }));
+    assert!(matches!(BlockSparseProblem { num_experts: 2, ..ok }.validate(&topo), Err(BlockSparseError::Mismatch { .. })));
+    let msg = BlockSparseProblem { rows: 48, ..ok }.validate(&topo).unwrap_err().to_string();
+    assert_eq!(msg, "padded rows: got 48, expected 32");
+}
+
+/// The kernels follow the storage type: f16 operands, f32 accumulation, compared with the f64
+/// reference on the f16-rounded inputs (only the final rounding to f16 differs). `w` serves as
+/// `[E, F, d]` for the SDD and as `[E, d, F]` for the DSD (same element count).
+fn check_f16<R: Runtime>(client: &ComputeClient<R>) {
+    use half::f16;
+    let plan = plan(21, 2, 4, 5, Routing::Random(Some(1)));
+    let topo = BlockSparseTopology::for_experts(&plan.counts, 17, 16).unwrap();
+    let bufs = TopologyBuffers::upload(client, &topo).unwrap();
+    let d = 33;
+    let round = |v: Vec<f32>| v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+    let up = |v: &[f32]| client.create_from_slice(f16::as_bytes(&v.iter().map(|x| f16::from_f32(*x)).collect::<Vec<_>>()));
+    let down = |h, n: usize| f16::from_bytes(&client.read_one(h).expect("read back"))[..n].iter().map(|x| x.to_f32()).collect::<Vec<_>>();
+    let x = round(padded_x(&plan, &topo, &values(21 * d, 1), d));
+    let w = round(values(4 * 17 * d, 2));
+    let s = round(values(topo.sparse_len(), 3));
+    let problem = BlockSparseProblem::for_topology(&topo, d, true);
+
+    let out = client.empty(topo.sparse_len() * 2);
+    launch_sdd::<R, f16>(client, &problem, &topo, &bufs, up(&x), up(&w), out.clone()).unwrap();
+    let want = reference::sdd(&topo, &x, &w, d, true);
+    let err = max_rel(&down(out, topo.sparse_len()), &want);
+    assert!(err < 2e-3, "f16 sdd err {err}");
+
+    let out = client.empty(topo.rows() * d * 2);
+    launch_dsd::<R, f16>(client, &problem, &topo, &bufs, up(&s), up(&w), out.clone()).unwrap();
+    let want = reference::dsd(&topo, &s, &w, d, true);
+    let err = max_rel(&down(out, topo.rows() * d), &want);
+    assert!(err < 2e-3, "f16 dsd err {err}");
+
+    let out = client.empty(4 * 17 * d * 2);
+    launch_dstd::<R, f16>(client, &problem, &topo, &bufs, up(&s), up(&x), out.clone()).unwrap();
+    let want = reference::dstd(&topo, &s, &x, d, true);
+    let err = max_rel(&down(out, 4 * 17 * d), &want);
+    assert!(err < 2e-3, "f16 dstd err {err}");
+}
+
+#[test]
+fn block_sparse_kernels_follow_f16_storage_on_wgpu() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    check_f16(&client);
+}
