@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One device call (nvidia-h200-x2): the trainer's data parallelism on GPUs. The same tiny job as
-# 1 process x batch 4 and as 2 processes x batch 2 (our launcher, then torchrun), f32; the logged
+# One device call (nvidia-h200-x2, NPROC=4 on -x4): the trainer's data parallelism on GPUs. The same
+# tiny job as 1 process x batch 4 and as NPROC processes x batch 4/NPROC (our launcher, then torchrun), f32; the logged
 # losses must agree. Expects .dev/bin/trainer.xz (release, --features cuda, stripped, xz).
 set -u
 cd "$(dirname "$0")/.."
@@ -10,22 +10,24 @@ python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.x
 chmod +x /tmp/trainer
 NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
 export LD_LIBRARY_PATH=$NCCL_LIB:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0 CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} RUST_LOG=warn
+NPROC=${NPROC:-2}
+PER=$((4 / NPROC))
 COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2"
 echo "=== 1 process x batch 4"
 timeout 200 /tmp/trainer $COMMON --per-device-train-batch-size 4 --output-dir $OUT/single
-echo "=== --nproc-per-node 2 x batch 2 (our launcher)"
-timeout 200 /tmp/trainer $COMMON --per-device-train-batch-size 2 --nproc-per-node 2 --output-dir $OUT/ddp2
+echo "=== --nproc-per-node $NPROC x batch $PER (our launcher)"
+timeout 200 /tmp/trainer $COMMON --per-device-train-batch-size $PER --nproc-per-node $NPROC --output-dir $OUT/ddp$NPROC
 echo "launcher rc=$?"
-echo "=== torchrun --nproc-per-node 2 x batch 2"
-timeout 200 python3 -m torch.distributed.run --no-python --nproc-per-node 2 --master-port 29561 /tmp/trainer $COMMON --per-device-train-batch-size 2 --output-dir $OUT/torchrun2
+echo "=== torchrun --nproc-per-node $NPROC x batch $PER"
+timeout 200 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29561 /tmp/trainer $COMMON --per-device-train-batch-size $PER --output-dir $OUT/torchrun$NPROC
 echo "torchrun rc=$?"
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" "$NPROC" <<'PY'
 import json, sys, os
-out = sys.argv[1]
+out, n = sys.argv[1], sys.argv[2]
 def load(d):
     return [json.loads(l) for l in open(os.path.join(out, d, "metrics.jsonl"))]
 ref = load("single")
-for run in ["ddp2", "torchrun2"]:
+for run in ["ddp" + n, "torchrun" + n]:
     try:
         got = load(run)
     except OSError as e:
