@@ -190,6 +190,24 @@ fn bench(comm: &NcclComm<B>, max_mib: usize) -> Result<()> {
         let part = Tensor::<B, 2>::zeros([rows / n, 1024], &dev).cast(DType::BF16);
         let splits = vec![rows / n; n];
         let size_bytes = (rows * 1024 * 2) as f64;
+        // What a collective costs us besides NCCL: Burn sync + a fresh output buffer of the
+        // collective's size from CubeCL's pool (no communication).
+        {
+            let t0 = Instant::now();
+            let iters = 20;
+            for _ in 0..iters {
+                let y = Tensor::<B, 2>::empty([rows / 2, 1024], &dev); // f32: same bytes as the bf16 buffer
+                <B as burn::tensor::backend::Backend>::sync(&dev).ok();
+                drop(y);
+            }
+            if comm.rank() == 0 {
+                println!(
+                    "{{\"impl\":\"burn-moe-overhead\",\"collective\":\"alloc+sync\",\"bytes\":{},\"time_us\":{:.1}}}",
+                    size_bytes as u64,
+                    t0.elapsed().as_secs_f64() * 1e6 / iters as f64
+                );
+            }
+        }
         for name in ["all_gather", "reduce_scatter", "all_reduce", "all_to_all"] {
             let run = || -> Result<()> {
                 match name {
