@@ -17,4 +17,5 @@ pub mod parity;
 
 pub use checkpoint::{CheckpointError, HfCheckpoint, HfLayout, save_hf_classic};
 pub use config::{ConfigError, MixtralConfig};
-pub use model::{CausalLmOutput, MixtralForCausalLM, MixtralModel, causal_lm_loss};
+pub use burn_moe_backend::LoraConfig;
+pub use model::{LoraTargets, CausalLmOutput, MixtralForCausalLM, MixtralModel, causal_lm_loss};

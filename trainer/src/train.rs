@@ -252,6 +252,18 @@ where
         // in-process ranks) would otherwise draw each other's numbers.
         (None, None) => config.init_seeded(device, args.seed),
     };
+    if let Some((targets, lora)) = args.lora() {
+        if resume.is_some() {
+            return Err(TrainError::Args(
+                "--resume-from-checkpoint with --use-lora: checkpoints hold the (frozen) base weights, not the adapters".into(),
+            ));
+        }
+        lora.validate().map_err(|e| TrainError::Args(e.to_string()))?;
+        // Adapter dropout draws from the backend RNG (the adapters themselves come from a host RNG).
+        B::seed(device, args.seed);
+        model = model.with_lora(&lora, targets, args.seed);
+        tracing::info!(r = lora.r, alpha = lora.alpha, dropout = lora.dropout, ?targets, "LoRA: base weights frozen");
+    }
     tracing::info!(
         parameters = model.num_parameters(),
         examples = dataset.len(),
