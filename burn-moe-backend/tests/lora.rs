@@ -39,7 +39,7 @@ fn config() -> LoraConfig {
 
 /// A layer with random base weights and adapters whose B is random too (a zero B would hide bugs in
 /// the delta).
-fn layer<Bk: burn_moe_backend::MoeBackend>(kernel: MoeKernel, random_b: bool) -> DMoe<Bk> {
+fn layer<Bk: burn_moe_backend::MoeBackend>(kernel: MoeKernel, block: usize, random_b: bool) -> DMoe<Bk> {
     let moe = DMoe::<Bk>::from_weights(
         t(values(E * D, 1, 0.1), [E, D]),
         t(values(E * F * D, 2, 0.1), [E, F, D]),
@@ -48,7 +48,7 @@ fn layer<Bk: burn_moe_backend::MoeBackend>(kernel: MoeKernel, random_b: bool) ->
         1,
         kernel,
     )
-    .with_block_size(16)
+    .with_block_size(block)
     .with_lora(&config(), 7);
     if !random_b {
         return moe;
@@ -109,12 +109,16 @@ fn data<Bk: Backend, const N: usize>(t: Tensor<Bk, N>) -> Vec<f32> {
 
 #[test]
 fn expert_lora_output_and_gradients_match_a_per_expert_loop_on_every_kernel() {
-    for kernel in MoeKernel::ALL {
-        let moe = layer::<AB>(kernel, true);
+    // Block sizes 8 (two blocks per expert row, F = 2·8) and 32 (F padded to 32) exercise the
+    // dense ↔ block-layout moves of the block-sparse path; 16 is one exact block.
+    let cases = [(MoeKernel::Reference, 16), (MoeKernel::Scatter, 16), (MoeKernel::BlockSparse, 16), (MoeKernel::BlockSparse, 8), (MoeKernel::BlockSparse, 32)];
+    for (kernel, block) in cases {
+        let kernel_name = format!("{kernel}/{block}");
+        let moe = layer::<AB>(kernel, block, true);
         let (x, w, experts) = inputs::<AB>();
         let got = moe.experts(x.clone(), w, experts);
         let want = independent(&moe, x);
-        assert_close(&format!("{kernel} output"), data(got.clone()), data(want.clone()));
+        assert_close(&format!("{kernel_name} output"), data(got.clone()), data(want.clone()));
 
         let probe: Tensor<AB, 2> = t(values(T * D, 31, 1.0), [T, D]);
         let g_got = (got * probe.clone()).sum().backward();
@@ -128,9 +132,9 @@ fn expert_lora_output_and_gradients_match_a_per_expert_loop_on_every_kernel() {
             ("w2.a", &l.w2.a),
             ("w2.b", &l.w2.b),
         ] {
-            let a = p.grad(&g_got).unwrap_or_else(|| panic!("{kernel}: no gradient for {name}"));
+            let a = p.grad(&g_got).unwrap_or_else(|| panic!("{kernel_name}: no gradient for {name}"));
             let b = p.grad(&g_want).unwrap();
-            assert_close(&format!("{kernel} d{name}"), data(a), data(b));
+            assert_close(&format!("{kernel_name} d{name}"), data(a), data(b));
         }
         // Frozen base: no gradient reaches the base weights or the router.
         assert!(moe.w1.grad(&g_got).is_none() && moe.w2.grad(&g_got).is_none() && moe.gate.grad(&g_got).is_none());
@@ -149,7 +153,7 @@ fn fresh_adapters_leave_the_output_unchanged() {
             kernel,
         )
         .with_block_size(16);
-        let adapted = layer::<B>(kernel, false);
+        let adapted = layer::<B>(kernel, 16, false);
         let (x, w, experts) = inputs::<B>();
         let plain = data(base.experts(x.clone(), w.clone(), experts.clone()));
         let with = data(adapted.experts(x, w, experts));
@@ -176,7 +180,7 @@ fn ids<M: Module<AB>>(m: &M) -> Vec<ParamId> {
 
 #[test]
 fn adamw_updates_only_the_adapters() {
-    let moe = layer::<AB>(MoeKernel::Scatter, false);
+    let moe = layer::<AB>(MoeKernel::Scatter, 16, false);
     let before = moe.clone().valid();
     let adapter_ids = ids(moe.lora.as_ref().unwrap());
     let mut optim = AdamWConfig::new().init::<AB, DMoe<AB>>();
