@@ -210,3 +210,15 @@ fn adamw_updates_only_the_adapters() {
         assert_ne!(b.into_data(), a.into_data(), "adapter {name} did not change");
     }
 }
+
+#[test]
+fn merged_adapters_compute_the_adapted_layer() {
+    for kernel in [MoeKernel::Reference, MoeKernel::Scatter] {
+        let moe = layer::<B>(kernel, 16, true);
+        let (x, w, experts) = inputs::<B>();
+        let adapted = data(moe.experts(x.clone(), w.clone(), experts.clone()));
+        let merged = moe.merge_lora();
+        assert!(merged.lora.is_none());
+        assert_close(&format!("{kernel} merged"), data(merged.experts(x, w, experts)), adapted);
+    }
+}

@@ -79,3 +79,31 @@ fn attn_only_lora_trains_and_keeps_the_base_frozen() {
 fn all_lora_trains_and_keeps_the_base_frozen() {
     run("all");
 }
+
+#[test]
+fn merged_linear_adapter_computes_the_adapted_layer() {
+    use mixtral_burn::LoraConfig;
+    use mixtral_burn::model::HfLinear;
+    let values = |n: usize, seed: u64| -> Vec<f32> { (0..n).map(|i| (((i as u64 * 2654435761 + seed) % 1000) as f32 / 500.0) - 1.0).collect() };
+    let dev = Default::default();
+    let w = Tensor::<Inner, 2>::from_data(burn::tensor::TensorData::new(values(24 * 16, 1), [24, 16]), &dev);
+    let mut lin = HfLinear::from_weight(w).with_lora(&LoraConfig::new().with_r(4).with_alpha(8.0), 3);
+    let x = Tensor::<Inner, 3>::from_data(burn::tensor::TensorData::new(values(2 * 3 * 16, 2), [2, 3, 16]), &dev);
+    let base: Vec<f32> = lin.forward(x.clone()).into_data().to_vec().unwrap();
+    let l = lin.lora.as_mut().unwrap();
+    l.b = Param::from_tensor(Tensor::from_data(burn::tensor::TensorData::new(values(24 * 4, 3), [24, 4]), &dev));
+    let adapted: Vec<f32> = lin.forward(x.clone()).into_data().to_vec().unwrap();
+    // By hand: x·Wᵀ + 2·x·Aᵀ·Bᵀ.
+    let l = lin.lora.as_ref().unwrap();
+    let x2 = x.clone().reshape([6, 16]);
+    let by_hand: Vec<f32> = (x2.clone().matmul(lin.weight.val().transpose())
+        + x2.matmul(l.a.val().transpose()).matmul(l.b.val().transpose()) * 2.0)
+        .into_data()
+        .to_vec()
+        .unwrap();
+    let merged: Vec<f32> = lin.merge_lora().forward(x).into_data().to_vec().unwrap();
+    assert!(base != adapted, "a nonzero B must change the output");
+    for ((a, h), m) in adapted.iter().zip(&by_hand).zip(&merged) {
+        assert!((a - h).abs() <= 1e-5 && (a - m).abs() <= 1e-5, "adapted {a}, by hand {h}, merged {m}");
+    }
+}
