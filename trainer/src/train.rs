@@ -409,6 +409,11 @@ where
         }
     }
     progress.finish();
+    if let (true, Some((targets, lora))) = (lead, args.lora()) {
+        // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
+        let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
+        tracing::info!(tensors = n, "saved adapter_model.safetensors and adapter_config.json in {}", args.output_dir.display());
+    }
     let mut summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
     summary.eval_loss = last_eval;
     metrics.write_summary(&summary)?;

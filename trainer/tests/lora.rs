@@ -60,6 +60,17 @@ fn run(use_lora: &str) {
     let (first, last) = (losses[0] + losses[1], losses[4] + losses[5]);
     assert!(last < first - 0.05, "{use_lora}: loss did not fall: {losses:?}");
 
+    // PEFT export of the trained adapters.
+    let bytes = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64(), cfg["peft_type"].as_str()), (Some(16), Some(32.0), Some("LORA")));
+    let q_b = st.tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").unwrap();
+    assert_eq!(q_b.shape()[1], 16);
+    assert!(q_b.data().chunks(4).any(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) != 0.0), "{use_lora}: B still zero");
+    let expert = st.tensor("base_model.model.model.layers.0.block_sparse_moe.experts.0.w2.lora_A.weight");
+    assert_eq!(expert.is_ok(), use_lora == "all", "{use_lora}: expert adapters exported iff --use-lora all");
+
     let initial = default_model_config(&args).unwrap().init_seeded::<Inner>(&Default::default(), args.seed);
     let saved: MixtralForCausalLM<Inner> =
         HfCheckpoint::open(out.join("checkpoint-6")).unwrap().load_model(&Default::default(), Default::default()).unwrap();
