@@ -185,10 +185,11 @@ impl<B: Backend> DMoe<B> {
     pub fn merge_lora(self) -> Self {
         let Some(l) = &self.lora else { return self };
         let merge = |w: &Param<Tensor<B, 3>>, a: &crate::lora::ExpertLora<B>| {
-            Param::from_tensor(w.val() + a.b.val().matmul(a.a.val()) * a.scaling)
+            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one).
+            Param::from_tensor((w.val() + a.b.val().matmul(a.a.val()) * a.scaling).detach())
         };
         Self {
-            gate: Param::from_tensor(self.gate.val()),
+            gate: Param::from_tensor(self.gate.val().detach()),
             w1: merge(&self.w1, &l.w1),
             w3: merge(&self.w3, &l.w3),
             w2: merge(&self.w2, &l.w2),

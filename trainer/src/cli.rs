@@ -171,6 +171,11 @@ pub struct Args {
     #[arg(long, default_value_t = 0.05, value_parser = adam_beta, help_heading = "LoRA")]
     pub lora_dropout: f64,
 
+    /// With --use-lora: also write the adapters folded into the base weights (`W + alpha/r · B·A`)
+    /// as an HF checkpoint in OUTPUT_DIR/merged/ at the end of training.
+    #[arg(long, help_heading = "LoRA")]
+    pub merge_lora: bool,
+
     // ---- Distributed ----
     /// Data-parallel workers on this node. With `--device cuda`, one process per GPU (this binary
     /// re-executed with torchrun's variables; it also runs unchanged under `torchrun`/`srun`).

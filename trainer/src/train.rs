@@ -413,6 +413,12 @@ where
         // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
         let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
         tracing::info!(tensors = n, "saved adapter_model.safetensors and adapter_config.json in {}", args.output_dir.display());
+        if args.merge_lora {
+            let merged_dir = args.output_dir.join("merged");
+            let merged = model.clone().merge_lora();
+            mixtral_burn::save_hf_classic(&merged, &config, &merged_dir, mixtral_burn::checkpoint::SaveDtype::F32)?;
+            tracing::info!("saved the merged model in {}", merged_dir.display());
+        }
     }
     let mut summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
     summary.eval_loss = last_eval;

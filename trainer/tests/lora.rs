@@ -45,6 +45,7 @@ fn run(use_lora: &str) {
         "steps",
         "--save-steps",
         "6",
+        "--merge-lora",
         "--output-dir",
         out.to_str().unwrap(),
     ])
@@ -79,6 +80,20 @@ fn run(use_lora: &str) {
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!(x == y, "{use_lora}: base tensor #{i} changed during LoRA training");
     }
+
+    // --merge-lora: adapted projections differ from the base, everything else is the base.
+    let merged: MixtralForCausalLM<Inner> =
+        HfCheckpoint::open(out.join("merged")).unwrap().load_model(&Default::default(), Default::default()).unwrap();
+    let w = |m: &MixtralForCausalLM<Inner>| {
+        let l = &m.model.layers[0];
+        let v = |t: Tensor<Inner, 2>| t.into_data().to_vec::<f32>().unwrap();
+        let e = |t: Tensor<Inner, 3>| t.into_data().to_vec::<f32>().unwrap();
+        (v(l.self_attn.q_proj.weight.val()), e(l.mlp.w1.val()), v(m.model.embed_tokens.weight.val()), v(l.mlp.gate.val()))
+    };
+    let (wi, wm) = (w(&initial), w(&merged));
+    assert_ne!(wi.0, wm.0, "{use_lora}: merged q_proj equals the base");
+    assert_eq!(wi.1 != wm.1, use_lora == "all", "{use_lora}: merged experts differ iff experts are adapted");
+    assert_eq!((wi.2, wi.3), (wm.2, wm.3), "{use_lora}: embeddings and router must be the base");
 }
 
 #[test]

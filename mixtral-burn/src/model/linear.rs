@@ -70,7 +70,8 @@ impl<B: Backend> HfLinear<B> {
     pub fn merge_lora(self) -> Self {
         match &self.lora {
             None => self,
-            Some(l) => Self::from_weight(self.weight.val() + l.delta_weight()),
+            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one).
+            Some(l) => Self::from_weight((self.weight.val() + l.delta_weight()).detach()),
         }
     }
 
