@@ -7,6 +7,7 @@ use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation::softmax, backend::
 
 use crate::aux::MoeAuxStats;
 use crate::kernel::MoeKernel;
+use crate::lora::{DMoeLora, LoraConfig};
 use crate::ops::{MoeBackend, moe_combine, moe_dsd, moe_grouped_matmul, moe_permute, moe_sdd};
 use crate::reference;
 
@@ -67,6 +68,8 @@ pub struct DMoe<B: Backend> {
     /// Block size of [`MoeKernel::BlockSparse`].
     #[module(skip)]
     pub block_size: usize,
+    /// Optional LoRA adapters of `w1`, `w3`, `w2` (see [`with_lora`](DMoe::with_lora)).
+    pub lora: Option<DMoeLora<B>>,
 }
 
 /// The router's decisions for a batch of tokens.
@@ -126,6 +129,7 @@ impl DMoeConfig {
             top_k: self.top_k,
             kernel: self.kernel,
             block_size: self.block_size,
+            lora: None,
         }
     }
 }
@@ -151,6 +155,7 @@ impl<B: Backend> DMoe<B> {
             top_k,
             kernel,
             block_size: DEFAULT_BLOCK_SIZE,
+            lora: None,
         }
     }
 
@@ -162,6 +167,37 @@ impl<B: Backend> DMoe<B> {
         assert!(block_size > 0, "block_size must be positive");
         self.block_size = block_size;
         self
+    }
+
+    /// Freezes the base weights (router included: `require_grad = false`, so an optimizer keeps no
+    /// state for them) and attaches fresh LoRA adapters to `w1`, `w3` and `w2`, whose `A` is drawn
+    /// from a host RNG seeded with `seed` and whose `B` is zero: the output is unchanged until the
+    /// adapters are trained. The router is not adapted.
+    pub fn with_lora(self, config: &LoraConfig, seed: u64) -> Self {
+        let [e, f, d] = self.w1.dims();
+        let device = self.w1.device();
+        let mut frozen = self.no_grad();
+        frozen.lora = Some(DMoeLora::init(config, e, d, f, seed, &device));
+        frozen
+    }
+
+    /// Folds the adapters into the expert weights (`W[e] + s·B[e]·A[e]`) and drops them.
+    pub fn merge_lora(self) -> Self {
+        let Some(l) = &self.lora else { return self };
+        let merge = |w: &Param<Tensor<B, 3>>, a: &crate::lora::ExpertLora<B>| {
+            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one).
+            Param::from_tensor((w.val() + a.b.val().matmul(a.a.val()) * a.scaling).detach())
+        };
+        Self {
+            gate: Param::from_tensor(self.gate.val().detach()),
+            w1: merge(&self.w1, &l.w1),
+            w3: merge(&self.w3, &l.w3),
+            w2: merge(&self.w2, &l.w2),
+            top_k: self.top_k,
+            kernel: self.kernel,
+            block_size: self.block_size,
+            lora: None,
+        }
     }
 
     /// Block size of [`MoeKernel::BlockSparse`].
@@ -224,14 +260,26 @@ impl<B: MoeBackend> DMoe<B> {
             slot_weights,
             IndexingUpdateOp::Add,
         );
-        let (w1, w3, w2) = (self.w1.val(), self.w3.val(), self.w2.val());
-        let output = match self.kernel {
-            MoeKernel::Reference => reference::dropless_experts(x, route.weights, route.experts, w1, w3, w2),
-            MoeKernel::Scatter => scatter_experts(x, route.weights, route.experts, w1, w3, w2),
-            MoeKernel::BlockSparse => block_sparse_experts(x, route.weights, route.experts, w1, w3, w2, self.block_size),
-        };
+        let output = self.experts(x, route.weights, route.experts);
         let aux = MoeAuxStats { prob_sum: probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
         MoeOutput { output, router_logits: route.logits, aux }
+    }
+}
+
+impl<B: MoeBackend> DMoe<B> {
+    /// The expert computation (with the adapters, if any) for given routing decisions, on the
+    /// layer's kernel: lets callers (and tests) force the routing.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, D]`, `weights`: `[T, k]`, `experts`: `[T, k]` (values in `0..E`) → `[T, D]`
+    pub fn experts(&self, x: Tensor<B, 2>, weights: Tensor<B, 2>, experts: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let (w1, w3, w2) = (self.w1.val(), self.w3.val(), self.w2.val());
+        let lora = self.lora.as_ref();
+        match self.kernel {
+            MoeKernel::Reference => reference::dropless_experts_lora(x, weights, experts, w1, w3, w2, lora),
+            MoeKernel::Scatter => scatter_experts(x, weights, experts, w1, w3, w2, lora),
+            MoeKernel::BlockSparse => block_sparse_experts(x, weights, experts, w1, w3, w2, self.block_size, lora),
+        }
     }
 }
 
@@ -264,6 +312,7 @@ fn scatter_experts<B: MoeBackend>(
     w1: Tensor<B, 3>,
     w3: Tensor<B, 3>,
     w2: Tensor<B, 3>,
+    lora: Option<&DMoeLora<B>>,
 ) -> Tensor<B, 2> {
     let device = x.device();
     let [tokens, d_model] = x.dims();
@@ -283,10 +332,18 @@ fn scatter_experts<B: MoeBackend>(
         slots[flat] = pos as i64;
     }
     let xs = moe_permute(x, rows);
-    let gate = moe_grouped_matmul(xs.clone(), w1, &plan.offsets, true);
-    let up = moe_grouped_matmul(xs, w3, &plan.offsets, true);
+    let offsets = &plan.offsets;
+    let mut gate = moe_grouped_matmul(xs.clone(), w1, offsets, true);
+    let mut up = moe_grouped_matmul(xs.clone(), w3, offsets, true);
+    if let Some(l) = lora {
+        gate = gate + l.w1.delta_grouped(xs.clone(), offsets);
+        up = up + l.w3.delta_grouped(xs, offsets);
+    }
     let h = burn::tensor::activation::silu(gate) * up;
-    let y = moe_grouped_matmul(h, w2, &plan.offsets, true);
+    let mut y = moe_grouped_matmul(h.clone(), w2, offsets, true);
+    if let Some(l) = lora {
+        y = y + l.w2.delta_grouped(h, offsets);
+    }
     moe_combine(y, int(slots), weights)
 }
 
@@ -304,6 +361,7 @@ fn block_sparse_experts<B: MoeBackend>(
     w3: Tensor<B, 3>,
     w2: Tensor<B, 3>,
     block: usize,
+    lora: Option<&DMoeLora<B>>,
 ) -> Tensor<B, 2> {
     let device = x.device();
     let [tokens, d_model] = x.dims();
@@ -329,11 +387,36 @@ fn block_sparse_experts<B: MoeBackend>(
         }
     }
     let int = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(v.clone(), [v.len()]), &device);
-    let zero_row = Tensor::zeros([1, d_model], (&device, x.dtype()));
+    let x_dtype = x.dtype();
+    let zero_row = Tensor::zeros([1, d_model], (&device, x_dtype));
     let xp = moe_permute(Tensor::cat(vec![x, zero_row], 0), int(rows));
-    let gate = moe_sdd(xp.clone(), w1, &topology, true);
-    let up = moe_sdd(xp, w3, &topology, true);
+    let mut gate = moe_sdd(xp.clone(), w1, &topology, true);
+    let mut up = moe_sdd(xp.clone(), w3, &topology, true);
+    // The adapters' deltas are grouped matmuls over the padded expert segments (padding rows are
+    // zero, so their deltas are too), moved between the dense `[Tp, F]` rows and the block layout
+    // `[nnz, bs, bs]` by reshapes: each expert owns whole block rows of `Fp / bs` blocks, in order.
+    let (fp, cb) = (topology.ffn_padded(), topology.blocks_per_row());
+    if let Some(l) = lora {
+        let to_blocks = |dense: Tensor<B, 2>| {
+            let [r, _] = dense.dims();
+            let dense = if fp > d_ff {
+                Tensor::cat(vec![dense, Tensor::zeros([r, fp - d_ff], (&device, x_dtype))], 1)
+            } else {
+                dense
+            };
+            dense.reshape([r / block, block, cb, block]).swap_dims(1, 2).reshape([r / block * cb, block, block])
+        };
+        gate = gate + to_blocks(l.w1.delta_grouped(xp.clone(), padded));
+        up = up + to_blocks(l.w3.delta_grouped(xp, padded));
+    }
     let h = burn::tensor::activation::silu(gate) * up;
-    let y = moe_dsd(h, w2, &topology, true);
+    let mut y = moe_dsd(h.clone(), w2, &topology, true);
+    if let Some(l) = lora {
+        let [nnz, _, _] = h.dims();
+        let rb = nnz / cb;
+        let dense = h.reshape([rb, cb, block, block]).swap_dims(1, 2).reshape([rb * block, cb * block]);
+        let dense = dense.slice([0..rb * block, 0..d_ff]);
+        y = y + l.w2.delta_grouped(dense, padded);
+    }
     moe_combine(y, int(slots), weights)
 }

@@ -13,10 +13,12 @@ pub mod aux;
 pub mod dist;
 pub mod dmoe;
 pub mod kernel;
+pub mod lora;
 pub mod ops;
 pub mod reference;
 
 pub use aux::{MoeAuxStats, load_balancing_loss};
 pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use kernel::MoeKernel;
+pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError};
 pub use ops::MoeBackend;

@@ -8,6 +8,8 @@
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData, activation::silu, backend::Backend};
 use kernels_cubecl::RoutingPlan;
 
+use crate::lora::DMoeLora;
+
 /// `out[t] = Σ_j weights[t, j] · expert_{experts[t, j]}(x[t])`, with SwiGLU experts, computed by
 /// grouping the (token, slot) pairs by expert and running one matmul chain per non-empty segment.
 /// No token is dropped and no expert sees padding.
@@ -25,6 +27,24 @@ pub fn dropless_experts<B: Backend>(
     w1: Tensor<B, 3>,
     w3: Tensor<B, 3>,
     w2: Tensor<B, 3>,
+) -> Tensor<B, 2> {
+    dropless_experts_lora(x, weights, experts, w1, w3, w2, None)
+}
+
+/// [`dropless_experts`] with optional LoRA adapters on the three projections, each expert's delta
+/// computed in its segment's loop iteration with plain matmuls (this is the reference path; the
+/// other kernels use grouped matmuls).
+///
+/// # Shapes
+/// As [`dropless_experts`].
+pub fn dropless_experts_lora<B: Backend>(
+    x: Tensor<B, 2>,
+    weights: Tensor<B, 2>,
+    experts: Tensor<B, 2, Int>,
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+    lora: Option<&DMoeLora<B>>,
 ) -> Tensor<B, 2> {
     let device = x.device();
     let [tokens, d_model] = x.dims();
@@ -44,6 +64,8 @@ pub fn dropless_experts<B: Backend>(
     let sorted_flat = as_int(&plan.sorted_flat);
 
     let x_sorted = x.select(0, sorted_token.clone());
+    // Each adapter draws its own dropout mask, as PEFT's per-module dropout does.
+    let lora_in = lora.map(|l| (l.w1.dropout.forward(x_sorted.clone()), l.w3.dropout.forward(x_sorted.clone())));
     let mut segments = Vec::with_capacity(num_experts);
     for e in 0..num_experts {
         let (start, end) = (plan.offsets[e], plan.offsets[e + 1]);
@@ -54,8 +76,18 @@ pub fn dropless_experts<B: Backend>(
         let w1e = w1.clone().slice([e..e + 1]).reshape([d_ff, d_model]);
         let w3e = w3.clone().slice([e..e + 1]).reshape([d_ff, d_model]);
         let w2e = w2.clone().slice([e..e + 1]).reshape([d_model, d_ff]);
-        let h = silu(xe.clone().matmul(w1e.transpose())) * xe.matmul(w3e.transpose());
-        segments.push(h.matmul(w2e.transpose()));
+        let mut gate = xe.clone().matmul(w1e.transpose());
+        let mut up = xe.matmul(w3e.transpose());
+        if let (Some(l), Some((x1, x3))) = (lora, lora_in.as_ref()) {
+            gate = gate + l.w1.delta_expert(x1.clone().slice([start..end]), e);
+            up = up + l.w3.delta_expert(x3.clone().slice([start..end]), e);
+        }
+        let h = silu(gate) * up;
+        let mut y = h.clone().matmul(w2e.transpose());
+        if let Some(l) = lora {
+            y = y + l.w2.delta_expert(l.w2.dropout.forward(h), e);
+        }
+        segments.push(y);
     }
     let y_sorted = Tensor::cat(segments, 0);
     let w_sorted = weights.reshape([pairs]).select(0, sorted_flat).reshape([pairs, 1]);

@@ -151,6 +151,31 @@ pub struct Args {
     #[arg(long, help_heading = "Checkpoints")]
     pub resume_from_checkpoint: Option<String>,
 
+    // ---- LoRA ----
+    /// Train low-rank adapters instead of the full model: `attn-only` adapts q/k/v/o_proj, `all`
+    /// also every expert's w1/w2/w3 (the router is never adapted). Base weights are frozen: the
+    /// optimizer keeps no state for them.
+    #[arg(long, value_enum, default_value_t = UseLora::None, help_heading = "LoRA")]
+    pub use_lora: UseLora,
+
+    /// Adapter rank r.
+    #[arg(long, default_value_t = 16, value_parser = positive_usize, help_heading = "LoRA")]
+    pub lora_r: usize,
+
+    /// Adapter scale numerator: deltas are multiplied by alpha / r.
+    #[arg(long, default_value_t = 32.0, value_parser = positive_f64, help_heading = "LoRA")]
+    pub lora_alpha: f64,
+
+    /// Dropout on the adapter input during training (as PEFT), drawn from the backend RNG
+    /// seeded with --seed.
+    #[arg(long, default_value_t = 0.05, value_parser = adam_beta, help_heading = "LoRA")]
+    pub lora_dropout: f64,
+
+    /// With --use-lora: also write the adapters folded into the base weights (`W + alpha/r · B·A`)
+    /// as an HF checkpoint in OUTPUT_DIR/merged/ at the end of training.
+    #[arg(long, help_heading = "LoRA")]
+    pub merge_lora: bool,
+
     // ---- Distributed ----
     /// Data-parallel workers on this node. With `--device cuda`, one process per GPU (this binary
     /// re-executed with torchrun's variables; it also runs unchanged under `torchrun`/`srun`).
@@ -190,6 +215,33 @@ impl Args {
             master_addr: self.master_addr.clone(),
             master_port: self.master_port,
         }
+    }
+}
+
+/// Which projections get LoRA adapters (`--use-lora`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UseLora {
+    /// Full fine-tuning, no adapters.
+    #[default]
+    None,
+    /// q_proj, k_proj, v_proj, o_proj.
+    AttnOnly,
+    /// The attention projections and the experts' w1, w2, w3.
+    All,
+}
+
+impl Args {
+    /// The adapter targets and hyper-parameters, `None` without `--use-lora`.
+    #[must_use]
+    pub fn lora(&self) -> Option<(mixtral_burn::LoraTargets, mixtral_burn::LoraConfig)> {
+        let targets = match self.use_lora {
+            UseLora::None => return None,
+            UseLora::AttnOnly => mixtral_burn::LoraTargets::AttnOnly,
+            UseLora::All => mixtral_burn::LoraTargets::All,
+        };
+        let config = mixtral_burn::LoraConfig::new().with_r(self.lora_r).with_alpha(self.lora_alpha).with_dropout(self.lora_dropout);
+        Some((targets, config))
     }
 }
 
@@ -394,6 +446,21 @@ mod tests {
         assert_eq!(a.save_steps, 500);
         assert_eq!(a.save_total_limit, None);
         assert_eq!(a.resume_from_checkpoint, None);
+        assert_eq!(a.use_lora, UseLora::None);
+        assert_eq!((a.lora_r, a.lora_alpha, a.lora_dropout), (16, 32.0, 0.05));
+        assert!(a.lora().is_none());
+    }
+
+    #[test]
+    fn lora_flags() {
+        let a = parse(&["--use-lora", "all", "--lora-r", "8", "--lora-alpha", "4", "--lora-dropout", "0"]).unwrap();
+        let (targets, config) = a.lora().unwrap();
+        assert_eq!(targets, mixtral_burn::LoraTargets::All);
+        assert_eq!((config.r, config.alpha, config.dropout), (8, 4.0, 0.0));
+        assert_eq!(parse(&["--use-lora", "attn-only"]).unwrap().lora().unwrap().0, mixtral_burn::LoraTargets::AttnOnly);
+        assert!(parse(&["--use-lora", "mlp"]).is_err());
+        assert!(parse(&["--lora-r", "0"]).is_err());
+        assert!(parse(&["--lora-dropout", "1"]).is_err());
     }
 
     #[test]

@@ -252,6 +252,18 @@ where
         // in-process ranks) would otherwise draw each other's numbers.
         (None, None) => config.init_seeded(device, args.seed),
     };
+    if let Some((targets, lora)) = args.lora() {
+        if resume.is_some() {
+            return Err(TrainError::Args(
+                "--resume-from-checkpoint with --use-lora: checkpoints hold the (frozen) base weights, not the adapters".into(),
+            ));
+        }
+        lora.validate().map_err(|e| TrainError::Args(e.to_string()))?;
+        // Adapter dropout draws from the backend RNG (the adapters themselves come from a host RNG).
+        B::seed(device, args.seed);
+        model = model.with_lora(&lora, targets, args.seed);
+        tracing::info!(r = lora.r, alpha = lora.alpha, dropout = lora.dropout, ?targets, "LoRA: base weights frozen");
+    }
     tracing::info!(
         parameters = model.num_parameters(),
         examples = dataset.len(),
@@ -397,6 +409,17 @@ where
         }
     }
     progress.finish();
+    if let (true, Some((targets, lora))) = (lead, args.lora()) {
+        // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
+        let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
+        tracing::info!(tensors = n, "saved adapter_model.safetensors and adapter_config.json in {}", args.output_dir.display());
+        if args.merge_lora {
+            let merged_dir = args.output_dir.join("merged");
+            let merged = model.clone().merge_lora();
+            mixtral_burn::save_hf_classic(&merged, &config, &merged_dir, mixtral_burn::checkpoint::SaveDtype::F32)?;
+            tracing::info!("saved the merged model in {}", merged_dir.display());
+        }
+    }
     let mut summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
     summary.eval_loss = last_eval;
     metrics.write_summary(&summary)?;

@@ -203,3 +203,73 @@ pub fn save_hf_classic<B: Backend>(
 ) -> Result<(), CheckpointError> {
     save_hf(model, config, dir, HfLayout::Classic, dtype)
 }
+
+/// Writes the LoRA adapters of `model` in PEFT's format: `adapter_model.safetensors` (f32, keys such
+/// as `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` and, for experts,
+/// `base_model.model.model.layers.{i}.block_sparse_moe.experts.{e}.w1.lora_B.weight`) and
+/// `adapter_config.json` (`r`, `lora_alpha`, `lora_dropout`, `target_modules`). Returns the number
+/// of tensors written (0 writes nothing: the model has no adapter).
+///
+/// # Errors
+/// [`CheckpointError::Io`] naming the file.
+pub fn save_peft_adapter<B: Backend>(
+    model: &MixtralForCausalLM<B>,
+    config: &crate::LoraConfig,
+    targets: crate::model::LoraTargets,
+    dir: impl AsRef<Path>,
+) -> Result<usize, CheckpointError> {
+    let dir = dir.as_ref();
+    let io = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| CheckpointError::Io { path, source }
+    };
+    let mut tensors: Vec<(String, HostTensor)> = Vec::new();
+    let mut push = |name: String, t: Tensor<B, 2>| tensors.push((name, encode(&t.into_data().convert::<f32>(), SaveDtype::F32)));
+    for (l, layer) in model.model.layers.iter().enumerate() {
+        let p = format!("base_model.model.model.layers.{l}");
+        let a = &layer.self_attn;
+        for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
+            if let Some(lora) = &lin.lora {
+                push(format!("{p}.self_attn.{name}.lora_A.weight"), lora.a.val());
+                push(format!("{p}.self_attn.{name}.lora_B.weight"), lora.b.val());
+            }
+        }
+        if let Some(lora) = &layer.mlp.lora {
+            for (name, ad) in [("w1", &lora.w1), ("w2", &lora.w2), ("w3", &lora.w3)] {
+                let [e, r, i] = ad.a.dims();
+                let [_, o, _] = ad.b.dims();
+                for x in 0..e {
+                    let q = format!("{p}.block_sparse_moe.experts.{x}.{name}");
+                    push(format!("{q}.lora_A.weight"), ad.a.val().slice([x..x + 1]).reshape([r, i]));
+                    push(format!("{q}.lora_B.weight"), ad.b.val().slice([x..x + 1]).reshape([o, r]));
+                }
+            }
+        }
+    }
+    if tensors.is_empty() {
+        return Ok(0);
+    }
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let weights = dir.join("adapter_model.safetensors");
+    let tmp = dir.join(".adapter_model.safetensors.tmp");
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp).map_err(|e| {
+        CheckpointError::Io { path: tmp.display().to_string(), source: std::io::Error::other(format!("{e:?}")) }
+    })?;
+    std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+    let json = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": targets.module_names(),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+    });
+    let path = dir.join("adapter_config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).expect("a JSON value always serialises")).map_err(io(&path))?;
+    Ok(tensors.len())
+}

@@ -7,6 +7,6 @@ mod import;
 mod reader;
 
 pub use error::CheckpointError;
-pub use export::{FetchTensor, FetchValue, SaveDtype, hf_tensors, save_hf, save_hf_classic};
+pub use export::{FetchTensor, FetchValue, SaveDtype, hf_tensors, save_hf, save_hf_classic, save_peft_adapter};
 pub use import::{HfCheckpoint, HfLayout};
 pub use reader::SafetensorsFiles;
