@@ -316,15 +316,12 @@ fn scatter_experts<B: MoeBackend>(
 ) -> Tensor<B, 2> {
     let device = x.device();
     let [tokens, d_model] = x.dims();
-    let [_, top_k] = experts.dims();
     let [num_experts, _, _] = w1.dims();
     if tokens == 0 {
         return Tensor::zeros([0, d_model], &device);
     }
-    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
-    let plan = kernels_cubecl::RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
-        .expect("router produced expert indices outside 0..num_experts");
-    let int = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(v.clone(), [v.len()]), &device);
+    let plan = reference::host_routing_plan(experts, num_experts);
+    let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
     let rows = int(plan.sorted_token.iter().map(|&t| t as i64).collect());
     // slots[t·k + j] = position of pair (t, j) in expert order: the inverse of the sort.
     let mut slots = vec![0i64; plan.sorted_flat.len()];
@@ -365,14 +362,11 @@ fn block_sparse_experts<B: MoeBackend>(
 ) -> Tensor<B, 2> {
     let device = x.device();
     let [tokens, d_model] = x.dims();
-    let [_, top_k] = experts.dims();
     let [num_experts, d_ff, _] = w1.dims();
     if tokens == 0 {
         return Tensor::zeros([0, d_model], &device);
     }
-    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
-    let plan = kernels_cubecl::RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
-        .expect("router produced expert indices outside 0..num_experts");
+    let plan = reference::host_routing_plan(experts, num_experts);
     let topology = kernels_cubecl::BlockSparseTopology::for_experts(&plan.counts, d_ff, block)
         .expect("DMoe guarantees a positive block size and hidden width");
     let padded = topology.padded_offsets();
@@ -386,7 +380,7 @@ fn block_sparse_experts<B: MoeBackend>(
             slots[plan.sorted_flat[pos]] = (padded[e] + r) as i64;
         }
     }
-    let int = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(burn::tensor::TensorData::new(v.clone(), [v.len()]), &device);
+    let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
     let x_dtype = x.dtype();
     let zero_row = Tensor::zeros([1, d_model], (&device, x_dtype));
     let xp = moe_permute(Tensor::cat(vec![x, zero_row], 0), int(rows));

@@ -10,6 +10,21 @@ use kernels_cubecl::RoutingPlan;
 
 use crate::lora::DMoeLora;
 
+/// Reads the router's choices `[T, k]` back to the host and groups the (token, slot) pairs by
+/// expert: the plan every dropless path (reference, scatter, block-sparse) starts from.
+pub(crate) fn host_routing_plan<B: Backend>(experts: Tensor<B, 2, Int>, num_experts: usize) -> RoutingPlan {
+    let [_, top_k] = experts.dims();
+    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
+    RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
+        .expect("router produced expert indices outside 0..num_experts")
+}
+
+/// A 1-d index tensor holding `v`.
+pub(crate) fn index_tensor<B: Backend>(v: Vec<i64>, device: &B::Device) -> Tensor<B, 1, Int> {
+    let n = v.len();
+    Tensor::from_data(TensorData::new(v, [n]), device)
+}
+
 /// `out[t] = Σ_j weights[t, j] · expert_{experts[t, j]}(x[t])`, with SwiGLU experts, computed by
 /// grouping the (token, slot) pairs by expert and running one matmul chain per non-empty segment.
 /// No token is dropped and no expert sees padding.
@@ -53,13 +68,9 @@ pub fn dropless_experts_lora<B: Backend>(
     if tokens == 0 {
         return Tensor::zeros([0, d_model], &device);
     }
-    let indices: Vec<i64> = experts.into_data().iter::<i64>().collect();
-    let plan = RoutingPlan::from_expert_indices(&indices, top_k, num_experts)
-        .expect("router produced expert indices outside 0..num_experts");
+    let plan = host_routing_plan(experts, num_experts);
     let pairs = tokens * top_k;
-    let as_int = |v: &[usize]| {
-        Tensor::<B, 1, Int>::from_data(TensorData::new(v.iter().map(|&i| i as i64).collect::<Vec<_>>(), [pairs]), &device)
-    };
+    let as_int = |v: &[usize]| index_tensor::<B>(v.iter().map(|&i| i as i64).collect(), &device);
     let sorted_token = as_int(&plan.sorted_token);
     let sorted_flat = as_int(&plan.sorted_flat);
 
