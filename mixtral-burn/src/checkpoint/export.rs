@@ -140,14 +140,7 @@ pub fn save_hf<B: Backend>(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let tensors: Vec<(String, HostTensor)> =
         hf_tensors(model, layout, &mut FetchValue).into_iter().map(|(n, d)| (n, encode(&d, dtype))).collect();
-    let weights = dir.join("model.safetensors");
-    let tmp = dir.join(".model.safetensors.tmp");
-    let mut metadata = std::collections::HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp).map_err(|e| {
-        CheckpointError::Io { path: tmp.display().to_string(), source: std::io::Error::other(format!("{e:?}")) }
-    })?;
-    std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+    write_safetensors_atomic(dir, "model.safetensors", &tensors)?;
     remove_stale_shards(dir)?;
 
     let mut json = config.to_hf_json();
@@ -250,14 +243,7 @@ pub fn save_peft_adapter<B: Backend>(
         return Ok(0);
     }
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let weights = dir.join("adapter_model.safetensors");
-    let tmp = dir.join(".adapter_model.safetensors.tmp");
-    let mut metadata = std::collections::HashMap::new();
-    metadata.insert("format".to_string(), "pt".to_string());
-    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp).map_err(|e| {
-        CheckpointError::Io { path: tmp.display().to_string(), source: std::io::Error::other(format!("{e:?}")) }
-    })?;
-    std::fs::rename(&tmp, &weights).map_err(io(&weights))?;
+    write_safetensors_atomic(dir, "adapter_model.safetensors", &tensors)?;
     let json = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -272,4 +258,18 @@ pub fn save_peft_adapter<B: Backend>(
     let path = dir.join("adapter_config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).expect("a JSON value always serialises")).map_err(io(&path))?;
     Ok(tensors.len())
+}
+
+/// Writes `dir/name` (torch-style `format: pt` metadata) through a hidden temporary file renamed
+/// into place, so a crash never leaves a half-written file under the final name.
+fn write_safetensors_atomic(dir: &Path, name: &str, tensors: &[(String, HostTensor)]) -> Result<(), CheckpointError> {
+    let weights = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata), &tmp).map_err(|e| {
+        CheckpointError::Io { path: tmp.display().to_string(), source: std::io::Error::other(format!("{e:?}")) }
+    })?;
+    std::fs::rename(&tmp, &weights)
+        .map_err(|source| CheckpointError::Io { path: weights.display().to_string(), source })
 }
