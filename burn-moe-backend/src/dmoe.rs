@@ -6,6 +6,7 @@ use burn::nn::Initializer;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation::softmax, backend::Backend};
 
 use crate::aux::MoeAuxStats;
+use crate::dispatch::{LocalDispatcher, TokenDispatcher};
 use crate::kernel::MoeKernel;
 use crate::lora::{DMoeLora, LoraConfig};
 use crate::ops::{MoeBackend, moe_combine, moe_dsd, moe_grouped_matmul, moe_permute, moe_sdd};
@@ -241,6 +242,21 @@ impl<B: MoeBackend> DMoe<B> {
     /// # Shapes
     /// - `x`: `[T, D]`; `mask.weights`: `[T]`
     pub fn forward_masked(&self, x: Tensor<B, 2>, mask: Option<&TokenMask<B>>) -> MoeOutput<B> {
+        self.forward_dispatched(x, mask, &LocalDispatcher)
+    }
+
+    /// [`forward_masked`](Self::forward_masked) with the expert computation done by `dispatcher`
+    /// (e.g. [`AllToAllDispatcher`](crate::AllToAllDispatcher) for expert parallelism, where this
+    /// layer holds only its rank's experts). Routing and statistics are the same for any dispatcher.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, D]`; `mask.weights`: `[T]`
+    pub fn forward_dispatched(
+        &self,
+        x: Tensor<B, 2>,
+        mask: Option<&TokenMask<B>>,
+        dispatcher: &dyn TokenDispatcher<B>,
+    ) -> MoeOutput<B> {
         let [rows, _] = x.dims();
         let num_experts = self.num_experts();
         let route = self.route(x.clone());
@@ -260,7 +276,7 @@ impl<B: MoeBackend> DMoe<B> {
             slot_weights,
             IndexingUpdateOp::Add,
         );
-        let output = self.experts(x, route.weights, route.experts);
+        let output = dispatcher.dispatch(self, x, route.weights, route.experts);
         let aux = MoeAuxStats { prob_sum: probs.sum_dim(0).reshape([num_experts]), token_counts, rows };
         MoeOutput { output, router_logits: route.logits, aux }
     }
@@ -279,6 +295,88 @@ impl<B: MoeBackend> DMoe<B> {
             MoeKernel::Reference => reference::dropless_experts_lora(x, weights, experts, w1, w3, w2, lora),
             MoeKernel::Scatter => scatter_experts(x, weights, experts, w1, w3, w2, lora),
             MoeKernel::BlockSparse => block_sparse_experts(x, weights, experts, w1, w3, w2, self.block_size, lora),
+        }
+    }
+}
+
+impl<B: MoeBackend> DMoe<B> {
+    /// The SwiGLU experts (with the adapters, if any) on rows already grouped by expert: segment `e`
+    /// has `counts[e]` rows, in order, and is computed by this layer's expert `e`. What a dispatcher
+    /// calls once the rows have reached the rank that holds their experts. Zero rows give `[0, D]`.
+    ///
+    /// # Shapes
+    /// - `xs`: `[N, D]`, `counts`: `E_local` entries summing to `N` → `[N, D]`
+    pub fn experts_grouped(&self, xs: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
+        let [rows, d_model] = xs.dims();
+        let (w1, w3, w2) = (self.w1.val(), self.w3.val(), self.w2.val());
+        let lora = self.lora.as_ref();
+        let mut offsets = Vec::with_capacity(counts.len() + 1);
+        offsets.push(0);
+        for &c in counts {
+            offsets.push(offsets.last().copied().unwrap_or(0) + c);
+        }
+        if rows == 0 {
+            // A function of the input all the same: the graph has the same shape on every rank.
+            return xs;
+        }
+        match self.kernel {
+            MoeKernel::Reference => reference::segment_experts(xs, &offsets, w1, w3, w2, lora),
+            MoeKernel::Scatter => scatter_grouped(xs, &offsets, w1, w3, w2, lora),
+            MoeKernel::BlockSparse => {
+                let [_, d_ff, _] = w1.dims();
+                let topology = kernels_cubecl::BlockSparseTopology::for_experts(counts, d_ff, self.block_size)
+                    .expect("DMoe guarantees a positive block size and hidden width");
+                let padded = topology.padded_offsets().to_vec();
+                // Padding rows read row `rows`, a zero row appended to xs.
+                let mut pad_rows = vec![rows as i64; topology.rows()];
+                let mut back = Vec::with_capacity(rows);
+                for e in 0..counts.len() {
+                    for r in 0..counts[e] {
+                        pad_rows[padded[e] + r] = (offsets[e] + r) as i64;
+                        back.push((padded[e] + r) as i64);
+                    }
+                }
+                let device = xs.device();
+                let zero_row = Tensor::zeros([1, d_model], (&device, xs.dtype()));
+                let xp = moe_permute(Tensor::cat(vec![xs, zero_row], 0), reference::index_tensor(pad_rows, &device));
+                let yp = block_sparse_padded(xp, &topology, w1, w3, w2, lora);
+                moe_permute(yp, reference::index_tensor(back, &device))
+            }
+        }
+    }
+
+    /// A copy holding only experts `range` (weights and adapters), for expert parallelism: the
+    /// router keeps all `E` experts. Parameter ids are kept, so optimizer state follows.
+    ///
+    /// # Panics
+    /// When `range` is empty or exceeds the experts held (a programming error of the sharding plan,
+    /// which validates `ep_size` first).
+    pub fn local_experts(&self, range: core::ops::Range<usize>) -> Self {
+        let held = self.w1.dims()[0];
+        assert!(range.start < range.end && range.end <= held, "expert range {range:?} outside 0..{held}");
+        // New leaves (a slice under autodiff is not one) that keep each weight's trainability.
+        let slice = |p: &Param<Tensor<B, 3>>| {
+            let trainable = p.is_require_grad();
+            p.clone().map(|t| t.slice([range.clone()]).detach().set_require_grad(trainable))
+        };
+        let lora = self.lora.as_ref().map(|l| {
+            let part = |e: &crate::lora::ExpertLora<B>| crate::lora::ExpertLora {
+                a: slice(&e.a),
+                b: slice(&e.b),
+                scaling: e.scaling,
+                dropout: e.dropout.clone(),
+            };
+            DMoeLora { w1: part(&l.w1), w3: part(&l.w3), w2: part(&l.w2) }
+        });
+        Self {
+            gate: self.gate.clone(),
+            w1: slice(&self.w1),
+            w3: slice(&self.w3),
+            w2: slice(&self.w2),
+            top_k: self.top_k,
+            kernel: self.kernel,
+            block_size: self.block_size,
+            lora,
         }
     }
 }
@@ -328,8 +426,22 @@ fn scatter_experts<B: MoeBackend>(
     for (pos, &flat) in plan.sorted_flat.iter().enumerate() {
         slots[flat] = pos as i64;
     }
-    let xs = moe_permute(x, rows);
-    let offsets = &plan.offsets;
+    let y = scatter_grouped(moe_permute(x, rows), &plan.offsets, w1, w3, w2, lora);
+    moe_combine(y, int(slots), weights)
+}
+
+/// Grouped matmuls (w1, w3) → SwiGLU → grouped matmul (w2) on rows already grouped by expert.
+///
+/// # Shapes
+/// - `xs`: `[N, D]`, `offsets`: `E + 1` entries ending at `N` → `[N, D]`
+fn scatter_grouped<B: MoeBackend>(
+    xs: Tensor<B, 2>,
+    offsets: &[usize],
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+    lora: Option<&DMoeLora<B>>,
+) -> Tensor<B, 2> {
     let mut gate = moe_grouped_matmul(xs.clone(), w1, offsets, true);
     let mut up = moe_grouped_matmul(xs.clone(), w3, offsets, true);
     if let Some(l) = lora {
@@ -341,7 +453,7 @@ fn scatter_experts<B: MoeBackend>(
     if let Some(l) = lora {
         y = y + l.w2.delta_grouped(h, offsets);
     }
-    moe_combine(y, int(slots), weights)
+    y
 }
 
 /// The MegaBlocks path: permute into expert order with each expert padded by zero rows to a multiple
@@ -381,11 +493,32 @@ fn block_sparse_experts<B: MoeBackend>(
         }
     }
     let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
-    let x_dtype = x.dtype();
-    let zero_row = Tensor::zeros([1, d_model], (&device, x_dtype));
+    let zero_row = Tensor::zeros([1, d_model], (&device, x.dtype()));
     let xp = moe_permute(Tensor::cat(vec![x, zero_row], 0), int(rows));
-    let mut gate = moe_sdd(xp.clone(), w1, &topology, true);
-    let mut up = moe_sdd(xp.clone(), w3, &topology, true);
+    let y = block_sparse_padded(xp, &topology, w1, w3, w2, lora);
+    moe_combine(y, int(slots), weights)
+}
+
+/// SDD (w1, w3) → SwiGLU on the nonzero blocks → DSD (w2) on rows sorted by expert and padded per
+/// expert to the topology's block size (padding rows zero).
+///
+/// # Shapes
+/// - `xp`: `[Tp, D]` → `[Tp, D]`
+fn block_sparse_padded<B: MoeBackend>(
+    xp: Tensor<B, 2>,
+    topology: &kernels_cubecl::BlockSparseTopology,
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+    lora: Option<&DMoeLora<B>>,
+) -> Tensor<B, 2> {
+    let device = xp.device();
+    let x_dtype = xp.dtype();
+    let [_, d_ff, _] = w1.dims();
+    let block = topology.block();
+    let padded = topology.padded_offsets();
+    let mut gate = moe_sdd(xp.clone(), w1, topology, true);
+    let mut up = moe_sdd(xp.clone(), w3, topology, true);
     // The adapters' deltas are grouped matmuls over the padded expert segments (padding rows are
     // zero, so their deltas are too), moved between the dense `[Tp, F]` rows and the block layout
     // `[nnz, bs, bs]` by reshapes: each expert owns whole block rows of `Fp / bs` blocks, in order.
@@ -404,7 +537,7 @@ fn block_sparse_experts<B: MoeBackend>(
         up = up + to_blocks(l.w3.delta_grouped(xp, padded));
     }
     let h = burn::tensor::activation::silu(gate) * up;
-    let mut y = moe_dsd(h.clone(), w2, &topology, true);
+    let mut y = moe_dsd(h.clone(), w2, topology, true);
     if let Some(l) = lora {
         let [nnz, _, _] = h.dims();
         let rb = nnz / cb;
@@ -412,5 +545,5 @@ fn block_sparse_experts<B: MoeBackend>(
         let dense = dense.slice([0..rb * block, 0..d_ff]);
         y = y + l.w2.delta_grouped(dense, padded);
     }
-    moe_combine(y, int(slots), weights)
+    y
 }

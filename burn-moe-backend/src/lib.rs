@@ -10,6 +10,7 @@
 //! `burn` and `kernels-cubecl`.
 
 pub mod aux;
+pub mod dispatch;
 pub mod dist;
 pub mod dmoe;
 pub mod kernel;
@@ -18,6 +19,7 @@ pub mod ops;
 pub mod reference;
 
 pub use aux::{MoeAuxStats, load_balancing_loss};
+pub use dispatch::{AllToAllDispatcher, LocalDispatcher, TokenDispatcher, experts_of_rank};
 pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use kernel::MoeKernel;
 pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError};

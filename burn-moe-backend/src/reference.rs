@@ -64,7 +64,7 @@ pub fn dropless_experts_lora<B: Backend>(
     let device = x.device();
     let [tokens, d_model] = x.dims();
     let [_, top_k] = experts.dims();
-    let [num_experts, d_ff, _] = w1.dims();
+    let [num_experts, _, _] = w1.dims();
     if tokens == 0 {
         return Tensor::zeros([0, d_model], &device);
     }
@@ -75,11 +75,37 @@ pub fn dropless_experts_lora<B: Backend>(
     let sorted_flat = as_int(&plan.sorted_flat);
 
     let x_sorted = x.select(0, sorted_token.clone());
+    let y_sorted = segment_experts(x_sorted, &plan.offsets, w1, w3, w2, lora);
+    let w_sorted = weights.reshape([pairs]).select(0, sorted_flat).reshape([pairs, 1]);
+    let contrib = y_sorted * w_sorted;
+    Tensor::zeros([tokens, d_model], (&device, contrib.dtype())).select_assign(0, sorted_token, contrib, IndexingUpdateOp::Add)
+}
+
+/// The SwiGLU experts on rows already grouped by expert (segment `e` is `offsets[e]..offsets[e+1]`),
+/// one plain matmul chain per non-empty segment, with optional LoRA deltas. Zero rows give `[0, D]`.
+///
+/// # Shapes
+/// - `x_sorted`: `[N, D]`; `w1`, `w3`: `[E, F, D]`; `w2`: `[E, D, F]` → `[N, D]`
+pub fn segment_experts<B: Backend>(
+    x_sorted: Tensor<B, 2>,
+    offsets: &[usize],
+    w1: Tensor<B, 3>,
+    w3: Tensor<B, 3>,
+    w2: Tensor<B, 3>,
+    lora: Option<&DMoeLora<B>>,
+) -> Tensor<B, 2> {
+    let [rows, d_model] = x_sorted.dims();
+    let [num_experts, d_ff, _] = w1.dims();
+    if rows == 0 {
+        // Still a function of the input, so the graph (and its collectives) look the same on
+        // every rank whether or not this one received rows.
+        return x_sorted;
+    }
     // Each adapter draws its own dropout mask, as PEFT's per-module dropout does.
     let lora_in = lora.map(|l| (l.w1.dropout.forward(x_sorted.clone()), l.w3.dropout.forward(x_sorted.clone())));
     let mut segments = Vec::with_capacity(num_experts);
     for e in 0..num_experts {
-        let (start, end) = (plan.offsets[e], plan.offsets[e + 1]);
+        let (start, end) = (offsets[e], offsets[e + 1]);
         if start == end {
             continue;
         }
@@ -100,8 +126,5 @@ pub fn dropless_experts_lora<B: Backend>(
         }
         segments.push(y);
     }
-    let y_sorted = Tensor::cat(segments, 0);
-    let w_sorted = weights.reshape([pairs]).select(0, sorted_flat).reshape([pairs, 1]);
-    let contrib = y_sorted * w_sorted;
-    Tensor::zeros([tokens, d_model], (&device, contrib.dtype())).select_assign(0, sorted_token, contrib, IndexingUpdateOp::Add)
+    Tensor::cat(segments, 0)
 }
