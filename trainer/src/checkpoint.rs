@@ -116,6 +116,11 @@ pub struct TrainerState {
     pub log_history: Vec<serde_json::Value>,
     /// `ParamId`s of the saved model in module-visit order (keys of the optimizer record).
     pub param_ids: Vec<u64>,
+    /// The parallel plan of a sharded run (`fsdp2`, `ddp+ep2(dp1)`, ...): its checkpoints hold the
+    /// consolidated weights but no optimizer state (that stays sharded over the ranks), so they
+    /// export and evaluate but do not resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharded: Option<String>,
 }
 
 /// The parameter ids of `module` in visit order (deterministic for a given architecture).
@@ -315,6 +320,7 @@ mod tests {
             last_eval_loss: None,
             log_history: vec![serde_json::json!({"step": 1, "loss": 2.0, "learning_rate": 0.1})],
             param_ids: vec![],
+            sharded: None,
         }
     }
 

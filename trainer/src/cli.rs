@@ -203,6 +203,31 @@ pub struct Args {
     /// collective and group (a dead or stuck rank never hangs the others forever).
     #[arg(long, default_value_t = 600.0, value_parser = positive_f64, help_heading = "Distributed")]
     pub collective_timeout: f64,
+
+    /// Expert-parallel degree: each rank of an EP group holds `num_experts / ep_size` experts whole
+    /// and tokens reach them by all-to-all. Must divide the world size and the number of experts;
+    /// `dp_size = world / ep_size`.
+    #[arg(long, default_value_t = 1, value_parser = positive_usize, help_heading = "Distributed")]
+    pub ep_size: usize,
+
+    /// How the non-expert parameters are distributed: `fsdp2` shards every one (`Shard(0)` over all
+    /// ranks; experts too without EP), `ddp`/`none` replicate them and all-reduce gradients.
+    #[arg(long, value_enum, default_value_t = crate::sharding::Sharding::Ddp, help_heading = "Distributed")]
+    pub sharding: crate::sharding::Sharding,
+
+    /// The original's switch for expert parallelism: `--ep-size <world size>` unless `--ep-size` is
+    /// given.
+    #[arg(long, help_heading = "Distributed")]
+    pub use_megablocks_sharding: bool,
+}
+
+impl Args {
+    /// The EP degree for a world of `world_size` ranks (`--ep-size`, or the whole world with
+    /// `--use-megablocks-sharding`).
+    #[must_use]
+    pub fn effective_ep_size(&self, world_size: usize) -> usize {
+        if self.ep_size > 1 || !self.use_megablocks_sharding { self.ep_size } else { world_size }
+    }
 }
 
 impl Args {

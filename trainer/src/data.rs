@@ -645,6 +645,21 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// One padding token with no target: a batch whose loss, gradients and MoE statistics are
+    /// exactly zero, run by a rank whose slice of the global batch is empty when the model has
+    /// collectives inside (expert parallelism) and every rank must take part.
+    #[must_use]
+    pub fn idle() -> Self {
+        Self {
+            input_ids: vec![0],
+            labels: vec![IGNORE_INDEX],
+            batch: 1,
+            seq: 1,
+            n_target_tokens: 0,
+            real: vec![false],
+        }
+    }
+
     /// Pads `examples` with `pad_id` to the longest of them and flattens them into one batch.
     #[must_use]
     pub fn collate(examples: &[&TokenizedExample], pad_id: u32) -> Self {

@@ -8,6 +8,7 @@ pub mod launch;
 pub mod parallel;
 pub mod metrics;
 pub mod schedule;
+pub mod sharding;
 pub mod tokenizer;
 pub mod train;
 

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, ParamId};
 use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, backend::AutodiffBackend};
-use burn_moe_backend::dist::{CommConfig, CommError, Communicator, ThreadComm};
+use burn_moe_backend::dist::{CollectiveBackend, CommConfig, CommError, Communicator, ThreadComm};
 use burn_moe_backend::{MoeAuxStats, MoeBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
@@ -20,7 +20,8 @@ use crate::checkpoint::{
 use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
 use crate::metrics::{MetricsError, MetricsWriter, StepMetrics, TrainSummary};
-use crate::parallel::{all_reduce_grads, all_reduce_scalars};
+use crate::parallel::all_reduce_scalars;
+use crate::sharding::{Parallel, ShardingError};
 pub use crate::schedule::linear_schedule;
 use crate::schedule::{learning_rate, warmup_steps};
 use crate::tokenizer::{HfTokenizer, Tokenizer, TokenizerError, VOCAB_SIZE};
@@ -49,6 +50,9 @@ pub enum TrainError {
     /// A collective between data-parallel ranks failed (a peer died, timed out, or disagreed).
     #[error(transparent)]
     Comm(#[from] CommError),
+    /// The parallel plan could not be set up or a sharded collective failed.
+    #[error(transparent)]
+    Sharding(#[from] ShardingError),
     /// Flags that contradict each other.
     #[error("invalid arguments: {0}")]
     Args(String),
@@ -168,7 +172,7 @@ fn due(strategy: IntervalStrategy, step: usize, every: usize, epoch_end: bool) -
 /// diverging loss.
 pub fn train<B>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend,
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
 {
     let solo = ThreadComm::<B::InnerBackend>::world(1, std::slice::from_ref(device), CommConfig::default())?
@@ -189,9 +193,9 @@ where
 /// As [`train`], plus [`TrainError::Comm`] when a collective fails.
 pub fn train_with<B, C>(args: &Args, device: &B::Device, comm: &C) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend,
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
-    C: Communicator<B::InnerBackend>,
+    C: Communicator<B::InnerBackend> + 'static,
 {
     let (rank, world) = (comm.rank(), comm.size());
     let lead = rank == 0;
@@ -227,6 +231,15 @@ where
             let dir = resolve_checkpoint(spec, &args.output_dir)?;
             let state = load_trainer_state(&dir)?;
             let state_path = dir.join(crate::checkpoint::TRAINER_STATE_FILE);
+            if let Some(plan) = &state.sharded {
+                return Err(CheckpointError::Mismatch {
+                    path: state_path,
+                    message: format!(
+                        "written by a sharded run ({plan}): it holds consolidated weights but not the sharded optimizer state, so it cannot be resumed (use it as --model-path to start a new run)"
+                    ),
+                }
+                .into());
+            }
             for (what, saved, now) in [
                 ("seed", state.seed, args.seed),
                 ("global batch size", state.global_batch_size as u64, order.global_batch_size as u64),
@@ -274,6 +287,20 @@ where
         args.model_path.as_ref().map_or_else(|| "tiny Mixtral".to_owned(), |p| p.display().to_string())
     );
 
+    let num_experts = config.num_local_experts;
+    let ep_size = args.effective_ep_size(world);
+    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?;
+    if resume.is_some() && parallel.is_sharded() {
+        return Err(TrainError::Args(format!(
+            "--resume-from-checkpoint with a sharded plan ({}) is not supported yet",
+            parallel.describe()
+        )));
+    }
+    model = parallel.shard(model);
+    if world > 1 {
+        tracing::info!(plan = %parallel.describe(), world, "parallel plan");
+    }
+
     let mut optimizer = AdamWConfig::new()
         .with_beta_1(args.adam_beta1 as f32)
         .with_beta_2(args.adam_beta2 as f32)
@@ -294,7 +321,6 @@ where
         }
         None => (0, 0u64, None, MetricsWriter::create(&output_dir)?),
     };
-    let num_experts = config.num_local_experts;
 
     let progress = if lead { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
     progress.set_style(
@@ -312,21 +338,32 @@ where
         let step_targets = all_reduce_scalars::<B::InnerBackend, C>(&[local_targets], comm, device)?[0].max(1.0);
         let mut accumulator = GradientsAccumulator::<MixtralForCausalLM<B>>::new();
         let (mut loss_value, mut lm_value, mut aux_value, mut step_tokens) = (0.0, 0.0, 0.0, 0.0);
+        // Sharded parameters gathered once per step; their gradients are reduce-scattered below.
+        let live = parallel.materialize(&model)?;
+        let idle = Batch::idle();
         for batch in &micro {
             step_tokens += batch.n_real_tokens() as f64;
-            if batch.batch == 0 {
+            let batch = if batch.batch > 0 {
+                batch
+            } else if parallel.lockstep() {
+                // Collectives inside the model: an empty slice still runs a forward and backward
+                // pass, on one padding token whose loss and statistics are exactly zero.
+                &idle
+            } else {
                 // This rank's slice of a short last batch is empty; it still joins the collectives.
                 if world > 1 {
                     global_aux_share::<B, C>(&[], num_experts, comm, device)?;
                 }
                 continue;
-            }
+            };
             let real = batch.real_tokens();
-            let out = model.forward_with_labels_masked(
+            let out = live.forward_with_labels_dispatched(
                 batch.input_ids_tensor::<B>(device),
                 batch.labels_tensor::<B>(device),
                 Some(&real),
+                parallel.dispatcher(),
             );
+            parallel.check()?;
             let lm = out.lm_loss_sum.div_scalar(step_targets);
             let aux = if world == 1 {
                 out.aux_loss
@@ -338,12 +375,15 @@ where
             lm_value += scalar(lm);
             aux_value += scalar(aux);
             loss_value += scalar(loss.clone());
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let grads = loss.backward();
+            parallel.check()?;
+            let grads = GradientsParams::from_grads(grads, &live);
+            accumulator.accumulate(&live, grads);
         }
+        drop(live);
         let mut grads = accumulator.grads();
+        parallel.sync_grads(&model, &mut grads)?;
         if world > 1 {
-            all_reduce_grads::<B, _, C>(&model, &mut grads, comm)?;
             let sums = all_reduce_scalars::<B::InnerBackend, C>(&[loss_value, lm_value, aux_value, step_tokens], comm, device)?;
             (loss_value, lm_value, aux_value, step_tokens) = (sums[0], sums[1], sums[2], sums[3]);
         }
@@ -352,15 +392,21 @@ where
             progress.abandon();
             return Err(TrainError::NonFiniteLoss { step: step + 1, value: loss_value });
         }
-        let grad_norm = clip_global_norm::<B, _>(&model, &mut grads, args.clip_grad_norm());
+        let grad_norm = parallel.clip_grad_norm(&model, &mut grads, args.clip_grad_norm(), device)?;
         model = optimizer.step(lr, model, grads);
 
         let epoch_end = ends_epoch(step, accum, bpe);
         let eval_loss = match &eval_dataset {
-            Some(eval) if lead && due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
-                let out = evaluate(&model.valid(), eval, args.per_device_eval_batch_size, device);
-                last_eval = Some(out.loss);
-                Some(out.loss)
+            Some(eval) if due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
+                // Sharded runs consolidate the model on every rank (a collective); rank 0 evaluates.
+                let full = if parallel.is_sharded() { parallel.consolidate(&model)? } else { model.clone() };
+                if lead {
+                    let out = evaluate(&full.valid(), eval, args.per_device_eval_batch_size, device);
+                    last_eval = Some(out.loss);
+                    Some(out.loss)
+                } else {
+                    None
+                }
             }
             _ => None,
         };
@@ -379,7 +425,12 @@ where
             }
             metrics.log_step(&line)?;
         }
-        if lead && due(args.save_strategy, step, args.save_steps, epoch_end) {
+        if due(args.save_strategy, step, args.save_steps, epoch_end) {
+            let sharded = parallel.is_sharded();
+            let full = if sharded { parallel.consolidate(&model)? } else { model.clone() };
+            if !lead {
+                continue;
+            }
             let state = TrainerState {
                 global_step: step + 1,
                 epoch,
@@ -393,15 +444,11 @@ where
                 last_eval_loss: last_eval,
                 log_history: metrics.history(),
                 param_ids: param_ids::<B, _>(&model).iter().map(ParamId::val).collect(),
+                sharded: sharded.then(|| parallel.describe()),
             };
-            let dir = save_checkpoint::<B, _>(
-                &args.output_dir,
-                &model,
-                &config,
-                optimizer.to_record(),
-                &state,
-                source.tokenizer_json.as_deref(),
-            )?;
+            // A sharded run's optimizer state is spread over the ranks: its checkpoint holds none.
+            let record = if sharded { Default::default() } else { optimizer.to_record() };
+            let dir = save_checkpoint::<B, _>(&args.output_dir, &full, &config, record, &state, source.tokenizer_json.as_deref())?;
             tracing::info!("saved {}", dir.display());
             if let Some(limit) = args.save_total_limit {
                 rotate_checkpoints(&args.output_dir, limit)?;
@@ -409,15 +456,18 @@ where
         }
     }
     progress.finish();
-    if let (true, Some((targets, lora))) = (lead, args.lora()) {
-        // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
-        let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
-        tracing::info!(tensors = n, "saved adapter_model.safetensors and adapter_config.json in {}", args.output_dir.display());
-        if args.merge_lora {
-            let merged_dir = args.output_dir.join("merged");
-            let merged = model.clone().merge_lora();
-            mixtral_burn::save_hf_classic(&merged, &config, &merged_dir, mixtral_burn::checkpoint::SaveDtype::F32)?;
-            tracing::info!("saved the merged model in {}", merged_dir.display());
+    if let Some((targets, lora)) = args.lora() {
+        let model = if parallel.is_sharded() { parallel.consolidate(&model)? } else { model.clone() };
+        if lead {
+            // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
+            let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
+            tracing::info!(tensors = n, "saved adapter_model.safetensors and adapter_config.json in {}", args.output_dir.display());
+            if args.merge_lora {
+                let merged_dir = args.output_dir.join("merged");
+                let merged = model.merge_lora();
+                mixtral_burn::save_hf_classic(&merged, &config, &merged_dir, mixtral_burn::checkpoint::SaveDtype::F32)?;
+                tracing::info!("saved the merged model in {}", merged_dir.display());
+            }
         }
     }
     let mut summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
@@ -477,48 +527,6 @@ where
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
     t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
-}
-
-/// Global L2 norm of all gradients (as HF's `clip_grad_norm_`), scaling them down to `max_norm`
-/// when it is exceeded. Burn's own clipping works per tensor, which is a different update.
-/// Returns the norm before clipping.
-fn clip_global_norm<B: AutodiffBackend, M: AutodiffModule<B>>(
-    model: &M,
-    grads: &mut GradientsParams,
-    max_norm: Option<f64>,
-) -> f64 {
-    struct SumSquares<'a> {
-        grads: &'a GradientsParams,
-        total: f64,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-                self.total += g.powi_scalar(2).sum().into_data().iter::<f64>().next().unwrap_or(0.0);
-            }
-        }
-    }
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let id: ParamId = param.id;
-            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(id) {
-                self.grads.register::<B::InnerBackend, D>(id, g.mul_scalar(self.factor));
-            }
-        }
-    }
-    let mut sum = SumSquares { grads, total: 0.0 };
-    model.visit(&mut sum);
-    let norm = sum.total.sqrt();
-    if let Some(max) = max_norm
-        && norm > max
-    {
-        model.visit(&mut Scale { grads, factor: max / (norm + 1e-6) });
-    }
-    norm
 }
 
 #[cfg(test)]

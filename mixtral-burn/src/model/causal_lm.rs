@@ -1,7 +1,7 @@
 use burn::module::{Module, Param};
 use burn::nn::Embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
-use burn_moe_backend::{DMoe, MoeAuxStats, MoeBackend, TokenMask, load_balancing_loss};
+use burn_moe_backend::{DMoe, LocalDispatcher, MoeAuxStats, MoeBackend, TokenDispatcher, TokenMask, load_balancing_loss};
 
 use super::attention::MixtralAttention;
 use super::decoder::DecoderLayer;
@@ -181,12 +181,24 @@ impl<B: MoeBackend> MixtralForCausalLM<B> {
     /// load-balancing statistics. `real` is `[B·S]` row-major, `true` for real tokens. Under the causal
     /// mask, right padding never influences real tokens, so no attention mask is needed.
     pub fn forward_masked(&self, input_ids: Tensor<B, 2, Int>, real: Option<&[bool]>) -> ModelOutput<B> {
+        self.forward_dispatched(input_ids, real, &LocalDispatcher)
+    }
+
+    /// [`forward_masked`](Self::forward_masked) with every MoE layer's experts computed by
+    /// `dispatcher`: how expert parallelism is applied from outside (the model code stays
+    /// single-device; see [`burn_moe_backend::AllToAllDispatcher`]).
+    pub fn forward_dispatched(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        real: Option<&[bool]>,
+        dispatcher: &dyn TokenDispatcher<B>,
+    ) -> ModelOutput<B> {
         let device = input_ids.device();
         let mask = real.map(|flags| TokenMask::from_flags(flags, &device));
         let mut h = self.model.embed_tokens.forward(input_ids);
         let mut aux = Vec::with_capacity(self.model.layers.len());
         for layer in &self.model.layers {
-            let (next, stats) = layer.forward(h, mask.as_ref());
+            let (next, stats) = layer.forward_dispatched(h, mask.as_ref(), dispatcher);
             h = next;
             aux.push(stats);
         }
@@ -211,7 +223,19 @@ impl<B: MoeBackend> MixtralForCausalLM<B> {
         labels: Tensor<B, 2, Int>,
         real: Option<&[bool]>,
     ) -> CausalLmOutput<B> {
-        let ModelOutput { logits, aux } = self.forward_masked(input_ids, real);
+        self.forward_with_labels_dispatched(input_ids, labels, real, &LocalDispatcher)
+    }
+
+    /// [`forward_with_labels_masked`](Self::forward_with_labels_masked) with the experts computed by
+    /// `dispatcher` (see [`forward_dispatched`](Self::forward_dispatched)).
+    pub fn forward_with_labels_dispatched(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        labels: Tensor<B, 2, Int>,
+        real: Option<&[bool]>,
+        dispatcher: &dyn TokenDispatcher<B>,
+    ) -> CausalLmOutput<B> {
+        let ModelOutput { logits, aux } = self.forward_dispatched(input_ids, real, dispatcher);
         let (lm_loss_sum, num_target_tokens) = causal_lm_loss(logits.clone(), labels);
         let lm_loss = lm_loss_sum.clone() / num_target_tokens.clone().clamp_min(1.0);
         let aux_loss = load_balancing_loss(&aux);

@@ -1,6 +1,6 @@
 use burn::module::Module;
 use burn::tensor::{Tensor, backend::Backend};
-use burn_moe_backend::{DMoe, MoeAuxStats, MoeBackend, TokenMask};
+use burn_moe_backend::{DMoe, LocalDispatcher, MoeAuxStats, MoeBackend, TokenDispatcher, TokenMask};
 
 use super::attention::MixtralAttention;
 use super::rms_norm::RmsNorm;
@@ -25,10 +25,20 @@ impl<B: MoeBackend> DecoderLayer<B> {
     /// Runs the block; also returns the MoE layer's load-balancing statistics (over the tokens that
     /// `mask` marks as real, all tokens without a mask).
     pub fn forward(&self, x: Tensor<B, 3>, mask: Option<&TokenMask<B>>) -> (Tensor<B, 3>, MoeAuxStats<B>) {
+        self.forward_dispatched(x, mask, &LocalDispatcher)
+    }
+
+    /// [`forward`](Self::forward) with the experts computed by `dispatcher` (expert parallelism).
+    pub fn forward_dispatched(
+        &self,
+        x: Tensor<B, 3>,
+        mask: Option<&TokenMask<B>>,
+        dispatcher: &dyn TokenDispatcher<B>,
+    ) -> (Tensor<B, 3>, MoeAuxStats<B>) {
         let [b, s, d] = x.dims();
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x));
         let normed = self.post_attention_layernorm.forward(h.clone());
-        let moe = self.mlp.forward_masked(normed.reshape([b * s, d]), mask);
+        let moe = self.mlp.forward_dispatched(normed.reshape([b * s, d]), mask, dispatcher);
         (h + moe.output.reshape([b, s, d]), moe.aux)
     }
 }

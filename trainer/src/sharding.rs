@@ -1,0 +1,463 @@
+//! Parallelism applied to the model from outside: expert parallelism (EP), FSDP2-style per-parameter
+//! sharding and plain data parallelism (DDP), on a `dp × ep` [`DeviceMesh`].
+//!
+//! The sharding plan gives every parameter one [`ParamPlacement`]:
+//! - experts (`w1`, `w3`, `w2` of each MoE layer and their LoRA adapters) with `--ep-size > 1`:
+//!   [`ParamPlacement::Expert`]: the rank keeps only its `E / ep_size` experts (cut with
+//!   [`DMoe::local_experts`](burn_moe_backend::DMoe::local_experts)); tokens reach them through the
+//!   [`AllToAllDispatcher`]; their gradients are summed over the expert-data-parallel group.
+//! - everything else under `--sharding fsdp2` (experts too when EP is off):
+//!   [`ParamPlacement::Sharded`]: the rank keeps rows `shard_range(rows, world, rank)` (`Shard(0)` on
+//!   the FSDP group, which is the whole mesh — with `dp_size == 1` that is the EP group, as in the
+//!   original); the full tensor is all-gathered before the forward pass and its gradient
+//!   reduce-scattered back onto the shard. The optimizer only ever sees shards, so its state is
+//!   sharded like the parameter.
+//! - otherwise [`ParamPlacement::Replicated`]: gradients all-reduced over the world (DDP).
+//!
+//! What is not there yet: the gathers happen once per optimizer step for the whole model (not per
+//! layer with prefetch) and the gathered tensors live until the step's last backward pass, so the
+//! memory saved is the optimizer state and master weights, not the parameters during compute; and
+//! FSDP1's flat parameters.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use burn::tensor::backend::AutodiffBackend;
+use burn_moe_backend::dist::{
+    CollectiveBackend, CommError, Communicator, DTensor, DTensorError, DeviceMesh, GraphComm, MeshError, Placement,
+    ReduceOp, reduce_scatter_shard, shard_range,
+};
+use burn_moe_backend::{AllToAllDispatcher, LocalDispatcher, MoeBackend, TokenDispatcher};
+use mixtral_burn::MixtralForCausalLM;
+
+/// How non-expert parameters are distributed (`--sharding`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    /// Parameters replicated on every rank; with several ranks gradients are all-reduced (as DDP).
+    None,
+    /// Data parallel: replicated parameters, gradient all-reduce.
+    #[default]
+    Ddp,
+    /// FSDP1-style flat-parameter units (not implemented yet: rejected with an error).
+    Fsdp1,
+    /// FSDP2-style per-parameter `Shard(0)` on the FSDP group.
+    Fsdp2,
+}
+
+/// Where one parameter lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParamPlacement {
+    /// Whole on every rank; gradient all-reduced over the world.
+    Replicated,
+    /// `Shard(0)` over the world; `dims` is the full shape.
+    Sharded {
+        /// Global shape.
+        dims: Vec<usize>,
+    },
+    /// This rank's experts only; gradient all-reduced over the expert-data-parallel group.
+    Expert,
+}
+
+/// Errors of setting up or running the parallel plan.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardingError {
+    /// The degrees do not fit the world or the experts.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    /// A collective failed.
+    #[error(transparent)]
+    Comm(#[from] CommError),
+    /// Gathering or scattering a sharded parameter failed.
+    #[error(transparent)]
+    Shard(#[from] DTensorError),
+    /// A combination that is not available.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// One rank's view of the parallel plan: mesh groups, the EP dispatcher, every parameter's placement.
+pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBackend>, C: Communicator<B::InnerBackend>> {
+    sharding: Sharding,
+    mesh: DeviceMesh<C>,
+    dispatcher: Option<AllToAllDispatcher<B>>,
+    placements: HashMap<ParamId, ParamPlacement>,
+}
+
+impl<B, C> Parallel<B, C>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
+    C: Communicator<B::InnerBackend> + 'static,
+{
+    /// Builds the mesh (`dp = world / ep`) and, with `ep_size > 1`, the EP group's dispatcher.
+    /// Every rank of `world` must call it with the same arguments.
+    ///
+    /// # Errors
+    /// [`ShardingError::Mesh`] with the numbers when `ep_size` does not divide the world size or the
+    /// number of experts; [`ShardingError::Unsupported`] for `fsdp1`.
+    pub fn new(world: &C, sharding: Sharding, ep_size: usize, num_experts: usize) -> Result<Self, ShardingError> {
+        if sharding == Sharding::Fsdp1 {
+            return Err(ShardingError::Unsupported(
+                "--sharding fsdp1 (flat-parameter units) is not implemented yet; use fsdp2, ddp or none".into(),
+            ));
+        }
+        // The mesh owns its groups; a duplicate of the world keeps `world` usable by the caller.
+        let dup = world.split(0, world.rank(), world.group_name())?;
+        let mesh = DeviceMesh::with_ep::<B::InnerBackend>(dup, ep_size)?;
+        mesh.validate_experts(num_experts)?;
+        let dispatcher = if ep_size > 1 {
+            // The dispatcher keeps its own handle on the EP group (it lives in the autodiff graph).
+            let ep = mesh.world().split(mesh.dp_index(), mesh.ep_index(), mesh.ep().group_name())?;
+            Some(AllToAllDispatcher::new(GraphComm::new(ep)))
+        } else {
+            None
+        };
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new() })
+    }
+
+    /// The expert dispatcher every MoE layer uses.
+    pub fn dispatcher(&self) -> &dyn TokenDispatcher<B> {
+        match &self.dispatcher {
+            Some(d) => d,
+            None => &LocalDispatcher,
+        }
+    }
+
+    /// Whether every rank must run every micro-batch's forward and backward (collectives inside the
+    /// model), even on an empty slice of the batch.
+    pub fn lockstep(&self) -> bool {
+        self.dispatcher.is_some()
+    }
+
+    /// Whether parameters are sharded (checkpoints then hold consolidated weights only).
+    pub fn is_sharded(&self) -> bool {
+        self.mesh.ep_size() > 1 || self.sharding == Sharding::Fsdp2
+    }
+
+    /// `fsdp2`, `ep2`, `fsdp2+ep2`, ... for logs and checkpoint metadata.
+    pub fn describe(&self) -> String {
+        let base = match self.sharding {
+            Sharding::None => "none",
+            Sharding::Ddp => "ddp",
+            Sharding::Fsdp1 => "fsdp1",
+            Sharding::Fsdp2 => "fsdp2",
+        };
+        if self.mesh.ep_size() > 1 {
+            format!("{base}+ep{}(dp{})", self.mesh.ep_size(), self.mesh.dp_size())
+        } else {
+            base.to_owned()
+        }
+    }
+
+    /// The first error recorded by a collective inside the model (forward or backward).
+    ///
+    /// # Errors
+    /// That [`CommError`].
+    pub fn check(&self) -> Result<(), CommError> {
+        match &self.dispatcher {
+            Some(d) => d.comm().check(),
+            None => Ok(()),
+        }
+    }
+
+    /// Applies the plan to a full model (the same on every rank): cuts the experts (EP), shards the
+    /// rest (FSDP2) and records every parameter's placement. Parameter ids are kept.
+    pub fn shard(&mut self, model: MixtralForCausalLM<B>) -> MixtralForCausalLM<B> {
+        let ep = self.mesh.ep_size();
+        let mut model = model;
+        if ep > 1 {
+            let num_experts = model.model.layers.first().map_or(0, |l| l.mlp.num_experts());
+            let range = burn_moe_backend::experts_of_rank(num_experts, ep, self.mesh.ep_index());
+            for layer in &mut model.model.layers {
+                layer.mlp = layer.mlp.local_experts(range.clone());
+            }
+        }
+        let world = self.mesh.fsdp_group();
+        let mut mapper = PlanMapper {
+            fsdp: self.sharding == Sharding::Fsdp2,
+            ep: ep > 1,
+            size: world.size(),
+            rank: world.rank(),
+            path: Vec::new(),
+            placements: HashMap::new(),
+        };
+        let model = model.map(&mut mapper);
+        self.placements = mapper.placements;
+        model
+    }
+
+    /// The model the forward pass runs: sharded parameters all-gathered into full tensors that are
+    /// fresh autodiff leaves (with the shard's id and trainability), everything else as is.
+    ///
+    /// # Errors
+    /// A failed gather.
+    pub fn materialize(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. })) {
+            return Ok(model.clone());
+        }
+        let mut gather = Gather { placements: &self.placements, world: self.mesh.fsdp_group(), error: None };
+        let full = model.clone().map(&mut gather);
+        match gather.error {
+            Some(e) => Err(e),
+            None => Ok(full),
+        }
+    }
+
+    /// Turns the accumulated gradients of the materialized model into gradients of this rank's
+    /// parameters: reduce-scatter (sharded), all-reduce over the world (replicated, when there are
+    /// several ranks) or over the expert-data-parallel group (experts). A parameter without a
+    /// gradient on this rank (an expert that got no token) counts as zero, so every rank joins the
+    /// same collectives in the same order.
+    ///
+    /// # Errors
+    /// A failed collective.
+    pub fn sync_grads(&self, model: &MixtralForCausalLM<B>, grads: &mut GradientsParams) -> Result<(), ShardingError> {
+        let mut sync = SyncGrads {
+            placements: &self.placements,
+            world: self.mesh.fsdp_group(),
+            expert_dp: self.mesh.expert_dp_group(),
+            grads,
+            error: None,
+        };
+        model.visit(&mut sync);
+        match sync.error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Global L2 norm of the gradients over all ranks (each element counted once: replicated
+    /// parameters are divided by the world size, experts by the expert-dp size), scaling them to
+    /// `max_norm` when exceeded, as `clip_grad_norm_` does on the unsharded model. Returns the norm
+    /// before clipping.
+    ///
+    /// # Errors
+    /// A failed all-reduce.
+    pub fn clip_grad_norm(
+        &self,
+        model: &MixtralForCausalLM<B>,
+        grads: &mut GradientsParams,
+        max_norm: Option<f64>,
+        device: &B::Device,
+    ) -> Result<f64, CommError> {
+        let world = self.mesh.fsdp_group();
+        let (world_size, dp) = (world.size() as f64, self.mesh.dp_size() as f64);
+        let mut sum = SumSquares { grads, placements: &self.placements, world_size, dp, total: 0.0 };
+        model.visit(&mut sum);
+        let total = sum.total;
+        let total = if world.size() > 1 {
+            crate::parallel::all_reduce_scalars::<B::InnerBackend, C>(&[total], world, device)?[0]
+        } else {
+            total
+        };
+        let norm = total.sqrt();
+        if let Some(max) = max_norm
+            && norm > max
+        {
+            model.visit(&mut Scale { grads, factor: max / (norm + 1e-6) });
+        }
+        Ok(norm)
+    }
+
+    /// The full model on every rank (sharded parameters gathered, experts gathered over the EP group),
+    /// for saving. Collective: every rank must call it.
+    ///
+    /// # Errors
+    /// A failed collective.
+    pub fn consolidate(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        let full = self.materialize(model)?;
+        let mut gather = GatherExperts { placements: &self.placements, ep: self.mesh.ep(), error: None };
+        let full = full.map(&mut gather);
+        match gather.error {
+            Some(e) => Err(e),
+            None => Ok(full),
+        }
+    }
+}
+
+/// Records placements (by module path) and cuts FSDP shards.
+struct PlanMapper {
+    fsdp: bool,
+    ep: bool,
+    size: usize,
+    rank: usize,
+    /// `(field, parent container type)` of the modules entered.
+    path: Vec<(String, String)>,
+    placements: HashMap<ParamId, ParamPlacement>,
+}
+
+impl PlanMapper {
+    fn is_expert(&self) -> bool {
+        // The expert weights are a DMoe's fields other than the router (`gate`), adapters included.
+        self.path.iter().any(|(name, container)| container == "Struct:DMoe" && name != "gate")
+    }
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push((name.to_owned(), container_type.to_owned()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let expert = self.is_expert();
+        let (id, tensor, mapper) = param.consume();
+        let placement = if expert && self.ep {
+            ParamPlacement::Expert
+        } else if self.fsdp {
+            ParamPlacement::Sharded { dims: tensor.dims().to_vec() }
+        } else {
+            ParamPlacement::Replicated
+        };
+        let tensor = match &placement {
+            ParamPlacement::Sharded { dims } => {
+                let trainable = tensor.is_require_grad();
+                let rows = shard_range(dims[0], self.size, self.rank);
+                tensor.narrow(0, rows.start, rows.len()).detach().set_require_grad(trainable)
+            }
+            _ => tensor,
+        };
+        self.placements.insert(id, placement);
+        Param::from_mapped_value(id, tensor, mapper)
+    }
+}
+
+/// All-gathers sharded parameters into fresh leaves.
+struct Gather<'a, C> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    world: &'a C,
+    error: Option<ShardingError>,
+}
+
+impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for Gather<'_, C> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let Some(ParamPlacement::Sharded { dims }) = self.placements.get(&param.id) else { return param };
+        if self.error.is_some() {
+            return param;
+        }
+        let (id, shard, mapper) = param.consume();
+        let trainable = shard.is_require_grad();
+        let dims: [usize; D] = dims.as_slice().try_into().expect("placement recorded with the parameter's rank");
+        let gathered = DTensor::from_local(shard.clone().inner(), dims, &[self.world], &[Placement::Shard(0)])
+            .and_then(|d| d.full_tensor(&[self.world]));
+        match gathered {
+            Ok(full) => {
+                let full = Tensor::<B, D>::from_inner(full);
+                let full = if trainable { full.require_grad() } else { full };
+                Param::from_mapped_value(id, full, mapper)
+            }
+            Err(e) => {
+                self.error = Some(e.into());
+                Param::from_mapped_value(id, shard, mapper)
+            }
+        }
+    }
+}
+
+/// All-gathers each expert parameter over the EP group (experts are contiguous per EP rank).
+struct GatherExperts<'a, C> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    ep: &'a C,
+    error: Option<ShardingError>,
+}
+
+impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for GatherExperts<'_, C> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        if self.placements.get(&param.id) != Some(&ParamPlacement::Expert) || self.error.is_some() {
+            return param;
+        }
+        let (id, local, mapper) = param.consume();
+        match self.ep.all_gather(local.clone().inner(), 0) {
+            Ok(full) => Param::from_mapped_value(id, Tensor::from_inner(full), mapper),
+            Err(e) => {
+                self.error = Some(e.into());
+                Param::from_mapped_value(id, local, mapper)
+            }
+        }
+    }
+}
+
+struct SyncGrads<'a, C> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    world: &'a C,
+    expert_dp: &'a C,
+    grads: &'a mut GradientsParams,
+    error: Option<ShardingError>,
+}
+
+impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleVisitor<B> for SyncGrads<'_, C> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.error.is_some() || !param.is_require_grad() {
+            return;
+        }
+        let id = param.id;
+        let placement = self.placements.get(&id).cloned().unwrap_or(ParamPlacement::Replicated);
+        let device = param.val().device();
+        let zeros = |dims: Vec<usize>| Tensor::<B::InnerBackend, D>::zeros(dims, &device);
+        let result = match placement {
+            ParamPlacement::Sharded { dims } => {
+                let full = self.grads.remove::<B::InnerBackend, D>(id).unwrap_or_else(|| zeros(dims));
+                reduce_scatter_shard(self.world, full, 0, ReduceOp::Sum).map_err(ShardingError::from)
+            }
+            ParamPlacement::Replicated | ParamPlacement::Expert => {
+                let group = if placement == ParamPlacement::Expert { self.expert_dp } else { self.world };
+                let missing = self.grads.get::<B::InnerBackend, D>(id).is_none();
+                if group.size() == 1 && !(missing && placement == ParamPlacement::Expert) {
+                    return;
+                }
+                // Experts without tokens on this rank get a zero gradient, not none: on one device
+                // they are rows of a stacked tensor that always has one, so AdamW still applies its
+                // moments and weight decay to them.
+                let local = self.grads.remove::<B::InnerBackend, D>(id).unwrap_or_else(|| zeros(param.val().dims().to_vec()));
+                if group.size() == 1 {
+                    Ok(local)
+                } else {
+                    group.all_reduce(local, ReduceOp::Sum).map_err(ShardingError::from)
+                }
+            }
+        };
+        match result {
+            Ok(g) => self.grads.register::<B::InnerBackend, D>(id, g),
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+struct SumSquares<'a> {
+    grads: &'a GradientsParams,
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    world_size: f64,
+    dp: f64,
+    total: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else { return };
+        let sq = g.powi_scalar(2).sum().into_data().iter::<f64>().next().unwrap_or(0.0);
+        // Each element of the global model counted once over all ranks.
+        self.total += match self.placements.get(&param.id) {
+            Some(ParamPlacement::Sharded { .. }) => sq,
+            Some(ParamPlacement::Expert) => sq / self.dp,
+            _ => sq / self.world_size,
+        };
+    }
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+            self.grads.register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
