@@ -12,14 +12,22 @@
 //!   original); the full tensor is all-gathered before the forward pass and its gradient
 //!   reduce-scattered back onto the shard. The optimizer only ever sees shards, so its state is
 //!   sharded like the parameter.
+//! - everything else under `--sharding fsdp1` (experts too when EP is off): [`ParamPlacement::Flat`]:
+//!   FSDP1's flat parameters. Each decoder layer is a unit (the embedding, final norm and LM head
+//!   the root unit; trainable and frozen parameters in separate units, so LoRA runs never
+//!   reduce-scatter frozen weights): its parameters, flattened and concatenated in module order,
+//!   form one buffer padded to a multiple of the world size, and rank `r` owns the `r`-th chunk.
+//!   Each unit is gathered with one all-gather and its gradient reduce-scattered with one
+//!   reduce-scatter. The rank stores its chunk split at parameter boundaries (FSDP1 with
+//!   `use_orig_params=True`), so the optimizer and checkpoints keep per-parameter ids.
 //! - otherwise [`ParamPlacement::Replicated`]: gradients all-reduced over the world (DDP).
 //!
 //! What is not there yet: the gathers happen once per optimizer step for the whole model (not per
 //! layer with prefetch) and the gathered tensors live until the step's last backward pass, so the
-//! memory saved is the optimizer state and master weights, not the parameters during compute; and
-//! FSDP1's flat parameters.
+//! memory saved is the optimizer state and master weights, not the parameters during compute.
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
@@ -41,7 +49,7 @@ pub enum Sharding {
     /// Data parallel: replicated parameters, gradient all-reduce.
     #[default]
     Ddp,
-    /// FSDP1-style flat-parameter units (not implemented yet: rejected with an error).
+    /// FSDP1-style flat-parameter units per decoder layer.
     Fsdp1,
     /// FSDP2-style per-parameter `Shard(0)` on the FSDP group.
     Fsdp2,
@@ -59,6 +67,31 @@ pub enum ParamPlacement {
     },
     /// This rank's experts only; gradient all-reduced over the expert-data-parallel group.
     Expert,
+    /// A member of flat unit `unit`: elements `offset..offset + numel(dims)` of the unit's buffer;
+    /// this rank holds elements `piece` of the flattened parameter (as `[piece.len(), 1, …]`).
+    Flat {
+        /// Index into the plan's units.
+        unit: usize,
+        /// Global shape.
+        dims: Vec<usize>,
+        /// First element in the unit buffer.
+        offset: usize,
+        /// This rank's elements of the flattened parameter.
+        piece: Range<usize>,
+    },
+}
+
+/// One FSDP1 flat-parameter unit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FlatUnit {
+    /// `layer3`, `root`, with `/frozen` for frozen parameters.
+    pub name: String,
+    /// Elements of all members.
+    pub numel: usize,
+    /// Elements per rank (`ceil(numel / world)`; the buffer is padded to `chunk · world`).
+    pub chunk: usize,
+    /// Whether its members are trained.
+    pub trainable: bool,
 }
 
 /// Errors of setting up or running the parallel plan.
@@ -84,6 +117,7 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     mesh: DeviceMesh<C>,
     dispatcher: Option<AllToAllDispatcher<B>>,
     placements: HashMap<ParamId, ParamPlacement>,
+    units: Vec<FlatUnit>,
 }
 
 impl<B, C> Parallel<B, C>
@@ -96,13 +130,8 @@ where
     ///
     /// # Errors
     /// [`ShardingError::Mesh`] with the numbers when `ep_size` does not divide the world size or the
-    /// number of experts; [`ShardingError::Unsupported`] for `fsdp1`.
+    /// number of experts.
     pub fn new(world: &C, sharding: Sharding, ep_size: usize, num_experts: usize) -> Result<Self, ShardingError> {
-        if sharding == Sharding::Fsdp1 {
-            return Err(ShardingError::Unsupported(
-                "--sharding fsdp1 (flat-parameter units) is not implemented yet; use fsdp2, ddp or none".into(),
-            ));
-        }
         // The mesh owns its groups; a duplicate of the world keeps `world` usable by the caller.
         let dup = world.split(0, world.rank(), world.group_name())?;
         let mesh = DeviceMesh::with_ep::<B::InnerBackend>(dup, ep_size)?;
@@ -114,7 +143,7 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new() })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new() })
     }
 
     /// The expert dispatcher every MoE layer uses.
@@ -133,7 +162,12 @@ where
 
     /// Whether parameters are sharded (checkpoints then hold consolidated weights only).
     pub fn is_sharded(&self) -> bool {
-        self.mesh.ep_size() > 1 || self.sharding == Sharding::Fsdp2
+        self.mesh.ep_size() > 1 || matches!(self.sharding, Sharding::Fsdp1 | Sharding::Fsdp2)
+    }
+
+    /// The FSDP1 units (empty for the other plans).
+    pub fn units(&self) -> &[FlatUnit] {
+        &self.units
     }
 
     /// `fsdp2`, `ep2`, `fsdp2+ep2`, ... for logs and checkpoint metadata.
@@ -175,16 +209,33 @@ where
             }
         }
         let world = self.mesh.fsdp_group();
+        let (size, rank) = (world.size(), world.rank());
+        let mut units = Vec::new();
+        let mut unit_index = HashMap::new();
+        if self.sharding == Sharding::Fsdp1 {
+            let mut sizes = UnitSizes { ep: ep > 1, path: Vec::new(), units: Vec::new(), index: HashMap::new() };
+            model.visit(&mut sizes);
+            units = sizes
+                .units
+                .into_iter()
+                .map(|(name, numel, trainable)| FlatUnit { name, numel, chunk: numel.div_ceil(size), trainable })
+                .collect();
+            unit_index = sizes.index;
+        }
         let mut mapper = PlanMapper {
-            fsdp: self.sharding == Sharding::Fsdp2,
+            sharding: self.sharding,
             ep: ep > 1,
-            size: world.size(),
-            rank: world.rank(),
+            size,
+            rank,
             path: Vec::new(),
             placements: HashMap::new(),
+            units: &units,
+            unit_index,
+            filled: vec![0; units.len()],
         };
         let model = model.map(&mut mapper);
         self.placements = mapper.placements;
+        self.units = units;
         model
     }
 
@@ -194,10 +245,20 @@ where
     /// # Errors
     /// A failed gather.
     pub fn materialize(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
-        if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. })) {
+        if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. })) {
             return Ok(model.clone());
         }
-        let mut gather = Gather { placements: &self.placements, world: self.mesh.fsdp_group(), error: None };
+        let world = self.mesh.fsdp_group();
+        // FSDP1: one all-gather per unit, of the rank's chunk reassembled from its pieces.
+        let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()] };
+        model.visit(&mut pieces);
+        let device = model.lm_head.weight.val().device();
+        let mut flats = Vec::with_capacity(self.units.len());
+        for (unit, parts) in self.units.iter().zip(pieces.pieces) {
+            let chunk = pad_to(parts, unit.chunk, &device);
+            flats.push(world.all_gather(chunk, 0)?);
+        }
+        let mut gather = Gather { placements: &self.placements, world, flats, error: None };
         let full = model.clone().map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -214,18 +275,33 @@ where
     /// # Errors
     /// A failed collective.
     pub fn sync_grads(&self, model: &MixtralForCausalLM<B>, grads: &mut GradientsParams) -> Result<(), ShardingError> {
+        let world = self.mesh.fsdp_group();
         let mut sync = SyncGrads {
             placements: &self.placements,
-            world: self.mesh.fsdp_group(),
+            world,
             expert_dp: self.mesh.expert_dp_group(),
             grads,
+            flat: vec![Vec::new(); self.units.len()],
             error: None,
         };
         model.visit(&mut sync);
-        match sync.error {
-            Some(e) => Err(e),
-            None => Ok(()),
+        if let Some(e) = sync.error {
+            return Err(e);
         }
+        let SyncGrads { grads, flat, .. } = sync;
+        // FSDP1: one reduce-scatter per trainable unit, then the chunk is cut back into pieces.
+        let device = model.lm_head.weight.val().device();
+        let mut chunks = Vec::with_capacity(self.units.len());
+        for (unit, parts) in self.units.iter().zip(flat) {
+            if !unit.trainable {
+                chunks.push(None);
+                continue;
+            }
+            let full = pad_to(parts, unit.chunk * world.size(), &device);
+            chunks.push(Some(world.reduce_scatter(full, 0, ReduceOp::Sum)?));
+        }
+        model.visit(&mut RegisterPieces { placements: &self.placements, units: &self.units, chunks, rank: world.rank(), grads });
+        Ok(())
     }
 
     /// Global L2 norm of the gradients over all ranks (each element counted once: replicated
@@ -277,25 +353,69 @@ where
     }
 }
 
-/// Records placements (by module path) and cuts FSDP shards.
-struct PlanMapper {
-    fsdp: bool,
-    ep: bool,
-    size: usize,
-    rank: usize,
-    /// `(field, parent container type)` of the modules entered.
-    path: Vec<(String, String)>,
-    placements: HashMap<ParamId, ParamPlacement>,
+/// `(field, parent container type)` of the modules entered by a visitor or mapper.
+type ModulePath = Vec<(String, String)>;
+
+/// The expert weights are a DMoe's fields other than the router (`gate`), adapters included.
+fn is_expert(path: &ModulePath) -> bool {
+    path.iter().any(|(name, container)| container == "Struct:DMoe" && name != "gate")
 }
 
-impl PlanMapper {
-    fn is_expert(&self) -> bool {
-        // The expert weights are a DMoe's fields other than the router (`gate`), adapters included.
-        self.path.iter().any(|(name, container)| container == "Struct:DMoe" && name != "gate")
+/// FSDP1 unit of a parameter: its decoder layer or the root, split by trainability.
+fn unit_name(path: &ModulePath, trainable: bool) -> String {
+    let layer = path.windows(2).find(|w| w[0].0 == "layers").map(|w| w[1].0.clone());
+    let base = layer.map_or_else(|| "root".to_owned(), |i| format!("layer{i}"));
+    if trainable { base } else { format!("{base}/frozen") }
+}
+
+/// Sizes the FSDP1 units (first pass over the model).
+struct UnitSizes {
+    ep: bool,
+    path: ModulePath,
+    /// `(name, numel, trainable)` in first-seen order.
+    units: Vec<(String, usize, bool)>,
+    index: HashMap<String, usize>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for UnitSizes {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push((name.to_owned(), container_type.to_owned()));
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if self.ep && is_expert(&self.path) {
+            return;
+        }
+        let trainable = param.is_require_grad();
+        let name = unit_name(&self.path, trainable);
+        let next = self.units.len();
+        let i = *self.index.entry(name.clone()).or_insert(next);
+        if i == next {
+            self.units.push((name, 0, trainable));
+        }
+        self.units[i].1 += param.val().shape().num_elements();
     }
 }
 
-impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper {
+/// Records placements (by module path) and cuts FSDP shards.
+struct PlanMapper<'a> {
+    sharding: Sharding,
+    ep: bool,
+    size: usize,
+    rank: usize,
+    path: ModulePath,
+    placements: HashMap<ParamId, ParamPlacement>,
+    units: &'a [FlatUnit],
+    unit_index: HashMap<String, usize>,
+    /// Elements of each unit placed so far (the next member's offset).
+    filled: Vec<usize>,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push((name.to_owned(), container_type.to_owned()));
     }
@@ -305,20 +425,38 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let expert = self.is_expert();
+        let expert = is_expert(&self.path);
         let (id, tensor, mapper) = param.consume();
+        let trainable = tensor.is_require_grad();
+        let dims = tensor.dims().to_vec();
         let placement = if expert && self.ep {
             ParamPlacement::Expert
-        } else if self.fsdp {
-            ParamPlacement::Sharded { dims: tensor.dims().to_vec() }
         } else {
-            ParamPlacement::Replicated
+            match self.sharding {
+                Sharding::Fsdp2 => ParamPlacement::Sharded { dims },
+                Sharding::Fsdp1 => {
+                    let unit = self.unit_index[&unit_name(&self.path, trainable)];
+                    let numel: usize = dims.iter().product();
+                    let offset = self.filled[unit];
+                    self.filled[unit] += numel;
+                    // This rank's chunk of the unit buffer, in the parameter's own coordinates.
+                    let chunk = self.units[unit].chunk;
+                    let (lo, hi) = (self.rank * chunk, (self.rank + 1) * chunk);
+                    let start = lo.clamp(offset, offset + numel) - offset;
+                    let end = hi.clamp(offset, offset + numel) - offset;
+                    ParamPlacement::Flat { unit, dims, offset, piece: start..end }
+                }
+                Sharding::Ddp | Sharding::None => ParamPlacement::Replicated,
+            }
         };
         let tensor = match &placement {
             ParamPlacement::Sharded { dims } => {
-                let trainable = tensor.is_require_grad();
                 let rows = shard_range(dims[0], self.size, self.rank);
                 tensor.narrow(0, rows.start, rows.len()).detach().set_require_grad(trainable)
+            }
+            ParamPlacement::Flat { piece, .. } => {
+                let flat: Tensor<B, 1> = tensor.flatten(0, D - 1);
+                piece_shape::<B, D>(flat.slice([piece.clone()])).detach().set_require_grad(trainable)
             }
             _ => tensor,
         };
@@ -327,24 +465,68 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper {
     }
 }
 
-/// All-gathers sharded parameters into fresh leaves.
-struct Gather<'a, C> {
+/// `[n]` → `[n, 1, …]`: how a flat piece is stored in a rank-`D` parameter.
+fn piece_shape<B: burn::tensor::backend::Backend, const D: usize>(flat: Tensor<B, 1>) -> Tensor<B, D> {
+    let mut shape = [1usize; D];
+    shape[0] = flat.dims()[0];
+    flat.reshape(shape)
+}
+
+/// Concatenates 1-d parts and pads with zeros to `len` elements.
+fn pad_to<B: burn::tensor::backend::Backend>(parts: Vec<Tensor<B, 1>>, len: usize, device: &B::Device) -> Tensor<B, 1> {
+    let mut parts: Vec<Tensor<B, 1>> = parts.into_iter().filter(|p| p.dims()[0] > 0).collect();
+    let have: usize = parts.iter().map(|p| p.dims()[0]).sum();
+    if have < len {
+        parts.push(Tensor::zeros([len - have], device));
+    }
+    Tensor::cat(parts, 0)
+}
+
+/// This rank's FSDP1 pieces, per unit in member order (inner tensors).
+struct CollectPieces<'a, B: burn::tensor::backend::Backend> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    pieces: Vec<Vec<Tensor<B, 1>>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for CollectPieces<'_, B::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(ParamPlacement::Flat { unit, piece, .. }) = self.placements.get(&param.id) {
+            self.pieces[*unit].push(param.val().inner().reshape([piece.len()]));
+        }
+    }
+}
+
+/// All-gathers sharded parameters into fresh leaves (FSDP2), or cuts them out of their gathered
+/// unit buffers (FSDP1).
+struct Gather<'a, C, B: burn::tensor::backend::Backend> {
     placements: &'a HashMap<ParamId, ParamPlacement>,
     world: &'a C,
+    /// Gathered FSDP1 unit buffers.
+    flats: Vec<Tensor<B, 1>>,
     error: Option<ShardingError>,
 }
 
-impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for Gather<'_, C> {
+impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for Gather<'_, C, B::InnerBackend> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        let Some(ParamPlacement::Sharded { dims }) = self.placements.get(&param.id) else { return param };
         if self.error.is_some() {
             return param;
         }
+        let (dims, flat) = match self.placements.get(&param.id) {
+            Some(ParamPlacement::Sharded { dims }) => (dims, None),
+            Some(ParamPlacement::Flat { unit, dims, offset, .. }) => (dims, Some((*unit, *offset))),
+            _ => return param,
+        };
         let (id, shard, mapper) = param.consume();
         let trainable = shard.is_require_grad();
         let dims: [usize; D] = dims.as_slice().try_into().expect("placement recorded with the parameter's rank");
-        let gathered = DTensor::from_local(shard.clone().inner(), dims, &[self.world], &[Placement::Shard(0)])
-            .and_then(|d| d.full_tensor(&[self.world]));
+        let gathered = match flat {
+            Some((unit, offset)) => {
+                let numel: usize = dims.iter().product();
+                Ok(self.flats[unit].clone().slice([offset..offset + numel]).reshape(dims))
+            }
+            None => DTensor::from_local(shard.clone().inner(), dims, &[self.world], &[Placement::Shard(0)])
+                .and_then(|d| d.full_tensor(&[self.world])),
+        };
         match gathered {
             Ok(full) => {
                 let full = Tensor::<B, D>::from_inner(full);
@@ -382,15 +564,17 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
     }
 }
 
-struct SyncGrads<'a, C> {
+struct SyncGrads<'a, C, B: burn::tensor::backend::Backend> {
     placements: &'a HashMap<ParamId, ParamPlacement>,
     world: &'a C,
     expert_dp: &'a C,
     grads: &'a mut GradientsParams,
+    /// FSDP1: each unit's full gradients, flattened, in member order.
+    flat: Vec<Vec<Tensor<B, 1>>>,
     error: Option<ShardingError>,
 }
 
-impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleVisitor<B> for SyncGrads<'_, C> {
+impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleVisitor<B> for SyncGrads<'_, C, B::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if self.error.is_some() || !param.is_require_grad() {
             return;
@@ -400,6 +584,11 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleVisitor<B> for 
         let device = param.val().device();
         let zeros = |dims: Vec<usize>| Tensor::<B::InnerBackend, D>::zeros(dims, &device);
         let result = match placement {
+            ParamPlacement::Flat { unit, dims, .. } => {
+                let full = self.grads.remove::<B::InnerBackend, D>(id).unwrap_or_else(|| zeros(dims));
+                self.flat[unit].push(full.flatten(0, D - 1));
+                return;
+            }
             ParamPlacement::Sharded { dims } => {
                 let full = self.grads.remove::<B::InnerBackend, D>(id).unwrap_or_else(|| zeros(dims));
                 reduce_scatter_shard(self.world, full, 0, ReduceOp::Sum).map_err(ShardingError::from)
@@ -442,10 +631,34 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_> {
         let sq = g.powi_scalar(2).sum().into_data().iter::<f64>().next().unwrap_or(0.0);
         // Each element of the global model counted once over all ranks.
         self.total += match self.placements.get(&param.id) {
-            Some(ParamPlacement::Sharded { .. }) => sq,
+            Some(ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. }) => sq,
             Some(ParamPlacement::Expert) => sq / self.dp,
             _ => sq / self.world_size,
         };
+    }
+}
+
+/// Registers each FSDP1 piece's gradient, cut from its unit's reduce-scattered chunk.
+struct RegisterPieces<'a, B: burn::tensor::backend::Backend> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    units: &'a [FlatUnit],
+    chunks: Vec<Option<Tensor<B, 1>>>,
+    rank: usize,
+    grads: &'a mut GradientsParams,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for RegisterPieces<'_, B::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(ParamPlacement::Flat { unit, offset, piece, .. }) = self.placements.get(&param.id) else { return };
+        let Some(chunk) = &self.chunks[*unit] else { return };
+        if piece.is_empty() {
+            // Nothing of this parameter on this rank: nothing to update here.
+            return;
+        }
+        // The piece's place inside this rank's chunk of the unit buffer.
+        let start = offset + piece.start - self.rank * self.units[*unit].chunk;
+        let grad = chunk.clone().slice([start..start + piece.len()]);
+        self.grads.register::<B::InnerBackend, D>(param.id, piece_shape::<B::InnerBackend, D>(grad));
     }
 }
 
