@@ -98,6 +98,12 @@ pub struct Args {
     #[arg(long, help_heading = "Model and data")]
     pub model_path: Option<PathBuf>,
 
+    /// An HF `config.json` describing a randomly initialised model to train instead of the tiny
+    /// preset (benchmarks at real shapes, e.g. Mixtral-8x7B with fewer layers), with the byte-level
+    /// tokenizer (its ids are valid for any `vocab_size` ≥ 259). Conflicts with --model-path.
+    #[arg(long, conflicts_with = "model_path", help_heading = "Model and data")]
+    pub model_config: Option<PathBuf>,
+
     /// Concatenate tokenized examples (each BOS ... EOS) into rows of exactly --max-seq-length
     /// tokens. Attention is causal over the whole row: an example can attend to earlier examples
     /// in its row (HF's simple packing); prompts stay masked out of the loss.

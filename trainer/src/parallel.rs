@@ -20,3 +20,49 @@ where
     let sum = comm.all_reduce(t, ReduceOp::Sum)?;
     Ok(sum.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default())
 }
+
+/// Makes every rank's parameters equal to rank 0's (a broadcast per parameter, in module order):
+/// models drawn from a backend RNG, which is per process (or shared by in-process ranks), start
+/// identical on every rank.
+///
+/// # Errors
+/// A failed broadcast.
+pub fn broadcast_params<B, M, C>(model: M, comm: &C) -> Result<M, CommError>
+where
+    B: burn::tensor::backend::AutodiffBackend,
+    M: burn::module::Module<B>,
+    C: Communicator<B::InnerBackend>,
+{
+    struct Bcast<'a, C> {
+        comm: &'a C,
+        error: Option<CommError>,
+    }
+    impl<B: burn::tensor::backend::AutodiffBackend, C: Communicator<B::InnerBackend>> burn::module::ModuleMapper<B> for Bcast<'_, C> {
+        fn map_float<const D: usize>(&mut self, param: burn::module::Param<Tensor<B, D>>) -> burn::module::Param<Tensor<B, D>> {
+            if self.error.is_some() {
+                return param;
+            }
+            let (id, t, mapper) = param.consume();
+            let trainable = t.is_require_grad();
+            match self.comm.broadcast(t.clone().inner(), 0) {
+                Ok(v) => {
+                    let v = Tensor::<B, D>::from_inner(v);
+                    burn::module::Param::from_mapped_value(id, if trainable { v.require_grad() } else { v }, mapper)
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    burn::module::Param::from_mapped_value(id, t, mapper)
+                }
+            }
+        }
+    }
+    if comm.size() == 1 {
+        return Ok(model);
+    }
+    let mut b = Bcast { comm, error: None };
+    let model = model.map(&mut b);
+    match b.error {
+        Some(e) => Err(e),
+        None => Ok(model),
+    }
+}

@@ -66,9 +66,21 @@ pub enum TrainError {
     },
 }
 
-/// The model the trainer fine-tunes by default: [`MixtralConfig::tiny`], whose vocabulary matches the
-/// byte-level tokenizer.
+/// The model the trainer fine-tunes without `--model-path`: [`MixtralConfig::tiny`], whose vocabulary
+/// matches the byte-level tokenizer, or the architecture of `--model-config` (random weights).
 pub fn default_model_config(args: &Args) -> Result<MixtralConfig, TrainError> {
+    if let Some(path) = &args.model_config {
+        let config = MixtralConfig::from_hf_json_file(path)?.with_moe_kernel(args.moe_kernel);
+        config.validate(&path.display().to_string())?;
+        if config.vocab_size < VOCAB_SIZE {
+            return Err(TrainError::Args(format!(
+                "{}: vocab_size {} is smaller than the byte-level tokenizer's {VOCAB_SIZE}",
+                path.display(),
+                config.vocab_size
+            )));
+        }
+        return Ok(config);
+    }
     let config = MixtralConfig::tiny().with_moe_kernel(args.moe_kernel);
     config.validate("tiny preset")?;
     assert_eq!(config.vocab_size, VOCAB_SIZE, "tiny preset and byte tokenizer disagree");
@@ -261,6 +273,12 @@ where
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
         (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.moe_kernel)?,
         (None, Some(ckpt)) => ckpt.load_model(device, args.moe_kernel)?,
+        // Real-shaped architectures: the backend RNG (on the device; a host RNG would take minutes
+        // for billions of weights), made identical on every rank by a broadcast from rank 0.
+        (None, None) if args.model_config.is_some() => {
+            B::seed(device, args.seed);
+            crate::parallel::broadcast_params::<B, _, C>(config.init(device), comm)?
+        }
         // Weights from a host RNG: the backend's RNG is process-global, so concurrent runs (tests,
         // in-process ranks) would otherwise draw each other's numbers.
         (None, None) => config.init_seeded(device, args.seed),
@@ -419,6 +437,7 @@ where
                 .with("lm_loss", lm_value)
                 .with("aux_loss", aux_value)
                 .with("grad_norm", grad_norm)
+                .with("elapsed_s", start.elapsed().as_secs_f64())
                 .with("epoch", epoch);
             if let Some(e) = eval_loss {
                 line = line.with("eval_loss", e);

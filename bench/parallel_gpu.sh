@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# One device call on NPROC GPUs (nvidia-h200-x4 / h100-x4): expert parallelism and FSDP in the trainer.
+#  1. Equivalence: the tiny job as 1 process x batch 4 and as NPROC processes x batch 4/NPROC under each
+#     plan (NCCL); the logged losses must agree (f32).
+#  2. The table: a Mixtral-8x7B-shaped model (d=4096, ffn=14336, E=8, k=2, 32 heads / 8 kv, vocab 32000)
+#     with LAYERS layers, random init, packed rows of SEQ tokens, per-device batch 1, STEPS steps, f32,
+#     for each plan in PLANS (and LORA=1 adds --use-lora attn-only rows). Memory: nvidia-smi sampled
+#     every 200 ms (max over the run, per GPU). Model FLOPs per token: 6·N_active + 12·L·d·S (HF/Megatron
+#     convention, causal attention counted in full), N_active = non-embedding params a token touches.
+# Expects .dev/bin/trainer.xz (release, --features cuda, stripped, xz). Logs and JSON go to $OUT.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+exec > >(tee -a "$OUT/parallel_gpu.log") 2>&1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1
+python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.xz"), open("/tmp/trainer","wb"))'
+chmod +x /tmp/trainer
+NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
+export LD_LIBRARY_PATH=$NCCL_LIB:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0 CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} RUST_LOG=warn
+NPROC=${NPROC:-4}
+PLANS=${PLANS:-"fsdp2 fsdp1 ep${NPROC}+fsdp2 ep2+fsdp2"}
+flags() { # plan -> trainer flags
+  case $1 in
+    fsdp2) echo "--sharding fsdp2";;
+    fsdp1) echo "--sharding fsdp1";;
+    ddp) echo "--sharding ddp";;
+    ep*+*) local ep=${1%%+*}; echo "--ep-size ${ep#ep} --sharding ${1#*+}";;
+  esac
+}
+
+if [ "${EQUIV:-1}" = 1 ]; then
+  PER=$((4 / NPROC)); COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2"
+  echo "=== equivalence (tiny model, f32): 1 x batch 4 vs $NPROC x batch $PER"
+  timeout 120 /tmp/trainer $COMMON --per-device-train-batch-size 4 --output-dir $OUT/eq/single >/dev/null
+  for plan in $PLANS; do
+    timeout 120 /tmp/trainer $COMMON --per-device-train-batch-size $PER --nproc-per-node $NPROC $(flags $plan) \
+      --output-dir $OUT/eq/$plan >/dev/null || echo "$plan: rc=$?"
+  done
+  python3 - "$OUT/eq" $PLANS <<'PY'
+import json, sys, os
+out, plans = sys.argv[1], sys.argv[2:]
+load = lambda d: [json.loads(l) for l in open(os.path.join(out, d, "metrics.jsonl"))]
+ref = load("single")
+for p in plans:
+    try:
+        got = load(p)
+    except OSError as e:
+        print(p, "missing:", e); continue
+    worst = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(ref, got) for k in ["loss", "lm_loss", "aux_loss", "grad_norm"])
+    print(f"{p:>12}: {len(got)} steps, max rel diff vs 1 GPU (loss, lm, aux, grad_norm) = {worst:.2e}")
+PY
+fi
+
+LAYERS=${LAYERS:-2}; SEQ=${SEQ:-4096}; STEPS=${STEPS:-4}
+python3 - "$OUT/mixtral_${LAYERS}l.json" "$LAYERS" <<'PY'
+import json, sys
+json.dump({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
+           "intermediate_size": 14336, "num_hidden_layers": int(sys.argv[2]), "num_attention_heads": 32,
+           "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
+           "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}, open(sys.argv[1], "w"))
+PY
+ROWS=""
+for lora in none $([ "${LORA:-0}" = 1 ] && echo attn-only); do
+  for plan in $PLANS; do
+    name=$plan-$lora
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 > $OUT/mem-$name.csv &
+    SMI=$!
+    echo "=== $name: $(flags $plan) --use-lora $lora"
+    timeout ${RUN_TIMEOUT:-150} /tmp/trainer --device cuda --model-config $OUT/mixtral_${LAYERS}l.json --nproc-per-node $NPROC \
+      --per-device-train-batch-size 1 --packing --max-seq-length $SEQ --max-steps $STEPS --logging-steps 1 \
+      --learning-rate 1e-5 --use-lora $lora $(flags $plan) ${EXTRA:-} --output-dir $OUT/$name 2>&1 | grep -vE "^\s*$" | tail -4
+    echo "rc=${PIPESTATUS[0]}"
+    kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
+    ROWS="$ROWS $name"
+  done
+done
+python3 - "$OUT" "$NPROC" "$LAYERS" "$SEQ" $ROWS <<'PY'
+import json, sys, os, collections
+out, nproc, L, S, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+d, f, E, k, V, kv = 4096, 14336, 8, 2, 32000, 1024
+attn = 2 * d * d + 2 * d * kv
+n_active = L * (attn + E * d + k * 3 * d * f) + V * d
+flop_tok = 6 * n_active + 12 * L * d * S
+print(f"model: {L} layers, {n_active/1e9:.3f}B active params/token, {flop_tok/1e9:.1f} GFLOP/token (fwd+bwd)")
+print("| plan | LoRA | steps | train_runtime s | steady s/step | tokens/s/GPU | model TFLOP/s/GPU | gpu_mem_used_peak MiB (max GPU) | loss first→last |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+table = []
+for r in rows:
+    plan, lora = r.rsplit("-", 1) if not r.endswith("attn-only") else (r[: -len("-attn-only")], "attn-only")
+    try:
+        m = [json.loads(l) for l in open(os.path.join(out, r, "metrics.jsonl"))]
+        s = json.load(open(os.path.join(out, r, "train_summary.json")))
+    except OSError:
+        print(f"| {plan} | {lora} | failed (see log) | | | | | | |"); continue
+    peak = collections.defaultdict(int)
+    for line in open(os.path.join(out, f"mem-{r}.csv")):
+        try:
+            i, mem = [int(x) for x in line.split(",")]
+            peak[i] = max(peak[i], mem)
+        except ValueError:
+            pass
+    # Steady state: steps after the first (which includes kernel compilation and autotuning).
+    steady = (m[-1]["elapsed_s"] - m[0]["elapsed_s"]) / max(len(m) - 1, 1)
+    tok_gpu = S / steady  # per-device batch 1 of S tokens
+    tflops = tok_gpu * flop_tok / 1e12
+    row = dict(plan=plan, lora=lora, steps=len(m), runtime=s["train_runtime"], steady=steady, tok_gpu=tok_gpu,
+               tflops=tflops, mem=max(peak.values()) if peak else None, loss=(m[0]["loss"], m[-1]["loss"]))
+    table.append(row)
+    print(f"| {plan} | {lora} | {len(m)} | {s['train_runtime']:.1f} | {steady:.2f} | {tok_gpu:.0f} | {tflops:.1f} | {row['mem']} | {m[0]['loss']:.3f}→{m[-1]['loss']:.3f} |")
+json.dump(table, open(os.path.join(out, "parallel_table.json"), "w"), indent=1)
+PY
