@@ -100,7 +100,9 @@ pub struct Args {
 
     /// An HF `config.json` describing a randomly initialised model to train instead of the tiny
     /// preset (benchmarks at real shapes, e.g. Mixtral-8x7B with fewer layers), with the byte-level
-    /// tokenizer (its ids are valid for any `vocab_size` ≥ 259). Conflicts with --model-path.
+    /// tokenizer (its ids are valid for any `vocab_size` ≥ 259). Weights come from the host RNG on the
+    /// CPU (the same for any rank count) and from the device RNG, broadcast from rank 0, on the GPU.
+    /// Conflicts with --model-path.
     #[arg(long, conflicts_with = "model_path", help_heading = "Model and data")]
     pub model_config: Option<PathBuf>,
 

@@ -273,9 +273,10 @@ where
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
         (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.moe_kernel)?,
         (None, Some(ckpt)) => ckpt.load_model(device, args.moe_kernel)?,
-        // Real-shaped architectures: the backend RNG (on the device; a host RNG would take minutes
-        // for billions of weights), made identical on every rank by a broadcast from rank 0.
-        (None, None) if args.model_config.is_some() => {
+        // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
+        // billions of weights), made identical on every rank by a broadcast from rank 0. On the CPU
+        // the host RNG below keeps runs reproducible across rank counts.
+        (None, None) if args.model_config.is_some() && args.device == crate::cli::Device::Cuda => {
             B::seed(device, args.seed);
             crate::parallel::broadcast_params::<B, _, C>(config.init(device), comm)?
         }

@@ -203,3 +203,25 @@ fn bad_parallel_degrees_are_errors_with_the_numbers() {
         assert!(e.contains("num_experts 4 not divisible by ep_size 3"), "{e}");
     }
 }
+
+/// The commands that run at 4 ranks scale to 8 (what an 8-GPU run does, on in-process ranks): a
+/// tiny model with 8 experts under EP=8, EP=4 × DP=2 and FSDP2 on 8 ranks equals one device.
+#[test]
+fn eight_ranks_with_eight_experts_equal_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.json");
+    let mut json = mixtral_burn::MixtralConfig::tiny().to_hf_json();
+    json["num_local_experts"] = 8.into();
+    std::fs::write(&config, json.to_string()).unwrap();
+    let c = config.display().to_string();
+    let common = ["--max-steps", "2", "--seed", "2", "--save-steps", "2", "--model-config", c.as_str()];
+    let single = tmp.path().join("single");
+    train::<B>(&args(&single, 8, &common), &Default::default()).unwrap();
+    for plan in [&["--ep-size", "8", "--sharding", "fsdp2"][..], &["--ep-size", "4", "--sharding", "fsdp1"], &["--sharding", "fsdp2"]] {
+        let out = tmp.path().join(plan.join("").replace("--", "-"));
+        let mut flags = common.to_vec();
+        flags.extend_from_slice(plan);
+        run_ranks(8, &args(&out, 1, &flags));
+        assert_same_run(&single, &out, 2, &format!("8 ranks {plan:?}"));
+    }
+}
