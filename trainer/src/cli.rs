@@ -88,9 +88,15 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Device::Ndarray)]
     pub device: Device,
 
-    /// Expert-computation path of the MoE layers.
+    /// Expert-computation path of the MoE layers: reference, scatter (alias scattermoe) or
+    /// block-sparse (alias megablocks).
     #[arg(long, default_value = "reference")]
     pub moe_kernel: burn_moe_backend::MoeKernel,
+
+    /// The original's switch: `--use-scattermoe` or `--use-scattermoe true` means
+    /// `--moe-kernel scatter` (`false` leaves --moe-kernel as given).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    pub use_scattermoe: Option<bool>,
 
     // ---- Model and data ----
     /// HF Mixtral directory to fine-tune: config.json, safetensors weights (classic or fused
@@ -230,6 +236,12 @@ pub struct Args {
 }
 
 impl Args {
+    /// The MoE kernel of the run (`--moe-kernel`, overridden by `--use-scattermoe true`).
+    #[must_use]
+    pub fn kernel(&self) -> burn_moe_backend::MoeKernel {
+        if self.use_scattermoe == Some(true) { burn_moe_backend::MoeKernel::Scatter } else { self.moe_kernel }
+    }
+
     /// The EP degree for a world of `world_size` ranks (`--ep-size`, or the whole world with
     /// `--use-megablocks-sharding`).
     #[must_use]
@@ -444,6 +456,21 @@ mod tests {
     #[test]
     fn command_is_well_formed() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn original_switches_map_to_our_flags() {
+        use burn_moe_backend::MoeKernel;
+        assert_eq!(parse(&[]).unwrap().kernel(), MoeKernel::Reference);
+        assert_eq!(parse(&["--use-scattermoe"]).unwrap().kernel(), MoeKernel::Scatter);
+        assert_eq!(parse(&["--use-scattermoe", "true"]).unwrap().kernel(), MoeKernel::Scatter);
+        let a = parse(&["--use-scattermoe", "false", "--moe-kernel", "megablocks"]).unwrap();
+        assert_eq!(a.kernel(), MoeKernel::BlockSparse);
+        assert_eq!(parse(&["--use-megablocks-sharding"]).unwrap().effective_ep_size(8), 8);
+        assert_eq!(parse(&["--use-megablocks-sharding", "--ep-size", "4"]).unwrap().effective_ep_size(8), 4);
+        assert_eq!(parse(&[]).unwrap().effective_ep_size(8), 1);
+        assert_eq!(parse(&["--sharding", "fsdp1"]).unwrap().sharding, crate::sharding::Sharding::Fsdp1);
+        assert!(parse(&["--sharding", "zero3"]).is_err());
     }
 
     #[test]

@@ -55,6 +55,8 @@ pub struct StepMetrics {
     /// Additional numeric fields, e.g. `grad_norm`, `tokens_per_second`, `aux_loss`.
     /// Written in key order after the built-in fields.
     pub extra: BTreeMap<String, f64>,
+    /// Additional list fields, e.g. per-layer expert load.
+    pub lists: BTreeMap<String, Vec<f64>>,
 }
 
 impl StepMetrics {
@@ -66,6 +68,7 @@ impl StepMetrics {
             loss,
             learning_rate,
             extra: BTreeMap::new(),
+            lists: BTreeMap::new(),
         }
     }
 
@@ -73,6 +76,13 @@ impl StepMetrics {
     #[must_use]
     pub fn with(mut self, key: impl Into<String>, value: f64) -> Self {
         self.extra.insert(key.into(), value);
+        self
+    }
+
+    /// Adds a list field (builder style).
+    #[must_use]
+    pub fn with_list(mut self, key: impl Into<String>, values: Vec<f64>) -> Self {
+        self.lists.insert(key.into(), values);
         self
     }
 
@@ -91,6 +101,12 @@ impl StepMetrics {
                 return Err(MetricsError::ReservedField(k.clone()));
             }
             map.insert(k.clone(), json_f64(v));
+        }
+        for (k, v) in &self.lists {
+            if map.contains_key(k) {
+                return Err(MetricsError::ReservedField(k.clone()));
+            }
+            map.insert(k.clone(), Value::Array(v.iter().map(|&x| json_f64(x)).collect()));
         }
         Ok(Value::Object(map))
     }

@@ -70,7 +70,7 @@ pub enum TrainError {
 /// matches the byte-level tokenizer, or the architecture of `--model-config` (random weights).
 pub fn default_model_config(args: &Args) -> Result<MixtralConfig, TrainError> {
     if let Some(path) = &args.model_config {
-        let config = MixtralConfig::from_hf_json_file(path)?.with_moe_kernel(args.moe_kernel);
+        let config = MixtralConfig::from_hf_json_file(path)?.with_moe_kernel(args.kernel());
         config.validate(&path.display().to_string())?;
         if config.vocab_size < VOCAB_SIZE {
             return Err(TrainError::Args(format!(
@@ -81,7 +81,7 @@ pub fn default_model_config(args: &Args) -> Result<MixtralConfig, TrainError> {
         }
         return Ok(config);
     }
-    let config = MixtralConfig::tiny().with_moe_kernel(args.moe_kernel);
+    let config = MixtralConfig::tiny().with_moe_kernel(args.kernel());
     config.validate("tiny preset")?;
     assert_eq!(config.vocab_size, VOCAB_SIZE, "tiny preset and byte tokenizer disagree");
     Ok(config)
@@ -114,7 +114,7 @@ pub fn model_source(args: &Args) -> Result<ModelSource, TrainError> {
         });
     };
     let checkpoint = HfCheckpoint::open(dir)?;
-    let config = checkpoint.config.clone().with_moe_kernel(args.moe_kernel);
+    let config = checkpoint.config.clone().with_moe_kernel(args.kernel());
     let path = dir.join("tokenizer.json");
     let tokenizer = HfTokenizer::from_file(&path, config.vocab_size, config.bos_token_id, config.eos_token_id)?;
     Ok(ModelSource { config, tokenizer: Tokenizer::Hf(tokenizer), checkpoint: Some(checkpoint), tokenizer_json: Some(path) })
@@ -271,8 +271,8 @@ where
     };
 
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
-        (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.moe_kernel)?,
-        (None, Some(ckpt)) => ckpt.load_model(device, args.moe_kernel)?,
+        (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.kernel())?,
+        (None, Some(ckpt)) => ckpt.load_model(device, args.kernel())?,
         // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
         // billions of weights), made identical on every rank by a broadcast from rank 0. On the CPU
         // the host RNG below keeps runs reproducible across rank counts.
@@ -301,7 +301,7 @@ where
         examples = dataset.len(),
         total_steps,
         warmup,
-        moe_kernel = %args.moe_kernel,
+        moe_kernel = %args.kernel(),
         "training {}",
         args.model_path.as_ref().map_or_else(|| "tiny Mixtral".to_owned(), |p| p.display().to_string())
     );
@@ -357,6 +357,8 @@ where
         let step_targets = all_reduce_scalars::<B::InnerBackend, C>(&[local_targets], comm, device)?[0].max(1.0);
         let mut accumulator = GradientsAccumulator::<MixtralForCausalLM<B>>::new();
         let (mut loss_value, mut lm_value, mut aux_value, mut step_tokens) = (0.0, 0.0, 0.0, 0.0);
+        // Tokens routed to each expert of each layer this step (all ranks, padding excluded).
+        let mut expert_load = vec![0.0f64; config.num_hidden_layers * num_experts];
         // Sharded parameters gathered once per step; their gradients are reduce-scattered below.
         let live = parallel.materialize(&model)?;
         let idle = Batch::idle();
@@ -384,6 +386,12 @@ where
             );
             parallel.check()?;
             let lm = out.lm_loss_sum.div_scalar(step_targets);
+            for (layer, stats) in out.aux.iter().enumerate() {
+                let counts = stats.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
+                for (acc, c) in expert_load[layer * num_experts..].iter_mut().zip(counts) {
+                    *acc += c;
+                }
+            }
             let aux = if world == 1 {
                 out.aux_loss
             } else {
@@ -405,6 +413,7 @@ where
         if world > 1 {
             let sums = all_reduce_scalars::<B::InnerBackend, C>(&[loss_value, lm_value, aux_value, step_tokens], comm, device)?;
             (loss_value, lm_value, aux_value, step_tokens) = (sums[0], sums[1], sums[2], sums[3]);
+            expert_load = all_reduce_scalars::<B::InnerBackend, C>(&expert_load, comm, device)?;
         }
         tokens += step_tokens as u64;
         if !loss_value.is_finite() {
@@ -439,6 +448,8 @@ where
                 .with("aux_loss", aux_value)
                 .with("grad_norm", grad_norm)
                 .with("elapsed_s", start.elapsed().as_secs_f64())
+                .with_list("expert_load_min", per_layer(&expert_load, num_experts, f64::min))
+                .with_list("expert_load_max", per_layer(&expert_load, num_experts, f64::max))
                 .with("epoch", epoch);
             if let Some(e) = eval_loss {
                 line = line.with("eval_loss", e);
@@ -543,6 +554,11 @@ where
         device,
     );
     Ok((counts.div_scalar(n) * probs.div_scalar(n)).sum().mul_scalar(num_experts as f64))
+}
+
+/// One reduction (min or max) of each layer's per-expert values.
+fn per_layer(values: &[f64], num_experts: usize, f: fn(f64, f64) -> f64) -> Vec<f64> {
+    values.chunks(num_experts.max(1)).map(|c| c.iter().copied().reduce(f).unwrap_or(0.0)).collect()
 }
 
 fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {

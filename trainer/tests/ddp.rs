@@ -70,6 +70,11 @@ fn assert_same_run(single: &Path, parallel: &Path, step: usize, what: &str) {
             let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
             assert!(rel(u, v) <= 1e-5, "{what}: step {} {key}: single {u} vs parallel {v}", x["step"]);
         }
+        // Routing decisions are the same, so per-layer expert loads (token counts) match exactly.
+        for key in ["expert_load_min", "expert_load_max"] {
+            assert!(x[key].is_array(), "{what}: {key} missing");
+            assert_eq!(x[key], y[key], "{what}: step {} {key}", x["step"]);
+        }
     }
     let ckpt = format!("checkpoint-{step}/model.safetensors");
     let (wa, wb) = (weights(&single.join(&ckpt)), weights(&parallel.join(&ckpt)));
