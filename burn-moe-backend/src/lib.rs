@@ -15,6 +15,7 @@ pub mod dist;
 pub mod dmoe;
 pub mod kernel;
 pub mod lora;
+pub mod memory;
 pub mod ops;
 pub mod reference;
 
@@ -22,5 +23,6 @@ pub use aux::{MoeAuxStats, load_balancing_loss};
 pub use dispatch::{AllToAllDispatcher, LocalDispatcher, TokenDispatcher, experts_of_rank};
 pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use kernel::MoeKernel;
+pub use memory::{DeviceMemory, MemoryBackend};
 pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError};
 pub use ops::MoeBackend;

@@ -127,9 +127,11 @@ pub struct TrainSummary {
     pub tokens_per_second: f64,
     /// Optimizer steps taken.
     pub train_steps: u64,
-    /// Peak GPU memory in use, bytes; `null` on CPU backends.
+    /// Peak GPU memory held by the allocator (reserved, pools included), MiB, largest over the
+    /// ranks, sampled after every forward pass and optimizer step; `null` on CPU backends.
     pub gpu_mem_used_peak: Option<f64>,
-    /// GPU memory allocated by the run, bytes; `null` on CPU backends.
+    /// Peak GPU memory of live tensors (allocated), MiB, sampled like `gpu_mem_used_peak`;
+    /// `null` on CPU backends.
     pub gpu_mem_alloc: Option<f64>,
     /// Loss of the last evaluation (mean over the evaluation set's target tokens); `null` when
     /// no evaluation ran.

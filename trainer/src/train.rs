@@ -9,7 +9,7 @@ use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer}
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, backend::AutodiffBackend};
 use burn_moe_backend::dist::{CollectiveBackend, CommConfig, CommError, Communicator, ThreadComm};
-use burn_moe_backend::{MoeAuxStats, MoeBackend};
+use burn_moe_backend::{DeviceMemory, MemoryBackend, MoeAuxStats, MoeBackend};
 use indicatif::{ProgressBar, ProgressStyle};
 use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
 
@@ -184,7 +184,7 @@ fn due(strategy: IntervalStrategy, step: usize, every: usize, epoch_end: bool) -
 /// diverging loss.
 pub fn train<B>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
+    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
 {
     let solo = ThreadComm::<B::InnerBackend>::world(1, std::slice::from_ref(device), CommConfig::default())?
@@ -205,7 +205,7 @@ where
 /// As [`train`], plus [`TrainError::Comm`] when a collective fails.
 pub fn train_with<B, C>(args: &Args, device: &B::Device, comm: &C) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
+    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
     C: Communicator<B::InnerBackend> + 'static,
 {
@@ -348,6 +348,15 @@ where
     );
     progress.set_position(start_step as u64);
     let start = Instant::now();
+    // Allocator peaks (GPU backends), sampled after each forward pass and each optimizer step.
+    let mut mem_peak: Option<DeviceMemory> = None;
+    let sample_memory = |peak: &mut Option<DeviceMemory>| {
+        if let Some(m) = B::device_memory(device) {
+            let p = peak.get_or_insert_with(DeviceMemory::default);
+            p.bytes_in_use = p.bytes_in_use.max(m.bytes_in_use);
+            p.bytes_reserved = p.bytes_reserved.max(m.bytes_reserved);
+        }
+    };
     for step in start_step..total_steps {
         let lr = learning_rate(args.lr_scheduler_type, args.learning_rate, step, warmup, total_steps);
         let micro: Vec<Batch> = (0..accum).map(|m| loader.micro_batch(step, m)).collect();
@@ -402,6 +411,7 @@ where
             lm_value += scalar(lm);
             aux_value += scalar(aux);
             loss_value += scalar(loss.clone());
+            sample_memory(&mut mem_peak);
             let grads = loss.backward();
             parallel.check()?;
             let grads = GradientsParams::from_grads(grads, &live);
@@ -422,6 +432,7 @@ where
         }
         let grad_norm = parallel.clip_grad_norm(&model, &mut grads, args.clip_grad_norm(), device)?;
         model = optimizer.step(lr, model, grads);
+        sample_memory(&mut mem_peak);
 
         let epoch_end = ends_epoch(step, accum, bpe);
         let eval_loss = match &eval_dataset {
@@ -502,6 +513,20 @@ where
         }
     }
     let mut summary = metrics.summary(start.elapsed(), tokens, total_steps as u64);
+    if let Some(peak) = mem_peak {
+        // The largest of any rank, in MiB as the original reported.
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let mut local = [mib(peak.bytes_reserved), mib(peak.bytes_in_use)];
+        if world > 1 {
+            let t = Tensor::<B::InnerBackend, 1>::from_data(burn::tensor::TensorData::new(local.to_vec(), [2]), device);
+            let all: Vec<f64> = comm.all_gather(t, 0)?.into_data().convert::<f64>().to_vec().unwrap_or_default();
+            for pair in all.chunks(2) {
+                local = [local[0].max(pair[0]), local[1].max(pair[1])];
+            }
+        }
+        summary.gpu_mem_used_peak = Some(local[0]);
+        summary.gpu_mem_alloc = Some(local[1]);
+    }
     summary.eval_loss = last_eval;
     metrics.write_summary(&summary)?;
     tracing::info!(
