@@ -82,17 +82,11 @@ fn bytemuck_u32(v: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Multiply-adds below which the one-kernel grouped matmul is used; above it, each expert segment goes
-/// through Burn's tuned (tensor-core) matmul. The one-kernel version reads the weights uncoalesced and
-/// does no tiling: it wins only where launching `E` matmuls costs more than the arithmetic. A tiled,
-/// gather-fused grouped GEMM replaces both (see BENCHMARKS.md).
+/// Multiply-adds below which the one-kernel weight gradient is used; above it, each expert segment
+/// goes through Burn's tuned matmul. The one-kernel version does no tiling: it wins only where
+/// launching `E` matmuls costs more than the arithmetic. (The forward grouped matmul always runs the
+/// tiled `kernels-cubecl` kernel, tensor cores for f16/bf16 where the device has them.)
 const DIRECT_KERNEL_MAX_MACS: usize = 1 << 22;
-
-/// `x: [rows, k]` times `w: [E, m, k]` (or `[E, k, m]`): `rows · m · k` multiply-adds.
-fn use_direct_kernel<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>) -> bool {
-    let (sx, sw) = (x.meta.shape(), w.meta.shape());
-    sx[0].saturating_mul(sw[1]).saturating_mul(sw[2]) <= DIRECT_KERNEL_MAX_MACS
-}
 
 /// `dy: [rows, m]` and `x: [rows, k]`: `rows · m · k` multiply-adds.
 fn use_direct_weight_grad<R: CubeRuntime>(dy: &CubeTensor<R>, x: &CubeTensor<R>) -> bool {
@@ -102,17 +96,6 @@ fn use_direct_weight_grad<R: CubeRuntime>(dy: &CubeTensor<R>, x: &CubeTensor<R>)
 
 fn float<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> burn::tensor::Tensor<B, D> {
     burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
-}
-
-fn segment_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
-    x: FloatTensor<CubeBackend<R, F, I, BT>>,
-    w: FloatTensor<CubeBackend<R, F, I, BT>>,
-    offsets: &[usize],
-    transpose: bool,
-) -> FloatTensor<CubeBackend<R, F, I, BT>> {
-    crate::ops::reference_grouped_matmul::<CubeBackend<R, F, I, BT>>(float(x), float(w), offsets, transpose)
-        .into_primitive()
-        .tensor()
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
@@ -129,9 +112,6 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
     }
 
     fn moe_grouped_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>, offsets: &[usize], transpose: bool) -> FloatTensor<Self> {
-        if !use_direct_kernel(&x, &w) {
-            return segment_matmul::<R, F, I, BT>(x, w, offsets, transpose);
-        }
         let x = into_contiguous(x);
         let w = into_contiguous(w);
         let (n, k) = (x.meta.shape()[0], x.meta.shape()[1]);
