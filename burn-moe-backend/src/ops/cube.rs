@@ -10,7 +10,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::BlockSparseTopology;
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::scatter::{
-    GroupedMatmulProblem, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
+    GroupedMatmulProblem, cmma_supported, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
 };
 
 use super::backend::MoeBackend;
@@ -82,11 +82,20 @@ fn bytemuck_u32(v: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Multiply-adds below which the one-kernel weight gradient is used; above it, each expert segment
-/// goes through Burn's tuned matmul. The one-kernel version does no tiling: it wins only where
-/// launching `E` matmuls costs more than the arithmetic. (The forward grouped matmul always runs the
-/// tiled `kernels-cubecl` kernel, tensor cores for f16/bf16 where the device has them.)
+/// Multiply-adds up to which the `kernels-cubecl` kernels without tensor cores are used (the tiled
+/// shared-memory grouped matmul, the one-kernel weight gradient); above it, each expert segment goes
+/// through Burn's tuned matmul, unless the device has the tensor-core grouped matmul for the dtype.
+/// Measured on an H200 (BENCHMARKS.md, 2026-11-28 grouped GEMM section): the tensor-core grouped
+/// matmul (bf16) runs at 100–105 TFLOP/s against 93 for Burn's single dense matmul of the same size,
+/// but the shared-memory kernel (f32 operands, or no cmma) reaches only 19–29 TFLOP/s, well below
+/// Burn's tensor-core (tf32) matmul, so large f32 problems keep the per-segment path.
 const DIRECT_KERNEL_MAX_MACS: usize = 1 << 22;
+
+/// `x: [rows, k]` times `w: [E, m, k]` (or `[E, k, m]`): `rows · m · k` multiply-adds.
+fn small_grouped_matmul<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>) -> bool {
+    let (sx, sw) = (x.meta.shape(), w.meta.shape());
+    sx[0].saturating_mul(sw[1]).saturating_mul(sw[2]) <= DIRECT_KERNEL_MAX_MACS
+}
 
 /// `dy: [rows, m]` and `x: [rows, k]`: `rows · m · k` multiply-adds.
 fn use_direct_weight_grad<R: CubeRuntime>(dy: &CubeTensor<R>, x: &CubeTensor<R>) -> bool {
@@ -96,6 +105,19 @@ fn use_direct_weight_grad<R: CubeRuntime>(dy: &CubeTensor<R>, x: &CubeTensor<R>)
 
 fn float<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -> burn::tensor::Tensor<B, D> {
     burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
+}
+
+/// Burn's matmul once per non-empty expert segment: the large-problem path where the device has no
+/// tensor-core grouped matmul for the dtype (see [`DIRECT_KERNEL_MAX_MACS`]).
+fn segment_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: FloatTensor<CubeBackend<R, F, I, BT>>,
+    w: FloatTensor<CubeBackend<R, F, I, BT>>,
+    offsets: &[usize],
+    transpose: bool,
+) -> FloatTensor<CubeBackend<R, F, I, BT>> {
+    crate::ops::reference_grouped_matmul::<CubeBackend<R, F, I, BT>>(float(x), float(w), offsets, transpose)
+        .into_primitive()
+        .tensor()
 }
 
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
@@ -112,6 +134,10 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
     }
 
     fn moe_grouped_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>, offsets: &[usize], transpose: bool) -> FloatTensor<Self> {
+        let tensor_cores = with_float!(x.dtype, FE => cmma_supported::<R, FE>(&x.client));
+        if !tensor_cores && !small_grouped_matmul(&x, &w) {
+            return segment_matmul::<R, F, I, BT>(x, w, offsets, transpose);
+        }
         let x = into_contiguous(x);
         let w = into_contiguous(w);
         let (n, k) = (x.meta.shape()[0], x.meta.shape()[1]);

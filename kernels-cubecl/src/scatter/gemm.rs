@@ -199,53 +199,31 @@ pub fn grouped_matmul_cmma_kernel<F: Float, N: Size>(
     }
 
     let w_base = e * m * k;
-    let zero = Vector::<F, N>::new(F::new(0.0));
+    // The next depth step's operands are read into registers while the tensor cores work on the
+    // current one (register prefetch), so global-memory latency overlaps the MMAs.
+    let a_loads = comptime!(CMMA_BLOCK_M * CMMA_BLOCK_K / (256 * nv));
+    let b_loads = comptime!(CMMA_BLOCK_N * CMMA_BLOCK_K / (256 * nv));
+    let mut a_regs = Array::<Vector<F, N>>::new(a_loads);
+    let mut b_regs = Array::<Vector<F, N>>::new(b_loads);
+    load_cmma_operands::<F, N>(x, w, &mut a_regs, &mut b_regs, tid, row0, row_end, col0, w_base, m, k, 0usize, transpose);
     let mut k0 = 0usize;
     while k0 < k {
-        // A tile: 128 rows × 32 depth, (32 / N) vectors per row.
         let a_vpr = comptime!(CMMA_BLOCK_K / nv);
         #[unroll]
-        for s in 0..comptime!(CMMA_BLOCK_M * CMMA_BLOCK_K / (256 * nv)) {
+        for s in 0..a_loads {
             let q = tid + s * 256;
-            let r = q / a_vpr;
-            let cv = q % a_vpr;
-            let row = row0 + r;
-            let kk = k0 + cv * nv;
-            let mut v = zero;
-            if row < row_end && kk < k {
-                v = x[(row * k + kk) / nv];
-            }
-            a_s[r * (a_stride / nv) + cv] = v;
+            a_s[(q / a_vpr) * (a_stride / nv) + q % a_vpr] = a_regs[s];
         }
         #[unroll]
-        for s in 0..comptime!(CMMA_BLOCK_N * CMMA_BLOCK_K / (256 * nv)) {
+        for s in 0..b_loads {
             let q = tid + s * 256;
-            let mut v = zero;
-            if transpose {
-                // b_s[c][l] (column-major B): w[e, c, l] is contiguous along l.
-                let vpr = comptime!(CMMA_BLOCK_K / nv);
-                let c = q / vpr;
-                let cv = q % vpr;
-                let col = col0 + c;
-                let kk = k0 + cv * nv;
-                if col < m && kk < k {
-                    v = w[(w_base + col * k + kk) / nv];
-                }
-                b_s[c * (b_stride / nv) + cv] = v;
-            } else {
-                // b_s[l][c] (row-major B): w[e, l, c] is contiguous along c.
-                let vpr = comptime!(CMMA_BLOCK_N / nv);
-                let l = q / vpr;
-                let cv = q % vpr;
-                let col = col0 + cv * nv;
-                let kk = k0 + l;
-                if col < m && kk < k {
-                    v = w[(w_base + kk * m + col) / nv];
-                }
-                b_s[l * (b_stride / nv) + cv] = v;
-            }
+            let vpr = comptime!(if transpose { CMMA_BLOCK_K / nv } else { CMMA_BLOCK_N / nv });
+            b_s[(q / vpr) * (b_stride / nv) + q % vpr] = b_regs[s];
         }
         sync_cube();
+        if k0 + CMMA_BLOCK_K < k {
+            load_cmma_operands::<F, N>(x, w, &mut a_regs, &mut b_regs, tid, row0, row_end, col0, w_base, m, k, k0 + CMMA_BLOCK_K, transpose);
+        }
         #[unroll]
         for ks in 0..comptime!(CMMA_BLOCK_K / 16) {
             let mut a_frags = Sequence::<cmma::Matrix<F>>::new();
@@ -305,5 +283,65 @@ pub fn grouped_matmul_cmma_kernel<F: Float, N: Size>(
             }
             sync_plane();
         }
+    }
+}
+
+/// Reads one depth step (`k0 .. k0 + 32`) of the tensor-core kernel's operands into registers:
+/// `a_regs[s]` is vector `tid + 256 s` of the 128 × 32 row-major `x` tile, `b_regs[s]` vector
+/// `tid + 256 s` of the `w` tile (128 × 32 column-major when `transpose`, 32 × 128 row-major
+/// otherwise). Out-of-range vectors are zero.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn load_cmma_operands<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    a_regs: &mut Array<Vector<F, N>>,
+    b_regs: &mut Array<Vector<F, N>>,
+    tid: usize,
+    row0: usize,
+    row_end: usize,
+    col0: usize,
+    w_base: usize,
+    m: usize,
+    k: usize,
+    k0: usize,
+    #[comptime] transpose: bool,
+) {
+    let nv = N::value();
+    let zero = Vector::<F, N>::new(F::new(0.0));
+    let a_vpr = comptime!(CMMA_BLOCK_K / nv);
+    #[unroll]
+    for s in 0..comptime!(CMMA_BLOCK_M * CMMA_BLOCK_K / (256 * nv)) {
+        let q = tid + s * 256;
+        let row = row0 + q / a_vpr;
+        let kk = k0 + (q % a_vpr) * nv;
+        let mut v = zero;
+        if row < row_end && kk < k {
+            v = x[(row * k + kk) / nv];
+        }
+        a_regs[s] = v;
+    }
+    #[unroll]
+    for s in 0..comptime!(CMMA_BLOCK_N * CMMA_BLOCK_K / (256 * nv)) {
+        let q = tid + s * 256;
+        let mut v = zero;
+        if transpose {
+            // w[e, c, l] is contiguous along l.
+            let vpr = comptime!(CMMA_BLOCK_K / nv);
+            let col = col0 + q / vpr;
+            let kk = k0 + (q % vpr) * nv;
+            if col < m && kk < k {
+                v = w[(w_base + col * k + kk) / nv];
+            }
+        } else {
+            // w[e, l, c] is contiguous along c.
+            let vpr = comptime!(CMMA_BLOCK_N / nv);
+            let col = col0 + (q % vpr) * nv;
+            let kk = k0 + q / vpr;
+            if col < m && kk < k {
+                v = w[(w_base + kk * m + col) / nv];
+            }
+        }
+        b_regs[s] = v;
     }
 }
