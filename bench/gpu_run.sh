@@ -4,6 +4,8 @@
 # xz-compressed) and .dev/anchors/ (a copy of ../shared/anchors). Writes logs to $OUT.
 # Knobs: GEMM=1 first times the grouped GEMMs alone (moe_bench --gemm); ANCHORS=0 skips the torch
 # anchors; BENCH_KERNELS=scatter limits the layer bench to those paths; TS, REPS, *_TIMEOUT.
+# The device tool sends the checkout the session started in (not a helper's worktree): a helper's
+# binary and this script must be copied into an ignored folder there and carried.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"

@@ -52,6 +52,9 @@ struct Args {
     /// (the old path) and the `kernels-cubecl` tiled / tensor-core kernels, bf16 storage.
     #[arg(long)]
     gemm: bool,
+    /// With `--gemm`, also time Burn's per-segment matmul (autotunes each new segment shape first).
+    #[arg(long)]
+    gemm_old: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -324,10 +327,12 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             let x = Tensor::<B<R>, 2>::random([rows, k], Distribution::Default, device).cast(FloatDType::BF16);
             let wshape = if transpose { [e, m, k] } else { [e, k, m] };
             let w = (Tensor::<B<R>, 3>::random(wshape, Distribution::Default, device) / (k as f32).sqrt()).cast(FloatDType::BF16);
-            let old = time_it::<B<R>>(device, args.reps, || {
-                drop(burn_moe_backend::ops::reference_grouped_matmul(x.clone(), w.clone(), &offsets, transpose));
-            });
-            println!("gemm T={t} {name} [{rows}x{k}]x[{e}x{m}x{k}] burn per-segment matmul (old path): {:.3} ms {:.1} TFLOP/s", old * 1e3, flops / old / 1e12);
+            if args.gemm_old {
+                let old = time_it::<B<R>>(device, args.reps, || {
+                    drop(burn_moe_backend::ops::reference_grouped_matmul(x.clone(), w.clone(), &offsets, transpose));
+                });
+                println!("gemm T={t} {name} [{rows}x{k}]x[{e}x{m}x{k}] burn per-segment matmul (old path): {:.3} ms {:.1} TFLOP/s", old * 1e3, flops / old / 1e12);
+            }
 
             let prim = |t: Tensor<B<R>, 2>| t.into_primitive().tensor();
             let prim3 = |t: Tensor<B<R>, 3>| t.into_primitive().tensor();
