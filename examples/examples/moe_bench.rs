@@ -287,6 +287,12 @@ fn check<R: CubeRuntime>(args: &Args, device: &R::Device) {
     println!("check: {} failures", failures);
 }
 
+/// "ok" when `err` is within 1e-2 of a reference that is not all zeros (an all-zero reference means
+/// the f32 run itself produced nothing, and would make any error look like 0).
+fn verdict(err: f64, want: &[f32]) -> &'static str {
+    if err <= 1e-2 && want.iter().any(|v| *v != 0.0) { "ok" } else { "FAIL" }
+}
+
 /// Median seconds of `reps` timed calls of `f` after one warm-up.
 fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
     let mut times = Vec::new();
@@ -304,10 +310,13 @@ fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> 
 
 /// The grouped GEMMs of the layer alone: `x · w1[e]ᵀ` (`[T·k, d] × [E, ffn, d]`, up projection) and
 /// `h · w2[e]` (`[T·k, ffn] × [E, ffn, d]`, down projection as in the backward of the up projection),
-/// uneven segments (expert `e` gets a share ∝ `e + 1`, expert 0 none when E > 2). Each bf16 kernel's
-/// output is checked against the f32 tiled kernel run on the same bf16-rounded operands.
+/// uneven segments (expert `e` gets a share ∝ `e + 1`, expert 0 none when E > 2), and the weight
+/// gradient of the up projection. Each bf16 kernel's output is checked against the f32 tiled kernel
+/// run on the same bf16-rounded operands.
 fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
-    use kernels_cubecl::scatter::{GroupedMatmulProblem, GroupedMatmulStrategy, cmma_supported, launch_grouped_matmul_with};
+    use kernels_cubecl::scatter::{
+        GroupedMatmulProblem, GroupedMatmulStrategy, cmma_supported, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
+    };
     type B<R> = Cube<R, half::bf16>;
     let device: &<B<R> as burn::tensor::backend::BackendTypes>::Device = device;
     let e = args.experts;
@@ -382,7 +391,44 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
                     "gemm T={t} {name} bf16 {strategy:?}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}",
                     secs * 1e3,
                     flops / secs / 1e12,
-                    if err <= 1e-2 { "ok" } else { "FAIL" }
+                    verdict(err, &want)
+                );
+            }
+            if !transpose {
+                continue;
+            }
+            // Weight gradient of the up projection: dw1[e] = dh[seg]ᵀ · x[seg], [E, ffn, d].
+            let dh = prim(Tensor::<B<R>, 2>::random([rows, m], Distribution::Default, device).cast(FloatDType::BF16));
+            let dhf = prim(Tensor::<B<R>, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(dh.clone())).cast(FloatDType::F32));
+            let n = e * m * k;
+            let read_w = |h: cubecl::server::Handle, bf: bool| -> Vec<f32> {
+                let bytes = client.read_one(h).expect("read back");
+                if bf {
+                    half::bf16::from_bytes(&bytes)[..n].iter().map(|v| v.to_f32()).collect()
+                } else {
+                    f32::from_bytes(&bytes)[..n].to_vec()
+                }
+            };
+            let want_h = client.empty(n * 4);
+            launch_grouped_matmul_weight_grad_with::<R, f32>(&client, &problem, &offsets, dhf.handle.clone(), xf.handle.clone(), off_h.clone(), want_h.clone(), GroupedMatmulStrategy::Tiled).unwrap();
+            let want = read_w(want_h, false);
+            let mut strategies = vec![GroupedMatmulStrategy::Tiled];
+            if cmma_supported::<R, half::bf16>(&client) {
+                strategies.push(GroupedMatmulStrategy::Cmma);
+            }
+            for strategy in strategies {
+                let out = client.empty(n * 2);
+                launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out.clone(), strategy).unwrap();
+                let err = rel_l2(&read_w(out, true), &want);
+                let secs = time_it::<B<R>>(device, args.reps, || {
+                    let out = client.empty(n * 2);
+                    launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy).unwrap();
+                });
+                println!(
+                    "gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}",
+                    secs * 1e3,
+                    flops / secs / 1e12,
+                    verdict(err, &want)
                 );
             }
         }

@@ -83,8 +83,9 @@ fn bytemuck_u32(v: &[u32]) -> &[u8] {
 }
 
 /// Multiply-adds up to which the `kernels-cubecl` kernels without tensor cores are used (the tiled
-/// shared-memory grouped matmul, the one-kernel weight gradient); above it, each expert segment goes
-/// through Burn's tuned matmul, unless the device has the tensor-core grouped matmul for the dtype.
+/// shared-memory grouped matmul and weight gradient); above it, each expert segment goes through
+/// Burn's tuned matmul, unless (forward only) the device has the tensor-core grouped matmul for the
+/// dtype. The tensor-core weight gradient is not used yet: it has not run on a GPU.
 /// Measured on an H200 (BENCHMARKS.md, 2026-11-28 grouped GEMM section): the tensor-core grouped
 /// matmul (bf16) runs at 100–105 TFLOP/s against 93 for Burn's single dense matmul of the same size,
 /// but the shared-memory kernel (f32 operands, or no cmma) reaches only 19–29 TFLOP/s, well below

@@ -13,6 +13,7 @@ use super::gemm::{
     CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE, CMMA_UNITS, TILED_BLOCK_M, TILED_BLOCK_N, TILED_UNITS,
     grouped_matmul_cmma_kernel, grouped_matmul_tiled_kernel,
 };
+use super::gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 use super::kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 
 /// Threads per cube for the element-wise style kernels.
@@ -136,7 +137,7 @@ fn cmma_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, p: &G
     let max = client.properties().hardware.max_vector_size.min(16 / std::mem::size_of::<F>().max(1));
     [8usize, 4, 2, 1]
         .into_iter()
-        .find(|&n| n <= max && p.k % n == 0 && (p.transpose || p.m % n == 0))
+        .find(|&n| n <= max && p.k.is_multiple_of(n) && (p.transpose || p.m.is_multiple_of(n)))
         .unwrap_or(1)
 }
 
@@ -281,7 +282,8 @@ fn grid<R: Runtime>(client: &ComputeClient<R>, row_tiles: usize, col_tiles: usiz
     }
 }
 
-/// Weight gradient `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]` (every element written).
+/// Weight gradient `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]` (every element written) with
+/// [`GroupedMatmulStrategy::Auto`], which here means the shared-memory tiled kernel.
 ///
 /// # Errors
 /// [`KernelError::Shape`] when the problem and offsets disagree.
@@ -295,27 +297,102 @@ pub fn launch_grouped_matmul_weight_grad<R: Runtime, F: Float + CubeElement>(
     offsets: Handle,
     dw: Handle,
 ) -> Result<(), KernelError> {
+    launch_grouped_matmul_weight_grad_with::<R, F>(client, problem, host_offsets, dy, x, offsets, dw, GroupedMatmulStrategy::Auto)
+        .map(|_| ())
+}
+
+/// Weight gradient with an explicit kernel choice; returns the kernel that ran. `Auto` resolves to
+/// `Tiled`: the tensor-core weight gradient is only taken when asked for, until it has been checked
+/// and timed on a GPU (`moe_bench --gemm` does both).
+///
+/// # Errors
+/// [`KernelError::Shape`] when the problem and offsets disagree or the grid would exceed the
+/// device's cube count; [`KernelError::Unsupported`] for `Cmma` where [`cmma_supported`] is false.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    problem: &GroupedMatmulProblem,
+    host_offsets: &[usize],
+    dy: Handle,
+    x: Handle,
+    offsets: Handle,
+    dw: Handle,
+    strategy: GroupedMatmulStrategy,
+) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
+    let strategy = match strategy {
+        GroupedMatmulStrategy::Auto => GroupedMatmulStrategy::Tiled,
+        GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => {
+            return Err(KernelError::Unsupported(format!(
+                "tensor-core grouped weight gradient needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
+                storage_type::<F>(),
+                storage_type::<F>()
+            )));
+        }
+        other => other,
+    };
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
-        return Ok(());
+        return Ok(strategy);
     }
-    let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
-    unsafe {
-        grouped_matmul_weight_grad_kernel::launch::<F, R>(
-            client,
-            count,
-            cube_dim(),
-            ArrayArg::from_raw_parts(dy, (p.rows * p.m).max(1)),
-            ArrayArg::from_raw_parts(x, (p.rows * p.k).max(1)),
-            ArrayArg::from_raw_parts(offsets, p.num_experts + 1),
-            ArrayArg::from_raw_parts(dw, total),
-            p.m,
-            p.k,
-        );
+    let dy_arg = |n: usize| unsafe { ArrayArg::from_raw_parts(dy.clone(), (p.rows * p.m).max(n) / n) };
+    let x_arg = |n: usize| unsafe { ArrayArg::from_raw_parts(x.clone(), (p.rows * p.k).max(n) / n) };
+    let off_arg = || unsafe { ArrayArg::from_raw_parts(offsets.clone(), p.num_experts + 1) };
+    let dw_arg = || unsafe { ArrayArg::from_raw_parts(dw.clone(), total) };
+    let experts = u32::try_from(p.num_experts)
+        .ok()
+        .filter(|&e| e <= client.properties().hardware.max_cube_count.2)
+        .ok_or_else(|| KernelError::Shape(format!("{} experts exceed the device's z cube count", p.num_experts)))?;
+    match strategy {
+        GroupedMatmulStrategy::Naive => {
+            let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
+            grouped_matmul_weight_grad_kernel::launch::<F, R>(client, count, cube_dim(), dy_arg(1), x_arg(1), off_arg(), dw_arg(), p.m, p.k);
+        }
+        GroupedMatmulStrategy::Tiled => {
+            let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(TILED_BLOCK_M), p.k.div_ceil(TILED_BLOCK_N))? else {
+                unreachable!("grid is static")
+            };
+            // SAFETY: the kernel bounds-checks every access against rows/m/k and the segment ends.
+            unsafe {
+                grouped_matmul_weight_grad_tiled_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(tm, tk, experts),
+                    CubeDim::new_1d(TILED_UNITS),
+                    dy_arg(1),
+                    x_arg(1),
+                    off_arg(),
+                    dw_arg(),
+                    p.m,
+                    p.k,
+                );
+            }
+        }
+        GroupedMatmulStrategy::Cmma => {
+            let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
+                unreachable!("grid is static")
+            };
+            let wide = GroupedMatmulProblem { transpose: false, ..*p };
+            let n = cmma_vector_size::<R, F>(client, &wide);
+            // SAFETY: as above.
+            unsafe {
+                grouped_matmul_weight_grad_cmma_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(tm, tk, experts),
+                    CubeDim::new_1d(CMMA_UNITS),
+                    n,
+                    dy_arg(n),
+                    x_arg(n),
+                    off_arg(),
+                    dw_arg(),
+                    p.m,
+                    p.k,
+                );
+            }
+        }
+        GroupedMatmulStrategy::Auto => unreachable!("resolved above"),
     }
-    Ok(())
+    Ok(strategy)
 }
 
 /// `out[t] = Σ_j weights[t, j] · y[slots[t·k + j]]` for `tokens` rows of width `cols`.
