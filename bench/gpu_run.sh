@@ -2,6 +2,10 @@
 # One device call: torch anchors and our dMoE benchmark side by side on the same card.
 # Expects (carried, git-ignored): .dev/bin/moe_bench.xz (release build with --features cuda, stripped,
 # xz-compressed) and .dev/anchors/ (a copy of ../shared/anchors). Writes logs to $OUT.
+# Knobs: GEMM=1 first times the grouped GEMMs alone (moe_bench --gemm); ANCHORS=0 skips the torch
+# anchors; BENCH_KERNELS=scatter limits the layer bench to those paths; TS, REPS, *_TIMEOUT.
+# The device tool sends the checkout the session started in (not a helper's worktree): a helper's
+# binary and this script must be copied into an ignored folder there and carried.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -12,14 +16,21 @@ chmod +x /tmp/moe_bench
 export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
 TS=${TS:-4096,16384}
 
+if [ "${GEMM:-0}" = 1 ]; then
+  echo "=== grouped GEMMs alone (moe_bench --gemm)"
+  timeout ${GEMM_TIMEOUT:-90} /tmp/moe_bench --backend cuda --gemm --tokens $TS --reps ${REPS:-3}
+fi
+
+if [ "${ANCHORS:-1}" = 1 ]; then
 echo "=== torch anchors (same card, same call)"
 mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site .dev/anchors/whl/*.whl >/dev/null 2>&1
 ( cd .dev/anchors && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT="$OUT" TS=$TS GEMM=0 WARM=3 REPS=10 \
     ONLY=${ONLY:-own_gmm_fused,torchtitan_moe,dense_2T} timeout ${ANCHOR_TIMEOUT:-200} python3 bench_moe.py ) \
     | grep -vE "^\{|^ *\"" | tail -25
+fi
 
 echo "=== burn-moe moe_bench (bf16)"
-timeout ${BENCH_TIMEOUT:-240} /tmp/moe_bench --backend cuda --tokens $TS --reps ${REPS:-3} --dtype bf16
+timeout ${BENCH_TIMEOUT:-240} /tmp/moe_bench --backend cuda --tokens $TS --reps ${REPS:-3} --dtype bf16 ${BENCH_KERNELS:+--kernels $BENCH_KERNELS}
 echo "=== burn-moe moe_bench --check (f32 reference vs scatter f32/bf16)"
 timeout ${CHECK_TIMEOUT:-120} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-2048} --reps 1 --dtype bf16 --kernels scatter --check
 du -sh ~/.cache/cubecl 2>/dev/null

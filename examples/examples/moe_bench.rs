@@ -18,6 +18,7 @@ use burn::tensor::{DType, Distribution, FloatDType, Tensor, TensorData, backend:
 use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement};
 use burn_moe_backend::{DMoe, MoeBackend, MoeKernel};
 use clap::{Parser, ValueEnum};
+use cubecl::CubeElement;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -47,6 +48,13 @@ struct Args {
     /// Also check output and gradients against an f32 reference (at the first token count).
     #[arg(long)]
     check: bool,
+    /// Only time (and check) the grouped GEMMs of the layer on their own: Burn's per-segment matmul
+    /// (the old path) and the `kernels-cubecl` tiled / tensor-core kernels, bf16 storage.
+    #[arg(long)]
+    gemm: bool,
+    /// With `--gemm`, also time Burn's per-segment matmul (autotunes each new segment shape first).
+    #[arg(long)]
+    gemm_old: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -84,6 +92,10 @@ fn run<R: CubeRuntime>(args: &Args, device: &R::Device) -> Result<()> {
         "moe_bench: d={} ffn={} E={} k={} dtype={:?} reps={} device={:?}",
         args.d, args.ffn, args.experts, args.top_k, args.dtype, args.reps, device
     );
+    if args.gemm {
+        gemm::<R>(args, device);
+        return Ok(());
+    }
     if args.check {
         check::<R>(args, device);
     }
@@ -249,6 +261,8 @@ fn check<R: CubeRuntime>(args: &Args, device: &R::Device) {
     if args.kernels.contains(&MoeKernel::BlockSparse) {
         runs.push(("block-sparse f32", 1e-5, outputs::<R, f32>(args, device, MoeKernel::BlockSparse, t)));
     }
+    let runs_bf16: Vec<Vec<(&str, Vec<f32>)>> =
+        runs.iter().filter(|r| r.0.contains("bf16")).map(|r| r.2.clone()).collect();
     for (label, tol, got) in runs {
         for ((name, a), (_, b)) in got.iter().zip(&want) {
             let err = rel_l2(a, b);
@@ -259,5 +273,164 @@ fn check<R: CubeRuntime>(args: &Args, device: &R::Device) {
             println!("check T={t} {label} {name}: rel L2 {err:.2e} (bound {tol:.0e}) {}", if ok { "ok" } else { "FAIL" });
         }
     }
+    // Same precision, same routing: the bf16 router picks the same experts on both paths, so this
+    // isolates the kernels (the bf16-vs-f32 lines above also see routing flips).
+    let (scatter, reference) = (&runs_bf16[0], &runs_bf16[1]);
+    for ((name, a), (_, b)) in scatter.iter().zip(reference) {
+        let err = rel_l2(a, b);
+        let ok = err <= 2e-2 || name == &"gate";
+        if !ok {
+            failures += 1;
+        }
+        println!("check T={t} scatter bf16 vs reference bf16 {name}: rel L2 {err:.2e} (bound 2e-2) {}", if ok { "ok" } else { "FAIL" });
+    }
     println!("check: {} failures", failures);
+}
+
+/// "ok" when `err` is within 1e-2 of a reference that is not all zeros (an all-zero reference means
+/// the f32 run itself produced nothing, and would make any error look like 0).
+fn verdict(err: f64, want: &[f32]) -> &'static str {
+    if err <= 1e-2 && want.iter().any(|v| *v != 0.0) { "ok" } else { "FAIL" }
+}
+
+/// Median seconds of `reps` timed calls of `f` after one warm-up.
+fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
+    let mut times = Vec::new();
+    for rep in 0..=reps {
+        sync::<B>(device);
+        let start = Instant::now();
+        f();
+        sync::<B>(device);
+        if rep > 0 {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    median(times)
+}
+
+/// The grouped GEMMs of the layer alone: `x · w1[e]ᵀ` (`[T·k, d] × [E, ffn, d]`, up projection) and
+/// `h · w2[e]` (`[T·k, ffn] × [E, ffn, d]`, down projection as in the backward of the up projection),
+/// uneven segments (expert `e` gets a share ∝ `e + 1`, expert 0 none when E > 2), and the weight
+/// gradient of the up projection. Each bf16 kernel's output is checked against the f32 tiled kernel
+/// run on the same bf16-rounded operands.
+fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
+    use kernels_cubecl::scatter::{
+        GroupedMatmulProblem, GroupedMatmulStrategy, cmma_supported, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
+    };
+    type B<R> = Cube<R, half::bf16>;
+    let device: &<B<R> as burn::tensor::backend::BackendTypes>::Device = device;
+    let e = args.experts;
+    for &t in &args.tokens {
+        let rows = t * args.top_k;
+        let weights: Vec<usize> = (0..e).map(|i| if e > 2 && i == 0 { 0 } else { i + 1 }).collect();
+        let total: usize = weights.iter().sum();
+        let mut offsets = vec![0usize];
+        for (i, wgt) in weights.iter().enumerate() {
+            let end = if i + 1 == e { rows } else { offsets[i] + rows * wgt / total };
+            offsets.push(end);
+        }
+        let counts: Vec<usize> = offsets.windows(2).map(|w| w[1] - w[0]).collect();
+        println!("gemm T={t} rows={rows} segment rows {counts:?}");
+        for (name, m, k, transpose) in [("up x·w1ᵀ", args.ffn, args.d, true), ("down h·w2", args.d, args.ffn, false)] {
+            let flops = 2.0 * rows as f64 * m as f64 * k as f64;
+            let x = Tensor::<B<R>, 2>::random([rows, k], Distribution::Default, device).cast(FloatDType::BF16);
+            let wshape = if transpose { [e, m, k] } else { [e, k, m] };
+            let w = (Tensor::<B<R>, 3>::random(wshape, Distribution::Default, device) / (k as f32).sqrt()).cast(FloatDType::BF16);
+            if args.gemm_old {
+                let old = time_it::<B<R>>(device, args.reps, || {
+                    drop(burn_moe_backend::ops::reference_grouped_matmul(x.clone(), w.clone(), &offsets, transpose));
+                });
+                println!("gemm T={t} {name} [{rows}x{k}]x[{e}x{m}x{k}] burn per-segment matmul (old path): {:.3} ms {:.1} TFLOP/s", old * 1e3, flops / old / 1e12);
+            }
+
+            let prim = |t: Tensor<B<R>, 2>| t.into_primitive().tensor();
+            let prim3 = |t: Tensor<B<R>, 3>| t.into_primitive().tensor();
+            let (xb, wb) = (prim(x.clone()), prim3(w.clone()));
+            let (xf, wf) = (prim(x.clone().cast(FloatDType::F32)), prim3(w.clone().cast(FloatDType::F32)));
+            let client = xb.client.clone();
+            let problem = GroupedMatmulProblem { rows, m, k, num_experts: e, transpose };
+            let offs: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+            let off_h = client.create_from_slice(u32::as_bytes(&offs));
+            let read = |h: cubecl::server::Handle, bf: bool| -> Vec<f32> {
+                let bytes = client.read_one(h).expect("read back");
+                if bf {
+                    half::bf16::from_bytes(&bytes)[..rows * m].iter().map(|v| v.to_f32()).collect()
+                } else {
+                    f32::from_bytes(&bytes)[..rows * m].to_vec()
+                }
+            };
+            let want_h = client.empty(rows * m * 4);
+            let ran = launch_grouped_matmul_with::<R, f32>(&client, &problem, &offsets, xf.handle.clone(), wf.handle.clone(), off_h.clone(), want_h.clone(), GroupedMatmulStrategy::Tiled);
+            let want = match ran {
+                Ok(_) => read(want_h, false),
+                Err(err) => {
+                    println!("gemm f32 tiled: {err}");
+                    continue;
+                }
+            };
+            let f32_tiled = time_it::<B<R>>(device, args.reps, || {
+                let out = client.empty(rows * m * 4);
+                launch_grouped_matmul_with::<R, f32>(&client, &problem, &offsets, xf.handle.clone(), wf.handle.clone(), off_h.clone(), out, GroupedMatmulStrategy::Tiled).unwrap();
+            });
+            println!("gemm T={t} {name} f32 tiled: {:.3} ms {:.1} TFLOP/s", f32_tiled * 1e3, flops / f32_tiled / 1e12);
+            let mut strategies = vec![GroupedMatmulStrategy::Tiled];
+            if cmma_supported::<R, half::bf16>(&client) {
+                strategies.push(GroupedMatmulStrategy::Cmma);
+            } else {
+                println!("gemm: no bf16 cmma on this device");
+            }
+            for strategy in strategies {
+                let out = client.empty(rows * m * 2);
+                launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out.clone(), strategy).unwrap();
+                let err = rel_l2(&read(out, true), &want);
+                let secs = time_it::<B<R>>(device, args.reps, || {
+                    let out = client.empty(rows * m * 2);
+                    launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out, strategy).unwrap();
+                });
+                println!(
+                    "gemm T={t} {name} bf16 {strategy:?}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}",
+                    secs * 1e3,
+                    flops / secs / 1e12,
+                    verdict(err, &want)
+                );
+            }
+            if !transpose {
+                continue;
+            }
+            // Weight gradient of the up projection: dw1[e] = dh[seg]ᵀ · x[seg], [E, ffn, d].
+            let dh = prim(Tensor::<B<R>, 2>::random([rows, m], Distribution::Default, device).cast(FloatDType::BF16));
+            let dhf = prim(Tensor::<B<R>, 2>::from_primitive(burn::tensor::TensorPrimitive::Float(dh.clone())).cast(FloatDType::F32));
+            let n = e * m * k;
+            let read_w = |h: cubecl::server::Handle, bf: bool| -> Vec<f32> {
+                let bytes = client.read_one(h).expect("read back");
+                if bf {
+                    half::bf16::from_bytes(&bytes)[..n].iter().map(|v| v.to_f32()).collect()
+                } else {
+                    f32::from_bytes(&bytes)[..n].to_vec()
+                }
+            };
+            let want_h = client.empty(n * 4);
+            launch_grouped_matmul_weight_grad_with::<R, f32>(&client, &problem, &offsets, dhf.handle.clone(), xf.handle.clone(), off_h.clone(), want_h.clone(), GroupedMatmulStrategy::Tiled).unwrap();
+            let want = read_w(want_h, false);
+            let mut strategies = vec![GroupedMatmulStrategy::Tiled];
+            if cmma_supported::<R, half::bf16>(&client) {
+                strategies.push(GroupedMatmulStrategy::Cmma);
+            }
+            for strategy in strategies {
+                let out = client.empty(n * 2);
+                launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out.clone(), strategy).unwrap();
+                let err = rel_l2(&read_w(out, true), &want);
+                let secs = time_it::<B<R>>(device, args.reps, || {
+                    let out = client.empty(n * 2);
+                    launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy).unwrap();
+                });
+                println!(
+                    "gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}",
+                    secs * 1e3,
+                    flops / secs / 1e12,
+                    verdict(err, &want)
+                );
+            }
+        }
+    }
 }

@@ -11,7 +11,9 @@
 //! What is here today: the plain-Rust routing references ([`reference::routing`]) that define the
 //! exact metadata (histogram, stable expert sort, offsets, padded blocks), and the ScatterMoE kernel
 //! family ([`scatter`]): permute, grouped matmul over expert segments and its weight gradient,
-//! weighted combine, each accumulating in f32 for f32/f16/bf16 storage.
+//! weighted combine, each accumulating in f32 for f32/f16/bf16 storage. The grouped matmul has a
+//! shared-memory tiled kernel and a tensor-core (`cmma`) kernel for f16/bf16, picked at launch from
+//! the runtime's cmma support.
 //!
 //! The MegaBlocks block-sparse family ([`blocksparse`]): sorted tokens are padded per expert to a
 //! multiple of the block size `bs`, and the expert layer becomes two block-sparse matrix products

@@ -10,7 +10,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::BlockSparseTopology;
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::scatter::{
-    GroupedMatmulProblem, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
+    GroupedMatmulProblem, cmma_supported, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
 };
 
 use super::backend::MoeBackend;
@@ -82,14 +82,18 @@ fn bytemuck_u32(v: &[u32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
-/// Multiply-adds below which the one-kernel grouped matmul is used; above it, each expert segment goes
-/// through Burn's tuned (tensor-core) matmul. The one-kernel version reads the weights uncoalesced and
-/// does no tiling: it wins only where launching `E` matmuls costs more than the arithmetic. A tiled,
-/// gather-fused grouped GEMM replaces both (see BENCHMARKS.md).
+/// Multiply-adds up to which the `kernels-cubecl` kernels without tensor cores are used (the tiled
+/// shared-memory grouped matmul and weight gradient); above it, each expert segment goes through
+/// Burn's tuned matmul, unless (forward only) the device has the tensor-core grouped matmul for the
+/// dtype. The tensor-core weight gradient is not used yet: it has not run on a GPU.
+/// Measured on an H200 (BENCHMARKS.md, 2026-11-28 grouped GEMM section): the tensor-core grouped
+/// matmul (bf16) runs at 100–105 TFLOP/s against 93 for Burn's single dense matmul of the same size,
+/// but the shared-memory kernel (f32 operands, or no cmma) reaches only 19–29 TFLOP/s, well below
+/// Burn's tensor-core (tf32) matmul, so large f32 problems keep the per-segment path.
 const DIRECT_KERNEL_MAX_MACS: usize = 1 << 22;
 
 /// `x: [rows, k]` times `w: [E, m, k]` (or `[E, k, m]`): `rows · m · k` multiply-adds.
-fn use_direct_kernel<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>) -> bool {
+fn small_grouped_matmul<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>) -> bool {
     let (sx, sw) = (x.meta.shape(), w.meta.shape());
     sx[0].saturating_mul(sw[1]).saturating_mul(sw[2]) <= DIRECT_KERNEL_MAX_MACS
 }
@@ -104,6 +108,8 @@ fn float<B: burn::tensor::backend::Backend, const D: usize>(t: FloatTensor<B>) -
     burn::tensor::Tensor::from_primitive(burn::tensor::TensorPrimitive::Float(t))
 }
 
+/// Burn's matmul once per non-empty expert segment: the large-problem path where the device has no
+/// tensor-core grouped matmul for the dtype (see [`DIRECT_KERNEL_MAX_MACS`]).
 fn segment_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
     x: FloatTensor<CubeBackend<R, F, I, BT>>,
     w: FloatTensor<CubeBackend<R, F, I, BT>>,
@@ -129,7 +135,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
     }
 
     fn moe_grouped_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>, offsets: &[usize], transpose: bool) -> FloatTensor<Self> {
-        if !use_direct_kernel(&x, &w) {
+        let tensor_cores = with_float!(x.dtype, FE => cmma_supported::<R, FE>(&x.client));
+        if !tensor_cores && !small_grouped_matmul(&x, &w) {
             return segment_matmul::<R, F, I, BT>(x, w, offsets, transpose);
         }
         let x = into_contiguous(x);

@@ -1,7 +1,7 @@
 //! The `#[cube]` kernels. One unit computes one output element and accumulates in f32 whatever the
 //! storage type, so f16/bf16 inputs keep f32 accuracy in the sums. Index arrays take the backend's
 //! integer type `I` (i32, i64 or u32) so Burn tensors are used as they are. These are the portable, correct
-//! baseline; tiled tensor-core versions replace the matmuls where speed matters.
+//! baseline; the grouped matmul also has tiled and tensor-core kernels (`gemm.rs`).
 
 use cubecl::prelude::*;
 

@@ -6,6 +6,14 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
+use cubecl::ir::{ElemType, FloatKind, StorageType};
+use cubecl::ir::features::MmaConfig;
+
+use super::gemm::{
+    CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE, CMMA_UNITS, TILED_BLOCK_M, TILED_BLOCK_N, TILED_UNITS,
+    grouped_matmul_cmma_kernel, grouped_matmul_tiled_kernel,
+};
+use super::gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 use super::kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 
 /// Threads per cube for the element-wise style kernels.
@@ -20,6 +28,22 @@ pub enum KernelError {
     /// Sizes that do not fit together.
     #[error("{0}")]
     Shape(String),
+    /// A kernel variant that this runtime or element type cannot run.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// Which kernel computes a grouped matmul.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupedMatmulStrategy {
+    /// [`Cmma`](Self::Cmma) where [`cmma_supported`] holds, else [`Tiled`](Self::Tiled).
+    Auto,
+    /// One unit per output element, no tiling (the small-problem baseline).
+    Naive,
+    /// Shared-memory tiles of 64 × 64 outputs, f32 accumulation, any float type.
+    Tiled,
+    /// Tensor-core fragments (16 × 16 × 16) on 128 × 128 tiles: f16/bf16 operands, f32 accumulation.
+    Cmma,
 }
 
 /// A grouped matmul over expert segments, without data.
@@ -63,6 +87,60 @@ impl GroupedMatmulProblem {
     }
 }
 
+impl GroupedMatmulProblem {
+    /// The row tiles of height `block_m` over all expert segments, as `[expert, first row]` pairs
+    /// (experts without rows get none). `offsets` must have passed [`validate`](Self::validate).
+    ///
+    /// # Errors
+    /// [`KernelError::Shape`] when a row or expert index does not fit in `u32`.
+    pub fn row_tiles(&self, offsets: &[usize], block_m: usize) -> Result<Vec<u32>, KernelError> {
+        let to_u32 = |v: usize, what: &str| {
+            u32::try_from(v).map_err(|_| KernelError::Shape(format!("{what} {v} does not fit in u32 (grouped matmul tile table)")))
+        };
+        let mut tiles = Vec::new();
+        for (e, seg) in offsets.windows(2).enumerate() {
+            let mut row = seg[0];
+            while row < seg[1] {
+                tiles.push(to_u32(e, "expert")?);
+                tiles.push(to_u32(row, "row")?);
+                row += block_m;
+            }
+        }
+        Ok(tiles)
+    }
+}
+
+/// The storage type of `F` as CubeCL's IR names it.
+fn storage_type<F: CubePrimitive>() -> StorageType {
+    F::as_type_native_unchecked().storage_type()
+}
+
+/// Whether [`GroupedMatmulStrategy::Cmma`] can run for element type `F` on this client: `F` is f16 or
+/// bf16, the runtime reports 16 × 16 × 16 cooperative-matrix support for (`F`, `F`, f32), and planes
+/// are exactly 32 units wide (the kernel's plane layout).
+pub fn cmma_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>) -> bool {
+    let ty = storage_type::<F>();
+    let half = [ElemType::Float(FloatKind::F16).into(), ElemType::Float(FloatKind::BF16).into()];
+    if !half.contains(&ty) {
+        return false;
+    }
+    let props = client.properties();
+    let config = MmaConfig { a_type: ty, b_type: ty, cd_type: ElemType::Float(FloatKind::F32).into(), m: 16, n: 16, k: 16 };
+    props.features.matmul.cmma.contains(&config)
+        && props.hardware.plane_size_min == CMMA_PLANE
+        && props.hardware.plane_size_max == CMMA_PLANE
+}
+
+/// The widest vector (elements) the tensor-core kernel can read `x` and `w` with: it must divide `k`
+/// (and `m` when `w` is `[E, k, m]`) and fit in 16 bytes and the device's vector limit.
+fn cmma_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, p: &GroupedMatmulProblem) -> usize {
+    let max = client.properties().hardware.max_vector_size.min(16 / std::mem::size_of::<F>().max(1));
+    [8usize, 4, 2, 1]
+        .into_iter()
+        .find(|&n| n <= max && p.k.is_multiple_of(n) && (p.transpose || p.m.is_multiple_of(n)))
+        .unwrap_or(1)
+}
+
 fn cube_dim() -> CubeDim {
     CubeDim::new_1d(CUBE_THREADS)
 }
@@ -94,10 +172,11 @@ pub fn launch_permute<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     }
 }
 
-/// Grouped matmul; `offsets` is a device buffer of `E + 1` `u32` matching `host_offsets`.
+/// Grouped matmul with [`GroupedMatmulStrategy::Auto`]; `offsets` is a device buffer of `E + 1`
+/// `u32` matching `host_offsets`.
 ///
 /// # Errors
-/// [`KernelError::Shape`] when the problem and offsets disagree.
+/// [`KernelError::Shape`] when the problem and offsets disagree or the grid would be too large.
 #[allow(clippy::too_many_arguments)]
 pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
@@ -108,32 +187,103 @@ pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
     offsets: Handle,
     out: Handle,
 ) -> Result<(), KernelError> {
-    problem.validate(host_offsets)?;
-    let p = problem;
-    let total = p.rows * p.m;
-    if total == 0 {
-        return Ok(());
-    }
-    let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
-    unsafe {
-        grouped_matmul_kernel::launch::<F, R>(
-            client,
-            count,
-            cube_dim(),
-            ArrayArg::from_raw_parts(x, p.rows * p.k),
-            ArrayArg::from_raw_parts(w, p.num_experts * p.m * p.k),
-            ArrayArg::from_raw_parts(offsets, p.num_experts + 1),
-            ArrayArg::from_raw_parts(out, total),
-            p.m,
-            p.k,
-            p.num_experts,
-            p.transpose,
-        );
-    }
-    Ok(())
+    launch_grouped_matmul_with::<R, F>(client, problem, host_offsets, x, w, offsets, out, GroupedMatmulStrategy::Auto)
+        .map(|_| ())
 }
 
-/// Weight gradient `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]` (every element written).
+/// Grouped matmul with an explicit kernel choice; returns the kernel that ran (what `Auto` resolved
+/// to). Every output row of every segment is written.
+///
+/// # Errors
+/// [`KernelError::Shape`] when the problem and offsets disagree or the grid would exceed the
+/// device's cube count; [`KernelError::Unsupported`] for `Cmma` where [`cmma_supported`] is false.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    problem: &GroupedMatmulProblem,
+    host_offsets: &[usize],
+    x: Handle,
+    w: Handle,
+    offsets: Handle,
+    out: Handle,
+    strategy: GroupedMatmulStrategy,
+) -> Result<GroupedMatmulStrategy, KernelError> {
+    problem.validate(host_offsets)?;
+    let p = problem;
+    let strategy = match strategy {
+        GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => GroupedMatmulStrategy::Cmma,
+        GroupedMatmulStrategy::Auto => GroupedMatmulStrategy::Tiled,
+        GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => {
+            return Err(KernelError::Unsupported(format!(
+                "tensor-core grouped matmul needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
+                storage_type::<F>(),
+                storage_type::<F>()
+            )));
+        }
+        other => other,
+    };
+    let total = p.rows * p.m;
+    if total == 0 {
+        return Ok(strategy);
+    }
+    let x_arg = |n: usize| unsafe { ArrayArg::from_raw_parts(x.clone(), p.rows * p.k / n) };
+    let w_arg = |n: usize| unsafe { ArrayArg::from_raw_parts(w.clone(), p.num_experts * p.m * p.k / n) };
+    let off_arg = || unsafe { ArrayArg::from_raw_parts(offsets.clone(), p.num_experts + 1) };
+    let out_arg = || unsafe { ArrayArg::from_raw_parts(out.clone(), total) };
+    match strategy {
+        GroupedMatmulStrategy::Naive => {
+            let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
+            grouped_matmul_kernel::launch::<F, R>(
+                client, count, cube_dim(), x_arg(1), w_arg(1), off_arg(), out_arg(), p.m, p.k, p.num_experts, p.transpose,
+            );
+        }
+        GroupedMatmulStrategy::Tiled | GroupedMatmulStrategy::Cmma => {
+            let cmma = strategy == GroupedMatmulStrategy::Cmma;
+            let (bm, bn) = if cmma { (CMMA_BLOCK_M, CMMA_BLOCK_N) } else { (TILED_BLOCK_M, TILED_BLOCK_N) };
+            let tiles = p.row_tiles(host_offsets, bm)?;
+            let count = grid(client, tiles.len() / 2, p.m.div_ceil(bn))?;
+            let tiles_len = tiles.len();
+            let tiles = client.create_from_slice(u32::as_bytes(&tiles));
+            let tiles_arg = unsafe { ArrayArg::from_raw_parts(tiles, tiles_len) };
+            if cmma {
+                let n = cmma_vector_size::<R, F>(client, p);
+                // SAFETY: every global and shared-memory access of the kernel is bounds-checked in
+                // the kernel against `rows`/`m`/`k` and the segment ends; the buffer lengths passed
+                // here are the ones the problem was validated for.
+                unsafe {
+                    grouped_matmul_cmma_kernel::launch_unchecked::<F, R>(
+                        client, count, CubeDim::new_1d(CMMA_UNITS), n, x_arg(n), w_arg(n), off_arg(), tiles_arg, out_arg(), p.m,
+                        p.k, p.transpose,
+                    );
+                }
+            } else {
+                // SAFETY: as above, the kernel bounds-checks every access itself.
+                unsafe {
+                    grouped_matmul_tiled_kernel::launch_unchecked::<F, R>(
+                        client, count, CubeDim::new_1d(TILED_UNITS), x_arg(1), w_arg(1), off_arg(), tiles_arg, out_arg(), p.m,
+                        p.k, p.transpose,
+                    );
+                }
+            }
+        }
+        GroupedMatmulStrategy::Auto => unreachable!("resolved above"),
+    }
+    Ok(strategy)
+}
+
+/// The `(row tiles, column tiles)` grid, checked against the device's cube-count limits.
+fn grid<R: Runtime>(client: &ComputeClient<R>, row_tiles: usize, col_tiles: usize) -> Result<CubeCount, KernelError> {
+    let (max_x, max_y, _) = client.properties().hardware.max_cube_count;
+    match (u32::try_from(row_tiles), u32::try_from(col_tiles)) {
+        (Ok(x), Ok(y)) if x <= max_x && y <= max_y => Ok(CubeCount::Static(x, y, 1)),
+        _ => Err(KernelError::Shape(format!(
+            "grouped matmul grid of {row_tiles} row tiles x {col_tiles} column tiles exceeds the device limit {max_x} x {max_y}"
+        ))),
+    }
+}
+
+/// Weight gradient `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]` (every element written) with
+/// [`GroupedMatmulStrategy::Auto`], which here means the shared-memory tiled kernel.
 ///
 /// # Errors
 /// [`KernelError::Shape`] when the problem and offsets disagree.
@@ -147,27 +297,102 @@ pub fn launch_grouped_matmul_weight_grad<R: Runtime, F: Float + CubeElement>(
     offsets: Handle,
     dw: Handle,
 ) -> Result<(), KernelError> {
+    launch_grouped_matmul_weight_grad_with::<R, F>(client, problem, host_offsets, dy, x, offsets, dw, GroupedMatmulStrategy::Auto)
+        .map(|_| ())
+}
+
+/// Weight gradient with an explicit kernel choice; returns the kernel that ran. `Auto` resolves to
+/// `Tiled`: the tensor-core weight gradient is only taken when asked for, until it has been checked
+/// and timed on a GPU (`moe_bench --gemm` does both).
+///
+/// # Errors
+/// [`KernelError::Shape`] when the problem and offsets disagree or the grid would exceed the
+/// device's cube count; [`KernelError::Unsupported`] for `Cmma` where [`cmma_supported`] is false.
+#[allow(clippy::too_many_arguments)]
+pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    problem: &GroupedMatmulProblem,
+    host_offsets: &[usize],
+    dy: Handle,
+    x: Handle,
+    offsets: Handle,
+    dw: Handle,
+    strategy: GroupedMatmulStrategy,
+) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
+    let strategy = match strategy {
+        GroupedMatmulStrategy::Auto => GroupedMatmulStrategy::Tiled,
+        GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => {
+            return Err(KernelError::Unsupported(format!(
+                "tensor-core grouped weight gradient needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
+                storage_type::<F>(),
+                storage_type::<F>()
+            )));
+        }
+        other => other,
+    };
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
-        return Ok(());
+        return Ok(strategy);
     }
-    let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
-    unsafe {
-        grouped_matmul_weight_grad_kernel::launch::<F, R>(
-            client,
-            count,
-            cube_dim(),
-            ArrayArg::from_raw_parts(dy, (p.rows * p.m).max(1)),
-            ArrayArg::from_raw_parts(x, (p.rows * p.k).max(1)),
-            ArrayArg::from_raw_parts(offsets, p.num_experts + 1),
-            ArrayArg::from_raw_parts(dw, total),
-            p.m,
-            p.k,
-        );
+    let dy_arg = |n: usize| unsafe { ArrayArg::from_raw_parts(dy.clone(), (p.rows * p.m).max(n) / n) };
+    let x_arg = |n: usize| unsafe { ArrayArg::from_raw_parts(x.clone(), (p.rows * p.k).max(n) / n) };
+    let off_arg = || unsafe { ArrayArg::from_raw_parts(offsets.clone(), p.num_experts + 1) };
+    let dw_arg = || unsafe { ArrayArg::from_raw_parts(dw.clone(), total) };
+    let experts = u32::try_from(p.num_experts)
+        .ok()
+        .filter(|&e| e <= client.properties().hardware.max_cube_count.2)
+        .ok_or_else(|| KernelError::Shape(format!("{} experts exceed the device's z cube count", p.num_experts)))?;
+    match strategy {
+        GroupedMatmulStrategy::Naive => {
+            let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
+            grouped_matmul_weight_grad_kernel::launch::<F, R>(client, count, cube_dim(), dy_arg(1), x_arg(1), off_arg(), dw_arg(), p.m, p.k);
+        }
+        GroupedMatmulStrategy::Tiled => {
+            let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(TILED_BLOCK_M), p.k.div_ceil(TILED_BLOCK_N))? else {
+                unreachable!("grid is static")
+            };
+            // SAFETY: the kernel bounds-checks every access against rows/m/k and the segment ends.
+            unsafe {
+                grouped_matmul_weight_grad_tiled_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(tm, tk, experts),
+                    CubeDim::new_1d(TILED_UNITS),
+                    dy_arg(1),
+                    x_arg(1),
+                    off_arg(),
+                    dw_arg(),
+                    p.m,
+                    p.k,
+                );
+            }
+        }
+        GroupedMatmulStrategy::Cmma => {
+            let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
+                unreachable!("grid is static")
+            };
+            let wide = GroupedMatmulProblem { transpose: false, ..*p };
+            let n = cmma_vector_size::<R, F>(client, &wide);
+            // SAFETY: as above.
+            unsafe {
+                grouped_matmul_weight_grad_cmma_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(tm, tk, experts),
+                    CubeDim::new_1d(CMMA_UNITS),
+                    n,
+                    dy_arg(n),
+                    x_arg(n),
+                    off_arg(),
+                    dw_arg(),
+                    p.m,
+                    p.k,
+                );
+            }
+        }
+        GroupedMatmulStrategy::Auto => unreachable!("resolved above"),
     }
-    Ok(())
+    Ok(strategy)
 }
 
 /// `out[t] = Σ_j weights[t, j] · y[slots[t·k + j]]` for `tokens` rows of width `cols`.

@@ -1,0 +1,271 @@
+//! The tiled (and, where the runtime has tensor cores, the cmma) grouped GEMM against the plain-Rust
+//! reference, generic over the CubeCL runtime; run here on wgpu (Mesa lavapipe in CI).
+
+use cubecl::prelude::*;
+use half::f16;
+use kernels_cubecl::reference::scatter as reference;
+use kernels_cubecl::scatter::{
+    GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_supported, launch_grouped_matmul,
+    launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
+};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+fn offsets_of(counts: &[usize]) -> Vec<usize> {
+    let mut o = vec![0];
+    for c in counts {
+        o.push(o.last().unwrap() + c);
+    }
+    o
+}
+
+/// Storage precision of a run: the inputs are rounded to it before the reference sees them, so only
+/// the kernel's accumulation order and the final rounding differ.
+#[derive(Clone, Copy, Debug)]
+enum Storage {
+    F32,
+    F16,
+}
+
+/// Runs one grouped matmul with `strategy` and compares it with the f64 reference; returns the
+/// strategy that ran.
+fn check<R: Runtime>(
+    client: &ComputeClient<R>,
+    counts: &[usize],
+    m: usize,
+    k: usize,
+    transpose: bool,
+    storage: Storage,
+    strategy: GroupedMatmulStrategy,
+) -> Result<GroupedMatmulStrategy, KernelError> {
+    let offsets = offsets_of(counts);
+    let (e, rows) = (counts.len(), offsets[counts.len()]);
+    let label = format!("counts={counts:?} m={m} k={k} transpose={transpose} {storage:?} {strategy:?}");
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        match storage {
+            Storage::F32 => v,
+            Storage::F16 => v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect(),
+        }
+    };
+    let x = round(values(rows * k, (rows * 7 + k) as u64));
+    let w = round(values(e * m * k, (m * 13 + e) as u64));
+    let want = reference::grouped_matmul(&x, &w, &offsets, m, k, transpose);
+    let offs: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    let off_h = client.create_from_slice(u32::as_bytes(&offs));
+    let problem = GroupedMatmulProblem { rows, m, k, num_experts: e, transpose };
+    let (ran, got) = match storage {
+        Storage::F32 => {
+            let up = |v: &[f32]| client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v }));
+            // Pre-filled with NaN: a row the kernel skipped would show.
+            let out = up(&vec![f32::NAN; (rows * m).max(1)]);
+            let ran = launch_grouped_matmul_with::<R, f32>(client, &problem, &offsets, up(&x), up(&w), off_h, out.clone(), strategy)?;
+            (ran, f32::from_bytes(&client.read_one(out).expect("read back"))[..rows * m].to_vec())
+        }
+        Storage::F16 => {
+            let up = |v: &[f32]| {
+                let h: Vec<f16> = if v.is_empty() { vec![f16::ZERO] } else { v.iter().map(|x| f16::from_f32(*x)).collect() };
+                client.create_from_slice(f16::as_bytes(&h))
+            };
+            let out = up(&vec![f32::NAN; (rows * m).max(1)]);
+            let ran = launch_grouped_matmul_with::<R, f16>(client, &problem, &offsets, up(&x), up(&w), off_h, out.clone(), strategy)?;
+            let bytes = client.read_one(out).expect("read back");
+            (ran, f16::from_bytes(&bytes)[..rows * m].iter().map(|v| v.to_f32()).collect())
+        }
+    };
+    let tol = match storage {
+        Storage::F32 => 1e-5,
+        Storage::F16 => 2e-3,
+    };
+    assert!(got.iter().all(|v| v.is_finite()), "{label}: an output was not written");
+    let err = max_rel(&got, &want);
+    assert!(err < tol, "{label}: err {err} (bound {tol})");
+    Ok(ran)
+}
+
+/// Segment layouts that exercise the tile table: odd sizes, an empty expert (first, middle, last),
+/// all rows on one expert, E = 1, a segment spanning several row tiles with a ragged last tile.
+fn layouts() -> Vec<Vec<usize>> {
+    vec![
+        vec![37, 0, 21, 5],
+        vec![0, 0, 83, 0],
+        vec![29],
+        vec![TILED_BLOCK_M + 1, 3, 2 * TILED_BLOCK_M - 1],
+        vec![1, 1, 1],
+    ]
+}
+
+fn f32_cases<R: Runtime>(client: &ComputeClient<R>, strategy: GroupedMatmulStrategy) {
+    for counts in layouts() {
+        for transpose in [true, false] {
+            let ran = check(client, &counts, 100, 60, transpose, Storage::F32, strategy).unwrap();
+            assert_eq!(ran, strategy);
+        }
+    }
+    // Tiny and tile-aligned widths.
+    check(client, &[5, 0, 3], 1, 1, true, Storage::F32, strategy).unwrap();
+    check(client, &[64, 64], 64, 32, false, Storage::F32, strategy).unwrap();
+}
+
+#[test]
+fn tiled_grouped_matmul_matches_reference_f32_on_wgpu() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    f32_cases(&client, GroupedMatmulStrategy::Tiled);
+}
+
+#[test]
+fn naive_grouped_matmul_matches_reference_on_the_same_layouts() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    f32_cases(&client, GroupedMatmulStrategy::Naive);
+}
+
+/// f16 storage through `Auto`: the tensor-core kernel where the runtime offers it for f16 → f32
+/// (then also with widths that force narrower vector loads), else the shared-memory kernel.
+#[test]
+fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let expect = if cmma_supported::<_, f16>(&client) { GroupedMatmulStrategy::Cmma } else { GroupedMatmulStrategy::Tiled };
+    for counts in [vec![37, 0, 21, 5], vec![0, 130, 0]] {
+        for transpose in [true, false] {
+            let ran = check(&client, &counts, 100, 60, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
+            assert_eq!(ran, expect);
+            let ran = check(&client, &counts, 34, 18, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
+            assert_eq!(ran, expect);
+        }
+    }
+    // f32 never takes the tensor-core kernel.
+    assert_eq!(check(&client, &[3, 4], 8, 8, true, Storage::F32, GroupedMatmulStrategy::Auto).unwrap(), GroupedMatmulStrategy::Tiled);
+}
+
+/// Asking for tensor cores where they are missing is an error naming the types, not a wrong answer.
+#[test]
+fn cmma_grouped_matmul_runs_or_reports_unsupported() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let res = check(&client, &[37, 0, 21], 100, 64, true, Storage::F16, GroupedMatmulStrategy::Cmma);
+    if cmma_supported::<_, f16>(&client) {
+        assert_eq!(res.unwrap(), GroupedMatmulStrategy::Cmma);
+    } else {
+        let err = res.unwrap_err();
+        assert!(matches!(err, KernelError::Unsupported(_)), "{err:?}");
+        assert!(err.to_string().contains("cmma"), "{err}");
+    }
+    // f32 operands never run on the f16/bf16 tensor-core kernel.
+    let res = check(&client, &[4], 16, 16, true, Storage::F32, GroupedMatmulStrategy::Cmma);
+    assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
+}
+
+#[test]
+fn row_tiles_skip_empty_experts_and_split_long_segments() {
+    let p = GroupedMatmulProblem { rows: 200, m: 4, k: 4, num_experts: 3, transpose: true };
+    let offsets = [0, 70, 70, 200];
+    p.validate(&offsets).unwrap();
+    assert_eq!(p.row_tiles(&offsets, 64).unwrap(), vec![0, 0, 0, 64, 2, 70, 2, 134, 2, 198]);
+    let empty = GroupedMatmulProblem { rows: 0, m: 4, k: 4, num_experts: 2, transpose: false };
+    assert!(empty.row_tiles(&[0, 0, 0], 64).unwrap().is_empty());
+}
+
+/// The plain launcher (strategy `Auto`) keeps its contract: offsets are validated first.
+#[test]
+fn launcher_rejects_bad_offsets_before_launching() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    let p = GroupedMatmulProblem { rows: 5, m: 2, k: 3, num_experts: 2, transpose: true };
+    let h = || client.create_from_slice(f32::as_bytes(&[0.0; 16]));
+    let err = launch_grouped_matmul::<_, f32>(&client, &p, &[0, 2, 4], h(), h(), h(), h()).unwrap_err();
+    assert!(matches!(err, KernelError::Shape(_)), "{err:?}");
+}
+
+/// Runs one weight gradient `dw[e] = dy[seg]ᵀ · x[seg]` and compares it with the f64 reference.
+fn check_weight_grad<R: Runtime>(
+    client: &ComputeClient<R>,
+    counts: &[usize],
+    m: usize,
+    k: usize,
+    storage: Storage,
+    strategy: GroupedMatmulStrategy,
+) -> Result<GroupedMatmulStrategy, KernelError> {
+    let offsets = offsets_of(counts);
+    let (e, rows) = (counts.len(), offsets[counts.len()]);
+    let label = format!("weight grad counts={counts:?} m={m} k={k} {storage:?} {strategy:?}");
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        match storage {
+            Storage::F32 => v,
+            Storage::F16 => v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect(),
+        }
+    };
+    let dy = round(values(rows * m, (rows * 3 + m) as u64));
+    let x = round(values(rows * k, (rows * 5 + k) as u64));
+    let want = reference::grouped_matmul_weight_grad(&dy, &x, &offsets, m, k);
+    let offs: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
+    let off_h = client.create_from_slice(u32::as_bytes(&offs));
+    let problem = GroupedMatmulProblem { rows, m, k, num_experts: e, transpose: true };
+    let n = e * m * k;
+    let (ran, got) = match storage {
+        Storage::F32 => {
+            let up = |v: &[f32]| client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v }));
+            let out = up(&vec![f32::NAN; n.max(1)]);
+            let ran = launch_grouped_matmul_weight_grad_with::<R, f32>(client, &problem, &offsets, up(&dy), up(&x), off_h, out.clone(), strategy)?;
+            (ran, f32::from_bytes(&client.read_one(out).expect("read back"))[..n].to_vec())
+        }
+        Storage::F16 => {
+            let up = |v: &[f32]| {
+                let h: Vec<f16> = if v.is_empty() { vec![f16::ZERO] } else { v.iter().map(|x| f16::from_f32(*x)).collect() };
+                client.create_from_slice(f16::as_bytes(&h))
+            };
+            let out = up(&vec![f32::NAN; n.max(1)]);
+            let ran = launch_grouped_matmul_weight_grad_with::<R, f16>(client, &problem, &offsets, up(&dy), up(&x), off_h, out.clone(), strategy)?;
+            let bytes = client.read_one(out).expect("read back");
+            (ran, f16::from_bytes(&bytes)[..n].iter().map(|v| v.to_f32()).collect())
+        }
+    };
+    let tol = match storage {
+        Storage::F32 => 1e-5,
+        Storage::F16 => 2e-3,
+    };
+    assert!(got.iter().all(|v| v.is_finite()), "{label}: an output was not written");
+    let err = max_rel(&got, &want);
+    assert!(err < tol, "{label}: err {err} (bound {tol})");
+    for (ex, c) in counts.iter().enumerate() {
+        if *c == 0 {
+            assert!(got[ex * m * k..(ex + 1) * m * k].iter().all(|v| *v == 0.0), "{label}: expert {ex} has no rows but a nonzero gradient");
+        }
+    }
+    Ok(ran)
+}
+
+/// Tiled (and naive) weight gradients on the same segment layouts; the reduction runs over the
+/// segment rows, so the layouts with several row tiles per expert and ragged ends matter here.
+#[test]
+fn tiled_weight_grad_matches_reference_on_wgpu() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    for strategy in [GroupedMatmulStrategy::Tiled, GroupedMatmulStrategy::Naive] {
+        for counts in layouts() {
+            assert_eq!(check_weight_grad(&client, &counts, 100, 60, Storage::F32, strategy).unwrap(), strategy);
+        }
+        check_weight_grad(&client, &[5, 0, 3], 1, 1, Storage::F32, strategy).unwrap();
+    }
+    assert_eq!(
+        check_weight_grad(&client, &[37, 0, 21, 5], 34, 18, Storage::F16, GroupedMatmulStrategy::Auto).unwrap(),
+        GroupedMatmulStrategy::Tiled
+    );
+    let res = check_weight_grad(&client, &[37, 0, 21], 64, 40, Storage::F16, GroupedMatmulStrategy::Cmma);
+    if cmma_supported::<_, f16>(&client) {
+        assert_eq!(res.unwrap(), GroupedMatmulStrategy::Cmma);
+    } else {
+        assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
+    }
+}
