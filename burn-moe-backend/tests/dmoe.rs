@@ -6,18 +6,12 @@ use burn::backend::{Autodiff, NdArray};
 use burn::tensor::{IndexingUpdateOp, Tensor, TensorData, activation::silu, activation::softmax, backend::Backend};
 use burn_moe_backend::{DMoe, MoeKernel, load_balancing_loss};
 
+mod common;
+use common::values;
+
 type B = NdArray<f32>;
 type AB = Autodiff<B>;
 
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
 
 struct Case {
     t: usize,

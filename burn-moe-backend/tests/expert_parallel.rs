@@ -9,18 +9,12 @@ use burn::tensor::{Int, Tensor, TensorData};
 use burn_moe_backend::dist::{CommConfig, GraphComm, ThreadComm};
 use burn_moe_backend::{AllToAllDispatcher, DMoe, LoraConfig, MoeKernel, TokenDispatcher, experts_of_rank};
 
+mod common;
+use common::values;
+
 type B = NdArray<f32>;
 type AB = Autodiff<B>;
 
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
 
 const D: usize = 6;
 const F: usize = 10;

@@ -10,6 +10,9 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::tensor::{Int, Tensor, TensorData, activation::silu, backend::Backend};
 use burn_moe_backend::{DMoe, LoraConfig, MoeKernel};
 
+mod common;
+use common::values;
+
 type B = NdArray<f32>;
 type AB = Autodiff<B>;
 
@@ -19,15 +22,6 @@ const F: usize = 16;
 const T: usize = 10;
 const ROUTE: [i64; T] = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1];
 
-fn values(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect()
-}
 
 fn t<Bk: Backend, const N: usize>(v: Vec<f32>, shape: [usize; N]) -> Tensor<Bk, N> {
     Tensor::from_data(TensorData::new(v, shape), &Default::default())

@@ -236,60 +236,42 @@ pub fn all_to_all_rows<B: CollectiveBackend>(
     Tensor::from_primitive(TensorPrimitive::Float(out))
 }
 
-/// Plain backends: the communicator moves their own tensors.
+/// The all-to-all of a plain backend, whose tensors the communicator moves directly.
+fn plain_all_to_all<B: Backend>(x: FloatTensor<B>, send: &[usize], recv: &[usize], comm: &GraphComm<B>) -> FloatTensor<B> {
+    let x = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x));
+    comm.all_to_all(x, send, recv).into_primitive().tensor()
+}
+
+/// Plain backends: `Wire = Self`.
 macro_rules! plain_collective_backend {
-    ($($ty:ty $(where $($bound:tt)+)?);* $(;)?) => {$(
-        impl CollectiveBackend for $ty {
+    ($(impl[$($generics:tt)*] for $ty:ty;)*) => {$(
+        impl<$($generics)*> CollectiveBackend for $ty {
             type Wire = Self;
 
             fn wire_device(device: &Self::Device) -> Self::Device {
                 device.clone()
             }
 
-            fn collective_all_to_all(
-                x: FloatTensor<Self>,
-                send: &[usize],
-                recv: &[usize],
-                comm: &GraphComm<Self>,
-            ) -> FloatTensor<Self> {
-                let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-                comm.all_to_all(x, send, recv).into_primitive().tensor()
+            fn collective_all_to_all(x: FloatTensor<Self>, send: &[usize], recv: &[usize], comm: &GraphComm<Self>) -> FloatTensor<Self> {
+                plain_all_to_all::<Self>(x, send, recv, comm)
             }
         }
     )*};
 }
 
-plain_collective_backend!(NdArray<f32>; NdArray<f64>);
+plain_collective_backend! {
+    impl[] for NdArray<f32>;
+    impl[] for NdArray<f64>;
+}
 
 #[cfg(feature = "cube")]
 mod cube_impls {
     use super::*;
     use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 
-    impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> CollectiveBackend for CubeBackend<R, F, I, BT> {
-        type Wire = Self;
-
-        fn wire_device(device: &Self::Device) -> Self::Device {
-            device.clone()
-        }
-
-        fn collective_all_to_all(x: FloatTensor<Self>, send: &[usize], recv: &[usize], comm: &GraphComm<Self>) -> FloatTensor<Self> {
-            let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-            comm.all_to_all(x, send, recv).into_primitive().tensor()
-        }
-    }
-
-    impl<B: burn_fusion::FusionBackend> CollectiveBackend for burn_fusion::Fusion<B> {
-        type Wire = Self;
-
-        fn wire_device(device: &Self::Device) -> Self::Device {
-            device.clone()
-        }
-
-        fn collective_all_to_all(x: FloatTensor<Self>, send: &[usize], recv: &[usize], comm: &GraphComm<Self>) -> FloatTensor<Self> {
-            let x = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(x));
-            comm.all_to_all(x, send, recv).into_primitive().tensor()
-        }
+    plain_collective_backend! {
+        impl[R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement] for CubeBackend<R, F, I, BT>;
+        impl[B: burn_fusion::FusionBackend] for burn_fusion::Fusion<B>;
     }
 }
 

@@ -85,7 +85,8 @@ fn bytemuck_u32(v: &[u32]) -> &[u8] {
 /// Multiply-adds up to which the `kernels-cubecl` kernels without tensor cores are used (the tiled
 /// shared-memory grouped matmul and weight gradient); above it, each expert segment goes through
 /// Burn's tuned matmul, unless (forward only) the device has the tensor-core grouped matmul for the
-/// dtype. The tensor-core weight gradient is not used yet: it has not run on a GPU.
+/// dtype (forward and weight gradient: both tensor-core kernels were checked against the f32 tiled
+/// kernel on an H200 — weight gradient 148–160 TFLOP/s, 2026-11-28 x4 call in BENCHMARKS.md).
 /// Measured on an H200 (BENCHMARKS.md, 2026-11-28 grouped GEMM section): the tensor-core grouped
 /// matmul (bf16) runs at 100–105 TFLOP/s against 93 for Burn's single dense matmul of the same size,
 /// but the shared-memory kernel (f32 operands, or no cmma) reaches only 19–29 TFLOP/s, well below
@@ -157,7 +158,8 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
     }
 
     fn moe_grouped_matmul_weight_grad(dy: FloatTensor<Self>, x: FloatTensor<Self>, offsets: &[usize]) -> FloatTensor<Self> {
-        if !use_direct_weight_grad(&dy, &x) {
+        let tensor_cores = with_float!(dy.dtype, FE => cmma_supported::<R, FE>(&dy.client));
+        if !tensor_cores && !use_direct_weight_grad(&dy, &x) {
             let grad = crate::ops::reference_grouped_matmul_weight_grad::<Self>(float(dy), float(x), offsets);
             return grad.into_primitive().tensor();
         }
