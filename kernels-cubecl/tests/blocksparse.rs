@@ -8,23 +8,8 @@ use kernels_cubecl::blocksparse::{
 };
 use kernels_cubecl::reference::blocksparse as reference;
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-        })
-        .collect()
-}
-
-fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
-}
+mod common;
+use common::{max_rel, values};
 
 fn upload<R: Runtime>(client: &ComputeClient<R>, v: &[f32]) -> cubecl::server::Handle {
     client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v }))
