@@ -338,11 +338,14 @@ where
     }
 
     /// The full model on every rank (sharded parameters gathered, experts gathered over the EP group),
-    /// for saving. Collective: every rank must call it.
+    /// for saving and evaluation; a clone when nothing is sharded. Collective: every rank must call it.
     ///
     /// # Errors
     /// A failed collective.
     pub fn consolidate(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        if !self.is_sharded() {
+            return Ok(model.clone());
+        }
         let full = self.materialize(model)?;
         let mut gather = GatherExperts { placements: &self.placements, ep: self.mesh.ep(), error: None };
         let full = full.map(&mut gather);

@@ -438,7 +438,7 @@ where
         let eval_loss = match &eval_dataset {
             Some(eval) if due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
                 // Sharded runs consolidate the model on every rank (a collective); rank 0 evaluates.
-                let full = if parallel.is_sharded() { parallel.consolidate(&model)? } else { model.clone() };
+                let full = parallel.consolidate(&model)?;
                 if lead {
                     let out = evaluate(&full.valid(), eval, args.per_device_eval_batch_size, device);
                     last_eval = Some(out.loss);
@@ -469,7 +469,7 @@ where
         }
         if due(args.save_strategy, step, args.save_steps, epoch_end) {
             let sharded = parallel.is_sharded();
-            let full = if sharded { parallel.consolidate(&model)? } else { model.clone() };
+            let full = parallel.consolidate(&model)?;
             if !lead {
                 continue;
             }
@@ -499,7 +499,7 @@ where
     }
     progress.finish();
     if let Some((targets, lora)) = args.lora() {
-        let model = if parallel.is_sharded() { parallel.consolidate(&model)? } else { model.clone() };
+        let model = parallel.consolidate(&model)?;
         if lead {
             // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
             let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
