@@ -28,6 +28,16 @@ enum Storage {
     F16,
 }
 
+impl Storage {
+    /// `v` as the kernel will see it once stored in this element type.
+    fn round(self, v: Vec<f32>) -> Vec<f32> {
+        match self {
+            Storage::F32 => v,
+            Storage::F16 => v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect(),
+        }
+    }
+}
+
 /// Runs one grouped matmul with `strategy` and compares it with the f64 reference; returns the
 /// strategy that ran.
 fn check<R: Runtime>(
@@ -42,12 +52,7 @@ fn check<R: Runtime>(
     let offsets = offsets_of(counts);
     let (e, rows) = (counts.len(), offsets[counts.len()]);
     let label = format!("counts={counts:?} m={m} k={k} transpose={transpose} {storage:?} {strategy:?}");
-    let round = |v: Vec<f32>| -> Vec<f32> {
-        match storage {
-            Storage::F32 => v,
-            Storage::F16 => v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect(),
-        }
-    };
+    let round = |v: Vec<f32>| storage.round(v);
     let x = round(values(rows * k, (rows * 7 + k) as u64));
     let w = round(values(e * m * k, (m * 13 + e) as u64));
     let want = reference::grouped_matmul(&x, &w, &offsets, m, k, transpose);
@@ -186,12 +191,7 @@ fn check_weight_grad<R: Runtime>(
     let offsets = offsets_of(counts);
     let (e, rows) = (counts.len(), offsets[counts.len()]);
     let label = format!("weight grad counts={counts:?} m={m} k={k} {storage:?} {strategy:?}");
-    let round = |v: Vec<f32>| -> Vec<f32> {
-        match storage {
-            Storage::F32 => v,
-            Storage::F16 => v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect(),
-        }
-    };
+    let round = |v: Vec<f32>| storage.round(v);
     let dy = round(values(rows * m, (rows * 3 + m) as u64));
     let x = round(values(rows * k, (rows * 5 + k) as u64));
     let want = reference::grouped_matmul_weight_grad(&dy, &x, &offsets, m, k);

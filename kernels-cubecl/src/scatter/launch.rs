@@ -191,6 +191,25 @@ pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
         .map(|_| ())
 }
 
+/// What `strategy` means on this device: `Auto` is the tensor-core kernel where [`cmma_supported`],
+/// else the tiled one; asking for `Cmma` where it cannot run is an error naming `what`.
+fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
+    client: &ComputeClient<R>,
+    strategy: GroupedMatmulStrategy,
+    what: &str,
+) -> Result<GroupedMatmulStrategy, KernelError> {
+    match strategy {
+        GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => Ok(GroupedMatmulStrategy::Cmma),
+        GroupedMatmulStrategy::Auto => Ok(GroupedMatmulStrategy::Tiled),
+        GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => Err(KernelError::Unsupported(format!(
+            "tensor-core grouped {what} needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
+            storage_type::<F>(),
+            storage_type::<F>()
+        ))),
+        other => Ok(other),
+    }
+}
+
 /// Grouped matmul with an explicit kernel choice; returns the kernel that ran (what `Auto` resolved
 /// to). Every output row of every segment is written.
 ///
@@ -210,18 +229,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = match strategy {
-        GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => GroupedMatmulStrategy::Cmma,
-        GroupedMatmulStrategy::Auto => GroupedMatmulStrategy::Tiled,
-        GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => {
-            return Err(KernelError::Unsupported(format!(
-                "tensor-core grouped matmul needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
-                storage_type::<F>(),
-                storage_type::<F>()
-            )));
-        }
-        other => other,
-    };
+    let strategy = resolve_strategy::<R, F>(client, strategy, "matmul")?;
     let total = p.rows * p.m;
     if total == 0 {
         return Ok(strategy);
@@ -321,18 +329,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = match strategy {
-        GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => GroupedMatmulStrategy::Cmma,
-        GroupedMatmulStrategy::Auto => GroupedMatmulStrategy::Tiled,
-        GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => {
-            return Err(KernelError::Unsupported(format!(
-                "tensor-core grouped weight gradient needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
-                storage_type::<F>(),
-                storage_type::<F>()
-            )));
-        }
-        other => other,
-    };
+    let strategy = resolve_strategy::<R, F>(client, strategy, "weight gradient")?;
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
         return Ok(strategy);
