@@ -22,7 +22,7 @@ pub enum ReduceOp {
 
 /// Errors of a collective. Every variant names the collective and the group so that a failure in a
 /// 4 × 2 mesh says which of the six groups broke.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum CommError {
     /// Some ranks did not reach the collective in time (dead, hung, or calling collectives in a
     /// different order).

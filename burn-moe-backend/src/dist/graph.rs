@@ -108,11 +108,11 @@ impl<B: Backend> GraphComm<B> {
     /// The first collective error recorded on this handle, if any (it stays recorded).
     ///
     /// # Errors
-    /// The recorded [`CommError`] (the original is kept; this returns an equivalent copy).
+    /// The recorded [`CommError`] (the original is kept; this returns a copy).
     pub fn check(&self) -> Result<(), CommError> {
         match &*self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()) {
             None => Ok(()),
-            Some(e) => Err(copy_error(e)),
+            Some(e) => Err(e.clone()),
         }
     }
 
@@ -161,40 +161,6 @@ impl<B: Backend> GraphComm<B> {
         let splits = vec![n; self.size()];
         let out = self.all_to_all(t, &splits, &splits);
         out.into_data().convert::<f32>().iter::<f32>().map(|v| v.max(0.0).round() as usize).collect()
-    }
-}
-
-/// A faithful copy of a recorded error (the original stays in the handle for other callers).
-fn copy_error(e: &CommError) -> CommError {
-    match e {
-        CommError::Timeout { collective, group, missing, timeout } => CommError::Timeout {
-            collective,
-            group: group.clone(),
-            missing: missing.clone(),
-            timeout: *timeout,
-        },
-        CommError::PeerFailed { collective, group, rank, reason } => CommError::PeerFailed {
-            collective,
-            group: group.clone(),
-            rank: *rank,
-            reason: reason.clone(),
-        },
-        CommError::Mismatch { collective, group, detail } => CommError::Mismatch {
-            collective,
-            group: group.clone(),
-            detail: detail.clone(),
-        },
-        CommError::InvalidArgument { collective, group, detail } => CommError::InvalidArgument {
-            collective,
-            group: group.clone(),
-            detail: detail.clone(),
-        },
-        CommError::Setup(s) => CommError::Setup(s.clone()),
-        CommError::Transport { collective, group, detail } => CommError::Transport {
-            collective,
-            group: group.clone(),
-            detail: detail.clone(),
-        },
     }
 }
 
