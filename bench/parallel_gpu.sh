@@ -7,6 +7,9 @@
 #     for each plan in PLANS and each mode in LORAS (none | attn-only | all).
 #     Memory: nvidia-smi sampled every 200 ms (max over the run, per GPU). Model FLOPs per token: 6·N_active + 12·L·d·S (HF/Megatron
 #     convention, causal attention counted in full), N_active = non-embedding params a token touches.
+# EQUIV_EXTRA adds flags to the equivalence runs (e.g. "--dtype bf16": then 1 GPU bf16 is also compared with
+# 1 GPU f32, and the plans with 1 GPU bf16). GEMM_RATE=1 first measures torch's bf16 8192^3 matmul rate on
+# this card (the denominator of the "40% of the card's bf16 GEMM rate" target).
 # The 8-GPU run of issue 8 is one call (the tiny model has 4 experts, hence EQUIV_PLANS):
 #   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep4+fsdp2" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
 #     LORAS="none attn-only all" LAYERS=<as many as fit> bash bench/parallel_gpu.sh
@@ -31,12 +34,29 @@ flags() { # plan -> trainer flags
   esac
 }
 
+if [ "${GEMM_RATE:-0}" = 1 ]; then
+  python3 - <<'PY'
+import torch
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+for _ in range(3): a @ b
+torch.cuda.synchronize(); s, e = torch.cuda.Event(True), torch.cuda.Event(True); s.record()
+for _ in range(20): a @ b
+e.record(); torch.cuda.synchronize()
+print(f"torch bf16 matmul 8192^3 on this card: {20 * 2 * 8192**3 / (s.elapsed_time(e) / 1e3) / 1e12:.0f} TFLOP/s")
+PY
+fi
+
 if [ "${EQUIV:-1}" = 1 ]; then
   PER=$(( NPROC >= 4 ? 1 : 4 / NPROC )); GLOBAL=$((PER * NPROC))
-  COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2"
+  COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2 ${EQUIV_EXTRA:-}"
   EQUIV_PLANS=${EQUIV_PLANS:-$PLANS}
-  echo "=== equivalence (tiny model, f32): 1 x batch $GLOBAL vs $NPROC x batch $PER"
+  echo "=== equivalence (tiny model, ${EQUIV_EXTRA:-f32}): 1 x batch $GLOBAL vs $NPROC x batch $PER"
   timeout 120 /tmp/trainer $COMMON --per-device-train-batch-size $GLOBAL --output-dir $OUT/eq/single >/dev/null
+  if [ -n "${EQUIV_EXTRA:-}" ]; then
+    timeout 120 /tmp/trainer --device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2 \
+      --per-device-train-batch-size $GLOBAL --output-dir $OUT/eq/single-f32 >/dev/null
+    EQUIV_PLANS="single-f32 $EQUIV_PLANS"
+  fi
   for plan in $EQUIV_PLANS; do
     timeout 120 /tmp/trainer $COMMON --per-device-train-batch-size $PER --nproc-per-node $NPROC $(flags $plan) \
       --output-dir $OUT/eq/$plan >/dev/null || echo "$plan: rc=$?"
@@ -90,8 +110,8 @@ attn = 2 * d * d + 2 * d * kv
 n_active = L * (attn + E * d + k * 3 * d * f) + V * d
 flop_tok = 6 * n_active + 12 * L * d * S
 print(f"model: {L} layers, {n_active/1e9:.3f}B active params/token, {flop_tok/1e9:.1f} GFLOP/token (fwd+bwd)")
-print("| plan | LoRA | steps | train_runtime s | steady s/step | tokens/s/GPU | model TFLOP/s/GPU | gpu_mem_used_peak MiB (max GPU) | loss first→last |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+print("| plan | LoRA | steps | train_runtime s | steady s/step | tokens/s/GPU | model TFLOP/s/GPU | gpu_mem_used_peak | gpu_mem_alloc | smi peak MiB (max GPU) | loss first→last |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 table = []
 for r in rows:
     plan, lora = (r[: -len("-attn-only")], "attn-only") if r.endswith("attn-only") else r.rsplit("-", 1)
@@ -99,7 +119,7 @@ for r in rows:
         m = [json.loads(l) for l in open(os.path.join(out, r, "metrics.jsonl"))]
         s = json.load(open(os.path.join(out, r, "train_summary.json")))
     except OSError:
-        print(f"| {plan} | {lora} | failed (see log) | | | | | | |"); continue
+        print(f"| {plan} | {lora} | failed (see log) | | | | | | | | |"); continue
     peak = collections.defaultdict(int)
     for line in open(os.path.join(out, f"mem-{r}.csv")):
         try:
@@ -114,6 +134,7 @@ for r in rows:
     row = dict(plan=plan, lora=lora, steps=len(m), runtime=s["train_runtime"], steady=steady, tok_gpu=tok_gpu,
                tflops=tflops, mem=max(peak.values()) if peak else None, loss=(m[0]["loss"], m[-1]["loss"]))
     table.append(row)
-    print(f"| {plan} | {lora} | {len(m)} | {s['train_runtime']:.1f} | {steady:.2f} | {tok_gpu:.0f} | {tflops:.1f} | {row['mem']} | {m[0]['loss']:.3f}→{m[-1]['loss']:.3f} |")
+    mib = lambda k: f"{s[k]:.0f}" if s.get(k) is not None else "-"
+    print(f"| {plan} | {lora} | {len(m)} | {s['train_runtime']:.1f} | {steady:.2f} | {tok_gpu:.0f} | {tflops:.1f} | {mib('gpu_mem_used_peak')} | {mib('gpu_mem_alloc')} | {row['mem']} | {m[0]['loss']:.3f}→{m[-1]['loss']:.3f} |")
 json.dump(table, open(os.path.join(out, "parallel_table.json"), "w"), indent=1)
 PY

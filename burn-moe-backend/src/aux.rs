@@ -38,7 +38,7 @@ pub fn load_balancing_loss<B: Backend>(stats: &[MoeAuxStats<B>]) -> Tensor<B, 1>
     let num_experts = first.prob_sum.dims()[0];
     let rows: usize = stats.iter().map(|s| s.rows).sum();
     if rows == 0 {
-        return Tensor::zeros([1], &device);
+        return Tensor::zeros([1], (&device, first.prob_sum.dtype()));
     }
     let counts = stats.iter().skip(1).fold(first.token_counts.clone(), |acc, s| acc + s.token_counts.clone());
     let probs = stats.iter().skip(1).fold(first.prob_sum.clone(), |acc, s| acc + s.prob_sum.clone());

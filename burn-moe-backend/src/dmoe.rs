@@ -3,7 +3,7 @@
 use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Initializer;
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, activation::softmax, backend::Backend};
+use burn::tensor::{DType, IndexingUpdateOp, Int, Tensor, activation::softmax, backend::Backend};
 
 use crate::aux::MoeAuxStats;
 use crate::dispatch::{LocalDispatcher, TokenDispatcher};
@@ -83,9 +83,9 @@ pub struct DMoe<B: Backend> {
 pub struct RouterOutput<B: Backend> {
     /// Raw router logits.
     pub logits: Tensor<B, 2>,
-    /// Softmax over all experts.
+    /// Softmax over all experts, in f32 whatever the activations' dtype.
     pub probs: Tensor<B, 2>,
-    /// Combine weights of the selected experts.
+    /// Combine weights of the selected experts, in the activations' dtype.
     pub weights: Tensor<B, 2>,
     /// Selected experts, in descending probability order.
     pub experts: Tensor<B, 2, Int>,
@@ -216,12 +216,15 @@ impl<B: Backend> DMoe<B> {
     /// # Shapes
     /// - `x`: `[T, D]`
     pub fn route(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
+        let dtype = x.dtype();
         let logits = x.matmul(self.gate.val().transpose());
-        let probs = softmax(logits.clone(), 1);
+        // As HF: the softmax, the choice and the normalisation in f32 (bf16 probabilities would
+        // tie and flip the top-k), the combine weights rounded back to the activations' dtype.
+        let probs = softmax(logits.clone().cast(DType::F32), 1);
         // The choice of experts is not differentiable; the weights are, through `gather`.
         let (_, experts) = probs.clone().detach().topk_with_indices(self.top_k, 1);
         let top = probs.clone().gather(1, experts.clone());
-        let weights = top.clone() / top.sum_dim(1);
+        let weights = (top.clone() / top.sum_dim(1)).cast(dtype);
         RouterOutput { logits, probs, weights, experts }
     }
 }
@@ -263,7 +266,7 @@ impl<B: MoeBackend> DMoe<B> {
         let device = x.device();
         let pairs = rows * self.top_k;
         let (slot_weights, probs, rows) = match mask {
-            None => (Tensor::ones([pairs], &device), route.probs.clone(), rows),
+            None => (Tensor::ones([pairs], (&device, route.probs.dtype())), route.probs.clone(), rows),
             Some(m) => {
                 let w = m.weights.clone().cast(route.probs.dtype()).unsqueeze_dim::<2>(1);
                 (w.clone().repeat_dim(1, self.top_k).reshape([pairs]), route.probs.clone() * w, m.valid)
@@ -416,7 +419,7 @@ fn scatter_experts<B: MoeBackend>(
     let [tokens, d_model] = x.dims();
     let [num_experts, _, _] = w1.dims();
     if tokens == 0 {
-        return Tensor::zeros([0, d_model], &device);
+        return Tensor::zeros([0, d_model], (&device, x.dtype()));
     }
     let plan = reference::host_routing_plan(experts, num_experts);
     let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
@@ -476,7 +479,7 @@ fn block_sparse_experts<B: MoeBackend>(
     let [tokens, d_model] = x.dims();
     let [num_experts, d_ff, _] = w1.dims();
     if tokens == 0 {
-        return Tensor::zeros([0, d_model], &device);
+        return Tensor::zeros([0, d_model], (&device, x.dtype()));
     }
     let plan = reference::host_routing_plan(experts, num_experts);
     let topology = kernels_cubecl::BlockSparseTopology::for_experts(&plan.counts, d_ff, block)

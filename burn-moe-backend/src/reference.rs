@@ -66,7 +66,7 @@ pub fn dropless_experts_lora<B: Backend>(
     let [_, top_k] = experts.dims();
     let [num_experts, _, _] = w1.dims();
     if tokens == 0 {
-        return Tensor::zeros([0, d_model], &device);
+        return Tensor::zeros([0, d_model], (&device, x.dtype()));
     }
     let plan = host_routing_plan(experts, num_experts);
     let pairs = tokens * top_k;

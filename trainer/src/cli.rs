@@ -88,6 +88,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = Device::Ndarray)]
     pub device: Device,
 
+    /// Compute precision: `f32`, or `bf16` / `f16` with f32 master weights and AdamW state (frozen
+    /// LoRA base weights are stored in the compute dtype). Alias `--torch-dtype`; `bfloat16`,
+    /// `float16`, `float32` are accepted.
+    #[arg(long, alias = "torch-dtype", value_enum, default_value_t = crate::precision::Dtype::F32)]
+    pub dtype: crate::precision::Dtype,
+
     /// Expert-computation path of the MoE layers: reference, scatter (alias scattermoe) or
     /// block-sparse (alias megablocks).
     #[arg(long, default_value = "reference")]
@@ -471,6 +477,11 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().effective_ep_size(8), 1);
         assert_eq!(parse(&["--sharding", "fsdp1"]).unwrap().sharding, crate::sharding::Sharding::Fsdp1);
         assert!(parse(&["--sharding", "zero3"]).is_err());
+        use crate::precision::Dtype;
+        assert_eq!(parse(&[]).unwrap().dtype, Dtype::F32);
+        assert_eq!(parse(&["--torch-dtype", "bfloat16"]).unwrap().dtype, Dtype::Bf16);
+        assert_eq!(parse(&["--dtype", "f16"]).unwrap().dtype, Dtype::F16);
+        assert!(parse(&["--dtype", "fp8"]).is_err());
     }
 
     #[test]

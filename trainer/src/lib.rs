@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod launch;
 pub mod parallel;
+pub mod precision;
 pub mod metrics;
 pub mod schedule;
 pub mod sharding;

@@ -88,21 +88,47 @@ fn run_cpu_threads(args: &Args, timeout: Duration) -> anyhow::Result<trainer::Tr
     first.context("rank 0 returned no summary")
 }
 
+/// The CUDA backends: fusion-wrapped for f32 runs; plain CubeCL for mixed precision, because
+/// burn-cubecl-fusion 0.21 panics autotuning a fused reduce over half-precision tensors
+/// (tracel-ai/burn#5292: `codegen/ir.rs:500` index out of bounds, after which every fused op fails).
+#[cfg(feature = "cuda")]
+mod cuda {
+    use burn::backend::cuda::CudaDevice;
+    use burn::tensor::backend::Backend;
+    use burn_moe_backend::dist::{CollectiveBackend, CudaTensorAccess};
+    use burn_moe_backend::{MemoryBackend, MoeBackend};
+
+    /// f32 runs.
+    pub type Fused = burn::backend::Cuda<f32>;
+    /// `--dtype bf16|f16` runs.
+    pub type Plain = burn_cubecl::CubeBackend<cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+    /// What the trainer needs of an inner CUDA backend.
+    pub trait CudaInner:
+        Backend<Device = CudaDevice> + MoeBackend + MemoryBackend + CollectiveBackend<Wire = Self> + CudaTensorAccess
+    {
+    }
+    impl<B: Backend<Device = CudaDevice> + MoeBackend + MemoryBackend + CollectiveBackend<Wire = B> + CudaTensorAccess> CudaInner for B {}
+}
+
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
-    type B = burn::backend::Autodiff<burn::backend::Cuda<f32>>;
-    train::<B>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
+    fn on<I: cuda::CudaInner>(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
+        train::<burn::backend::Autodiff<I>>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
+    }
+    if args.dtype.compute().is_some() { on::<cuda::Plain>(args) } else { on::<cuda::Fused>(args) }
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda_rank(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
-    use burn_moe_backend::dist::{NcclComm, NcclConfig};
-    type Inner = burn::backend::Cuda<f32>;
-    type B = burn::backend::Autodiff<Inner>;
-    let device = burn::backend::cuda::CudaDevice { index: env.local_rank };
-    let comm = NcclComm::<Inner>::init(env, device.clone(), NcclConfig { timeout })
-        .with_context(|| format!("rank {} joining the NCCL group", env.rank))?;
-    train_with::<B, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
+    fn on<I: cuda::CudaInner>(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
+        use burn_moe_backend::dist::{NcclComm, NcclConfig};
+        let device = burn::backend::cuda::CudaDevice { index: env.local_rank };
+        let comm = NcclComm::<I>::init(env, device.clone(), NcclConfig { timeout })
+            .with_context(|| format!("rank {} joining the NCCL group", env.rank))?;
+        train_with::<burn::backend::Autodiff<I>, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
+    }
+    if args.dtype.compute().is_some() { on::<cuda::Plain>(args, env, timeout) } else { on::<cuda::Fused>(args, env, timeout) }
 }
 
 #[cfg(not(feature = "cuda"))]

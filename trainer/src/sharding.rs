@@ -31,7 +31,7 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::Tensor;
+use burn::tensor::{DType, FloatDType, Tensor};
 use burn::tensor::backend::AutodiffBackend;
 use burn_moe_backend::dist::{
     CollectiveBackend, CommError, Communicator, DTensor, DTensorError, DeviceMesh, GraphComm, MeshError, Placement,
@@ -118,6 +118,8 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     dispatcher: Option<AllToAllDispatcher<B>>,
     placements: HashMap<ParamId, ParamPlacement>,
     units: Vec<FlatUnit>,
+    /// Mixed precision: the dtype the forward pass computes in (f32 masters stay here).
+    compute: Option<FloatDType>,
 }
 
 impl<B, C> Parallel<B, C>
@@ -143,7 +145,15 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new() })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None })
+    }
+
+    /// Mixed precision: [`materialize`](Self::materialize) rounds every parameter to `compute`
+    /// (before gathering, so sharded weights travel at that width too).
+    #[must_use]
+    pub fn with_compute_dtype(mut self, compute: Option<FloatDType>) -> Self {
+        self.compute = compute;
+        self
     }
 
     /// The expert dispatcher every MoE layer uses.
@@ -240,25 +250,37 @@ where
     }
 
     /// The model the forward pass runs: sharded parameters all-gathered into full tensors that are
-    /// fresh autodiff leaves (with the shard's id and trainability), everything else as is.
+    /// fresh autodiff leaves (with the shard's id and trainability), everything else as is — or,
+    /// under mixed precision, every parameter as a fresh leaf in the compute dtype.
     ///
     /// # Errors
     /// A failed gather.
     pub fn materialize(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        self.gather(model, self.compute)
+    }
+
+    /// Sharded parameters gathered (FSDP2 shards and FSDP1 pieces cast to `compute`, or f32, first);
+    /// with `compute`, the other parameters rounded to it as fresh leaves.
+    fn gather(&self, model: &MixtralForCausalLM<B>, compute: Option<FloatDType>) -> Result<MixtralForCausalLM<B>, ShardingError> {
         if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. })) {
-            return Ok(model.clone());
+            return Ok(match compute {
+                Some(c) => crate::precision::compute_copy(model.clone(), c),
+                None => model.clone(),
+            });
         }
         let world = self.mesh.fsdp_group();
+        // Every rank gathers the same dtype: frozen pieces may be stored in the compute dtype.
+        let wire = compute.unwrap_or(FloatDType::F32);
         // FSDP1: one all-gather per unit, of the rank's chunk reassembled from its pieces.
-        let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()] };
+        let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire };
         model.visit(&mut pieces);
         let device = model.lm_head.weight.val().device();
         let mut flats = Vec::with_capacity(self.units.len());
         for (unit, parts) in self.units.iter().zip(pieces.pieces) {
-            let chunk = pad_to(parts, unit.chunk, &device);
+            let chunk = pad_to(parts, unit.chunk, &device, wire);
             flats.push(world.all_gather(chunk, 0)?);
         }
-        let mut gather = Gather { placements: &self.placements, world, flats, error: None };
+        let mut gather = Gather { placements: &self.placements, world, flats, wire, compute, error: None };
         let full = model.clone().map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -297,7 +319,7 @@ where
                 chunks.push(None);
                 continue;
             }
-            let full = pad_to(parts, unit.chunk * world.size(), &device);
+            let full = pad_to(parts, unit.chunk * world.size(), &device, FloatDType::F32);
             chunks.push(Some(world.reduce_scatter(full, 0, ReduceOp::Sum)?));
         }
         model.visit(&mut RegisterPieces { placements: &self.placements, units: &self.units, chunks, rank: world.rank(), grads });
@@ -346,7 +368,7 @@ where
         if !self.is_sharded() {
             return Ok(model.clone());
         }
-        let full = self.materialize(model)?;
+        let full = self.gather(model, None)?;
         let mut gather = GatherExperts { placements: &self.placements, ep: self.mesh.ep(), error: None };
         let full = full.map(&mut gather);
         match gather.error {
@@ -475,12 +497,12 @@ fn piece_shape<B: burn::tensor::backend::Backend, const D: usize>(flat: Tensor<B
     flat.reshape(shape)
 }
 
-/// Concatenates 1-d parts and pads with zeros to `len` elements.
-fn pad_to<B: burn::tensor::backend::Backend>(parts: Vec<Tensor<B, 1>>, len: usize, device: &B::Device) -> Tensor<B, 1> {
+/// Concatenates 1-d parts (of dtype `dtype`) and pads with zeros to `len` elements.
+fn pad_to<B: burn::tensor::backend::Backend>(parts: Vec<Tensor<B, 1>>, len: usize, device: &B::Device, dtype: FloatDType) -> Tensor<B, 1> {
     let mut parts: Vec<Tensor<B, 1>> = parts.into_iter().filter(|p| p.dims()[0] > 0).collect();
     let have: usize = parts.iter().map(|p| p.dims()[0]).sum();
     if have < len {
-        parts.push(Tensor::zeros([len - have], device));
+        parts.push(Tensor::zeros([len - have], (device, DType::from(dtype))));
     }
     Tensor::cat(parts, 0)
 }
@@ -489,12 +511,14 @@ fn pad_to<B: burn::tensor::backend::Backend>(parts: Vec<Tensor<B, 1>>, len: usiz
 struct CollectPieces<'a, B: burn::tensor::backend::Backend> {
     placements: &'a HashMap<ParamId, ParamPlacement>,
     pieces: Vec<Vec<Tensor<B, 1>>>,
+    /// The dtype the pieces are gathered in.
+    wire: FloatDType,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for CollectPieces<'_, B::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(ParamPlacement::Flat { unit, piece, .. }) = self.placements.get(&param.id) {
-            self.pieces[*unit].push(param.val().inner().reshape([piece.len()]));
+            self.pieces[*unit].push(crate::precision::cast(param.val().inner().reshape([piece.len()]), self.wire));
         }
     }
 }
@@ -506,6 +530,10 @@ struct Gather<'a, C, B: burn::tensor::backend::Backend> {
     world: &'a C,
     /// Gathered FSDP1 unit buffers.
     flats: Vec<Tensor<B, 1>>,
+    /// The dtype shards are gathered in.
+    wire: FloatDType,
+    /// Mixed precision: unsharded parameters become leaves in this dtype too.
+    compute: Option<FloatDType>,
     error: Option<ShardingError>,
 }
 
@@ -517,7 +545,11 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
         let (dims, flat) = match self.placements.get(&param.id) {
             Some(ParamPlacement::Sharded { dims }) => (dims, None),
             Some(ParamPlacement::Flat { unit, dims, offset, .. }) => (dims, Some((*unit, *offset))),
-            _ => return param,
+            _ => {
+                let Some(c) = self.compute else { return param };
+                let (id, t, mapper) = param.consume();
+                return Param::from_mapped_value(id, crate::precision::compute_leaf(t, c), mapper);
+            }
         };
         let (id, shard, mapper) = param.consume();
         let trainable = shard.is_require_grad();
@@ -527,7 +559,7 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
                 let numel: usize = dims.iter().product();
                 Ok(self.flats[unit].clone().slice([offset..offset + numel]).reshape(dims))
             }
-            None => DTensor::from_local(shard.clone().inner(), dims, &[self.world], &[Placement::Shard(0)])
+            None => DTensor::from_local(crate::precision::cast(shard.clone().inner(), self.wire), dims, &[self.world], &[Placement::Shard(0)])
                 .and_then(|d| d.full_tensor(&[self.world])),
         };
         match gathered {

@@ -218,6 +218,9 @@ where
             args.evaluation_strategy
         )));
     }
+    // Before any data or weights are read.
+    crate::precision::check_support::<B>(args.dtype, device).map_err(TrainError::Args)?;
+    let compute = args.dtype.compute();
     let source = model_source(args)?;
     let tokenizer = &source.tokenizer;
     let dataset = build_dataset(args, args.data_path.as_deref(), tokenizer, args.packing)?;
@@ -296,6 +299,10 @@ where
         model = model.with_lora(&lora, targets, args.seed);
         tracing::info!(r = lora.r, alpha = lora.alpha, dropout = lora.dropout, ?targets, "LoRA: base weights frozen");
     }
+    if let Some(c) = compute {
+        model = crate::precision::freeze_in(model, c);
+        tracing::info!(dtype = %args.dtype, "mixed precision: f32 master weights and optimizer state");
+    }
     tracing::info!(
         parameters = model.num_parameters(),
         examples = dataset.len(),
@@ -308,7 +315,7 @@ where
 
     let num_experts = config.num_local_experts;
     let ep_size = args.effective_ep_size(world);
-    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?;
+    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?.with_compute_dtype(compute);
     if resume.is_some() && parallel.is_sharded() {
         return Err(TrainError::Args(format!(
             "--resume-from-checkpoint with a sharded plan ({}) is not supported yet",
@@ -414,7 +421,11 @@ where
             sample_memory(&mut mem_peak);
             let grads = loss.backward();
             parallel.check()?;
-            let grads = GradientsParams::from_grads(grads, &live);
+            let mut grads = GradientsParams::from_grads(grads, &live);
+            if compute.is_some() {
+                // Accumulated, reduced and applied in f32, as the masters.
+                crate::precision::widen_grads(&live, &mut grads);
+            }
             accumulator.accumulate(&live, grads);
         }
         drop(live);
@@ -440,6 +451,10 @@ where
                 // Sharded runs consolidate the model on every rank (a collective); rank 0 evaluates.
                 let full = parallel.consolidate(&model)?;
                 if lead {
+                    let full = match compute {
+                        Some(c) => crate::precision::compute_copy(full, c),
+                        None => full,
+                    };
                     let out = evaluate(&full.valid(), eval, args.per_device_eval_batch_size, device);
                     last_eval = Some(out.loss);
                     Some(out.loss)

@@ -23,6 +23,18 @@ fn read_field(dir: &std::path::Path, field: &str) -> Vec<(u64, f64)> {
         .collect()
 }
 
+/// burn-ndarray has no half-precision tensors: `--dtype bf16` on it is refused before any work, with
+/// a message that says so and what to use instead (the mixed-precision path itself is tested on
+/// wgpu in `tests/tests/mixed_precision.rs` and run on CUDA).
+#[test]
+fn half_precision_on_ndarray_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = Args::try_parse_from(["trainer", "--dtype", "bf16", "--output-dir", dir.path().to_str().unwrap()]).unwrap();
+    let err = train::<B>(&args, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("--dtype bf16") && err.contains("no bf16 tensors") && err.contains("--device cuda"), "{err}");
+    assert!(!dir.path().join("metrics.jsonl").exists(), "nothing trained");
+}
+
 #[test]
 fn tiny_model_loss_falls_and_outputs_are_written() {
     let dir = tempfile::tempdir().unwrap();

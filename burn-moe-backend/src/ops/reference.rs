@@ -26,7 +26,7 @@ pub fn reference_grouped_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 3>, of
         parts.push(x.clone().slice([start..end]).matmul(we));
     }
     if parts.is_empty() {
-        return Tensor::zeros([0, m], &x.device());
+        return Tensor::zeros([0, m], (&x.device(), x.dtype()));
     }
     Tensor::cat(parts, 0)
 }

@@ -1,5 +1,5 @@
 use burn::module::Module;
-use burn::tensor::{Bool, Tensor, TensorData, activation::softmax, backend::Backend};
+use burn::tensor::{Bool, DType, Tensor, TensorData, activation::softmax, backend::Backend};
 
 use super::linear::HfLinear;
 use super::rope::RotaryEmbedding;
@@ -44,7 +44,7 @@ impl<B: Backend> MixtralAttention<B> {
         let v = heads(self.v_proj.forward(x), kv);
 
         let rope = RotaryEmbedding { head_dim: hd, theta: self.rope_theta };
-        let (cos, sin) = rope.tables::<B>(s, &device);
+        let (cos, sin) = rope.tables::<B>(s, &device, q.dtype());
         let q = rope.apply(q, cos.clone(), sin.clone());
         let k = rope.apply(k, cos, sin);
 
@@ -61,7 +61,10 @@ impl<B: Backend> MixtralAttention<B> {
 
         let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5));
         let mask = attention_mask::<B>(s, self.sliding_window, &device).unsqueeze::<4>().expand([b, h, s, s]);
-        let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY), 3);
+        // Softmax in f32 whatever the activations' dtype (HF: `softmax(..., dtype=torch.float32)`),
+        // then back to it for the product with the values.
+        let dtype = scores.dtype();
+        let probs = softmax(scores.mask_fill(mask, f32::NEG_INFINITY).cast(DType::F32), 3).cast(dtype);
         let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, h * hd]);
         self.o_proj.forward(out)
     }

@@ -70,8 +70,13 @@ impl<B: Backend> HfLinear<B> {
     pub fn merge_lora(self) -> Self {
         match &self.lora {
             None => self,
-            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one).
-            Some(l) => Self::from_weight((self.weight.val() + l.delta_weight()).detach()),
+            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one). In the
+            // adapter's dtype: under mixed precision the frozen base may be bf16 while the trained
+            // adapter is f32, and the sum should not round the update to the base's precision.
+            Some(l) => {
+                let delta = l.delta_weight();
+                Self::from_weight((self.weight.val().cast(delta.dtype()) + delta).detach())
+            }
         }
     }
 

@@ -1,4 +1,4 @@
-use burn::tensor::{Int, Tensor, activation::log_softmax, backend::Backend};
+use burn::tensor::{DType, Int, Tensor, activation::log_softmax, backend::Backend};
 
 /// Label value whose position is left out of the loss (HF's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -22,8 +22,10 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     .reshape([b * s, 1]);
     let ignored = shifted.clone().equal_elem(IGNORE_INDEX);
     let targets = shifted.mask_fill(ignored.clone(), 0);
-    let logp = log_softmax(logits.reshape([b * s, v]), 1).gather(1, targets);
+    // In f32 whatever the logits' dtype (HF's loss upcasts them too): a bf16 log-softmax over 32k
+    // entries would lose most of the loss's digits.
+    let logp = log_softmax(logits.reshape([b * s, v]).cast(DType::F32), 1).gather(1, targets);
     let nll = logp.neg().mask_fill(ignored.clone(), 0.0);
-    let count = ignored.bool_not().float().sum();
+    let count = ignored.bool_not().float().cast(DType::F32).sum();
     (nll.sum(), count)
 }

@@ -1,5 +1,5 @@
 use burn::module::{Module, Param};
-use burn::tensor::{Tensor, backend::Backend};
+use burn::tensor::{DType, Tensor, backend::Backend};
 
 /// Root-mean-square layer norm as in HF Mixtral: `weight · x / sqrt(mean(x²) + eps)`.
 ///
@@ -24,10 +24,13 @@ impl<B: Backend> RmsNorm<B> {
         Self { weight: Param::from_tensor(weight), eps }
     }
 
-    /// Normalises the last dimension.
+    /// Normalises the last dimension, in f32 whatever the input's dtype (as HF), rounding back to it
+    /// before the scale.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(DType::F32);
         let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = x * variance.add_scalar(self.eps).sqrt().recip();
+        let normed = (x * variance.add_scalar(self.eps).sqrt().recip()).cast(dtype);
         let mut shape = [1usize; D];
         shape[D - 1] = self.weight.dims()[0];
         normed * self.weight.val().reshape(shape)

@@ -1,4 +1,4 @@
-use burn::tensor::{Tensor, TensorData, backend::Backend};
+use burn::tensor::{DType, Tensor, TensorData, backend::Backend};
 
 /// Rotary position embedding with HF's "rotate half" convention: the first and second halves of
 /// each head are the two coordinates of every rotated pair.
@@ -14,9 +14,10 @@ impl RotaryEmbedding {
     /// `cos` and `sin` tables for positions `0..seq`, each `[seq, head_dim]` (the frequency table is
     /// repeated for both halves, as HF does).
     ///
-    /// Computed in f64 on the host and rounded once: HF computes them in f32, and the difference is
-    /// within one rounding of each entry.
-    pub fn tables<B: Backend>(&self, seq: usize, device: &B::Device) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    /// Computed in f64 on the host and rounded once to `dtype` (the activations' dtype, as HF's
+    /// `cos.to(x.dtype)`): HF computes them in f32, and the difference is within one rounding of
+    /// each entry.
+    pub fn tables<B: Backend>(&self, seq: usize, device: &B::Device, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
         let half = self.head_dim / 2;
         let mut cos = Vec::with_capacity(seq * self.head_dim);
         let mut sin = Vec::with_capacity(seq * self.head_dim);
@@ -31,8 +32,8 @@ impl RotaryEmbedding {
         }
         let shape = [seq, self.head_dim];
         (
-            Tensor::from_data(TensorData::new(cos, shape), device),
-            Tensor::from_data(TensorData::new(sin, shape), device),
+            Tensor::from_data(TensorData::new(cos, shape), (device, dtype)),
+            Tensor::from_data(TensorData::new(sin, shape), (device, dtype)),
         )
     }
 

@@ -1,0 +1,136 @@
+//! Mixed precision (`--dtype bf16|f16`: f32 master weights, half-precision compute) on wgpu, the
+//! CPU backend with half types (f16 on Mesa lavapipe in CI; bf16 needs CUDA): the model follows
+//! the weights' dtype everywhere (a tensor of another dtype reaching a kernel would read garbage),
+//! so a forward and backward pass in f16 must land within f16 rounding of the f32 one, for every
+//! MoE kernel; and the trainer's f16 run must follow the f32 run's loss curve.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::backend::Autodiff;
+use burn::backend::wgpu::WgpuRuntime;
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType, Int, Tensor, TensorData};
+use burn_cubecl::CubeBackend;
+use burn_moe_backend::{MoeBackend, MoeKernel};
+use burn_moe_tests::{pseudo_random, rel_l2};
+use clap::Parser;
+use mixtral_burn::{MixtralConfig, MixtralForCausalLM};
+use trainer::precision::{compute_copy, widen_grads};
+
+type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
+
+/// Every parameter's dtype and widened gradient, by id.
+struct Collect<'a> {
+    grads: &'a GradientsParams,
+    dtypes: Vec<DType>,
+    values: BTreeMap<ParamId, Vec<f32>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.dtypes.push(param.val().dtype());
+        if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
+            assert_eq!(g.dtype(), DType::F32, "widened gradients are f32");
+            self.values.insert(param.id, g.into_data().iter::<f32>().collect());
+        }
+    }
+}
+
+struct Pass {
+    loss: f64,
+    dtypes: Vec<DType>,
+    grads: BTreeMap<ParamId, Vec<f32>>,
+}
+
+fn pass<B: AutodiffBackend + MoeBackend>(model: &MixtralForCausalLM<B>, device: &B::Device) -> Pass {
+    let (b, s) = (2, 24);
+    let ids: Vec<i64> = pseudo_random(b * s, 11, 1.0).iter().map(|v| ((v.abs() * 1000.0) as i64) % 259).collect();
+    // The first 5 positions of each row are "prompt": masked out of the loss, as the trainer does.
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &t)| if i % s < 5 { -100 } else { t }).collect();
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, s]), device);
+    let labels = Tensor::<B, 2, Int>::from_data(TensorData::new(labels, [b, s]), device);
+    let out = model.forward_with_labels(ids, labels);
+    assert_eq!(out.loss.dtype(), DType::F32, "the loss is computed in f32 whatever the weights' dtype");
+    let loss: f64 = out.loss.clone().into_data().iter::<f64>().next().unwrap();
+    let mut grads = GradientsParams::from_grads(out.loss.backward(), model);
+    widen_grads(model, &mut grads);
+    let mut c = Collect { grads: &grads, dtypes: Vec::new(), values: BTreeMap::new() };
+    model.visit(&mut c);
+    Pass { loss, dtypes: c.dtypes, grads: c.values }
+}
+
+fn check_kernel(kernel: MoeKernel) {
+    let device = Default::default();
+    let model: MixtralForCausalLM<Autodiff<Wgpu>> = MixtralConfig::tiny().with_moe_kernel(kernel).init_seeded(&device, 3);
+    let full = pass(&model, &device);
+    let half = pass(&compute_copy(model, FloatDType::F16), &device);
+    assert!(full.dtypes.iter().all(|&d| d == DType::F32));
+    assert!(half.dtypes.iter().all(|&d| d == DType::F16), "{kernel}: the compute copy is f16");
+    let loss_err = (half.loss - full.loss).abs() / full.loss;
+    assert!(loss_err < 2e-3, "{kernel}: f16 loss {} vs f32 {} (rel {loss_err:.2e})", half.loss, full.loss);
+    assert_eq!(full.grads.len(), half.grads.len(), "{kernel}: same parameters have gradients");
+    let mut worst = 0.0f64;
+    for (id, g32) in &full.grads {
+        let err = rel_l2(&half.grads[id], g32);
+        worst = worst.max(err);
+        assert!(err < 1e-2, "{kernel}: parameter {id}: f16 gradient relative L2 error {err:.2e}");
+    }
+    eprintln!("{kernel}: loss rel err {loss_err:.2e}, worst gradient rel L2 err {worst:.2e}");
+}
+
+#[test]
+fn f16_forward_and_backward_match_f32_for_every_kernel() {
+    for kernel in [MoeKernel::Reference, MoeKernel::Scatter, MoeKernel::BlockSparse] {
+        check_kernel(kernel);
+    }
+}
+
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+        .collect()
+}
+
+/// The trainer on the fusion-wrapped wgpu backend (as the CUDA binary runs on fusion-wrapped
+/// CUDA): `--dtype f16` follows `--dtype f32` step by step, full fine-tuning and LoRA on every
+/// projection (frozen base stored in f16).
+#[test]
+fn trainer_f16_run_follows_the_f32_run() {
+    type B = Autodiff<burn::backend::Wgpu>;
+    for lora in ["none", "all"] {
+        let run = |dtype: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let args = trainer::Args::try_parse_from([
+                "trainer",
+                "--output-dir",
+                dir.path().to_str().unwrap(),
+                "--max-steps",
+                "4",
+                "--per-device-train-batch-size",
+                "2",
+                "--learning-rate",
+                "1e-3",
+                "--moe-kernel",
+                "scatter",
+                "--use-lora",
+                lora,
+                "--dtype",
+                dtype,
+            ])
+            .unwrap();
+            trainer::train::train::<B>(&args, &Default::default()).unwrap();
+            losses(dir.path())
+        };
+        let (full, half) = (run("f32"), run("float16"));
+        assert_eq!(full.len(), 4);
+        for (step, (a, b)) in full.iter().zip(&half).enumerate() {
+            let err = (a - b).abs() / a;
+            assert!(err < 5e-3, "--use-lora {lora} step {}: f16 loss {b} vs f32 {a} (rel {err:.2e})", step + 1);
+        }
+    }
+}

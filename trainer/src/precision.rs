@@ -1,0 +1,131 @@
+//! Mixed precision (`--dtype bf16|f16`): the optimizer keeps f32 master weights and f32 AdamW
+//! moments; every step computes with a copy of the weights rounded to the compute dtype, and the
+//! gradients (produced in that dtype) are widened to f32 before they are accumulated, reduced,
+//! clipped and applied — the recipe of `torch.autocast` + f32 master weights, made explicit.
+//!
+//! Frozen weights (the base model under LoRA) have no master copy: they are stored in the compute
+//! dtype from the start (as transformers loads a `torch_dtype=bfloat16` base), which halves their
+//! memory. The model code follows each tensor's runtime dtype and does its softmaxes, norms and
+//! loss in f32 (as HF does), so the device's default float dtype is never changed: host scalars,
+//! statistics and gradient buffers stay f32.
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{DType, FloatDType, Tensor};
+
+/// Compute precision of a run (`--dtype`, alias `--torch-dtype`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// Everything in f32.
+    #[default]
+    #[value(alias = "float32")]
+    F32,
+    /// bf16 compute, f32 master weights and optimizer state.
+    #[value(alias = "bfloat16")]
+    Bf16,
+    /// f16 compute, f32 master weights and optimizer state (no loss scaling: meant for kernel and
+    /// CPU (wgpu) testing; train real models in bf16).
+    #[value(alias = "float16")]
+    F16,
+}
+
+impl Dtype {
+    /// The compute dtype, `None` for plain f32 (no copies, no casts).
+    #[must_use]
+    pub fn compute(self) -> Option<FloatDType> {
+        match self {
+            Self::F32 => None,
+            Self::Bf16 => Some(FloatDType::BF16),
+            Self::F16 => Some(FloatDType::F16),
+        }
+    }
+}
+
+impl std::fmt::Display for Dtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        })
+    }
+}
+
+/// Whether `B` can compute in `dtype` on `device`; the message names the backend's limit.
+///
+/// # Errors
+/// A sentence for the user when the backend has no such tensors (burn-ndarray has neither bf16
+/// nor f16).
+pub fn check_support<B: Backend>(dtype: Dtype, device: &B::Device) -> Result<(), String> {
+    let Some(compute) = dtype.compute() else { return Ok(()) };
+    if B::supports_dtype(device, DType::from(compute)) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--dtype {dtype}: the {} backend has no {dtype} tensors on {device:?}; use --device cuda (or --dtype f32)",
+            B::name(device)
+        ))
+    }
+}
+
+/// `t.cast(dtype)`, except that a tensor without elements is recreated instead of converted: CUDA
+/// rejects a kernel launch over nothing (`CUDA_ERROR_INVALID_VALUE`), and FSDP1 ranks hold empty
+/// pieces of the parameters outside their chunk.
+pub fn cast<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: FloatDType) -> Tensor<B, D> {
+    if t.shape().num_elements() == 0 && t.dtype() != DType::from(dtype) {
+        Tensor::empty(t.shape(), (&t.device(), DType::from(dtype)))
+    } else {
+        t.cast(dtype)
+    }
+}
+
+/// Stores the frozen parameters in the compute dtype (trainable ones stay f32 masters).
+pub fn freeze_in<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType) -> M {
+    struct Frozen(FloatDType);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Frozen {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if param.is_require_grad() {
+                return param;
+            }
+            let (id, t, mapper) = param.consume();
+            Param::from_mapped_value(id, Tensor::from_inner(cast(t.inner(), self.0)), mapper)
+        }
+    }
+    model.map(&mut Frozen(compute))
+}
+
+/// Rounds one parameter tensor to the compute dtype as a fresh autodiff leaf (same trainability),
+/// so the backward pass stops at the copy and its gradient is keyed by the parameter's id.
+pub fn compute_leaf<B: AutodiffBackend, const D: usize>(t: Tensor<B, D>, compute: FloatDType) -> Tensor<B, D> {
+    let trainable = t.is_require_grad();
+    let copy = Tensor::<B, D>::from_inner(cast(t.inner(), compute));
+    if trainable { copy.require_grad() } else { copy }
+}
+
+/// The model the forward pass runs: every parameter rounded to the compute dtype
+/// ([`compute_leaf`]).
+pub fn compute_copy<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType) -> M {
+    struct Round(FloatDType);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Round {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, t, mapper) = param.consume();
+            Param::from_mapped_value(id, compute_leaf(t, self.0), mapper)
+        }
+    }
+    model.map(&mut Round(compute))
+}
+
+/// Widens the gradients of `module`'s parameters to f32 (the masters' dtype), in place.
+pub fn widen_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams) {
+    struct Widen<'a>(&'a mut GradientsParams);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Widen<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.0.remove::<B::InnerBackend, D>(param.id) {
+                self.0.register::<B::InnerBackend, D>(param.id, cast(g, FloatDType::F32));
+            }
+        }
+    }
+    module.visit(&mut Widen(grads));
+}
