@@ -94,6 +94,12 @@ pub struct Args {
     #[arg(long, alias = "torch-dtype", value_enum, default_value_t = crate::precision::Dtype::F32)]
     pub dtype: crate::precision::Dtype,
 
+    /// Recompute activations in the backward pass instead of keeping them: Burn's balanced
+    /// checkpointing (elementwise, softmax and norm results are recomputed; matmul and MoE kernel
+    /// outputs are kept). Less activation memory, a little more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Expert-computation path of the MoE layers: reference, scatter (alias scattermoe) or
     /// block-sparse (alias megablocks).
     #[arg(long, default_value = "reference")]
@@ -482,6 +488,8 @@ mod tests {
         assert_eq!(parse(&["--torch-dtype", "bfloat16"]).unwrap().dtype, Dtype::Bf16);
         assert_eq!(parse(&["--dtype", "f16"]).unwrap().dtype, Dtype::F16);
         assert!(parse(&["--dtype", "fp8"]).is_err());
+        assert!(!parse(&[]).unwrap().gradient_checkpointing);
+        assert!(parse(&["--gradient-checkpointing"]).unwrap().gradient_checkpointing);
     }
 
     #[test]

@@ -9,11 +9,13 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn_moe_backend::dist::{CommConfig, DistEnv, ThreadComm};
 use clap::Parser;
 use trainer::Args;
 use trainer::cli::Device;
 use trainer::launch::{is_launched_worker, run_workers};
+use trainer::recompute::Recompute;
 use trainer::train::{train, train_with};
 use tracing_subscriber::EnvFilter;
 
@@ -51,7 +53,15 @@ fn main() -> anyhow::Result<()> {
             if args.nnodes > 1 {
                 bail!("--nnodes {} needs --device cuda: CPU ranks are threads of one process", args.nnodes);
             }
-            run_cpu_threads(&args, timeout)?
+            if args.gradient_checkpointing {
+                run_cpu_threads::<BalancedCheckpointing>(&args, timeout)?
+            } else {
+                run_cpu_threads::<NoCheckpointing>(&args, timeout)?
+            }
+        }
+        (_, Device::Ndarray) if args.gradient_checkpointing => {
+            type B = burn::backend::Autodiff<burn::backend::NdArray<f32>, BalancedCheckpointing>;
+            train::<B>(&args, &Default::default()).context("training failed")?
         }
         (_, Device::Ndarray) => {
             type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
@@ -70,11 +80,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `--nproc-per-node N` on the CPU: N threads, one data-parallel rank each.
-fn run_cpu_threads(args: &Args, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
+fn run_cpu_threads<S: CheckpointStrategy>(args: &Args, timeout: Duration) -> anyhow::Result<trainer::TrainSummary>
+where
+    burn::backend::Autodiff<burn::backend::NdArray<f32>, S>: Recompute,
+{
     type Inner = burn::backend::NdArray<f32>;
-    type B = burn::backend::Autodiff<Inner>;
+    type B<S> = burn::backend::Autodiff<Inner, S>;
     let results = ThreadComm::<Inner>::run_ranks(args.nproc_per_node, CommConfig::with_timeout(timeout), |comm| {
-        train_with::<B, _>(args, &Default::default(), &comm)
+        train_with::<B<S>, _>(args, &Default::default(), &comm)
     });
     let mut first = None;
     for (rank, result) in results.into_iter().enumerate() {
@@ -111,24 +124,43 @@ mod cuda {
     impl<B: Backend<Device = CudaDevice> + MoeBackend + MemoryBackend + CollectiveBackend<Wire = B> + CudaTensorAccess> CudaInner for B {}
 }
 
+/// Calls `$on::<inner backend, checkpoint strategy>($args...)` for the flags of `$a`.
+#[cfg(feature = "cuda")]
+macro_rules! cuda_dispatch {
+    ($a:expr, $on:ident($($args:expr),*)) => {
+        match ($a.dtype.compute().is_some(), $a.gradient_checkpointing) {
+            (true, true) => $on::<cuda::Plain, BalancedCheckpointing>($($args),*),
+            (true, false) => $on::<cuda::Plain, NoCheckpointing>($($args),*),
+            (false, true) => $on::<cuda::Fused, BalancedCheckpointing>($($args),*),
+            (false, false) => $on::<cuda::Fused, NoCheckpointing>($($args),*),
+        }
+    };
+}
+
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
-    fn on<I: cuda::CudaInner>(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
-        train::<burn::backend::Autodiff<I>>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
+    fn on<I: cuda::CudaInner, S: CheckpointStrategy>(args: &Args) -> anyhow::Result<trainer::TrainSummary>
+    where
+        burn::backend::Autodiff<I, S>: Recompute,
+    {
+        train::<burn::backend::Autodiff<I, S>>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
     }
-    if args.dtype.compute().is_some() { on::<cuda::Plain>(args) } else { on::<cuda::Fused>(args) }
+    cuda_dispatch!(args, on(args))
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda_rank(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
-    fn on<I: cuda::CudaInner>(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
+    fn on<I: cuda::CudaInner, S: CheckpointStrategy>(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary>
+    where
+        burn::backend::Autodiff<I, S>: Recompute,
+    {
         use burn_moe_backend::dist::{NcclComm, NcclConfig};
         let device = burn::backend::cuda::CudaDevice { index: env.local_rank };
         let comm = NcclComm::<I>::init(env, device.clone(), NcclConfig { timeout })
             .with_context(|| format!("rank {} joining the NCCL group", env.rank))?;
-        train_with::<burn::backend::Autodiff<I>, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
+        train_with::<burn::backend::Autodiff<I, S>, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
     }
-    if args.dtype.compute().is_some() { on::<cuda::Plain>(args, env, timeout) } else { on::<cuda::Fused>(args, env, timeout) }
+    cuda_dispatch!(args, on(args, env, timeout))
 }
 
 #[cfg(not(feature = "cuda"))]

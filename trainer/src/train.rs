@@ -21,6 +21,7 @@ use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
 use crate::metrics::{MetricsError, MetricsWriter, StepMetrics, TrainSummary};
 use crate::parallel::all_reduce_scalars;
+use crate::recompute::Recompute;
 use crate::sharding::{Parallel, ShardingError};
 pub use crate::schedule::linear_schedule;
 use crate::schedule::{learning_rate, warmup_steps};
@@ -184,7 +185,7 @@ fn due(strategy: IntervalStrategy, step: usize, every: usize, epoch_end: bool) -
 /// diverging loss.
 pub fn train<B>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
+    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend> + Recompute,
     B::InnerBackend: MoeBackend,
 {
     let solo = ThreadComm::<B::InnerBackend>::world(1, std::slice::from_ref(device), CommConfig::default())?
@@ -205,7 +206,7 @@ where
 /// As [`train`], plus [`TrainError::Comm`] when a collective fails.
 pub fn train_with<B, C>(args: &Args, device: &B::Device, comm: &C) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
+    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend> + Recompute,
     B::InnerBackend: MoeBackend,
     C: Communicator<B::InnerBackend> + 'static,
 {
@@ -220,6 +221,14 @@ where
     }
     // Before any data or weights are read.
     crate::precision::check_support::<B>(args.dtype, device).map_err(TrainError::Args)?;
+    if args.gradient_checkpointing != B::RECOMPUTES {
+        return Err(TrainError::Args(format!(
+            "--gradient-checkpointing is {} but this backend type {} activations: the strategy is part of the type \
+             (burn::backend::Autodiff<_, BalancedCheckpointing> recomputes); the trainer binary picks it from the flag",
+            if args.gradient_checkpointing { "on" } else { "off" },
+            if B::RECOMPUTES { "recomputes" } else { "keeps all" }
+        )));
+    }
     let compute = args.dtype.compute();
     let source = model_source(args)?;
     let tokenizer = &source.tokenizer;

@@ -141,3 +141,39 @@ fn packing_trains_on_full_rows() {
     // Byte-level vocabulary of 259: a fresh model starts near ln(259) = 5.56.
     assert!((losses[0].1 - 259f64.ln()).abs() < 0.5, "{losses:?}");
 }
+
+/// `--gradient-checkpointing` recomputes the memory-bound activations in the backward pass: the
+/// run is the same computation, so losses and gradient norms equal the run that keeps everything
+/// (LoRA on every projection and the scatter path included). The flag must match the backend
+/// type's strategy.
+#[test]
+fn gradient_checkpointing_recomputes_the_same_training_run() {
+    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+    type Recomputing = burn::backend::Autodiff<burn::backend::NdArray<f32>, BalancedCheckpointing>;
+    for extra in [&[][..], &["--use-lora", "all", "--moe-kernel", "scatter"][..]] {
+        let run = |checkpointing: bool| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut v = vec!["trainer", "--max-steps", "4", "--per-device-train-batch-size", "4", "--output-dir"];
+            v.push(dir.path().to_str().unwrap());
+            v.extend_from_slice(extra);
+            if checkpointing {
+                v.push("--gradient-checkpointing");
+                train::<Recomputing>(&Args::try_parse_from(&v).unwrap(), &Default::default()).unwrap();
+            } else {
+                train::<B>(&Args::try_parse_from(&v).unwrap(), &Default::default()).unwrap();
+            }
+            (read_losses(dir.path()), read_field(dir.path(), "grad_norm"))
+        };
+        let (kept, recomputed) = (run(false), run(true));
+        assert_eq!(kept.0.len(), 4);
+        for ((a, b), what) in [(&kept.0, &recomputed.0), (&kept.1, &recomputed.1)].into_iter().zip(["loss", "grad_norm"]) {
+            for ((step, x), (_, y)) in a.iter().zip(b) {
+                assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{extra:?} step {step} {what}: kept {x} vs recomputed {y}");
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = Args::try_parse_from(["trainer", "--gradient-checkpointing", "--output-dir", dir.path().to_str().unwrap()]).unwrap();
+    let err = train::<B>(&args, &Default::default()).unwrap_err().to_string();
+    assert!(err.contains("--gradient-checkpointing is on") && err.contains("BalancedCheckpointing"), "{err}");
+}
