@@ -4,7 +4,12 @@
 //! - `optimizer.mpk`: the AdamW moments and step counts (Burn's named MessagePack recorder at full
 //!   precision);
 //! - `trainer_state.json`: [`TrainerState`] (step, data position, seed, scheduler step, log history);
-//! - `tokenizer.json` when the run used one.
+//! - `tokenizer.json` when the run used one;
+//! - sharded runs (FSDP, EP): `ranks/rank<r>/optimizer.mpk` + `ranks/rank<r>/param_ids.json`, each
+//!   rank's AdamW state for its shards. The weights stay the consolidated `model.safetensors`: the
+//!   sharding plan is deterministic, so re-sharding them on resume gives every rank exactly the
+//!   shards it saved. Every rank writes its files into a staging directory, the ranks meet at a
+//!   barrier, and rank 0 moves them into the checkpoint before the final rename.
 //!
 //! A checkpoint is assembled in a hidden temporary directory and renamed into place only when
 //! every file is written, so a crash never leaves a `checkpoint-<step>` that resume would trust.
@@ -116,11 +121,78 @@ pub struct TrainerState {
     pub log_history: Vec<serde_json::Value>,
     /// `ParamId`s of the saved model in module-visit order (keys of the optimizer record).
     pub param_ids: Vec<u64>,
-    /// The parallel plan of a sharded run (`fsdp2`, `ddp+ep2(dp1)`, ...): its checkpoints hold the
-    /// consolidated weights but no optimizer state (that stays sharded over the ranks), so they
-    /// export and evaluate but do not resume.
+    /// The parallel plan of a sharded run (`fsdp2`, `ddp+ep2(dp1)`, ...): the optimizer state is in
+    /// `ranks/`, one directory per rank, and resuming needs the same plan and world size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sharded: Option<String>,
+    /// Ranks of the run that wrote the checkpoint (sharded runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub world_size: Option<usize>,
+}
+
+/// Name of the per-rank directory inside a checkpoint (and inside its staging directory).
+fn rank_dir_name(rank: usize) -> String {
+    format!("rank{rank}")
+}
+
+/// Where the ranks of a sharded run stage their files for the checkpoint of `step`.
+#[must_use]
+pub fn rank_staging_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.ranks"))
+}
+
+/// Writes one rank's optimizer record and the ids it is keyed by (its parameters in visit order)
+/// into the staging directory of `step`.
+///
+/// # Errors
+/// [`CheckpointError`] naming the file that could not be written.
+pub fn stage_rank_state<B: Backend, R: Record<B>>(
+    output_dir: &Path,
+    step: usize,
+    rank: usize,
+    optimizer_record: R,
+    param_ids: &[ParamId],
+) -> Result<(), CheckpointError> {
+    let dir = rank_staging_dir(output_dir, step).join(rank_dir_name(rank));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
+    }
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let optimizer = dir.join(OPTIMIZER_FILE);
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .record(optimizer_record, dir.join(OPTIMIZER_BASENAME))
+        .map_err(|e| CheckpointError::Optimizer { path: optimizer, message: e.to_string() })?;
+    let ids_path = dir.join(PARAM_IDS_FILE);
+    let ids: Vec<u64> = param_ids.iter().map(ParamId::val).collect();
+    let text = serde_json::to_string(&ids).map_err(|source| CheckpointError::State { path: ids_path.clone(), source })?;
+    std::fs::write(&ids_path, text).map_err(io(&ids_path))
+}
+
+/// File of a rank's parameter ids inside `ranks/rank<r>/`.
+pub const PARAM_IDS_FILE: &str = "param_ids.json";
+
+/// Reads rank `rank`'s optimizer record of a sharded checkpoint, re-keyed onto `current` (the ids
+/// of this rank's re-sharded model, same visit order).
+///
+/// # Errors
+/// As [`load_optimizer_record`], naming the rank's files.
+pub fn load_rank_optimizer_record<B: Backend, T, R>(
+    dir: &Path,
+    rank: usize,
+    current: &[ParamId],
+    device: &B::Device,
+) -> Result<R, CheckpointError>
+where
+    R: Record<B> + IntoIterator<Item = (ParamId, T)> + FromIterator<(ParamId, T)>,
+{
+    let rank_dir = dir.join("ranks").join(rank_dir_name(rank));
+    let ids_path = rank_dir.join(PARAM_IDS_FILE);
+    if !ids_path.is_file() {
+        return Err(CheckpointError::Missing { path: ids_path });
+    }
+    let text = std::fs::read_to_string(&ids_path).map_err(io(&ids_path))?;
+    let saved: Vec<u64> = serde_json::from_str(&text).map_err(|source| CheckpointError::State { path: ids_path.clone(), source })?;
+    load_keyed_record(&rank_dir, &saved, &ids_path, current, device)
 }
 
 /// The parameter ids of `module` in visit order (deterministic for a given architecture).
@@ -159,6 +231,7 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     optimizer_record: R,
     state: &TrainerState,
     tokenizer_json: Option<&Path>,
+    rank_states: Option<&Path>,
 ) -> Result<PathBuf, CheckpointError> {
     let dir = checkpoint_dir(output_dir, state.global_step);
     let tmp = output_dir.join(format!(".{CHECKPOINT_PREFIX}{}.tmp", state.global_step));
@@ -180,6 +253,10 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     let text = serde_json::to_string_pretty(state)
         .map_err(|source| CheckpointError::State { path: state_path.clone(), source })?;
     std::fs::write(&state_path, text).map_err(io(&state_path))?;
+    if let Some(staged) = rank_states {
+        let ranks = tmp.join("ranks");
+        std::fs::rename(staged, &ranks).map_err(io(staged))?;
+    }
 
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
@@ -274,6 +351,20 @@ where
     // Burn's optimizer records are `hashbrown` maps keyed by `ParamId`; any such map works.
     R: Record<B> + IntoIterator<Item = (ParamId, T)> + FromIterator<(ParamId, T)>,
 {
+    load_keyed_record(dir, &state.param_ids, &dir.join(TRAINER_STATE_FILE), current, device)
+}
+
+/// `dir/optimizer.mpk` re-keyed from `saved` ids (listed in `ids_path`) onto `current`, by position.
+fn load_keyed_record<B: Backend, T, R>(
+    dir: &Path,
+    saved: &[u64],
+    ids_path: &Path,
+    current: &[ParamId],
+    device: &B::Device,
+) -> Result<R, CheckpointError>
+where
+    R: Record<B> + IntoIterator<Item = (ParamId, T)> + FromIterator<(ParamId, T)>,
+{
     let path = dir.join(OPTIMIZER_FILE);
     if !path.is_file() {
         return Err(CheckpointError::Missing { path });
@@ -281,21 +372,19 @@ where
     let record: R = NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .load(dir.join(OPTIMIZER_BASENAME), device)
         .map_err(|e| CheckpointError::Optimizer { path: path.clone(), message: e.to_string() })?;
-    let state_path = dir.join(TRAINER_STATE_FILE);
-    if state.param_ids.len() != current.len() {
+    if saved.len() != current.len() {
         return Err(CheckpointError::Mismatch {
-            path: state_path,
-            message: format!("it lists {} parameters, the model has {}", state.param_ids.len(), current.len()),
+            path: ids_path.to_path_buf(),
+            message: format!("it lists {} parameters, the model has {}", saved.len(), current.len()),
         });
     }
-    let by_saved: HashMap<u64, ParamId> =
-        state.param_ids.iter().copied().zip(current.iter().copied()).collect();
+    let by_saved: HashMap<u64, ParamId> = saved.iter().copied().zip(current.iter().copied()).collect();
     record
         .into_iter()
         .map(|(id, value)| {
             let new = by_saved.get(&id.val()).ok_or_else(|| CheckpointError::Mismatch {
                 path: path.clone(),
-                message: format!("optimizer state for parameter {id} which {TRAINER_STATE_FILE} does not list"),
+                message: format!("optimizer state for parameter {id} which {} does not list", ids_path.display()),
             })?;
             Ok((*new, value))
         })
@@ -321,6 +410,7 @@ mod tests {
             log_history: vec![serde_json::json!({"step": 1, "loss": 2.0, "learning_rate": 0.1})],
             param_ids: vec![],
             sharded: None,
+            world_size: None,
         }
     }
 
@@ -333,7 +423,7 @@ mod tests {
         let model: MixtralForCausalLM<B> = config.init_seeded(&Default::default(), 1);
         assert!(matches!(resolve_checkpoint("latest", out), Err(CheckpointError::NoCheckpoint { .. })));
         for step in [2, 10, 4] {
-            save_checkpoint::<B, _>(out, &model, &config, (), &state(step), None).unwrap();
+            save_checkpoint::<B, _>(out, &model, &config, (), &state(step), None, None).unwrap();
         }
         // A half-written checkpoint (no trainer state) and a temp dir are never "latest".
         std::fs::create_dir_all(out.join("checkpoint-99")).unwrap();

@@ -14,8 +14,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
 
 use crate::checkpoint::{
-    CheckpointError, TrainerState, load_optimizer_record, load_trainer_state, param_ids, resolve_checkpoint,
-    rotate_checkpoints, save_checkpoint,
+    CheckpointError, TrainerState, load_optimizer_record, load_rank_optimizer_record, load_trainer_state, param_ids,
+    rank_staging_dir, resolve_checkpoint, rotate_checkpoints, save_checkpoint, stage_rank_state,
 };
 use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
@@ -255,15 +255,6 @@ where
             let dir = resolve_checkpoint(spec, &args.output_dir)?;
             let state = load_trainer_state(&dir)?;
             let state_path = dir.join(crate::checkpoint::TRAINER_STATE_FILE);
-            if let Some(plan) = &state.sharded {
-                return Err(CheckpointError::Mismatch {
-                    path: state_path,
-                    message: format!(
-                        "written by a sharded run ({plan}): it holds consolidated weights but not the sharded optimizer state, so it cannot be resumed (use it as --model-path to start a new run)"
-                    ),
-                }
-                .into());
-            }
             for (what, saved, now) in [
                 ("seed", state.seed, args.seed),
                 ("global batch size", state.global_batch_size as u64, order.global_batch_size as u64),
@@ -325,11 +316,19 @@ where
     let num_experts = config.num_local_experts;
     let ep_size = args.effective_ep_size(world);
     let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?.with_compute_dtype(compute);
-    if resume.is_some() && parallel.is_sharded() {
-        return Err(TrainError::Args(format!(
-            "--resume-from-checkpoint with a sharded plan ({}) is not supported yet",
-            parallel.describe()
-        )));
+    if let Some((dir, state)) = &resume {
+        // The optimizer state of a sharded run is per rank and per shard: only the same plan on the
+        // same number of ranks can take it up.
+        let now = parallel.is_sharded().then(|| (parallel.describe(), world));
+        let then = state.sharded.clone().map(|plan| (plan, state.world_size.unwrap_or(0)));
+        if now != then {
+            let says = |p: &Option<(String, usize)>| p.as_ref().map_or_else(|| "unsharded".to_owned(), |(plan, n)| format!("{plan} on {n} ranks"));
+            return Err(CheckpointError::Mismatch {
+                path: dir.join(crate::checkpoint::TRAINER_STATE_FILE),
+                message: format!("written by a {} run, this run is {}", says(&then), says(&now)),
+            }
+            .into());
+        }
     }
     model = parallel.shard(model);
     if world > 1 {
@@ -344,7 +343,12 @@ where
         .init::<B, MixtralForCausalLM<B>>();
     let (start_step, mut tokens, mut last_eval, mut metrics) = match &resume {
         Some((dir, state)) => {
-            let record = load_optimizer_record::<B, _, _>(dir, state, &param_ids::<B, _>(&model), device)?;
+            let ids = param_ids::<B, _>(&model);
+            let record = if parallel.is_sharded() {
+                load_rank_optimizer_record::<B, _, _>(dir, rank, &ids, device)?
+            } else {
+                load_optimizer_record::<B, _, _>(dir, state, &ids, device)?
+            };
             optimizer = optimizer.load_record(record);
             tracing::info!(step = state.global_step, "resumed from {}", dir.display());
             (
@@ -494,6 +498,11 @@ where
         if due(args.save_strategy, step, args.save_steps, epoch_end) {
             let sharded = parallel.is_sharded();
             let full = parallel.consolidate(&model)?;
+            if sharded {
+                stage_rank_state::<B, _>(&args.output_dir, step + 1, rank, optimizer.to_record(), &param_ids::<B, _>(&model))?;
+                // Every rank's files are staged before rank 0 moves them into the checkpoint.
+                comm.barrier()?;
+            }
             if !lead {
                 continue;
             }
@@ -511,10 +520,20 @@ where
                 log_history: metrics.history(),
                 param_ids: param_ids::<B, _>(&model).iter().map(ParamId::val).collect(),
                 sharded: sharded.then(|| parallel.describe()),
+                world_size: sharded.then_some(world),
             };
-            // A sharded run's optimizer state is spread over the ranks: its checkpoint holds none.
+            // A sharded run's optimizer state is per rank, in `ranks/`.
             let record = if sharded { Default::default() } else { optimizer.to_record() };
-            let dir = save_checkpoint::<B, _>(&args.output_dir, &full, &config, record, &state, source.tokenizer_json.as_deref())?;
+            let staged = sharded.then(|| rank_staging_dir(&args.output_dir, step + 1));
+            let dir = save_checkpoint::<B, _>(
+                &args.output_dir,
+                &full,
+                &config,
+                record,
+                &state,
+                source.tokenizer_json.as_deref(),
+                staged.as_deref(),
+            )?;
             tracing::info!("saved {}", dir.display());
             if let Some(limit) = args.save_total_limit {
                 rotate_checkpoints(&args.output_dir, limit)?;

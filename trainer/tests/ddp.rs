@@ -230,3 +230,66 @@ fn eight_ranks_with_eight_experts_equal_one_device() {
         assert_same_run(&single, &out, 2, &format!("8 ranks {plan:?}"));
     }
 }
+
+/// Sharded checkpoints resume: FSDP2 and EP=2 × FSDP1 on 2 ranks, interrupted after step 2 and resumed
+/// from `checkpoint-2` (consolidated weights re-sharded, each rank's AdamW state from `ranks/rank<r>/`),
+/// log the same steps 3–4 as the uninterrupted run. A different plan or rank count is refused.
+#[test]
+fn sharded_checkpoints_resume_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (name, plan) in [("fsdp2", &["--sharding", "fsdp2"][..]), ("ep2-fsdp1", &["--ep-size", "2", "--sharding", "fsdp1"][..])] {
+        let with = |steps: &str, more: &[&str]| {
+            // A constant schedule: the interrupted run's first steps must not depend on its shorter length.
+            let mut v = vec![
+                "--max-steps", steps, "--seed", "2", "--gradient-accumulation-steps", "2", "--save-steps", "2", "--weight-decay",
+                "0.01", "--lr-scheduler-type", "constant",
+            ];
+            v.extend_from_slice(plan);
+            v.extend_from_slice(more);
+            v.into_iter().map(str::to_owned).collect::<Vec<_>>()
+        };
+        let run = |out: &Path, v: Vec<String>| {
+            let v: Vec<&str> = v.iter().map(String::as_str).collect();
+            run_ranks(2, &args(out, 2, &v));
+        };
+        let full = tmp.path().join(format!("{name}-full"));
+        run(&full, with("4", &[]));
+        let part = tmp.path().join(format!("{name}-part"));
+        run(&part, with("2", &[]));
+        for r in 0..2 {
+            assert!(part.join(format!("checkpoint-2/ranks/rank{r}/optimizer.mpk")).is_file(), "{name}: rank {r} state");
+        }
+        run(&part, with("4", &["--resume-from-checkpoint", "latest"]));
+        let (a, b) = (metrics(&full), metrics(&part));
+        assert_eq!((a.len(), b.len()), (4, 4), "{name}: logged steps");
+        for (x, y) in a.iter().zip(&b) {
+            for key in ["loss", "lm_loss", "aux_loss", "grad_norm", "learning_rate"] {
+                let (u, v) = (x[key].as_f64().unwrap(), y[key].as_f64().unwrap());
+                assert!(rel(u, v) <= 1e-9, "{name}: step {} {key}: uninterrupted {u} vs resumed {v}", x["step"]);
+            }
+        }
+        let (wa, wb) = (weights(&full.join("checkpoint-4/model.safetensors")), weights(&part.join("checkpoint-4/model.safetensors")));
+        for (tensor, x) in &wa {
+            assert!(x.iter().zip(&wb[tensor]).all(|(p, q)| (p - q).abs() <= 1e-6 * p.abs().max(1e-3)), "{name}: weight {tensor}");
+        }
+    }
+    // Another plan, or another rank count, cannot take up the per-rank optimizer state.
+    let ckpt = tmp.path().join("fsdp2-full/checkpoint-2");
+    let c = ckpt.to_str().unwrap();
+    let attempt = |n: usize, plan: &[&str]| {
+        let out = tmp.path().join(format!("wrong{n}{}", plan.join("")));
+        let mut v = vec!["--max-steps", "4", "--seed", "2", "--gradient-accumulation-steps", "2", "--save-steps", "2", "--resume-from-checkpoint", c];
+        v.extend_from_slice(plan);
+        let a = args(&out, 4 / n, &v);
+        let results = ThreadComm::<Inner>::run_ranks(n, CommConfig::default(), |comm| {
+            train_with::<B, _>(&a, &Default::default(), &comm).map(|_| ()).map_err(|e| e.to_string())
+        });
+        results.into_iter().next().unwrap().unwrap().unwrap_err()
+    };
+    let e = attempt(2, &["--sharding", "fsdp1"]);
+    assert!(e.contains("written by a fsdp2 on 2 ranks run, this run is fsdp1 on 2 ranks") && e.contains("trainer_state.json"), "{e}");
+    let e = attempt(4, &["--sharding", "fsdp2"]);
+    assert!(e.contains("fsdp2 on 2 ranks run, this run is fsdp2 on 4 ranks"), "{e}");
+    let e = attempt(2, &["--sharding", "ddp"]);
+    assert!(e.contains("this run is unsharded"), "{e}");
+}
