@@ -5,6 +5,8 @@
 //!   precision);
 //! - `trainer_state.json`: [`TrainerState`] (step, data position, seed, scheduler step, log history);
 //! - `tokenizer.json` when the run used one;
+//! - LoRA runs: `adapter_model.safetensors` + `adapter_config.json` (PEFT's format; the weights above
+//!   are then the frozen base);
 //! - sharded runs (FSDP, EP): `ranks/rank<r>/optimizer.mpk` + `ranks/rank<r>/param_ids.json`, each
 //!   rank's AdamW state for its shards. The weights stay the consolidated `model.safetensors`: the
 //!   sharding plan is deterministic, so re-sharding them on resume gives every rank exactly the
@@ -232,6 +234,7 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     state: &TrainerState,
     tokenizer_json: Option<&Path>,
     rank_states: Option<&Path>,
+    adapters: Option<&(mixtral_burn::LoraConfig, mixtral_burn::LoraTargets)>,
 ) -> Result<PathBuf, CheckpointError> {
     let dir = checkpoint_dir(output_dir, state.global_step);
     let tmp = output_dir.join(format!(".{CHECKPOINT_PREFIX}{}.tmp", state.global_step));
@@ -241,6 +244,9 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     save_hf_classic(model, config, &tmp, SaveDtype::F32)?;
+    if let Some((lora, targets)) = adapters {
+        mixtral_burn::save_peft_adapter(model, lora, *targets, &tmp)?;
+    }
     let optimizer = tmp.join(OPTIMIZER_FILE);
     NamedMpkFileRecorder::<FullPrecisionSettings>::new()
         .record(optimizer_record, tmp.join(OPTIMIZER_BASENAME))
@@ -423,7 +429,7 @@ mod tests {
         let model: MixtralForCausalLM<B> = config.init_seeded(&Default::default(), 1);
         assert!(matches!(resolve_checkpoint("latest", out), Err(CheckpointError::NoCheckpoint { .. })));
         for step in [2, 10, 4] {
-            save_checkpoint::<B, _>(out, &model, &config, (), &state(step), None, None).unwrap();
+            save_checkpoint::<B, _>(out, &model, &config, (), &state(step), None, None, None).unwrap();
         }
         // A half-written checkpoint (no trainer state) and a temp dir are never "latest".
         std::fs::create_dir_all(out.join("checkpoint-99")).unwrap();

@@ -288,15 +288,12 @@ where
         (None, None) => config.init_seeded(device, args.seed),
     };
     if let Some((targets, lora)) = args.lora() {
-        if resume.is_some() {
-            return Err(TrainError::Args(
-                "--resume-from-checkpoint with --use-lora: checkpoints hold the (frozen) base weights, not the adapters".into(),
-            ));
-        }
         lora.validate().map_err(|e| TrainError::Args(e.to_string()))?;
-        // Adapter dropout draws from the backend RNG (the adapters themselves come from a host RNG).
-        B::seed(device, args.seed);
         model = model.with_lora(&lora, targets, args.seed);
+        if let Some((dir, _)) = &resume {
+            // The checkpoint's weights are the frozen base; its adapters are in PEFT's file.
+            model = mixtral_burn::load_peft_adapter(model, dir)?;
+        }
         tracing::info!(r = lora.r, alpha = lora.alpha, dropout = lora.dropout, ?targets, "LoRA: base weights frozen");
     }
     if let Some(c) = compute {
@@ -378,6 +375,11 @@ where
         }
     };
     for step in start_step..total_steps {
+        if args.lora().is_some() {
+            // Adapter dropout draws from the backend RNG (the adapters themselves come from a host
+            // RNG): seeded per step, so a resumed run draws the masks the uninterrupted one did.
+            B::seed(device, args.seed.wrapping_add(step as u64));
+        }
         let lr = learning_rate(args.lr_scheduler_type, args.learning_rate, step, warmup, total_steps);
         let micro: Vec<Batch> = (0..accum).map(|m| loader.micro_batch(step, m)).collect();
         // Every micro-batch's token losses are divided by the target tokens of the whole step (over
@@ -533,6 +535,7 @@ where
                 &state,
                 source.tokenizer_json.as_deref(),
                 staged.as_deref(),
+                args.lora().map(|(targets, lora)| (lora, targets)).as_ref(),
             )?;
             tracing::info!("saved {}", dir.display());
             if let Some(limit) = args.save_total_limit {
