@@ -6,10 +6,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/ddp_gpu.log") 2>&1
-python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.xz"), open("/tmp/trainer","wb"))'
-chmod +x /tmp/trainer
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
-export LD_LIBRARY_PATH=$NCCL_LIB:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0 CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} RUST_LOG=warn
+source bench/trainer_env.sh
 NPROC=${NPROC:-2}
 PER=$((4 / NPROC))
 COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2"

@@ -19,10 +19,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/parallel_gpu.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | head -1
-python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.xz"), open("/tmp/trainer","wb"))'
-chmod +x /tmp/trainer
-NCCL_LIB=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))')
-export LD_LIBRARY_PATH=$NCCL_LIB:${LD_LIBRARY_PATH:-} NCCL_NVLS_ENABLE=0 CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} RUST_LOG=warn
+source bench/trainer_env.sh
 NPROC=${NPROC:-4}
 PLANS=${PLANS:-"fsdp2 fsdp1 ep${NPROC}+fsdp2 ep2+fsdp2"}
 flags() { # plan -> trainer flags
