@@ -3,7 +3,7 @@
 #  1. Equivalence: the tiny job as 1 process x batch 4 and as NPROC processes x batch 4/NPROC under each
 #     plan (NCCL); the logged losses must agree (f32).
 #  2. The table: a Mixtral-8x7B-shaped model (d=4096, ffn=14336, E=8, k=2, 32 heads / 8 kv, vocab 32000)
-#     with LAYERS layers, random init, packed rows of SEQ tokens, per-device batch 1, STEPS steps, f32,
+#     with LAYERS layers, random init, packed rows of SEQ tokens, per-device batch 1, STEPS steps, f32 unless EXTRA has --dtype bf16,
 #     for each plan in PLANS and each mode in LORAS (none | attn-only | all).
 #     Memory: nvidia-smi sampled every 200 ms (max over the run, per GPU). Model FLOPs per token: 6·N_active + 12·L·d·S (HF/Megatron
 #     convention, causal attention counted in full), N_active = non-embedding params a token touches.
