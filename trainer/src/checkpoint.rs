@@ -160,14 +160,18 @@ pub fn stage_rank_state<B: Backend, R: Record<B>>(
         std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
     }
     std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let optimizer = dir.join(OPTIMIZER_FILE);
-    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-        .record(optimizer_record, dir.join(OPTIMIZER_BASENAME))
-        .map_err(|e| CheckpointError::Optimizer { path: optimizer, message: e.to_string() })?;
+    write_optimizer_record(&dir, optimizer_record)?;
     let ids_path = dir.join(PARAM_IDS_FILE);
     let ids: Vec<u64> = param_ids.iter().map(ParamId::val).collect();
     let text = serde_json::to_string(&ids).map_err(|source| CheckpointError::State { path: ids_path.clone(), source })?;
     std::fs::write(&ids_path, text).map_err(io(&ids_path))
+}
+
+/// `dir/optimizer.mpk` (Burn's named MessagePack recorder at full precision).
+fn write_optimizer_record<B: Backend, R: Record<B>>(dir: &Path, record: R) -> Result<(), CheckpointError> {
+    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
+        .record(record, dir.join(OPTIMIZER_BASENAME))
+        .map_err(|e| CheckpointError::Optimizer { path: dir.join(OPTIMIZER_FILE), message: e.to_string() })
 }
 
 /// File of a rank's parameter ids inside `ranks/rank<r>/`.
@@ -247,10 +251,7 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     if let Some((lora, targets)) = adapters {
         mixtral_burn::save_peft_adapter(model, lora, *targets, &tmp)?;
     }
-    let optimizer = tmp.join(OPTIMIZER_FILE);
-    NamedMpkFileRecorder::<FullPrecisionSettings>::new()
-        .record(optimizer_record, tmp.join(OPTIMIZER_BASENAME))
-        .map_err(|e| CheckpointError::Optimizer { path: optimizer.clone(), message: e.to_string() })?;
+    write_optimizer_record(&tmp, optimizer_record)?;
     if let Some(src) = tokenizer_json {
         let dst = tmp.join("tokenizer.json");
         std::fs::copy(src, &dst).map_err(io(src))?;

@@ -269,8 +269,7 @@ where
             });
         }
         let world = self.mesh.fsdp_group();
-        // Every rank gathers the same dtype: frozen pieces may be stored in the compute dtype.
-        let wire = compute.unwrap_or(FloatDType::F32);
+        let wire = wire_dtype(compute);
         // FSDP1: one all-gather per unit, of the rank's chunk reassembled from its pieces.
         let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire };
         model.visit(&mut pieces);
@@ -280,7 +279,7 @@ where
             let chunk = pad_to(parts, unit.chunk, &device, wire);
             flats.push(world.all_gather(chunk, 0)?);
         }
-        let mut gather = Gather { placements: &self.placements, world, flats, wire, compute, error: None };
+        let mut gather = Gather { placements: &self.placements, world, flats, compute, error: None };
         let full = model.clone().map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -490,6 +489,12 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
     }
 }
 
+/// The dtype sharded parameters are gathered in: the compute dtype, else f32. The same on every rank,
+/// whatever the stored dtype of a shard (frozen LoRA bases are stored in the compute dtype).
+fn wire_dtype(compute: Option<FloatDType>) -> FloatDType {
+    compute.unwrap_or(FloatDType::F32)
+}
+
 /// `[n]` → `[n, 1, …]`: how a flat piece is stored in a rank-`D` parameter.
 fn piece_shape<B: burn::tensor::backend::Backend, const D: usize>(flat: Tensor<B, 1>) -> Tensor<B, D> {
     let mut shape = [1usize; D];
@@ -530,9 +535,8 @@ struct Gather<'a, C, B: burn::tensor::backend::Backend> {
     world: &'a C,
     /// Gathered FSDP1 unit buffers.
     flats: Vec<Tensor<B, 1>>,
-    /// The dtype shards are gathered in.
-    wire: FloatDType,
-    /// Mixed precision: unsharded parameters become leaves in this dtype too.
+    /// Mixed precision: shards are gathered in this dtype and unsharded parameters become leaves
+    /// in it too.
     compute: Option<FloatDType>,
     error: Option<ShardingError>,
 }
@@ -559,7 +563,7 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
                 let numel: usize = dims.iter().product();
                 Ok(self.flats[unit].clone().slice([offset..offset + numel]).reshape(dims))
             }
-            None => DTensor::from_local(crate::precision::cast(shard.clone().inner(), self.wire), dims, &[self.world], &[Placement::Shard(0)])
+            None => DTensor::from_local(crate::precision::cast(shard.clone().inner(), wire_dtype(self.compute)), dims, &[self.world], &[Placement::Shard(0)])
                 .and_then(|d| d.full_tensor(&[self.world])),
         };
         match gathered {

@@ -8,6 +8,7 @@ use burn::tensor::{Tensor, TensorData, backend::Backend};
 use safetensors::{Dtype, SafeTensors};
 
 use super::error::CheckpointError;
+use super::export::{peft_attn_key, peft_expert_key};
 use crate::model::MixtralForCausalLM;
 
 /// Replaces the adapter weights of `model` (made with
@@ -39,13 +40,12 @@ pub fn load_peft_adapter<B: Backend>(
         Ok(view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     };
     for (l, layer) in model.model.layers.iter_mut().enumerate() {
-        let p = format!("base_model.model.model.layers.{l}");
         let a = &mut layer.self_attn;
         for (name, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj)] {
             if let Some(lora) = lin.lora.as_mut() {
                 for (part, param) in [("lora_A", &mut lora.a), ("lora_B", &mut lora.b)] {
                     let [rows, cols] = param.dims();
-                    let values = read(&format!("{p}.self_attn.{name}.{part}.weight"), rows, cols)?;
+                    let values = read(&peft_attn_key(l, name, part), rows, cols)?;
                     replace(param, TensorData::new(values, [rows, cols]));
                 }
             }
@@ -56,7 +56,7 @@ pub fn load_peft_adapter<B: Backend>(
                     let [experts, rows, cols] = param.dims();
                     let mut values = Vec::with_capacity(experts * rows * cols);
                     for e in 0..experts {
-                        values.extend(read(&format!("{p}.block_sparse_moe.experts.{e}.{name}.{part}.weight"), rows, cols)?);
+                        values.extend(read(&peft_expert_key(l, e, name, part), rows, cols)?);
                     }
                     replace(param, TensorData::new(values, [experts, rows, cols]));
                 }

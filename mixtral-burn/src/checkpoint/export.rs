@@ -219,12 +219,11 @@ pub fn save_peft_adapter<B: Backend>(
     let mut tensors: Vec<(String, HostTensor)> = Vec::new();
     let mut push = |name: String, t: Tensor<B, 2>| tensors.push((name, encode(&t.into_data().convert::<f32>(), SaveDtype::F32)));
     for (l, layer) in model.model.layers.iter().enumerate() {
-        let p = format!("base_model.model.model.layers.{l}");
         let a = &layer.self_attn;
         for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
             if let Some(lora) = &lin.lora {
-                push(format!("{p}.self_attn.{name}.lora_A.weight"), lora.a.val());
-                push(format!("{p}.self_attn.{name}.lora_B.weight"), lora.b.val());
+                push(peft_attn_key(l, name, "lora_A"), lora.a.val());
+                push(peft_attn_key(l, name, "lora_B"), lora.b.val());
             }
         }
         if let Some(lora) = &layer.mlp.lora {
@@ -232,9 +231,8 @@ pub fn save_peft_adapter<B: Backend>(
                 let [e, r, i] = ad.a.dims();
                 let [_, o, _] = ad.b.dims();
                 for x in 0..e {
-                    let q = format!("{p}.block_sparse_moe.experts.{x}.{name}");
-                    push(format!("{q}.lora_A.weight"), ad.a.val().slice([x..x + 1]).reshape([r, i]));
-                    push(format!("{q}.lora_B.weight"), ad.b.val().slice([x..x + 1]).reshape([o, r]));
+                    push(peft_expert_key(l, x, name, "lora_A"), ad.a.val().slice([x..x + 1]).reshape([r, i]));
+                    push(peft_expert_key(l, x, name, "lora_B"), ad.b.val().slice([x..x + 1]).reshape([o, r]));
                 }
             }
         }
@@ -258,6 +256,17 @@ pub fn save_peft_adapter<B: Backend>(
     let path = dir.join("adapter_config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&json).expect("a JSON value always serialises")).map_err(io(&path))?;
     Ok(tensors.len())
+}
+
+/// PEFT's key of an attention adapter matrix: `part` is `lora_A` or `lora_B`, `proj` `q_proj`, ….
+/// Shared with [`load_peft_adapter`](super::load_peft_adapter), so what is written is what is read.
+pub(super) fn peft_attn_key(layer: usize, proj: &str, part: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.self_attn.{proj}.{part}.weight")
+}
+
+/// PEFT's key of one expert's adapter matrix in the classic per-expert layout (`w` is `w1`, `w2`, `w3`).
+pub(super) fn peft_expert_key(layer: usize, expert: usize, w: &str, part: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.{part}.weight")
 }
 
 /// Writes `dir/name` (torch-style `format: pt` metadata) through a hidden temporary file renamed
