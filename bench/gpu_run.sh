@@ -3,7 +3,9 @@
 # Expects (carried, git-ignored): .dev/bin/moe_bench.xz (release build with --features cuda, stripped,
 # xz-compressed) and .dev/anchors/ (a copy of ../shared/anchors). Writes logs to $OUT.
 # Knobs: GEMM=1 first times the grouped GEMMs alone (moe_bench --gemm); ANCHORS=0 skips the torch
-# anchors; BENCH_KERNELS=scatter limits the layer bench to those paths; TS, REPS, *_TIMEOUT.
+# anchors; BENCH_KERNELS=scatter limits the layer bench to those paths; GROUPED_GEMM=cubecl,cublas
+# times the scatter path with each expert-GEMM library (and checks both); PHASES=1 adds the forward
+# step by step; CHECK_EXTRA (e.g. "--d 1024 --ffn 3584") shrinks the check's layer; TS, REPS, *_TIMEOUT.
 # The device tool sends the checkout the session started in (not a helper's worktree): a helper's
 # binary and this script must be copied into an ignored folder there and carried.
 set -u
@@ -13,12 +15,14 @@ exec > >(tee -a "$OUT/gpu_run.log") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/moe_bench.xz"), open("/tmp/moe_bench","wb"))'
 chmod +x /tmp/moe_bench
-export CUDA_PATH=${CUDA_PATH:-/usr/local/cuda} CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+source bench/cuda_libs.sh
+export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+GG=${GROUPED_GEMM:-cubecl}
 TS=${TS:-4096,16384}
 
 if [ "${GEMM:-0}" = 1 ]; then
   echo "=== grouped GEMMs alone (moe_bench --gemm)"
-  timeout ${GEMM_TIMEOUT:-90} /tmp/moe_bench --backend cuda --gemm --tokens $TS --reps ${REPS:-3}
+  timeout ${GEMM_TIMEOUT:-90} /tmp/moe_bench --backend cuda --gemm --tokens $TS --reps ${REPS:-3} --grouped-gemm $GG
 fi
 
 if [ "${ANCHORS:-1}" = 1 ]; then
@@ -30,7 +34,11 @@ mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /t
 fi
 
 echo "=== burn-moe moe_bench (bf16)"
-timeout ${BENCH_TIMEOUT:-240} /tmp/moe_bench --backend cuda --tokens $TS --reps ${REPS:-3} --dtype bf16 ${BENCH_KERNELS:+--kernels $BENCH_KERNELS}
+timeout ${BENCH_TIMEOUT:-240} /tmp/moe_bench --backend cuda --tokens $TS --reps ${REPS:-3} --dtype bf16 ${BENCH_KERNELS:+--kernels $BENCH_KERNELS} --grouped-gemm $GG
+if [ "${PHASES:-0}" = 1 ]; then
+  echo "=== phases of the scatter forward"
+  timeout ${PHASES_TIMEOUT:-120} /tmp/moe_bench --backend cuda --phases --tokens $TS --reps ${REPS:-3} --grouped-gemm $GG
+fi
 echo "=== burn-moe moe_bench --check (f32 reference vs scatter f32/bf16)"
-timeout ${CHECK_TIMEOUT:-120} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-2048} --reps 1 --dtype bf16 --kernels scatter --check
+timeout ${CHECK_TIMEOUT:-120} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-2048} --reps 1 --dtype bf16 --kernels scatter --check --grouped-gemm $GG ${CHECK_EXTRA:-}
 du -sh ~/.cache/cubecl 2>/dev/null

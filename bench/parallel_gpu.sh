@@ -74,14 +74,7 @@ PY
 fi
 
 LAYERS=${LAYERS:-2}; SEQ=${SEQ:-4096}; STEPS=${STEPS:-4}
-python3 - "$OUT/mixtral_${LAYERS}l.json" "$LAYERS" <<'PY'
-import json, sys
-json.dump({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096,
-           "intermediate_size": 14336, "num_hidden_layers": int(sys.argv[2]), "num_attention_heads": 32,
-           "num_key_value_heads": 8, "num_local_experts": 8, "num_experts_per_tok": 2,
-           "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "router_aux_loss_coef": 0.02,
-           "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02}, open(sys.argv[1], "w"))
-PY
+python3 bench/mixtral_config.py "$OUT/mixtral_${LAYERS}l.json" "$LAYERS"
 ROWS=""
 # LORAS lists the fine-tuning modes (none = full); LORA=1 is shorthand for "none attn-only".
 LORAS=${LORAS:-none $([ "${LORA:-0}" = 1 ] && echo attn-only)}

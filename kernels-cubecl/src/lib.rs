@@ -26,6 +26,7 @@
 pub mod blocksparse;
 pub mod reference;
 pub mod scatter;
+pub mod swiglu;
 
 pub use reference::blocksparse::{BlockSparseError, BlockSparseTopology};
 pub use reference::routing::{RoutingError, RoutingPlan};

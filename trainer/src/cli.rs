@@ -105,6 +105,12 @@ pub struct Args {
     #[arg(long, default_value = "reference")]
     pub moe_kernel: burn_moe_backend::MoeKernel,
 
+    /// Library for the scatter kernel's expert GEMMs on CUDA: cubecl (our CubeCL tensor-core
+    /// kernels, the default) or cublas (cuBLAS per expert segment; libcublas on the library path).
+    /// Takes effect where the scatter ops run unfused: `--device cuda` with `--dtype bf16|f16`.
+    #[arg(long, default_value = "cubecl")]
+    pub grouped_gemm: burn_moe_backend::GroupedGemm,
+
     /// The original's switch: `--use-scattermoe` or `--use-scattermoe true` means
     /// `--moe-kernel scatter` (`false` leaves --moe-kernel as given).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]

@@ -11,6 +11,7 @@ pub mod recompute;
 pub mod metrics;
 pub mod schedule;
 pub mod sharding;
+pub mod timers;
 pub mod tokenizer;
 pub mod train;
 

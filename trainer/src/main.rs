@@ -29,6 +29,7 @@ fn main() -> anyhow::Result<()> {
     let timeout = Duration::from_secs_f64(args.collective_timeout);
     let wants_parallel = args.nproc_per_node > 1 || args.nnodes > 1;
 
+    select_grouped_gemm(&args)?;
     let summary = match (env, args.device) {
         // A worker of a multi-process group (ours, torchrun's or srun's).
         (Some(env), Device::Cuda) if env.world_size > 1 => run_cuda_rank(&args, &env, timeout)?,
@@ -135,6 +136,28 @@ macro_rules! cuda_dispatch {
             (false, false) => $on::<cuda::Fused, NoCheckpointing>($($args),*),
         }
     };
+}
+
+/// `--grouped-gemm cublas` is a CUDA choice: refused on the CPU, checked (library loads) before any
+/// work on the GPU, and said to be without effect where the MoE ops run under the fusion wrapper.
+fn select_grouped_gemm(args: &Args) -> anyhow::Result<()> {
+    use burn_moe_backend::GroupedGemm;
+    if args.grouped_gemm == GroupedGemm::CubeCl {
+        return Ok(());
+    }
+    if args.device != Device::Cuda {
+        bail!("--grouped-gemm {} needs --device cuda (the CPU backend has no vendor GEMM path)", args.grouped_gemm);
+    }
+    if args.dtype.compute().is_none() || args.kernel() != burn_moe_backend::MoeKernel::Scatter {
+        tracing::warn!(
+            "--grouped-gemm {} only changes the scatter kernel's GEMMs under --dtype bf16|f16 (f32 CUDA runs use the \
+             fusion-wrapped backend, whose MoE ops are standard Burn ops); this run (--moe-kernel {}, --dtype {}) will not use it",
+            args.grouped_gemm,
+            args.kernel(),
+            args.dtype
+        );
+    }
+    burn_moe_backend::set_grouped_gemm(args.grouped_gemm).with_context(|| format!("--grouped-gemm {}", args.grouped_gemm))
 }
 
 #[cfg(feature = "cuda")]

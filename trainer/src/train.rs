@@ -306,6 +306,7 @@ where
         total_steps,
         warmup,
         moe_kernel = %args.kernel(),
+        grouped_gemm = %args.grouped_gemm,
         "training {}",
         args.model_path.as_ref().map_or_else(|| "tiny Mixtral".to_owned(), |p| p.display().to_string())
     );
@@ -374,7 +375,9 @@ where
             p.bytes_reserved = p.bytes_reserved.max(m.bytes_reserved);
         }
     };
+    let mut timers = crate::timers::StepTimers::<B>::from_env(device);
     for step in start_step..total_steps {
+        timers.start();
         if args.lora().is_some() {
             // Adapter dropout draws from the backend RNG (the adapters themselves come from a host
             // RNG): seeded per step, so a resumed run draws the masks the uninterrupted one did.
@@ -391,7 +394,9 @@ where
         // Tokens routed to each expert of each layer this step (all ranks, padding excluded).
         let mut expert_load = vec![0.0f64; config.num_hidden_layers * num_experts];
         // Sharded parameters gathered once per step; their gradients are reduce-scattered below.
+        timers.mark("batch");
         let live = parallel.materialize(&model)?;
+        timers.mark("materialize");
         let idle = Batch::idle();
         for batch in &micro {
             step_tokens += batch.n_real_tokens() as f64;
@@ -416,6 +421,7 @@ where
                 parallel.dispatcher(),
             );
             parallel.check()?;
+            timers.mark("forward");
             let lm = out.lm_loss_sum.div_scalar(step_targets);
             for (layer, stats) in out.aux.iter().enumerate() {
                 let counts = stats.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
@@ -434,18 +440,22 @@ where
             aux_value += scalar(aux);
             loss_value += scalar(loss.clone());
             sample_memory(&mut mem_peak);
+            timers.mark("loss and statistics reads");
             let grads = loss.backward();
             parallel.check()?;
+            timers.mark("backward");
             let mut grads = GradientsParams::from_grads(grads, &live);
             if compute.is_some() {
                 // Accumulated, reduced and applied in f32, as the masters.
                 crate::precision::widen_grads(&live, &mut grads);
             }
             accumulator.accumulate(&live, grads);
+            timers.mark("gradients (widen, accumulate)");
         }
         drop(live);
         let mut grads = accumulator.grads();
         parallel.sync_grads(&model, &mut grads)?;
+        timers.mark("sync gradients");
         if world > 1 {
             let sums = all_reduce_scalars::<B::InnerBackend, C>(&[loss_value, lm_value, aux_value, step_tokens], comm, device)?;
             (loss_value, lm_value, aux_value, step_tokens) = (sums[0], sums[1], sums[2], sums[3]);
@@ -457,8 +467,10 @@ where
             return Err(TrainError::NonFiniteLoss { step: step + 1, value: loss_value });
         }
         let grad_norm = parallel.clip_grad_norm(&model, &mut grads, args.clip_grad_norm(), device)?;
+        timers.mark("grad norm");
         model = optimizer.step(lr, model, grads);
         sample_memory(&mut mem_peak);
+        timers.mark("optimizer");
 
         let epoch_end = ends_epoch(step, accum, bpe);
         let eval_loss = match &eval_dataset {
@@ -497,6 +509,8 @@ where
             }
             metrics.log_step(&line)?;
         }
+        timers.mark("eval and metrics");
+        timers.report(step + 1);
         if due(args.save_strategy, step, args.save_steps, epoch_end) {
             let sharded = parallel.is_sharded();
             let full = parallel.consolidate(&model)?;

@@ -7,6 +7,7 @@
 //! | `grouped_matmul(x, w, ᵀ)` | `grouped_matmul(dy, w, no ᵀ)` | `weight_grad(dy, x)` |
 //! | `grouped_matmul(x, w, no ᵀ)` | `grouped_matmul(dy, w, ᵀ)` | `weight_grad(x, dy)` |
 //! | `combine(y, slots, wts)` | `wts · dy` scattered to `slots` | `⟨y[slots], dy⟩` |
+//! | `swiglu(gate, up)` | `swiglu_backward(gate, up, dh)` | — |
 //! | `sdd(x, w, ᵀ)` | `dsd(dy, w, no ᵀ)` | `dstd(dy, x)` |
 //! | `sdd(x, w, no ᵀ)` | `dsd(dy, w, ᵀ)` | `dstd(dy, x, out ᵀ)` |
 //! | `dsd(s, w, ᵀ)` | `sdd(dy, w, no ᵀ)` | `dstd(s, dy, out ᵀ)` |
@@ -19,10 +20,11 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
 };
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
 use kernels_cubecl::BlockSparseTopology;
 
 use super::backend::MoeBackend;
+use super::scatter_add::scatter_add_rows;
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -45,9 +47,8 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 let dy: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
                 let (rows, num_rows) = ops.state;
                 if let Some(node) = node_x {
-                    let [_, d] = dy.dims();
                     let rows = Tensor::<B, 1, Int>::from_primitive(rows);
-                    let dx = Tensor::<B, 2>::zeros([num_rows, d], (&dy.device(), dy.dtype())).select_assign(0, rows, dy, IndexingUpdateOp::Add);
+                    let dx = scatter_add_rows(dy, rows, num_rows);
                     grads.register::<B>(node.id, prim(dx));
                 }
             }
@@ -127,7 +128,7 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
                 }
                 if let Some(node) = node_y {
                     let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
-                    let dy = Tensor::<B, 2>::zeros([n, d], (&contrib.device(), contrib.dtype())).select_assign(0, slots, contrib, IndexingUpdateOp::Add);
+                    let dy = scatter_add_rows(contrib, slots, n);
                     grads.register::<B>(node.id, prim(dy));
                 }
             }
@@ -140,6 +141,42 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(B::moe_combine(y.primitive, slots, weights.primitive)),
         }
+    }
+
+    fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct SwigluBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for SwigluBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_gate, node_up] = ops.parents;
+                let dh = grads.consume::<B>(&ops.node);
+                let (gate, up) = ops.state;
+                let (d_gate, d_up) = B::moe_swiglu_backward(gate, up, dh);
+                if let Some(node) = node_gate {
+                    grads.register::<B>(node.id, d_gate);
+                }
+                if let Some(node) = node_up {
+                    grads.register::<B>(node.id, d_up);
+                }
+            }
+        }
+
+        match SwigluBackward.prepare::<C>([gate.node.clone(), up.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::moe_swiglu(gate.primitive.clone(), up.primitive.clone());
+                prep.finish((gate.primitive, up.primitive), out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_swiglu(gate.primitive, up.primitive)),
+        }
+    }
+
+    fn moe_swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, dh: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // Used inside backward passes only; second derivatives are not needed.
+        let (d_gate, d_up) = B::moe_swiglu_backward(gate.primitive, up.primitive, dh.primitive);
+        (<FloatTensor<Self>>::new(d_gate), <FloatTensor<Self>>::new(d_up))
     }
 
     fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {

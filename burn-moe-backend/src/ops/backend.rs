@@ -61,6 +61,28 @@ pub trait MoeBackend: Backend {
         reference::reference_combine::<Self>(float(y), slots, float(weights)).into_primitive().tensor()
     }
 
+    /// SwiGLU activation of the expert layers: `silu(gate) · up`, elementwise.
+    ///
+    /// # Shapes
+    /// - `gate`, `up`: `[N, F]` → `[N, F]`
+    fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let h = burn::tensor::activation::silu(float::<Self, 2>(gate)) * float::<Self, 2>(up);
+        h.into_primitive().tensor()
+    }
+
+    /// Gradients of [`moe_swiglu`](Self::moe_swiglu) for the output gradient `dh`:
+    /// `(d_gate, d_up) = (dh · up · σ(g) · (1 + g · (1 − σ(g))), dh · silu(g))`.
+    ///
+    /// # Shapes
+    /// - `gate`, `up`, `dh`: `[N, F]` → two `[N, F]`
+    fn moe_swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, dh: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (g, u, d) = (float::<Self, 2>(gate), float::<Self, 2>(up), float::<Self, 2>(dh));
+        let sig = burn::tensor::activation::sigmoid(g.clone());
+        let d_up = d.clone() * g.clone() * sig.clone();
+        let d_gate = d * u * sig.clone() * ((-sig + 1.0) * g + 1.0);
+        (d_gate.into_primitive().tensor(), d_up.into_primitive().tensor())
+    }
+
     /// Block-sparse SDD (MegaBlocks): the nonzero blocks of `x · Wcatᵀ` on `topology`, where sparse
     /// column `e·Fp + c` is expert `e`'s hidden unit `c` (padded units, `c ≥ F`, are zero).
     /// `w: [E, F, K]` when `transpose` (PyTorch `[out, in]`), else `[E, K, F]`.
@@ -108,6 +130,11 @@ pub fn moe_grouped_matmul<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, offse
 /// [`MoeBackend::moe_combine`] on tensors.
 pub fn moe_combine<B: MoeBackend>(y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
     float(B::moe_combine(y.into_primitive().tensor(), slots.into_primitive(), weights.into_primitive().tensor()))
+}
+
+/// [`MoeBackend::moe_swiglu`] on tensors: `silu(gate) · up`.
+pub fn moe_swiglu<B: MoeBackend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    float(B::moe_swiglu(gate.into_primitive().tensor(), up.into_primitive().tensor()))
 }
 
 /// [`MoeBackend::moe_sdd`] on tensors.

@@ -9,6 +9,7 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::BlockSparseTopology;
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
+use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
 use kernels_cubecl::scatter::{
     GroupedMatmulProblem, cmma_supported, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
 };
@@ -122,6 +123,87 @@ fn segment_matmul<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElemen
         .tensor()
 }
 
+/// Elementwise operands: same shape and dtype.
+fn check_same<R: CubeRuntime>(op: &str, tensors: &[&CubeTensor<R>]) {
+    for t in &tensors[1..] {
+        assert_eq!(t.meta.shape(), tensors[0].meta.shape(), "{op}: operand shapes differ");
+        assert_eq!(t.dtype, tensors[0].dtype, "{op}: operand dtypes differ");
+    }
+}
+
+/// Shapes and dtypes of a grouped matmul: `x: [N, K]`, `w: [E, M, K]` (`transpose`) or `[E, K, M]`.
+fn check_grouped_matmul<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R>, transpose: bool) {
+    let (sx, ws) = (x.meta.shape(), w.meta.shape());
+    assert_eq!(if transpose { ws[2] } else { ws[1] }, sx[1], "grouped matmul: inner sizes differ (x {sx:?}, w {ws:?})");
+    assert_eq!(x.dtype, w.dtype, "grouped matmul: x is {:?} but w is {:?}", x.dtype, w.dtype);
+}
+
+/// Shapes and dtypes of a weight gradient: `dy: [N, M]`, `x: [N, K]`, `offsets` ending at `N`.
+fn check_weight_grad<R: CubeRuntime>(dy: &CubeTensor<R>, x: &CubeTensor<R>, offsets: &[usize]) {
+    let (sd, sx) = (dy.meta.shape(), x.meta.shape());
+    assert_eq!(sd[0], sx[0], "grouped matmul weight grad: dy {sd:?} and x {sx:?} have different row counts");
+    let end = offsets.last().copied().unwrap_or(0);
+    assert!(end <= sd[0], "grouped matmul weight grad: offsets end at row {end}, dy has {} rows", sd[0]);
+    assert_eq!(dy.dtype, x.dtype, "grouped matmul weight grad: dy is {:?} but x is {:?}", dy.dtype, x.dtype);
+}
+
+/// The `kernels-cubecl` grouped matmul (tensor-core where available), or Burn's per-segment matmul
+/// for large problems without tensor cores.
+fn grouped_matmul_cubecl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    x: CubeTensor<R>,
+    w: CubeTensor<R>,
+    offsets: &[usize],
+    transpose: bool,
+) -> CubeTensor<R> {
+    let tensor_cores = with_float!(x.dtype, FE => cmma_supported::<R, FE>(&x.client));
+    if !tensor_cores && !small_grouped_matmul(&x, &w) {
+        return segment_matmul::<R, F, I, BT>(x, w, offsets, transpose);
+    }
+    let x = into_contiguous(x);
+    let w = into_contiguous(w);
+    check_grouped_matmul(&x, &w, transpose);
+    let (n, k) = (x.meta.shape()[0], x.meta.shape()[1]);
+    let ws = w.meta.shape();
+    let (e, m) = (ws[0], if transpose { ws[1] } else { ws[2] });
+    let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose };
+    let out = empty(&x, [n, m], x.dtype);
+    let dev_offsets = offsets_buffer(&x, offsets);
+    with_float!(x.dtype, FE => launch_grouped_matmul::<R, FE>(
+        &x.client, &problem, offsets, x.handle.clone(), w.handle.clone(), dev_offsets, out.handle.clone()
+    ))
+    .unwrap_or_else(|e| panic!("grouped matmul: {e}"));
+    out
+}
+
+/// The `kernels-cubecl` weight gradient (tensor-core where available), or Burn's per-segment matmul
+/// for large problems without tensor cores.
+fn grouped_matmul_weight_grad_cubecl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement>(
+    dy: CubeTensor<R>,
+    x: CubeTensor<R>,
+    offsets: &[usize],
+) -> CubeTensor<R> {
+    let tensor_cores = with_float!(dy.dtype, FE => cmma_supported::<R, FE>(&dy.client));
+    if !tensor_cores && !use_direct_weight_grad(&dy, &x) {
+        let grad = crate::ops::reference_grouped_matmul_weight_grad::<CubeBackend<R, F, I, BT>>(float(dy), float(x), offsets);
+        return grad.into_primitive().tensor();
+    }
+    let dy = into_contiguous(dy);
+    let x = into_contiguous(x);
+    check_weight_grad(&dy, &x, offsets);
+    let (n, m, k) = (dy.meta.shape()[0], dy.meta.shape()[1], x.meta.shape()[1]);
+    let e = offsets.len() - 1;
+    let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose: true };
+    let shape = Shape::new([e, m, k]);
+    let bytes = (shape.num_elements() * dy.dtype.size()).max(dy.dtype.size());
+    let dw = CubeTensor::new_contiguous(dy.client.clone(), dy.device.clone(), shape, dy.client.empty(bytes), dy.dtype);
+    let dev_offsets = offsets_buffer(&dy, offsets);
+    with_float!(dy.dtype, FE => launch_grouped_matmul_weight_grad::<R, FE>(
+        &dy.client, &problem, offsets, dy.handle.clone(), x.handle.clone(), dev_offsets, dw.handle.clone()
+    ))
+    .unwrap_or_else(|e| panic!("grouped matmul weight grad: {e}"));
+    dw
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
     fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
         let x = into_contiguous(x);
@@ -136,47 +218,29 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
     }
 
     fn moe_grouped_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>, offsets: &[usize], transpose: bool) -> FloatTensor<Self> {
-        let tensor_cores = with_float!(x.dtype, FE => cmma_supported::<R, FE>(&x.client));
-        if !tensor_cores && !small_grouped_matmul(&x, &w) {
-            return segment_matmul::<R, F, I, BT>(x, w, offsets, transpose);
+        #[cfg(feature = "cublas")]
+        if crate::gemm::grouped_gemm() == crate::gemm::GroupedGemm::Cublas {
+            let (x, w) = (into_contiguous(x), into_contiguous(w));
+            check_grouped_matmul(&x, &w, transpose);
+            match super::cublas::grouped_matmul(&x, &w, offsets, transpose) {
+                Some(out) => return out,
+                None => return grouped_matmul_cubecl::<R, F, I, BT>(x, w, offsets, transpose),
+            }
         }
-        let x = into_contiguous(x);
-        let w = into_contiguous(w);
-        let (n, k) = (x.meta.shape()[0], x.meta.shape()[1]);
-        let ws = w.meta.shape();
-        let (e, m) = (ws[0], if transpose { ws[1] } else { ws[2] });
-        assert_eq!(if transpose { ws[2] } else { ws[1] }, k, "grouped matmul: inner sizes differ");
-        assert_eq!(x.dtype, w.dtype, "grouped matmul: x is {:?} but w is {:?}", x.dtype, w.dtype);
-        let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose };
-        let out = empty(&x, [n, m], x.dtype);
-        let dev_offsets = offsets_buffer(&x, offsets);
-        with_float!(x.dtype, FE => launch_grouped_matmul::<R, FE>(
-            &x.client, &problem, offsets, x.handle.clone(), w.handle.clone(), dev_offsets, out.handle.clone()
-        ))
-        .unwrap_or_else(|e| panic!("grouped matmul: {e}"));
-        out
+        grouped_matmul_cubecl::<R, F, I, BT>(x, w, offsets, transpose)
     }
 
     fn moe_grouped_matmul_weight_grad(dy: FloatTensor<Self>, x: FloatTensor<Self>, offsets: &[usize]) -> FloatTensor<Self> {
-        let tensor_cores = with_float!(dy.dtype, FE => cmma_supported::<R, FE>(&dy.client));
-        if !tensor_cores && !use_direct_weight_grad(&dy, &x) {
-            let grad = crate::ops::reference_grouped_matmul_weight_grad::<Self>(float(dy), float(x), offsets);
-            return grad.into_primitive().tensor();
+        #[cfg(feature = "cublas")]
+        if crate::gemm::grouped_gemm() == crate::gemm::GroupedGemm::Cublas {
+            let (dy, x) = (into_contiguous(dy), into_contiguous(x));
+            check_weight_grad(&dy, &x, offsets);
+            match super::cublas::grouped_matmul_weight_grad(&dy, &x, offsets) {
+                Some(dw) => return dw,
+                None => return grouped_matmul_weight_grad_cubecl::<R, F, I, BT>(dy, x, offsets),
+            }
         }
-        let dy = into_contiguous(dy);
-        let x = into_contiguous(x);
-        let (n, m, k) = (dy.meta.shape()[0], dy.meta.shape()[1], x.meta.shape()[1]);
-        let e = offsets.len() - 1;
-        let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose: true };
-        let shape = Shape::new([e, m, k]);
-        let bytes = (shape.num_elements() * dy.dtype.size()).max(dy.dtype.size());
-        let dw = CubeTensor::new_contiguous(dy.client.clone(), dy.device.clone(), shape, dy.client.empty(bytes), dy.dtype);
-        let dev_offsets = offsets_buffer(&dy, offsets);
-        with_float!(dy.dtype, FE => launch_grouped_matmul_weight_grad::<R, FE>(
-            &dy.client, &problem, offsets, dy.handle.clone(), x.handle.clone(), dev_offsets, dw.handle.clone()
-        ))
-        .unwrap_or_else(|e| panic!("grouped matmul weight grad: {e}"));
-        dw
+        grouped_matmul_weight_grad_cubecl::<R, F, I, BT>(dy, x, offsets)
     }
 
     fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -191,6 +255,29 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             &y.client, y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d, out.handle.clone()
         )));
         out
+    }
+
+    fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (gate, up) = (into_contiguous(gate), into_contiguous(up));
+        check_same("SwiGLU", &[&gate, &up]);
+        let out = empty_nd::<R, 2>(&gate, [gate.meta.shape()[0], gate.meta.shape()[1]], gate.dtype);
+        let len = gate.meta.shape().num_elements();
+        with_float!(gate.dtype, FE => launch_swiglu::<R, FE>(&gate.client, len, gate.handle.clone(), up.handle.clone(), out.handle.clone()))
+            .unwrap_or_else(|e| panic!("SwiGLU: {e}"));
+        out
+    }
+
+    fn moe_swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, dh: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (gate, up, dh) = (into_contiguous(gate), into_contiguous(up), into_contiguous(dh));
+        check_same("SwiGLU backward", &[&gate, &up, &dh]);
+        let shape = [gate.meta.shape()[0], gate.meta.shape()[1]];
+        let (d_gate, d_up) = (empty_nd::<R, 2>(&gate, shape, gate.dtype), empty_nd::<R, 2>(&gate, shape, gate.dtype));
+        let len = gate.meta.shape().num_elements();
+        with_float!(gate.dtype, FE => launch_swiglu_backward::<R, FE>(
+            &gate.client, len, gate.handle.clone(), up.handle.clone(), dh.handle.clone(), d_gate.handle.clone(), d_up.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("SwiGLU backward: {e}"));
+        (d_gate, d_up)
     }
 
     fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {

@@ -7,10 +7,15 @@ mod autodiff;
 mod backend;
 #[cfg(feature = "cube")]
 mod cube;
+#[cfg(feature = "cublas")]
+mod cublas;
 mod impls;
 mod reference;
+mod scatter_add;
 
-pub use backend::{MoeBackend, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd};
+pub use backend::{MoeBackend, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu};
+#[cfg(feature = "cublas")]
+pub(crate) use cublas::cublas_available;
 pub use kernels_cubecl::BlockSparseTopology;
 pub use reference::{
     reference_combine, reference_dsd, reference_dstd, reference_grouped_matmul, reference_grouped_matmul_weight_grad,

@@ -3,3 +3,4 @@
 pub mod blocksparse;
 pub mod routing;
 pub mod scatter;
+pub mod swiglu;

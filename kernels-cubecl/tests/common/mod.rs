@@ -13,9 +13,14 @@ pub fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// Largest absolute difference relative to the largest magnitude of the reference `b`.
+/// Largest absolute difference relative to the largest magnitude of the reference `b`; infinite
+/// when `a` holds a NaN where `b` does not (`f32::max` would otherwise skip it, and outputs are
+/// pre-filled with NaN precisely so that an element a kernel skipped shows).
 pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
+    if a.iter().zip(b).any(|(x, y)| x.is_nan() && !y.is_nan()) {
+        return f32::INFINITY;
+    }
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
 }
