@@ -12,11 +12,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_run.log") 2>&1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/moe_bench.xz"), open("/tmp/moe_bench","wb"))'
-chmod +x /tmp/moe_bench
-source bench/cuda_libs.sh
-export CUBECL_AUTOTUNE_LEVEL=${CUBECL_AUTOTUNE_LEVEL:-minimal}
+source bench/moe_bench_env.sh
 GG=${GROUPED_GEMM:-cubecl}
 TS=${TS:-4096,16384}
 
