@@ -22,14 +22,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 source bench/trainer_env.sh
 NPROC=${NPROC:-4}
 PLANS=${PLANS:-"fsdp2 fsdp1 ep${NPROC}+fsdp2 ep2+fsdp2"}
-flags() { # plan -> trainer flags
-  case $1 in
-    fsdp2) echo "--sharding fsdp2";;
-    fsdp1) echo "--sharding fsdp1";;
-    ddp) echo "--sharding ddp";;
-    ep*+*) local ep=${1%%+*}; echo "--ep-size ${ep#ep} --sharding ${1#*+}";;
-  esac
-}
 
 if [ "${GEMM_RATE:-0}" = 1 ]; then
   python3 - <<'PY'

@@ -9,7 +9,7 @@ exec > >(tee -a "$OUT/resume_gpu.log") 2>&1
 source bench/trainer_env.sh
 NPROC=${NPROC:-2}
 for plan in ${PLANS:-"fsdp2" "ep2+fsdp1"}; do
-  case $plan in fsdp2) f="--sharding fsdp2";; fsdp1) f="--sharding fsdp1";; ep*+*) e=${plan%%+*}; f="--ep-size ${e#ep} --sharding ${plan#*+}";; esac
+  f=$(flags $plan)
   common="--device cuda --nproc-per-node $NPROC --per-device-train-batch-size 2 --seed 1 --lr-scheduler-type constant \
     --save-strategy steps --save-steps 2 $f ${EXTRA:-}"
   timeout 120 /tmp/trainer $common --max-steps 4 --output-dir $OUT/$plan-full >/dev/null

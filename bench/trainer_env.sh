@@ -5,3 +5,12 @@ python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.x
 chmod +x /tmp/trainer
 source "$(dirname "${BASH_SOURCE[0]}")/cuda_libs.sh"
 export RUST_LOG=warn
+# A plan name of the GPU scripts (fsdp2, fsdp1, ddp, ep<N>+<sharding>) -> trainer flags.
+flags() { # plan -> trainer flags
+  case $1 in
+    fsdp2) echo "--sharding fsdp2";;
+    fsdp1) echo "--sharding fsdp1";;
+    ddp) echo "--sharding ddp";;
+    ep*+*) local ep=${1%%+*}; echo "--ep-size ${ep#ep} --sharding ${1#*+}";;
+  esac
+}

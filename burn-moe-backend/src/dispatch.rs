@@ -120,11 +120,6 @@ impl<B: MoeBackend + CollectiveBackend> TokenDispatcher<B> for AllToAllDispatche
             moe_permute(yg, int(inverse))
         };
         let ys = all_to_all_rows(yr, &recv, &send, &self.comm);
-        // slots[t·k + j] = position of pair (t, j) among the sorted pairs.
-        let mut slots = vec![0i64; pairs];
-        for (pos, &flat) in plan.sorted_flat.iter().enumerate() {
-            slots[flat] = pos as i64;
-        }
-        moe_combine(ys, int(slots), weights)
+        moe_combine(ys, int(plan.slots().into_iter().map(|s| s as i64).collect()), weights)
     }
 }

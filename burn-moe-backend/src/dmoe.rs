@@ -440,13 +440,9 @@ fn scatter_experts<B: MoeBackend>(
     let plan = reference::host_routing_plan(experts, num_experts);
     let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
     let rows = int(plan.sorted_token.iter().map(|&t| t as i64).collect());
-    // slots[t·k + j] = position of pair (t, j) in expert order: the inverse of the sort.
-    let mut slots = vec![0i64; plan.sorted_flat.len()];
-    for (pos, &flat) in plan.sorted_flat.iter().enumerate() {
-        slots[flat] = pos as i64;
-    }
+    let slots = int(plan.slots().into_iter().map(|s| s as i64).collect());
     let y = scatter_grouped(moe_permute(x, rows), &plan.offsets, w1, w3, w2, lora);
-    moe_combine(y, int(slots), weights)
+    moe_combine(y, slots, weights)
 }
 
 /// Grouped matmuls (w1, w3) → SwiGLU → grouped matmul (w2) on rows already grouped by expert.

@@ -10,6 +10,8 @@
 //! `burn` and `kernels-cubecl`.
 
 pub mod aux;
+#[cfg(any(feature = "nccl", feature = "cublas"))]
+mod cuda;
 pub mod dispatch;
 pub mod dist;
 pub mod dmoe;

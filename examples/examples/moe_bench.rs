@@ -568,10 +568,7 @@ fn phases<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
             });
             let plan = plan.unwrap();
             let rows: Vec<i64> = plan.sorted_token.iter().map(|&r| r as i64).collect();
-            let mut slots = vec![0i64; plan.sorted_flat.len()];
-            for (pos, &flat) in plan.sorted_flat.iter().enumerate() {
-                slots[flat] = pos as i64;
-            }
+            let slots: Vec<i64> = plan.slots().into_iter().map(|s| s as i64).collect();
             let n = rows.len();
             time("upload row and slot indices", &mut || {
                 rows_t = vec![

@@ -44,10 +44,7 @@ fn check_case<R: Runtime>(client: &ComputeClient<R>, tokens: usize, d: usize, f:
     let n = tokens * top_k;
     let rows: Vec<u32> = plan.sorted_token.iter().map(|&r| r as u32).collect();
     let offsets_u32: Vec<u32> = plan.offsets.iter().map(|&o| o as u32).collect();
-    let mut slots = vec![0u32; n];
-    for (pos, &flat) in plan.sorted_flat.iter().enumerate() {
-        slots[flat] = pos as u32;
-    }
+    let slots: Vec<u32> = plan.slots().into_iter().map(|s| s as u32).collect();
     let x = values(tokens * d, 1);
     let w1 = values(experts * f * d, 2); // [E, f, d], used transposed
     let w2 = values(experts * f * d, 3); // [E, f, d], used as [E, k=f, m=d] -> y = h · w2[e]

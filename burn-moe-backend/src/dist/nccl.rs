@@ -218,16 +218,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         // Touch the device through Burn first so CubeCL has initialised the driver and context.
         let _ = Tensor::<B, 1>::zeros([1], device);
         B::sync(device).map_err(|e| CommError::Setup(format!("syncing the Burn device: {e:?}")))?;
-        let ordinal = B::cuda_ordinal(device);
-        unsafe {
-            cu::init().map_err(|e| CommError::Setup(format!("cuInit: {e:?}")))?;
-            let dev = cu::device::get(ordinal as i32)
-                .map_err(|e| CommError::Setup(format!("CUDA device {ordinal}: {e:?}")))?;
-            let ctx = cu::primary_ctx::retain(dev)
-                .map_err(|e| CommError::Setup(format!("primary context of device {ordinal}: {e:?}")))?;
-            cu::ctx::set_current(ctx).map_err(|e| CommError::Setup(format!("cuCtxSetCurrent: {e:?}")))?;
-            Ok(ctx)
-        }
+        crate::cuda::activate_primary_context(B::cuda_ordinal(device)).map_err(CommError::Setup)
     }
 
     fn buf(&self, tensor: CubeTensor<CudaRuntime>, collective: &'static str) -> Result<Buf, CommError> {

@@ -62,7 +62,9 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) 
     empty_nd(like, shape, dtype)
 }
 
-fn empty_nd<R: CubeRuntime, const D: usize>(like: &CubeTensor<R>, shape: [usize; D], dtype: DType) -> CubeTensor<R> {
+/// A contiguous uninitialised tensor on `like`'s device (at least one element's bytes, so empty
+/// shapes still get a valid buffer).
+pub(super) fn empty_nd<R: CubeRuntime, const D: usize>(like: &CubeTensor<R>, shape: [usize; D], dtype: DType) -> CubeTensor<R> {
     let shape = Shape::new(shape);
     let bytes = (shape.num_elements() * dtype.size()).max(dtype.size());
     let handle = like.client.empty(bytes);
@@ -193,9 +195,7 @@ fn grouped_matmul_weight_grad_cubecl<R: CubeRuntime, F: FloatElement, I: IntElem
     let (n, m, k) = (dy.meta.shape()[0], dy.meta.shape()[1], x.meta.shape()[1]);
     let e = offsets.len() - 1;
     let problem = GroupedMatmulProblem { rows: n, m, k, num_experts: e, transpose: true };
-    let shape = Shape::new([e, m, k]);
-    let bytes = (shape.num_elements() * dy.dtype.size()).max(dy.dtype.size());
-    let dw = CubeTensor::new_contiguous(dy.client.clone(), dy.device.clone(), shape, dy.client.empty(bytes), dy.dtype);
+    let dw = empty_nd(&dy, [e, m, k], dy.dtype);
     let dev_offsets = offsets_buffer(&dy, offsets);
     with_float!(dy.dtype, FE => launch_grouped_matmul_weight_grad::<R, FE>(
         &dy.client, &problem, offsets, dy.handle.clone(), x.handle.clone(), dev_offsets, dw.handle.clone()

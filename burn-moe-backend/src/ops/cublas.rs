@@ -21,12 +21,14 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 
-use burn::tensor::{DType, Shape, backend::Backend};
+use burn::tensor::{DType, backend::Backend};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{CubeBackend, CubeRuntime};
 use cubecl::cuda::CudaRuntime;
 use cudarc::cublas::{result as blas, sys as bsys};
 use cudarc::driver::{result as cu, sys as cusys};
+
+use super::cube::empty_nd;
 
 /// A cuBLAS handle bound to a stream of our own in the device's primary context (the one CubeCL
 /// uses). Kept per thread and device: cuBLAS handles are not meant to be shared between threads.
@@ -66,12 +68,9 @@ fn with_blas<T>(ordinal: usize, f: impl FnOnce(&Blas) -> Result<T, String>) -> R
 }
 
 fn create(ordinal: usize) -> Result<Blas, String> {
-    // SAFETY: plain driver calls; the primary context is the one CubeCL created for this device.
+    let ctx = crate::cuda::activate_primary_context(ordinal)?;
+    // SAFETY: plain driver and cuBLAS calls in the current (primary) context.
     unsafe {
-        cu::init().map_err(|e| format!("cuInit: {e:?}"))?;
-        let dev = cu::device::get(ordinal as i32).map_err(|e| format!("CUDA device {ordinal}: {e:?}"))?;
-        let ctx = cu::primary_ctx::retain(dev).map_err(|e| format!("primary context of device {ordinal}: {e:?}"))?;
-        cu::ctx::set_current(ctx).map_err(|e| format!("cuCtxSetCurrent: {e:?}"))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| format!("creating a stream: {e:?}"))?;
         let handle = blas::create_handle().map_err(|e| format!("cublasCreate: {e:?}"))?;
         blas::set_stream(handle, stream as _).map_err(|e| format!("cublasSetStream: {e:?}"))?;
@@ -99,11 +98,6 @@ fn from_cuda<R: CubeRuntime>(t: CubeTensor<CudaRuntime>) -> CubeTensor<R> {
 fn ptr(t: &CubeTensor<CudaRuntime>) -> u64 {
     let resource = t.client.get_resource(t.handle.clone()).unwrap_or_else(|e| panic!("cuBLAS grouped GEMM: device buffer: {e:?}"));
     resource.resource().ptr
-}
-
-fn empty(like: &CubeTensor<CudaRuntime>, shape: Shape) -> CubeTensor<CudaRuntime> {
-    let bytes = (shape.num_elements() * like.dtype.size()).max(like.dtype.size());
-    CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, like.client.empty(bytes), like.dtype)
 }
 
 /// One column-major `C = op(A) · op(B)` per segment, queued on our stream.
@@ -180,7 +174,7 @@ pub(crate) fn grouped_matmul<R: CubeRuntime>(x: &CubeTensor<R>, w: &CubeTensor<R
     let (rows, k) = (x.meta.shape()[0], x.meta.shape()[1]);
     let ws = w.meta.shape();
     let m = if transpose { ws[1] } else { ws[2] };
-    let out = empty(x, Shape::new([rows, m]));
+    let out = empty_nd(x, [rows, m], x.dtype);
     let (px, pw, po, es) = (ptr(x), ptr(w), ptr(&out), x.dtype.size() as u64);
     let gemms: Vec<Gemm> = offsets
         .windows(2)
@@ -214,7 +208,7 @@ pub(crate) fn grouped_matmul_weight_grad<R: CubeRuntime>(dy: &CubeTensor<R>, x: 
     let (dy, x) = (as_cuda(dy)?, as_cuda(x)?);
     let (m, k) = (dy.meta.shape()[1], x.meta.shape()[1]);
     let experts = offsets.len() - 1;
-    let dw = empty(dy, Shape::new([experts, m, k]));
+    let dw = empty_nd(dy, [experts, m, k], dy.dtype);
     let (pd, px, pw, es) = (ptr(dy), ptr(x), ptr(&dw), dy.dtype.size() as u64);
     let mut zero = Vec::new();
     let mut gemms = Vec::new();

@@ -80,6 +80,16 @@ impl RoutingPlan {
         Ok(Self { num_experts, top_k, sorted_flat, sorted_token, counts, offsets })
     }
 
+    /// `slots[t·k + j]` = position of pair `(t, j)` in expert order: the inverse of `sorted_flat`,
+    /// which the combine step reads each token's expert outputs through.
+    pub fn slots(&self) -> Vec<usize> {
+        let mut slots = vec![0; self.sorted_flat.len()];
+        for (pos, &flat) in self.sorted_flat.iter().enumerate() {
+            slots[flat] = pos;
+        }
+        slots
+    }
+
     /// Number of tokens `T`.
     pub fn num_tokens(&self) -> usize {
         self.sorted_flat.len() / self.top_k
