@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use half::f16;
 use kernels_cubecl::reference::scatter as reference;
 use kernels_cubecl::scatter::{
-    GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_supported, launch_grouped_matmul,
+    CMMA_PIPELINED_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
     launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
 };
 
@@ -129,13 +129,22 @@ fn naive_grouped_matmul_matches_reference_on_the_same_layouts() {
 #[test]
 fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
-    let expect = if cmma_supported::<_, f16>(&client) { GroupedMatmulStrategy::Cmma } else { GroupedMatmulStrategy::Tiled };
+    let expect = |p: GroupedMatmulProblem| {
+        if cmma_pipelined_supported::<_, f16>(&client, &p) {
+            CMMA_PIPELINED_DEFAULT
+        } else if cmma_supported::<_, f16>(&client) {
+            GroupedMatmulStrategy::Cmma
+        } else {
+            GroupedMatmulStrategy::Tiled
+        }
+    };
     for counts in [vec![37, 0, 21, 5], vec![0, 130, 0]] {
+        let rows = counts.iter().sum();
         for transpose in [true, false] {
-            let ran = check(&client, &counts, 100, 60, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
-            assert_eq!(ran, expect);
-            let ran = check(&client, &counts, 34, 18, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
-            assert_eq!(ran, expect);
+            for (m, k) in [(96, 64), (100, 60), (34, 18)] {
+                let ran = check(&client, &counts, m, k, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
+                assert_eq!(ran, expect(GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }));
+            }
         }
     }
     // f32 never takes the tensor-core kernel.
@@ -157,6 +166,37 @@ fn cmma_grouped_matmul_runs_or_reports_unsupported() {
     // f32 operands never run on the f16/bf16 tensor-core kernel.
     let res = check(&client, &[4], 16, 16, true, Storage::F32, GroupedMatmulStrategy::Cmma);
     assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
+}
+
+/// The pipelined tensor-core kernels (cp.async + barriers: CUDA) either match the reference for
+/// every configuration, ragged edges and empty experts included, or are refused with a typed error
+/// where the runtime lacks them (lavapipe in CI); a configuration outside 32/64 × 2–4 is refused.
+#[test]
+fn pipelined_grouped_matmul_runs_or_reports_unsupported() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    for (block_k, stages) in [(32, 2), (32, 3), (32, 4), (64, 2), (64, 3)] {
+        let strategy = GroupedMatmulStrategy::CmmaPipelined { block_k, stages };
+        for transpose in [true, false] {
+            let p = GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose };
+            let res = check(&client, &[37, 0, 26], 136, 200, transpose, Storage::F16, strategy);
+            if cmma_pipelined_supported::<_, f16>(&client, &p) {
+                assert_eq!(res.unwrap(), strategy);
+            } else {
+                let err = res.unwrap_err();
+                assert!(matches!(err, KernelError::Unsupported(_)), "{err:?}");
+                assert!(err.to_string().contains("pipelined"), "{err}");
+            }
+        }
+        let res = check_weight_grad(&client, &[37, 0, 26], 136, 200, Storage::F16, strategy);
+        if cmma_pipelined_supported::<_, f16>(&client, &GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose: false }) {
+            assert_eq!(res.unwrap(), strategy);
+        } else {
+            assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
+        }
+    }
+    let bad = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 3 };
+    let err = check(&client, &[8], 16, 16, true, Storage::F16, bad).unwrap_err();
+    assert!(matches!(err, KernelError::Unsupported(_)) && err.to_string().contains("block_k 48"), "{err}");
 }
 
 #[test]

@@ -6,13 +6,14 @@
 use cubecl::prelude::*;
 use cubecl::server::Handle;
 
-use cubecl::ir::{ElemType, FloatKind, StorageType};
+use cubecl::ir::{BarrierLevel, ElemType, FloatKind, OpaqueType, StorageType};
 use cubecl::ir::features::MmaConfig;
 
 use super::gemm::{
     CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE, CMMA_UNITS, TILED_BLOCK_M, TILED_BLOCK_N, TILED_UNITS,
     grouped_matmul_cmma_kernel, grouped_matmul_tiled_kernel,
 };
+use super::gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_weight_grad_cmma_pipelined_kernel};
 use super::gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 use super::kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 
@@ -44,7 +45,18 @@ pub enum GroupedMatmulStrategy {
     Tiled,
     /// Tensor-core fragments (16 × 16 × 16) on 128 × 128 tiles: f16/bf16 operands, f32 accumulation.
     Cmma,
+    /// [`Cmma`](Self::Cmma) with asynchronous global → shared copies `stages` steps of `block_k`
+    /// ahead of the tensor cores (see [`cmma_pipelined_supported`] for where it runs).
+    CmmaPipelined {
+        /// Reduction depth per step: 32 or 64.
+        block_k: usize,
+        /// Steps in flight: 2 to 4.
+        stages: usize,
+    },
 }
+
+/// The pipelined tensor-core configuration [`GroupedMatmulStrategy::Auto`] picks where it can run.
+pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4 };
 
 /// A grouped matmul over expert segments, without data.
 ///
@@ -131,6 +143,25 @@ pub fn cmma_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClient
         && props.hardware.plane_size_max == CMMA_PLANE
 }
 
+/// Whether [`GroupedMatmulStrategy::CmmaPipelined`] can run `problem` for element type `F` here: what
+/// [`cmma_supported`] asks, plus cube-level barriers with asynchronous copies (CUDA), and 16-byte
+/// operand vectors (`k`, and `m` where `w` is `[E, k, m]`, multiples of 8 elements).
+pub fn cmma_pipelined_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, problem: &GroupedMatmulProblem) -> bool {
+    cmma_supported::<R, F>(client)
+        && client.properties().features.supports_type(OpaqueType::Barrier(BarrierLevel::Cube))
+        && cmma_vector_size::<R, F>(client, problem) == 8
+}
+
+/// Checks a pipelined configuration's numbers.
+fn check_pipeline(block_k: usize, stages: usize) -> Result<(), KernelError> {
+    if !(block_k == 32 || block_k == 64) || !(2..=4).contains(&stages) {
+        return Err(KernelError::Unsupported(format!(
+            "pipelined tensor-core grouped GEMM: block_k {block_k} (32 or 64) and stages {stages} (2 to 4) are not a supported configuration"
+        )));
+    }
+    Ok(())
+}
+
 /// The widest vector (elements) the tensor-core kernel can read `x` and `w` with: it must divide `k`
 /// (and `m` when `w` is `[E, k, m]`) and fit in 16 bytes and the device's vector limit.
 fn cmma_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, p: &GroupedMatmulProblem) -> usize {
@@ -195,11 +226,24 @@ pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
 /// else the tiled one; asking for `Cmma` where it cannot run is an error naming `what`.
 fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
+    problem: &GroupedMatmulProblem,
     strategy: GroupedMatmulStrategy,
     what: &str,
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     match strategy {
+        GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => Ok(CMMA_PIPELINED_DEFAULT),
         GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => Ok(GroupedMatmulStrategy::Cmma),
+        GroupedMatmulStrategy::CmmaPipelined { block_k, stages } => {
+            check_pipeline(block_k, stages)?;
+            if cmma_pipelined_supported::<R, F>(client, problem) {
+                Ok(strategy)
+            } else {
+                Err(KernelError::Unsupported(format!(
+                    "pipelined tensor-core grouped {what} needs f16/bf16 cmma, cube barriers with async copies, and k{} a multiple of 8 on this device",
+                    if problem.transpose { "" } else { " and m" }
+                )))
+            }
+        }
         GroupedMatmulStrategy::Auto => Ok(GroupedMatmulStrategy::Tiled),
         GroupedMatmulStrategy::Cmma if !cmma_supported::<R, F>(client) => Err(KernelError::Unsupported(format!(
             "tensor-core grouped {what} needs f16/bf16 operands with 16x16x16 cmma ({:?} x {:?} -> f32) and 32-wide planes on this device",
@@ -229,7 +273,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = resolve_strategy::<R, F>(client, strategy, "matmul")?;
+    let strategy = resolve_strategy::<R, F>(client, p, strategy, "matmul")?;
     let total = p.rows * p.m;
     if total == 0 {
         return Ok(strategy);
@@ -245,15 +289,24 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
                 client, count, cube_dim(), x_arg(1), w_arg(1), off_arg(), out_arg(), p.m, p.k, p.num_experts, p.transpose,
             );
         }
-        GroupedMatmulStrategy::Tiled | GroupedMatmulStrategy::Cmma => {
-            let cmma = strategy == GroupedMatmulStrategy::Cmma;
+        GroupedMatmulStrategy::Tiled | GroupedMatmulStrategy::Cmma | GroupedMatmulStrategy::CmmaPipelined { .. } => {
+            let cmma = strategy != GroupedMatmulStrategy::Tiled;
             let (bm, bn) = if cmma { (CMMA_BLOCK_M, CMMA_BLOCK_N) } else { (TILED_BLOCK_M, TILED_BLOCK_N) };
             let tiles = p.row_tiles(host_offsets, bm)?;
             let count = grid(client, tiles.len() / 2, p.m.div_ceil(bn))?;
             let tiles_len = tiles.len();
             let tiles = client.create_from_slice(u32::as_bytes(&tiles));
             let tiles_arg = unsafe { ArrayArg::from_raw_parts(tiles, tiles_len) };
-            if cmma {
+            if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages } = strategy {
+                // SAFETY: as for the single-stage kernel below; the copies are bounds-checked too
+                // (out-of-range vectors are copied with source length zero, i.e. zero-filled).
+                unsafe {
+                    grouped_matmul_cmma_pipelined_kernel::launch_unchecked::<F, R>(
+                        client, count, CubeDim::new_1d(CMMA_UNITS), 8, x_arg(8), w_arg(8), off_arg(), tiles_arg, out_arg(), p.m,
+                        p.k, p.transpose, block_k, stages,
+                    );
+                }
+            } else if cmma {
                 let n = cmma_vector_size::<R, F>(client, p);
                 // SAFETY: every global and shared-memory access of the kernel is bounds-checked in
                 // the kernel against `rows`/`m`/`k` and the segment ends; the buffer lengths passed
@@ -329,7 +382,10 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = resolve_strategy::<R, F>(client, strategy, "weight gradient")?;
+    // The weight gradient reads dy ([rows, m]) and x ([rows, k]) row-major: both widths must suit
+    // the vectors, as for the forward kernel with `w: [E, k, m]`.
+    let wide = GroupedMatmulProblem { transpose: false, ..*p };
+    let strategy = resolve_strategy::<R, F>(client, &wide, strategy, "weight gradient")?;
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
         return Ok(strategy);
@@ -366,11 +422,32 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                 );
             }
         }
+        GroupedMatmulStrategy::CmmaPipelined { block_k, stages } => {
+            let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
+                unreachable!("grid is static")
+            };
+            // SAFETY: every access is bounds-checked in the kernel (zero-length copies past the ends).
+            unsafe {
+                grouped_matmul_weight_grad_cmma_pipelined_kernel::launch_unchecked::<F, R>(
+                    client,
+                    CubeCount::Static(tm, tk, experts),
+                    CubeDim::new_1d(CMMA_UNITS),
+                    8,
+                    dy_arg(8),
+                    x_arg(8),
+                    off_arg(),
+                    dw_arg(),
+                    p.m,
+                    p.k,
+                    block_k,
+                    stages,
+                );
+            }
+        }
         GroupedMatmulStrategy::Cmma => {
             let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
                 unreachable!("grid is static")
             };
-            let wide = GroupedMatmulProblem { transpose: false, ..*p };
             let n = cmma_vector_size::<R, F>(client, &wide);
             // SAFETY: as above.
             unsafe {

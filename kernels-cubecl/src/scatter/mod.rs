@@ -2,6 +2,7 @@
 //! its weight gradient), weighted combine back to tokens.
 
 mod gemm;
+mod gemm_pipelined;
 mod gemm_wgrad;
 mod kernel;
 mod launch;
@@ -11,8 +12,9 @@ pub use gemm::{
     CMMA_BLOCK_K, CMMA_BLOCK_M, CMMA_BLOCK_N, TILED_BLOCK_K, TILED_BLOCK_M, TILED_BLOCK_N, grouped_matmul_cmma_kernel,
     grouped_matmul_tiled_kernel,
 };
+pub use gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_weight_grad_cmma_pipelined_kernel};
 pub use gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 pub use launch::{
-    GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, cmma_supported, launch_combine, launch_grouped_matmul,
+    CMMA_PIPELINED_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, cmma_pipelined_supported, cmma_supported, launch_combine, launch_grouped_matmul,
     launch_grouped_matmul_weight_grad, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute,
 };

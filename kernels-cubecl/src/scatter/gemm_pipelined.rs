@@ -1,0 +1,499 @@
+//! Pipelined tensor-core grouped GEMMs: the same products as
+//! [`grouped_matmul_cmma_kernel`](super::grouped_matmul_cmma_kernel) and
+//! [`grouped_matmul_weight_grad_cmma_kernel`](super::grouped_matmul_weight_grad_cmma_kernel), with
+//! the operand tiles brought into shared memory by asynchronous copies (`cp.async`) several depth
+//! steps ahead of the tensor cores.
+//!
+//! Why: the profile of the single-stage kernels on an H200 (ncu, Mixtral up projection) showed
+//! 160 registers per unit, hence one cube (8 planes) per SM, and 83% of issue slots without an
+//! eligible plane, the largest stall being the wait for global loads. A register prefetch of one
+//! depth step does not cover the global-memory latency with so few planes. Here `stages` depth steps
+//! are in flight at once, the copies go global → shared without registers, and a plane waits only
+//! for the step it is about to multiply.
+//!
+//! Protocol, per shared-memory stage `s` (one barrier each, arrival count = units per cube):
+//! every unit issues its copies for a step, then `commit_copy_async` (the barrier will also wait for
+//! those copies) and `arrive`. Before multiplying step `c` a unit waits on the barrier of stage
+//! `c % stages` for that stage's use number `c / stages` (parity), then the cube synchronises once:
+//! after that every plane has finished step `c - 1`, so its stage can be refilled with step
+//! `c + stages - 1`. Out-of-range vectors are copied with a source length of zero, which fills them
+//! with zeros, so edge tiles need no other treatment.
+//!
+//! Requirements (checked by the launcher, which otherwise runs the single-stage kernels): f16/bf16
+//! with cmma, 8-element (16-byte) vectors (`k`, and `m` where `w` is `[E, k, m]`, multiples of 8),
+//! and a runtime with cube-level barriers and async copies (CUDA).
+
+use cubecl::cmma;
+use cubecl::prelude::barrier::{Barrier, copy_async_checked};
+use cubecl::prelude::*;
+
+use super::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
+
+/// `out = x[seg e] · w[e]ᵀ` (`transpose`, `w: [E, m, k]`) or `x[seg e] · w[e]` (`w: [E, k, m]`), one
+/// 128 × 128 tile per cube, `block_k` (32 or 64) deep per step, `stages` (2–4) steps in flight.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    offsets: &Array<u32>,
+    tiles: &Array<u32>,
+    out: &mut Array<F>,
+    m: usize,
+    k: usize,
+    #[comptime] transpose: bool,
+    #[comptime] block_k: usize,
+    #[comptime] stages: usize,
+) {
+    let nv = N::value();
+    let a_len = comptime!(CMMA_BLOCK_M * (block_k + 8) / nv);
+    let b_len = comptime!(if transpose { CMMA_BLOCK_N * (block_k + 8) / nv } else { block_k * (CMMA_BLOCK_N + 8) / nv });
+
+    let tile = CUBE_POS_X as usize;
+    let e = tiles[2 * tile] as usize;
+    let row0 = tiles[2 * tile + 1] as usize;
+    let row_end = offsets[e + 1] as usize;
+    let col0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
+    let tid = UNIT_POS as usize;
+    let plane = tid / CMMA_PLANE as usize;
+    let plane_row = (plane / 4) * 64;
+    let plane_col = (plane % 4) * 32;
+    let w_base = e * m * k;
+
+    let mut a_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * a_len), 128usize);
+    let mut b_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * b_len), 128usize);
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar2 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar3 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+
+    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..8usize {
+        accs.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+
+    let steps = (k + block_k - 1) / block_k;
+    #[unroll]
+    for c in 0..comptime!(stages - 1) {
+        if c < steps {
+            issue_forward_step::<F, N>(
+                x, w, &mut a_s, &mut b_s, c * a_len, c * b_len, tid, row0, row_end, col0, w_base, m, k, c * block_k, transpose,
+                block_k,
+            );
+            commit_and_arrive(c, &bar0, &bar1, &bar2, &bar3);
+        }
+    }
+    let mut c = 0usize;
+    while c < steps {
+        let s = c % stages;
+        wait_stage(s, ((c / stages) % 2) as u32, &bar0, &bar1, &bar2, &bar3);
+        sync_cube();
+        let next = c + stages - 1;
+        if next < steps {
+            let sn = next % stages;
+            issue_forward_step::<F, N>(
+                x,
+                w,
+                &mut a_s,
+                &mut b_s,
+                sn * a_len,
+                sn * b_len,
+                tid,
+                row0,
+                row_end,
+                col0,
+                w_base,
+                m,
+                k,
+                next * block_k,
+                transpose,
+                block_k,
+            );
+            commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
+        }
+        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k);
+        c += 1;
+    }
+
+    let mut stage = SharedMemory::<f32>::new_aligned(comptime!(8 * 256usize), 128usize);
+    let lane = tid % CMMA_PLANE as usize;
+    let stage_start = plane * 256;
+    #[unroll]
+    for i in 0..4usize {
+        #[unroll]
+        for j in 0..2usize {
+            cmma::store(
+                &mut stage.slice_mut(stage_start, stage_start + 256),
+                &accs[i * 2 + j],
+                16u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+            sync_plane();
+            #[unroll]
+            for t in 0..8usize {
+                let idx = lane + t * 32;
+                let row = row0 + plane_row + i * 16 + idx / 16;
+                let col = col0 + plane_col + j * 16 + idx % 16;
+                if row < row_end && col < m {
+                    out[row * m + col] = F::cast_from(stage[stage_start + idx]);
+                }
+            }
+            sync_plane();
+        }
+    }
+}
+
+/// `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]`, one 128 × 128 tile of `dw[e]` per cube
+/// (grid `(m tiles, k tiles, E)`), `block_k` segment rows per step, `stages` steps in flight; an
+/// expert without rows writes zeros.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
+    dy: &Array<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    offsets: &Array<u32>,
+    dw: &mut Array<F>,
+    m: usize,
+    k: usize,
+    #[comptime] block_k: usize,
+    #[comptime] stages: usize,
+) {
+    let nv = N::value();
+    let a_len = comptime!(block_k * (CMMA_BLOCK_M + 8) / nv);
+    let b_len = comptime!(block_k * (CMMA_BLOCK_N + 8) / nv);
+
+    let e = CUBE_POS_Z as usize;
+    let start = offsets[e] as usize;
+    let end = offsets[e + 1] as usize;
+    let j0 = CUBE_POS_X as usize * CMMA_BLOCK_M;
+    let l0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
+    let tid = UNIT_POS as usize;
+    let plane = tid / CMMA_PLANE as usize;
+    let plane_row = (plane / 4) * 64;
+    let plane_col = (plane % 4) * 32;
+
+    let mut a_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * a_len), 128usize);
+    let mut b_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * b_len), 128usize);
+    let bar0 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar1 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar2 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+    let bar3 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
+
+    let mut accs = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..8usize {
+        accs.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+
+    let steps = (end - start + block_k - 1) / block_k;
+    #[unroll]
+    for c in 0..comptime!(stages - 1) {
+        if c < steps {
+            issue_weight_grad_step::<F, N>(dy, x, &mut a_s, &mut b_s, c * a_len, c * b_len, tid, start + c * block_k, end, j0, l0, m, k, block_k);
+            commit_and_arrive(c, &bar0, &bar1, &bar2, &bar3);
+        }
+    }
+    let mut c = 0usize;
+    while c < steps {
+        let s = c % stages;
+        wait_stage(s, ((c / stages) % 2) as u32, &bar0, &bar1, &bar2, &bar3);
+        sync_cube();
+        let next = c + stages - 1;
+        if next < steps {
+            let sn = next % stages;
+            issue_weight_grad_step::<F, N>(
+                dy,
+                x,
+                &mut a_s,
+                &mut b_s,
+                sn * a_len,
+                sn * b_len,
+                tid,
+                start + next * block_k,
+                end,
+                j0,
+                l0,
+                m,
+                k,
+                block_k,
+            );
+            commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
+        }
+        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k);
+        c += 1;
+    }
+
+    let mut stage = SharedMemory::<f32>::new_aligned(comptime!(8 * 256usize), 128usize);
+    let lane = tid % CMMA_PLANE as usize;
+    let stage_start = plane * 256;
+    #[unroll]
+    for r in 0..4usize {
+        #[unroll]
+        for cc in 0..2usize {
+            cmma::store(
+                &mut stage.slice_mut(stage_start, stage_start + 256),
+                &accs[r * 2 + cc],
+                16u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+            sync_plane();
+            #[unroll]
+            for t in 0..8usize {
+                let idx = lane + t * 32;
+                let j = j0 + plane_row + r * 16 + idx / 16;
+                let l = l0 + plane_col + cc * 16 + idx % 16;
+                if j < m && l < k {
+                    dw[(e * m + j) * k + l] = F::cast_from(stage[stage_start + idx]);
+                }
+            }
+            sync_plane();
+        }
+    }
+}
+
+/// Makes the calling unit's copies so far part of stage `s`'s barrier phase, then arrives on it.
+/// The stage is a runtime value (uniform over the cube): one barrier per stage, picked by branch.
+#[cube]
+fn commit_and_arrive(s: usize, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, bar3: &Barrier) {
+    if s == 0 {
+        bar0.commit_copy_async();
+        bar0.arrive();
+    } else if s == 1 {
+        bar1.commit_copy_async();
+        bar1.arrive();
+    } else if s == 2 {
+        bar2.commit_copy_async();
+        bar2.arrive();
+    } else {
+        bar3.commit_copy_async();
+        bar3.arrive();
+    }
+}
+
+/// Waits until stage `s`'s barrier completes the phase of the given parity (its copies have landed).
+#[cube]
+fn wait_stage(s: usize, parity: u32, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, bar3: &Barrier) {
+    if s == 0 {
+        bar0.wait_parity(parity);
+    } else if s == 1 {
+        bar1.wait_parity(parity);
+    } else if s == 2 {
+        bar2.wait_parity(parity);
+    } else {
+        bar3.wait_parity(parity);
+    }
+}
+
+/// Issues the asynchronous copies of one depth step (`k0 .. k0 + block_k`) of the forward kernel's
+/// operands into the stage at `a_at` / `b_at` (vector offsets): `x` rows as a row-major
+/// `128 × block_k` tile, `w` as `128 × block_k` (`transpose`, contiguous along k) or `block_k × 128`
+/// (contiguous along m). Row strides in shared memory are padded by 8 elements against bank conflicts.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue_forward_step<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    w: &Array<Vector<F, N>>,
+    a_s: &mut SharedMemory<Vector<F, N>>,
+    b_s: &mut SharedMemory<Vector<F, N>>,
+    a_at: usize,
+    b_at: usize,
+    tid: usize,
+    row0: usize,
+    row_end: usize,
+    col0: usize,
+    w_base: usize,
+    m: usize,
+    k: usize,
+    k0: usize,
+    #[comptime] transpose: bool,
+    #[comptime] block_k: usize,
+) {
+    let nv = N::value();
+    let vpr = comptime!(block_k / nv);
+    let row_vecs = comptime!((block_k + 8) / nv);
+    #[unroll]
+    for s in 0..comptime!(CMMA_BLOCK_M * block_k / (256 * nv)) {
+        let q = tid + s * 256;
+        let r = q / vpr;
+        let cv = q % vpr;
+        let row = row0 + r;
+        let kk = k0 + cv * nv;
+        let mut src = 0usize;
+        let mut len = 0usize;
+        if row < row_end && kk < k {
+            src = (row * k + kk) / nv;
+            len = 1usize;
+        }
+        let dst = a_at + r * row_vecs + cv;
+        copy_async_checked(&x.slice(src, src + len), &mut a_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
+    }
+    if transpose {
+        #[unroll]
+        for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
+            let q = tid + s * 256;
+            let c = q / vpr;
+            let cv = q % vpr;
+            let col = col0 + c;
+            let kk = k0 + cv * nv;
+            let mut src = 0usize;
+            let mut len = 0usize;
+            if col < m && kk < k {
+                src = (w_base + col * k + kk) / nv;
+                len = 1usize;
+            }
+            let dst = b_at + c * row_vecs + cv;
+            copy_async_checked(&w.slice(src, src + len), &mut b_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
+        }
+    } else {
+        let wide_vpr = comptime!(CMMA_BLOCK_N / nv);
+        let wide_row_vecs = comptime!((CMMA_BLOCK_N + 8) / nv);
+        #[unroll]
+        for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
+            let q = tid + s * 256;
+            let l = q / wide_vpr;
+            let cv = q % wide_vpr;
+            let col = col0 + cv * nv;
+            let kk = k0 + l;
+            let mut src = 0usize;
+            let mut len = 0usize;
+            if col < m && kk < k {
+                src = (w_base + kk * m + col) / nv;
+                len = 1usize;
+            }
+            let dst = b_at + l * wide_row_vecs + cv;
+            copy_async_checked(&w.slice(src, src + len), &mut b_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
+        }
+    }
+}
+
+/// Issues the copies of one step of the weight-gradient kernel: segment rows `i0 .. i0 + block_k`
+/// (bounded by `end`) of `dy` (columns `j0 ..`, width `m`) and `x` (columns `l0 ..`, width `k`), both
+/// staged `[segment row][column]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn issue_weight_grad_step<F: Float, N: Size>(
+    dy: &Array<Vector<F, N>>,
+    x: &Array<Vector<F, N>>,
+    a_s: &mut SharedMemory<Vector<F, N>>,
+    b_s: &mut SharedMemory<Vector<F, N>>,
+    a_at: usize,
+    b_at: usize,
+    tid: usize,
+    i0: usize,
+    end: usize,
+    j0: usize,
+    l0: usize,
+    m: usize,
+    k: usize,
+    #[comptime] block_k: usize,
+) {
+    let nv = N::value();
+    let vpr = comptime!(CMMA_BLOCK_M / nv);
+    let row_vecs = comptime!((CMMA_BLOCK_M + 8) / nv);
+    #[unroll]
+    for s in 0..comptime!(CMMA_BLOCK_M * block_k / (256 * nv)) {
+        let q = tid + s * 256;
+        let i = q / vpr;
+        let cv = q % vpr;
+        let row = i0 + i;
+        let j = j0 + cv * nv;
+        let mut src = 0usize;
+        let mut len = 0usize;
+        if row < end && j < m {
+            src = (row * m + j) / nv;
+            len = 1usize;
+        }
+        let dst = a_at + i * row_vecs + cv;
+        copy_async_checked(&dy.slice(src, src + len), &mut a_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
+    }
+    let b_vpr = comptime!(CMMA_BLOCK_N / nv);
+    let b_row_vecs = comptime!((CMMA_BLOCK_N + 8) / nv);
+    #[unroll]
+    for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
+        let q = tid + s * 256;
+        let i = q / b_vpr;
+        let cv = q % b_vpr;
+        let row = i0 + i;
+        let l = l0 + cv * nv;
+        let mut src = 0usize;
+        let mut len = 0usize;
+        if row < end && l < k {
+            src = (row * k + l) / nv;
+            len = 1usize;
+        }
+        let dst = b_at + i * b_row_vecs + cv;
+        copy_async_checked(&x.slice(src, src + len), &mut b_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
+    }
+}
+
+/// The tensor-core work of one step on the stage at `a_at` / `b_at`: each plane multiplies its
+/// 64 × 32 block (4 × 2 fragments). `a_kmajor`: A staged `[k][row]` (a column-major fragment, the
+/// weight gradient's `dyᵀ`) instead of `[row][k]`; `b_kmajor`: B staged `[k][col]` (row-major
+/// fragment) instead of `[col][k]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_step<F: Float, N: Size>(
+    a_s: &SharedMemory<Vector<F, N>>,
+    b_s: &SharedMemory<Vector<F, N>>,
+    a_at: usize,
+    b_at: usize,
+    plane_row: usize,
+    plane_col: usize,
+    accs: &Sequence<cmma::Matrix<f32>>,
+    #[comptime] a_kmajor: bool,
+    #[comptime] b_kmajor: bool,
+    #[comptime] block_k: usize,
+) {
+    let nv = N::value();
+    let a_stride = comptime!(if a_kmajor { CMMA_BLOCK_M + 8 } else { block_k + 8 });
+    let b_stride = comptime!(if b_kmajor { CMMA_BLOCK_N + 8 } else { block_k + 8 });
+    let a_layout = comptime!(if a_kmajor { cmma::MatrixLayout::ColMajor } else { cmma::MatrixLayout::RowMajor });
+    let b_layout = comptime!(if b_kmajor { cmma::MatrixLayout::RowMajor } else { cmma::MatrixLayout::ColMajor });
+    #[unroll]
+    for ks in 0..comptime!(block_k / 16) {
+        let mut a_frags = Sequence::<cmma::Matrix<F>>::new();
+        #[unroll]
+        for i in 0..4usize {
+            let a = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::A, 16usize, 16usize, 16usize, a_layout) };
+            let first = if a_kmajor {
+                (ks * 16 * a_stride + plane_row + i * 16) / nv
+            } else {
+                ((plane_row + i * 16) * a_stride + ks * 16) / nv
+            };
+            let start = a_at + first;
+            cmma::load(&a, &a_s.slice(start, start + (15 * a_stride + 16) / nv), a_stride as u32);
+            a_frags.push(a);
+        }
+        #[unroll]
+        for j in 0..2usize {
+            let b = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, b_layout) };
+            let first = if b_kmajor {
+                (ks * 16 * b_stride + plane_col + j * 16) / nv
+            } else {
+                ((plane_col + j * 16) * b_stride + ks * 16) / nv
+            };
+            let start = b_at + first;
+            cmma::load(&b, &b_s.slice(start, start + (15 * b_stride + 16) / nv), b_stride as u32);
+            #[unroll]
+            for i in 0..4usize {
+                let acc = &accs[i * 2 + j];
+                cmma::execute::<F, F, f32, f32>(&a_frags[i], &b, acc, acc);
+            }
+        }
+    }
+}
