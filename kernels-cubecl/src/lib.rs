@@ -9,7 +9,10 @@
 //! into Burn ops.
 //!
 //! What is here today: the plain-Rust routing references ([`reference::routing`]) that define the
-//! exact metadata (histogram, stable expert sort, offsets, padded blocks), and the ScatterMoE kernel
+//! exact metadata (histogram, stable expert sort, offsets, padded blocks), the device-side routing
+//! kernels ([`routing`]) that compute the same metadata bit for bit from expert indices on the
+//! device (histogram, offsets, stable sort and its inverse, padded offsets and block experts, with
+//! scans in shared memory instead of atomics), and the ScatterMoE kernel
 //! family ([`scatter`]): permute, grouped matmul over expert segments and its weight gradient,
 //! weighted combine, each accumulating in f32 for f32/f16/bf16 storage. The grouped matmul has a
 //! shared-memory tiled kernel and a tensor-core (`cmma`) kernel for f16/bf16, picked at launch from
@@ -25,6 +28,7 @@
 
 pub mod blocksparse;
 pub mod reference;
+pub mod routing;
 pub mod scatter;
 pub mod swiglu;
 
