@@ -34,6 +34,8 @@
 //! support (`cmma_supported` / `cmma_pipelined_supported`) must be refused with
 //! `KernelError::Unsupported`; it is reported, and `Auto` must then have resolved to something else.
 #![cfg(feature = "cuda")]
+// The test files included below as `small_*` each load tests/common themselves.
+#![allow(clippy::duplicate_mod)]
 
 use std::sync::Mutex;
 
