@@ -1,5 +1,5 @@
 //! Block-sparse (MegaBlocks) kernels against the plain-Rust references and against dense masked
-//! computations, generic over the CubeCL runtime; run here on wgpu (Mesa lavapipe in CI).
+//! computations, generic over the CubeCL runtime; run here on wgpu (Mesa lavapipe in CI), and on CUDA with `--features cuda`.
 
 use cubecl::prelude::*;
 use kernels_cubecl::RoutingPlan;
@@ -265,4 +265,12 @@ fn check_f16<R: Runtime>(client: &ComputeClient<R>) {
 fn block_sparse_kernels_follow_f16_storage_on_wgpu() {
     let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
     check_f16(&client);
+}
+
+/// The same cases on CUDA (`--features cuda`; needs an NVIDIA GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn block_sparse_kernels_match_reference_and_dense_on_cuda() {
+    all_cases::<cubecl::cuda::CudaRuntime>(&Default::default());
+    check_f16(&cubecl::cuda::CudaRuntime::client(&Default::default()));
 }

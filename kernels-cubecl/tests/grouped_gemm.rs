@@ -1,5 +1,5 @@
 //! The tiled (and, where the runtime has tensor cores, the cmma) grouped GEMM against the plain-Rust
-//! reference, generic over the CubeCL runtime; run here on wgpu (Mesa lavapipe in CI).
+//! reference, generic over the CubeCL runtime; run here on wgpu (Mesa lavapipe in CI), and on CUDA with `--features cuda`.
 
 use cubecl::prelude::*;
 use half::f16;
@@ -128,35 +128,43 @@ fn naive_grouped_matmul_matches_reference_on_the_same_layouts() {
 /// (then also with widths that force narrower vector loads), else the shared-memory kernel.
 #[test]
 fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
-    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
-    let expect = |p: GroupedMatmulProblem| {
-        if cmma_pipelined_supported::<_, f16>(&client, &p) {
-            CMMA_PIPELINED_DEFAULT
-        } else if cmma_supported::<_, f16>(&client) {
-            GroupedMatmulStrategy::Cmma
-        } else {
-            GroupedMatmulStrategy::Tiled
-        }
-    };
+    auto_f16_cases(&cubecl::wgpu::WgpuRuntime::client(&Default::default()));
+}
+
+/// What `Auto` resolves to for f16 operands of problem `p` on this client.
+fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem) -> GroupedMatmulStrategy {
+    if cmma_pipelined_supported::<R, f16>(client, p) {
+        CMMA_PIPELINED_DEFAULT
+    } else if cmma_supported::<R, f16>(client) {
+        GroupedMatmulStrategy::Cmma
+    } else {
+        GroupedMatmulStrategy::Tiled
+    }
+}
+
+fn auto_f16_cases<R: Runtime>(client: &ComputeClient<R>) {
     for counts in [vec![37, 0, 21, 5], vec![0, 130, 0]] {
         let rows = counts.iter().sum();
         for transpose in [true, false] {
             for (m, k) in [(96, 64), (100, 60), (34, 18)] {
-                let ran = check(&client, &counts, m, k, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
-                assert_eq!(ran, expect(GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }));
+                let ran = check(client, &counts, m, k, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
+                assert_eq!(ran, expected_auto_f16(client, &GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }));
             }
         }
     }
     // f32 never takes the tensor-core kernel.
-    assert_eq!(check(&client, &[3, 4], 8, 8, true, Storage::F32, GroupedMatmulStrategy::Auto).unwrap(), GroupedMatmulStrategy::Tiled);
+    assert_eq!(check(client, &[3, 4], 8, 8, true, Storage::F32, GroupedMatmulStrategy::Auto).unwrap(), GroupedMatmulStrategy::Tiled);
 }
 
 /// Asking for tensor cores where they are missing is an error naming the types, not a wrong answer.
 #[test]
 fn cmma_grouped_matmul_runs_or_reports_unsupported() {
-    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
-    let res = check(&client, &[37, 0, 21], 100, 64, true, Storage::F16, GroupedMatmulStrategy::Cmma);
-    if cmma_supported::<_, f16>(&client) {
+    cmma_cases(&cubecl::wgpu::WgpuRuntime::client(&Default::default()));
+}
+
+fn cmma_cases<R: Runtime>(client: &ComputeClient<R>) {
+    let res = check(client, &[37, 0, 21], 100, 64, true, Storage::F16, GroupedMatmulStrategy::Cmma);
+    if cmma_supported::<R, f16>(client) {
         assert_eq!(res.unwrap(), GroupedMatmulStrategy::Cmma);
     } else {
         let err = res.unwrap_err();
@@ -164,7 +172,7 @@ fn cmma_grouped_matmul_runs_or_reports_unsupported() {
         assert!(err.to_string().contains("cmma"), "{err}");
     }
     // f32 operands never run on the f16/bf16 tensor-core kernel.
-    let res = check(&client, &[4], 16, 16, true, Storage::F32, GroupedMatmulStrategy::Cmma);
+    let res = check(client, &[4], 16, 16, true, Storage::F32, GroupedMatmulStrategy::Cmma);
     assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
 }
 
@@ -173,13 +181,16 @@ fn cmma_grouped_matmul_runs_or_reports_unsupported() {
 /// where the runtime lacks them (lavapipe in CI); a configuration outside 32/64 × 2–4 is refused.
 #[test]
 fn pipelined_grouped_matmul_runs_or_reports_unsupported() {
-    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    pipelined_cases(&cubecl::wgpu::WgpuRuntime::client(&Default::default()));
+}
+
+fn pipelined_cases<R: Runtime>(client: &ComputeClient<R>) {
     for (block_k, stages) in [(32, 2), (32, 3), (32, 4), (64, 2), (64, 3)] {
         let strategy = GroupedMatmulStrategy::CmmaPipelined { block_k, stages };
         for transpose in [true, false] {
             let p = GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose };
-            let res = check(&client, &[37, 0, 26], 136, 200, transpose, Storage::F16, strategy);
-            if cmma_pipelined_supported::<_, f16>(&client, &p) {
+            let res = check(client, &[37, 0, 26], 136, 200, transpose, Storage::F16, strategy);
+            if cmma_pipelined_supported::<R, f16>(client, &p) {
                 assert_eq!(res.unwrap(), strategy);
             } else {
                 let err = res.unwrap_err();
@@ -187,15 +198,15 @@ fn pipelined_grouped_matmul_runs_or_reports_unsupported() {
                 assert!(err.to_string().contains("pipelined"), "{err}");
             }
         }
-        let res = check_weight_grad(&client, &[37, 0, 26], 136, 200, Storage::F16, strategy);
-        if cmma_pipelined_supported::<_, f16>(&client, &GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose: false }) {
+        let res = check_weight_grad(client, &[37, 0, 26], 136, 200, Storage::F16, strategy);
+        if cmma_pipelined_supported::<R, f16>(client, &GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose: false }) {
             assert_eq!(res.unwrap(), strategy);
         } else {
             assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
         }
     }
     let bad = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 3 };
-    let err = check(&client, &[8], 16, 16, true, Storage::F16, bad).unwrap_err();
+    let err = check(client, &[8], 16, 16, true, Storage::F16, bad).unwrap_err();
     assert!(matches!(err, KernelError::Unsupported(_)) && err.to_string().contains("block_k 48"), "{err}");
 }
 
@@ -276,21 +287,39 @@ fn check_weight_grad<R: Runtime>(
 /// segment rows, so the layouts with several row tiles per expert and ragged ends matter here.
 #[test]
 fn tiled_weight_grad_matches_reference_on_wgpu() {
-    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    weight_grad_cases(&cubecl::wgpu::WgpuRuntime::client(&Default::default()));
+}
+
+fn weight_grad_cases<R: Runtime>(client: &ComputeClient<R>) {
     for strategy in [GroupedMatmulStrategy::Tiled, GroupedMatmulStrategy::Naive] {
         for counts in layouts() {
-            assert_eq!(check_weight_grad(&client, &counts, 100, 60, Storage::F32, strategy).unwrap(), strategy);
+            assert_eq!(check_weight_grad(client, &counts, 100, 60, Storage::F32, strategy).unwrap(), strategy);
         }
-        check_weight_grad(&client, &[5, 0, 3], 1, 1, Storage::F32, strategy).unwrap();
+        check_weight_grad(client, &[5, 0, 3], 1, 1, Storage::F32, strategy).unwrap();
     }
-    assert_eq!(
-        check_weight_grad(&client, &[37, 0, 21, 5], 34, 18, Storage::F16, GroupedMatmulStrategy::Auto).unwrap(),
-        GroupedMatmulStrategy::Tiled
-    );
-    let res = check_weight_grad(&client, &[37, 0, 21], 64, 40, Storage::F16, GroupedMatmulStrategy::Cmma);
-    if cmma_supported::<_, f16>(&client) {
+    // `Auto` (the weight gradient reads dy and x row-major: support is asked for the untransposed
+    // problem): Tiled without tensor cores (lavapipe), else a tensor-core kernel.
+    let auto = expected_auto_f16(client, &GroupedMatmulProblem { rows: 63, m: 34, k: 18, num_experts: 4, transpose: false });
+    assert_eq!(check_weight_grad(client, &[37, 0, 21, 5], 34, 18, Storage::F16, GroupedMatmulStrategy::Auto).unwrap(), auto);
+    let res = check_weight_grad(client, &[37, 0, 21], 64, 40, Storage::F16, GroupedMatmulStrategy::Cmma);
+    if cmma_supported::<R, f16>(client) {
         assert_eq!(res.unwrap(), GroupedMatmulStrategy::Cmma);
     } else {
         assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
     }
+}
+
+/// The wgpu cases above on CUDA (`--features cuda`; needs an NVIDIA GPU): f32 tiled and naive, f16
+/// through `Auto`, the tensor-core kernels (single-stage and every pipelined configuration), and
+/// the weight gradients.
+#[cfg(feature = "cuda")]
+#[test]
+fn grouped_matmul_kernels_match_reference_on_cuda() {
+    let client = cubecl::cuda::CudaRuntime::client(&Default::default());
+    f32_cases(&client, GroupedMatmulStrategy::Tiled);
+    f32_cases(&client, GroupedMatmulStrategy::Naive);
+    auto_f16_cases(&client);
+    cmma_cases(&client);
+    pipelined_cases(&client);
+    weight_grad_cases(&client);
 }

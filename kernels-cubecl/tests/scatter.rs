@@ -1,5 +1,5 @@
 //! Scatter kernels against the plain-Rust references, generic over the CubeCL runtime; run here on
-//! wgpu (Mesa lavapipe in CI, any Vulkan/Metal/DX12 GPU elsewhere).
+//! wgpu (Mesa lavapipe in CI, any Vulkan/Metal/DX12 GPU elsewhere), and on CUDA with `--features cuda`.
 
 use cubecl::prelude::*;
 use kernels_cubecl::RoutingPlan;
@@ -109,6 +109,13 @@ fn all_cases<R: Runtime>(device: &R::Device) {
 #[test]
 fn scatter_kernels_match_reference_on_wgpu() {
     all_cases::<cubecl::wgpu::WgpuRuntime>(&Default::default());
+}
+
+/// The same cases on CUDA (`--features cuda`; needs an NVIDIA GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn scatter_kernels_match_reference_on_cuda() {
+    all_cases::<cubecl::cuda::CudaRuntime>(&Default::default());
 }
 
 #[test]

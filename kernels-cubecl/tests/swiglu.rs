@@ -1,5 +1,5 @@
 //! Fused SwiGLU kernels against the plain-Rust reference, generic over the CubeCL runtime; run here on
-//! wgpu (Mesa lavapipe in CI).
+//! wgpu (Mesa lavapipe in CI), and on CUDA with `--features cuda`.
 
 use cubecl::prelude::*;
 use half::f16;
@@ -54,15 +54,25 @@ fn check_f16<R: Runtime>(client: &ComputeClient<R>, len: usize) {
     }
 }
 
-#[test]
-fn swiglu_kernels_match_reference_on_wgpu() {
-    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
-    // 1 element, odd lengths (scalar path), multiples of 2/4/8 (vector paths), one larger block.
+/// 1 element, odd lengths (scalar path), multiples of 2/4/8 (vector paths), one larger block.
+fn all_lengths<R: Runtime>(client: &ComputeClient<R>) {
     for len in [1, 7, 30, 64, 1000, 4104, 70_000] {
-        check_f32(&client, len);
-        check_f16(&client, len);
+        check_f32(client, len);
+        check_f16(client, len);
     }
     // Nothing to do is not an error.
-    check_f32(&client, 0);
-    assert!(swiglu_vector_size::<cubecl::wgpu::WgpuRuntime, f16>(&client, 4104) > 1);
+    check_f32(client, 0);
+    assert!(swiglu_vector_size::<R, f16>(client, 4104) > 1);
+}
+
+#[test]
+fn swiglu_kernels_match_reference_on_wgpu() {
+    all_lengths(&cubecl::wgpu::WgpuRuntime::client(&Default::default()));
+}
+
+/// The same lengths on CUDA (`--features cuda`; needs an NVIDIA GPU).
+#[cfg(feature = "cuda")]
+#[test]
+fn swiglu_kernels_match_reference_on_cuda() {
+    all_lengths(&cubecl::cuda::CudaRuntime::client(&Default::default()));
 }
