@@ -385,7 +385,24 @@ fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> 
 /// run on the same bf16-rounded operands.
 fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
     use kernels_cubecl::scatter::{
-        GroupedMatmulProblem, GroupedMatmulStrategy, cmma_supported, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
+        GroupedMatmulProblem, GroupedMatmulStrategy, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul_weight_grad_with,
+        launch_grouped_matmul_with,
+    };
+    // Every tensor-core variant this device can run: the single-stage kernel and the pipelined
+    // configurations (depth per step × steps in flight).
+    let cmma_variants = |client: &cubecl::client::ComputeClient<R>, problem: &GroupedMatmulProblem| -> Vec<GroupedMatmulStrategy> {
+        let mut v = vec![GroupedMatmulStrategy::Tiled];
+        if cmma_supported::<R, half::bf16>(client) {
+            v.push(GroupedMatmulStrategy::Cmma);
+        } else {
+            println!("gemm: no bf16 cmma on this device");
+        }
+        if cmma_pipelined_supported::<R, half::bf16>(client, problem) {
+            for (block_k, stages) in [(32, 2), (32, 3), (32, 4), (64, 2), (64, 3)] {
+                v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages });
+            }
+        }
+        v
     };
     type B<R> = Cube<R, half::bf16>;
     let device: &<B<R> as burn::tensor::backend::BackendTypes>::Device = device;
@@ -443,15 +460,16 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
                 launch_grouped_matmul_with::<R, f32>(&client, &problem, &offsets, xf.handle.clone(), wf.handle.clone(), off_h.clone(), out, GroupedMatmulStrategy::Tiled).unwrap();
             });
             println!("gemm T={t} {name} f32 tiled: {:.3} ms {:.1} TFLOP/s", f32_tiled * 1e3, flops / f32_tiled / 1e12);
-            let mut strategies = vec![GroupedMatmulStrategy::Tiled];
-            if cmma_supported::<R, half::bf16>(&client) {
-                strategies.push(GroupedMatmulStrategy::Cmma);
-            } else {
-                println!("gemm: no bf16 cmma on this device");
-            }
-            for strategy in strategies {
+            for strategy in cmma_variants(&client, &problem) {
                 let out = client.empty(rows * m * 2);
-                launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out.clone(), strategy).unwrap();
+                // A variant that fails to compile or launch on this device is reported, not fatal.
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out.clone(), strategy)
+                }));
+                if !matches!(ran, Ok(Ok(_))) {
+                    println!("gemm T={t} {name} bf16 {strategy:?}: FAILED to run ({:?})", ran.map(|r| r.err()).map_err(|_| "panic"));
+                    continue;
+                }
                 let err = rel_l2(&read(out, true), &want);
                 let secs = time_it::<B<R>>(device, args.reps, || {
                     let out = client.empty(rows * m * 2);
@@ -499,13 +517,15 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             let want_h = client.empty(n * 4);
             launch_grouped_matmul_weight_grad_with::<R, f32>(&client, &problem, &offsets, dhf.handle.clone(), xf.handle.clone(), off_h.clone(), want_h.clone(), GroupedMatmulStrategy::Tiled).unwrap();
             let want = read_w(want_h, false);
-            let mut strategies = vec![GroupedMatmulStrategy::Tiled];
-            if cmma_supported::<R, half::bf16>(&client) {
-                strategies.push(GroupedMatmulStrategy::Cmma);
-            }
-            for strategy in strategies {
+            for strategy in cmma_variants(&client, &GroupedMatmulProblem { transpose: false, ..problem }) {
                 let out = client.empty(n * 2);
-                launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out.clone(), strategy).unwrap();
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out.clone(), strategy)
+                }));
+                if !matches!(ran, Ok(Ok(_))) {
+                    println!("gemm T={t} weight grad bf16 {strategy:?}: FAILED to run ({:?})", ran.map(|r| r.err()).map_err(|_| "panic"));
+                    continue;
+                }
                 let err = rel_l2(&read_w(out, true), &want);
                 let secs = time_it::<B<R>>(device, args.reps, || {
                     let out = client.empty(n * 2);

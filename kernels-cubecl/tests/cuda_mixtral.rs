@@ -49,7 +49,7 @@ use kernels_cubecl::reference::blocksparse as bs_ref;
 use kernels_cubecl::reference::scatter as scatter_ref;
 use kernels_cubecl::reference::swiglu as swiglu_ref;
 use kernels_cubecl::scatter::{
-    CMMA_PIPELINED_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy as Strategy, KernelError, cmma_pipelined_supported,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy as Strategy, KernelError, cmma_pipelined_supported,
     cmma_supported, launch_combine, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute,
 };
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
@@ -479,9 +479,9 @@ fn padded_x(plan: &RoutingPlan, topo: &BlockSparseTopology, x: &[f32]) -> Vec<f3
 // ---------------------------------------------------------------------------------------------
 
 /// What `Auto` must resolve to for `S` on this device (`support` as in `resolve_strategy`).
-fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem) -> Strategy {
+fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, pipelined: Strategy) -> Strategy {
     if cmma_pipelined_supported::<R, S>(client, support) {
-        CMMA_PIPELINED_DEFAULT
+        pipelined
     } else if cmma_supported::<R, S>(client) {
         Strategy::Cmma
     } else {
@@ -505,6 +505,7 @@ fn check_strategies<S: Elem>(
     what: &str,
     client: &ComputeClient<R>,
     support: &GroupedMatmulProblem,
+    pipelined: Strategy,
     strategies: &[Strategy],
     run: &dyn Fn(Strategy) -> Result<(Strategy, Vec<f32>), KernelError>,
     sample: &dyn Fn(&[f32]) -> Vec<f32>,
@@ -514,7 +515,7 @@ fn check_strategies<S: Elem>(
 ) -> Option<Vec<f32>> {
     let mut first = None;
     let mut unsupported = Vec::new();
-    let auto = expected_auto::<S>(client, support);
+    let auto = expected_auto::<S>(client, support, pipelined);
     for &strategy in strategies {
         let label = format!("{what} {} {strategy:?}", S::NAME);
         if strategy != Strategy::Auto && !strategy_supported::<S>(client, support, strategy) {
@@ -622,13 +623,13 @@ fn grouped_matmul_case(transpose: bool) {
 
     let full = {
         let run = runner::<f32>(&client, &problem, offsets, upload::<f32>(&client, &x), upload::<f32>(&client, &w), off_h.clone());
-        let tiled = check_strategies::<f32>(&what, &client, &problem, &[Strategy::Tiled], &run, &sample, &want, None, &none)
+        let tiled = check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &[Strategy::Tiled], &run, &sample, &want, None, &none)
             .expect("f32 tiled ran");
-        check_strategies::<f32>(&what, &client, &problem, &[Strategy::Naive, Strategy::Auto], &run, &sample, &want, Some(&tiled), &none);
+        check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &[Strategy::Naive, Strategy::Auto], &run, &sample, &want, Some(&tiled), &none);
         tiled
     };
     let run = runner::<bf16>(&client, &problem, offsets, upload::<bf16>(&client, &x), upload::<bf16>(&client, &w), off_h);
-    check_strategies::<bf16>(&what, &client, &problem, &BF16_STRATEGIES, &run, &sample, &want, Some(&full), &none);
+    check_strategies::<bf16>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &BF16_STRATEGIES, &run, &sample, &want, Some(&full), &none);
 }
 
 #[test]
@@ -681,13 +682,13 @@ fn weight_grad_case(m: usize, k: usize) {
 
     let full = {
         let run = runner::<f32>(&client, &problem, offsets, upload::<f32>(&client, &dy), upload::<f32>(&client, &x), off_h.clone());
-        let tiled = check_strategies::<f32>(&what, &client, &support, &[Strategy::Tiled], &run, &sample, &want, None, &starved_zero)
+        let tiled = check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &[Strategy::Tiled], &run, &sample, &want, None, &starved_zero)
             .expect("f32 tiled ran");
-        check_strategies::<f32>(&what, &client, &support, &[Strategy::Naive, Strategy::Auto], &run, &sample, &want, Some(&tiled), &starved_zero);
+        check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &[Strategy::Naive, Strategy::Auto], &run, &sample, &want, Some(&tiled), &starved_zero);
         tiled
     };
     let run = runner::<bf16>(&client, &problem, offsets, upload::<bf16>(&client, &dy), upload::<bf16>(&client, &x), off_h);
-    check_strategies::<bf16>(&what, &client, &support, &BF16_STRATEGIES, &run, &sample, &want, Some(&full), &starved_zero);
+    check_strategies::<bf16>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &BF16_STRATEGIES, &run, &sample, &want, Some(&full), &starved_zero);
 }
 
 /// `dW1 = dH[seg]ᵀ · X[seg]` (`[E, ffn, d]`).

@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use half::f16;
 use kernels_cubecl::reference::scatter as reference;
 use kernels_cubecl::scatter::{
-    CMMA_PIPELINED_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
     launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
 };
 
@@ -132,9 +132,9 @@ fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
 }
 
 /// What `Auto` resolves to for f16 operands of problem `p` on this client.
-fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem) -> GroupedMatmulStrategy {
+fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem, pipelined: GroupedMatmulStrategy) -> GroupedMatmulStrategy {
     if cmma_pipelined_supported::<R, f16>(client, p) {
-        CMMA_PIPELINED_DEFAULT
+        pipelined
     } else if cmma_supported::<R, f16>(client) {
         GroupedMatmulStrategy::Cmma
     } else {
@@ -148,7 +148,7 @@ fn auto_f16_cases<R: Runtime>(client: &ComputeClient<R>) {
         for transpose in [true, false] {
             for (m, k) in [(96, 64), (100, 60), (34, 18)] {
                 let ran = check(client, &counts, m, k, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
-                assert_eq!(ran, expected_auto_f16(client, &GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }));
+                assert_eq!(ran, expected_auto_f16(client, &GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }, CMMA_PIPELINED_DEFAULT));
             }
         }
     }
@@ -299,7 +299,7 @@ fn weight_grad_cases<R: Runtime>(client: &ComputeClient<R>) {
     }
     // `Auto` (the weight gradient reads dy and x row-major: support is asked for the untransposed
     // problem): Tiled without tensor cores (lavapipe), else a tensor-core kernel.
-    let auto = expected_auto_f16(client, &GroupedMatmulProblem { rows: 63, m: 34, k: 18, num_experts: 4, transpose: false });
+    let auto = expected_auto_f16(client, &GroupedMatmulProblem { rows: 63, m: 34, k: 18, num_experts: 4, transpose: false }, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT);
     assert_eq!(check_weight_grad(client, &[37, 0, 21, 5], 34, 18, Storage::F16, GroupedMatmulStrategy::Auto).unwrap(), auto);
     let res = check_weight_grad(client, &[37, 0, 21], 64, 40, Storage::F16, GroupedMatmulStrategy::Cmma);
     if cmma_supported::<R, f16>(client) {

@@ -55,8 +55,15 @@ pub enum GroupedMatmulStrategy {
     },
 }
 
-/// The pipelined tensor-core configuration [`GroupedMatmulStrategy::Auto`] picks where it can run.
-pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4 };
+/// The pipelined tensor-core configuration [`GroupedMatmulStrategy::Auto`] picks for the grouped
+/// matmul where it can run: the fastest of the five on an H200 at Mixtral shapes (`moe_bench --gemm`,
+/// 2026-11-29: 181–202 TFLOP/s against 170–194 for 32 × 4 and 100–105 for the single-stage kernel).
+pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2 };
+
+/// The same for the weight gradient, whose best configuration differs (same measurement: 160–172
+/// TFLOP/s for 32 × 4, 125–140 for 64 × 2, 152–160 single-stage).
+pub const CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT: GroupedMatmulStrategy =
+    GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4 };
 
 /// A grouped matmul over expert segments, without data.
 ///
@@ -222,16 +229,18 @@ pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
         .map(|_| ())
 }
 
-/// What `strategy` means on this device: `Auto` is the tensor-core kernel where [`cmma_supported`],
-/// else the tiled one; asking for `Cmma` where it cannot run is an error naming `what`.
+/// What `strategy` means on this device: `Auto` is the `pipelined` tensor-core configuration where
+/// [`cmma_pipelined_supported`], else the single-stage tensor-core kernel where [`cmma_supported`],
+/// else the tiled one; asking for a tensor-core kernel where it cannot run is an error naming `what`.
 fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     problem: &GroupedMatmulProblem,
     strategy: GroupedMatmulStrategy,
+    pipelined: GroupedMatmulStrategy,
     what: &str,
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     match strategy {
-        GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => Ok(CMMA_PIPELINED_DEFAULT),
+        GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => Ok(pipelined),
         GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => Ok(GroupedMatmulStrategy::Cmma),
         GroupedMatmulStrategy::CmmaPipelined { block_k, stages } => {
             check_pipeline(block_k, stages)?;
@@ -273,7 +282,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = resolve_strategy::<R, F>(client, p, strategy, "matmul")?;
+    let strategy = resolve_strategy::<R, F>(client, p, strategy, CMMA_PIPELINED_DEFAULT, "matmul")?;
     let total = p.rows * p.m;
     if total == 0 {
         return Ok(strategy);
@@ -363,8 +372,9 @@ pub fn launch_grouped_matmul_weight_grad<R: Runtime, F: Float + CubeElement>(
 }
 
 /// Weight gradient with an explicit kernel choice; returns the kernel that ran. `Auto` resolves to
-/// `Cmma` where [`cmma_supported`] (checked against the f32 tiled kernel and timed on an H200 by
-/// `moe_bench --gemm`: 148–160 TFLOP/s at Mixtral shapes), else `Tiled`.
+/// [`CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT`] where [`cmma_pipelined_supported`], else `Cmma` where
+/// [`cmma_supported`], else `Tiled` (each checked against the f32 tiled kernel and timed on an H200
+/// by `moe_bench --gemm`).
 ///
 /// # Errors
 /// [`KernelError::Shape`] when the problem and offsets disagree or the grid would exceed the
@@ -385,7 +395,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
     // The weight gradient reads dy ([rows, m]) and x ([rows, k]) row-major: both widths must suit
     // the vectors, as for the forward kernel with `w: [E, k, m]`.
     let wide = GroupedMatmulProblem { transpose: false, ..*p };
-    let strategy = resolve_strategy::<R, F>(client, &wide, strategy, "weight gradient")?;
+    let strategy = resolve_strategy::<R, F>(client, &wide, strategy, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, "weight gradient")?;
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
         return Ok(strategy);
