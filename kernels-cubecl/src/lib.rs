@@ -14,9 +14,13 @@
 //! device (histogram, offsets, stable sort and its inverse, padded offsets and block experts, with
 //! scans in shared memory instead of atomics), and the ScatterMoE kernel
 //! family ([`scatter`]): permute, grouped matmul over expert segments and its weight gradient,
-//! weighted combine, each accumulating in f32 for f32/f16/bf16 storage. The grouped matmul has a
-//! shared-memory tiled kernel and a tensor-core (`cmma`) kernel for f16/bf16, picked at launch from
-//! the runtime's cmma support.
+//! weighted combine, each accumulating in f32 for f32/f16/bf16 storage. The grouped matmul and its
+//! weight gradient have a shared-memory tiled kernel (any float), a single-stage tensor-core (`cmma`)
+//! kernel for f16/bf16, and a pipelined tensor-core kernel whose operand tiles arrive by asynchronous
+//! copies several depth steps ahead (`cp.async` + barriers, CUDA); `Auto` picks the most capable one
+//! the runtime supports (see [`scatter::GroupedMatmulStrategy`]).
+//!
+//! The block-sparse kernels below are still the untiled baseline (one output element per unit).
 //!
 //! The MegaBlocks block-sparse family ([`blocksparse`]): sorted tokens are padded per expert to a
 //! multiple of the block size `bs`, and the expert layer becomes two block-sparse matrix products
