@@ -456,3 +456,27 @@ fn block_sparse_kernels_match_reference_and_dense_on_cuda() {
     check_cmma_paths::<_, half::f16>(&client);
     check_cmma_paths::<_, half::bf16>(&client);
 }
+
+/// The tensor-core kernels address nonzero block (row block `rb`, local column block `j`) as
+/// `rb · blocks_per_row + j` and take every 128-row tile of the padded expert segments to be one row
+/// block of that expert (`blocksparse/cmma.rs`): true of every topology `for_experts` builds.
+#[test]
+fn host_block_index_of_the_tensor_core_kernels_is_closed_form() {
+    for (counts, f) in [(vec![3usize, 0, 300, 129, 128], 200usize), (vec![0, 0, 1], 128), (vec![1000, 17], 14336)] {
+        let topo = BlockSparseTopology::for_experts(&counts, f, 128).unwrap();
+        let nb = topo.blocks_per_row();
+        assert_eq!(nb, f.div_ceil(128));
+        for e in 0..counts.len() {
+            let rows = topo.expert_rows(e);
+            assert!(rows.start % 128 == 0 && rows.len() % 128 == 0, "{counts:?}: segment {e} {rows:?}");
+            for rb in rows.start / 128..rows.end / 128 {
+                assert_eq!(topo.row_offsets()[rb], rb * nb, "{counts:?}: row block {rb}");
+                for j in 0..nb {
+                    assert_eq!(topo.row_indices()[rb * nb + j], rb);
+                    assert_eq!(topo.column_indices()[rb * nb + j], e * nb + j, "{counts:?}: block ({rb}, {j})");
+                }
+            }
+        }
+        assert_eq!(topo.nnz(), topo.row_blocks() * nb);
+    }
+}

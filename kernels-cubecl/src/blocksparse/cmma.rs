@@ -37,6 +37,9 @@ use crate::scatter::gemm_pipelined::{commit_and_arrive, issue_rows_tile, issue_w
 /// The block size the tensor-core kernels run at (= the 128 × 128 tile).
 pub const CMMA_SPARSE_BLOCK: usize = 128;
 
+// One tile row (column) block is one sparse row (column) block.
+const _: () = assert!(CMMA_BLOCK_M == CMMA_SPARSE_BLOCK && CMMA_BLOCK_N == CMMA_SPARSE_BLOCK);
+
 /// SDD (`sparse_out`) or DSD (`sparse_a`): the forward grouped GEMM `A[seg e] · w[e]ᵀ`
 /// (`transpose`, `w: [E, m, k]`) or `A[seg e] · w[e]` (`w: [E, k, m]`) over the padded expert
 /// segments (`offsets`, `[E + 1]`), one 128-row block × 128 output columns per cube.

@@ -29,6 +29,9 @@ use cubecl::prelude::*;
 
 use super::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
 
+// `issue_rows_tile` stages both weight-gradient operands with the same 128-column tile.
+const _: () = assert!(CMMA_BLOCK_M == CMMA_BLOCK_N);
+
 /// `out = x[seg e] · w[e]ᵀ` (`transpose`, `w: [E, m, k]`) or `x[seg e] · w[e]` (`w: [E, k, m]`), one
 /// 128 × 128 tile per cube, `block_k` (32 or 64) deep per step, `stages` (2–4) steps in flight.
 #[cube(launch_unchecked)]
