@@ -468,7 +468,7 @@ fn host_block_index_of_the_tensor_core_kernels_is_closed_form() {
         assert_eq!(nb, f.div_ceil(128));
         for e in 0..counts.len() {
             let rows = topo.expert_rows(e);
-            assert!(rows.start % 128 == 0 && rows.len() % 128 == 0, "{counts:?}: segment {e} {rows:?}");
+            assert!(rows.start.is_multiple_of(128) && rows.len().is_multiple_of(128), "{counts:?}: segment {e} {rows:?}");
             for rb in rows.start / 128..rows.end / 128 {
                 assert_eq!(topo.row_offsets()[rb], rb * nb, "{counts:?}: row block {rb}");
                 for j in 0..nb {
