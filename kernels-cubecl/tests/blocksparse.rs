@@ -4,9 +4,12 @@
 use cubecl::prelude::*;
 use kernels_cubecl::RoutingPlan;
 use kernels_cubecl::blocksparse::{
-    BlockSparseError, BlockSparseProblem, BlockSparseTopology, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd,
+    BLOCK_SPARSE_CMMA_DEFAULT, BLOCK_SPARSE_CMMA_WEIGHT_GRAD_DEFAULT, BlockSparseError, BlockSparseProblem, BlockSparseStrategy,
+    BlockSparseTopology, TopologyBuffers, block_sparse_cmma_supported, launch_dsd, launch_dsd_with, launch_dstd, launch_dstd_with,
+    launch_sdd, launch_sdd_with,
 };
 use kernels_cubecl::reference::blocksparse as reference;
+use kernels_cubecl::scatter::KernelError;
 
 mod common;
 use common::{max_rel, values};
@@ -267,10 +270,213 @@ fn block_sparse_kernels_follow_f16_storage_on_wgpu() {
     check_f16(&client);
 }
 
-/// The same cases on CUDA (`--features cuda`; needs an NVIDIA GPU).
+/// Half-precision storage types of the tensor-core kernels.
+trait HalfElem: Float + CubeElement {
+    const NAME: &'static str;
+    /// `max_rel` bound against the f64 reference on the rounded inputs (the output rounding).
+    const BOUND: f32;
+    fn of(v: f32) -> Self;
+    fn value(self) -> f32;
+}
+
+impl HalfElem for half::f16 {
+    const NAME: &'static str = "f16";
+    const BOUND: f32 = 2e-3;
+    fn of(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl HalfElem for half::bf16 {
+    const NAME: &'static str = "bf16";
+    const BOUND: f32 = 1e-2;
+    fn of(v: f32) -> Self {
+        half::bf16::from_f32(v)
+    }
+    fn value(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// Every kernel choice the block-sparse launchers take.
+const STRATEGIES: [BlockSparseStrategy; 7] = [
+    BlockSparseStrategy::Naive,
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 2 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 3 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 3 },
+    BlockSparseStrategy::Auto,
+];
+
+/// Block size 128 in half precision through every strategy: where the tensor-core kernels can run
+/// (CUDA), each configuration against the f64 reference (outputs pre-filled with NaN; the SDD's
+/// padded columns exactly zero; the DSD ignoring the garbage the sparse data holds there; the
+/// starved expert's DSᵀD gradient zero); where they cannot (wgpu), each one refused with
+/// `KernelError::Unsupported` and `Auto` running the one-element kernels. F = 200 (padded to 256),
+/// dense width 72 (a ragged column tile), three experts with rows (ragged counts), one starved.
+fn check_cmma_paths<R: Runtime, S: HalfElem>(client: &ComputeClient<R>) {
+    let (tokens, top_k, experts, f, d) = (40, 2, 4, 200, 72);
+    let plan = plan(tokens, top_k, experts, 77, Routing::Random(Some(1)));
+    let topo = BlockSparseTopology::for_experts(&plan.counts, f, 128).unwrap();
+    let bufs = TopologyBuffers::upload(client, &topo).unwrap();
+    let (rows, nnz_len) = (topo.rows(), topo.sparse_len());
+    let round = |v: Vec<f32>| v.into_iter().map(|x| S::of(x).value()).collect::<Vec<_>>();
+    let up = |v: &[f32]| client.create_from_slice(S::as_bytes(&v.iter().map(|x| S::of(*x)).collect::<Vec<_>>()));
+    let nan = |n: usize| up(&vec![f32::NAN; n.max(1)]);
+    let down = |h, n: usize| S::from_bytes(&client.read_one(h).expect("read back"))[..n].iter().map(|x| x.value()).collect::<Vec<_>>();
+    let x = round(padded_x(&plan, &topo, &values(tokens * d, 1), d));
+    let w = round(values(experts * f * d, 2)); // [E, F, d] or [E, d, F]
+    let s = round(values(nnz_len, 3)); // nonzero in the padded columns too
+    let dout = round(values(rows * d, 4));
+    let (hx, hw, hs, hd) = (up(&x), up(&w), up(&s), up(&dout));
+    let supported = block_sparse_cmma_supported::<R, S>(client, &BlockSparseProblem::for_topology(&topo, d, true));
+    println!("block-sparse {} bs=128 counts {:?}: tensor-core path supported here: {supported}", S::NAME, plan.counts);
+    for transpose in [true, false] {
+        let problem = BlockSparseProblem::for_topology(&topo, d, transpose);
+        let want_sdd = reference::sdd(&topo, &x, &w, d, transpose);
+        let want_dsd = reference::dsd(&topo, &s, &w, d, transpose);
+        let want_dstd = reference::dstd(&topo, &s, &dout, d, transpose);
+        for strategy in STRATEGIES {
+            let label = format!("{} transpose={transpose} {strategy:?}", S::NAME);
+            if matches!(strategy, BlockSparseStrategy::CmmaPipelined { .. }) && !supported {
+                let results = [
+                    launch_sdd_with::<R, S>(client, &problem, &topo, &bufs, hx.clone(), hw.clone(), nan(nnz_len), strategy),
+                    launch_dsd_with::<R, S>(client, &problem, &topo, &bufs, hs.clone(), hw.clone(), nan(rows * d), strategy),
+                    launch_dstd_with::<R, S>(client, &problem, &topo, &bufs, hs.clone(), hd.clone(), nan(experts * f * d), strategy),
+                ];
+                let msg = results[0].as_ref().err().map(|e| e.to_string()).unwrap_or_default();
+                for res in results {
+                    assert!(
+                        matches!(res, Err(BlockSparseError::Kernel(KernelError::Unsupported(_)))),
+                        "{label}: tensor cores unsupported here but not refused: {res:?}"
+                    );
+                }
+                println!("{label}: refused ({msg})");
+                continue;
+            }
+            let expected = |default: BlockSparseStrategy| match strategy {
+                BlockSparseStrategy::Auto if supported => default,
+                BlockSparseStrategy::Auto => BlockSparseStrategy::Naive,
+                other => other,
+            };
+
+            let out = nan(nnz_len);
+            let ran = launch_sdd_with::<R, S>(client, &problem, &topo, &bufs, hx.clone(), hw.clone(), out.clone(), strategy).unwrap();
+            assert_eq!(ran, expected(BLOCK_SPARSE_CMMA_DEFAULT), "{label}: SDD ran {ran:?}");
+            let got = down(out, nnz_len);
+            let err = max_rel(&got, &want_sdd);
+            println!("{label}: SDD ran {ran:?}, max rel err {err:.2e}");
+            assert!(err < S::BOUND, "{label}: SDD (ran {ran:?}) err {err}");
+            for (b, &j) in topo.column_indices().iter().enumerate() {
+                for c in (0..128).filter(|c| (j * 128 + c) % topo.ffn_padded() >= f) {
+                    assert!((0..128).all(|r| got[(b * 128 + r) * 128 + c] == 0.0), "{label}: SDD padded column {c} of block {b} not zero");
+                }
+            }
+
+            let out = nan(rows * d);
+            let ran = launch_dsd_with::<R, S>(client, &problem, &topo, &bufs, hs.clone(), hw.clone(), out.clone(), strategy).unwrap();
+            assert_eq!(ran, expected(BLOCK_SPARSE_CMMA_DEFAULT), "{label}: DSD ran {ran:?}");
+            let err = max_rel(&down(out, rows * d), &want_dsd);
+            println!("{label}: DSD ran {ran:?}, max rel err {err:.2e}");
+            assert!(err < S::BOUND, "{label}: DSD (ran {ran:?}) err {err}");
+
+            let out = nan(experts * f * d);
+            let ran = launch_dstd_with::<R, S>(client, &problem, &topo, &bufs, hs.clone(), hd.clone(), out.clone(), strategy).unwrap();
+            assert_eq!(ran, expected(BLOCK_SPARSE_CMMA_WEIGHT_GRAD_DEFAULT), "{label}: DSTD ran {ran:?}");
+            let got = down(out, experts * f * d);
+            let err = max_rel(&got, &want_dstd);
+            println!("{label}: DSTD ran {ran:?}, max rel err {err:.2e}");
+            assert!(err < S::BOUND, "{label}: DSTD (ran {ran:?}) err {err}");
+            assert!(got[f * d..2 * f * d].iter().all(|v| *v == 0.0), "{label}: starved expert 1 has a gradient");
+        }
+    }
+}
+
+#[test]
+fn tensor_core_block_sparse_is_refused_and_auto_falls_back_on_wgpu() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    check_cmma_paths::<_, half::f16>(&client);
+}
+
+/// Kernel choices the tensor-core path can never run are refused with typed errors whatever the
+/// device: a block size other than 128, f32 storage, an unsupported pipeline configuration.
+#[test]
+fn tensor_core_block_sparse_refuses_what_it_cannot_run() {
+    let client = cubecl::wgpu::WgpuRuntime::client(&Default::default());
+    type W = cubecl::wgpu::WgpuRuntime;
+    let refused = |res: Result<BlockSparseStrategy, BlockSparseError>| match res {
+        Err(BlockSparseError::Kernel(KernelError::Unsupported(msg))) => msg,
+        other => panic!("expected KernelError::Unsupported, got {other:?}"),
+    };
+    let pipelined = BLOCK_SPARSE_CMMA_DEFAULT;
+
+    // Block size 16: the tensor-core kernels need 128 (the tile); Auto runs the one-element kernels.
+    let topo = BlockSparseTopology::for_experts(&[3, 5], 16, 16).unwrap();
+    let bufs = TopologyBuffers::upload(&client, &topo).unwrap();
+    let p = BlockSparseProblem::for_topology(&topo, 8, true);
+    assert!(!block_sparse_cmma_supported::<W, half::f16>(&client, &p));
+    let h = |n: usize| client.empty(n.max(1) * 2);
+    let msg = refused(launch_sdd_with::<W, half::f16>(&client, &p, &topo, &bufs, h(p.dense_len()), h(p.weight_len()), h(topo.sparse_len()), pipelined));
+    assert!(msg.contains("block size 16 is not supported"), "{msg}");
+    let ran = launch_dstd_with::<W, half::f16>(&client, &p, &topo, &bufs, h(topo.sparse_len()), h(p.dense_len()), h(p.weight_len()), BlockSparseStrategy::Auto);
+    assert_eq!(ran, Ok(BlockSparseStrategy::Naive));
+
+    // Block 128 but f32 storage: no f32 tensor-core kernel.
+    let topo = BlockSparseTopology::for_experts(&[3, 5], 16, 128).unwrap();
+    let bufs = TopologyBuffers::upload(&client, &topo).unwrap();
+    let p = BlockSparseProblem::for_topology(&topo, 8, false);
+    assert!(!block_sparse_cmma_supported::<W, f32>(&client, &p));
+    let h4 = |n: usize| client.empty(n.max(1) * 4);
+    refused(launch_dsd_with::<W, f32>(&client, &p, &topo, &bufs, h4(topo.sparse_len()), h4(p.weight_len()), h4(p.dense_len()), pipelined));
+
+    // A pipeline configuration outside 32/64 x 2..4 is refused before anything else.
+    let odd = BlockSparseStrategy::CmmaPipelined { block_k: 48, stages: 2 };
+    let msg = refused(launch_dsd_with::<W, half::f16>(&client, &p, &topo, &bufs, h(topo.sparse_len()), h(p.weight_len()), h(p.dense_len()), odd));
+    assert!(msg.contains("block_k 48"), "{msg}");
+    // A problem that does not describe the topology is still a shape error first.
+    let bad = BlockSparseProblem { rows: 7, ..p };
+    assert!(matches!(
+        launch_sdd_with::<W, half::f16>(&client, &bad, &topo, &bufs, h(1), h(1), h(1), pipelined),
+        Err(BlockSparseError::Mismatch { what: "padded rows", .. })
+    ));
+}
+
+/// The same cases on CUDA (`--features cuda`; needs an NVIDIA GPU), and the tensor-core path
+/// (block 128, f16 and bf16) against the references through every strategy.
 #[cfg(feature = "cuda")]
 #[test]
 fn block_sparse_kernels_match_reference_and_dense_on_cuda() {
     all_cases::<cubecl::cuda::CudaRuntime>(&Default::default());
-    check_f16(&cubecl::cuda::CudaRuntime::client(&Default::default()));
+    let client = cubecl::cuda::CudaRuntime::client(&Default::default());
+    check_f16(&client);
+    check_cmma_paths::<_, half::f16>(&client);
+    check_cmma_paths::<_, half::bf16>(&client);
+}
+
+/// The tensor-core kernels address nonzero block (row block `rb`, local column block `j`) as
+/// `rb · blocks_per_row + j` and take every 128-row tile of the padded expert segments to be one row
+/// block of that expert (`blocksparse/cmma.rs`): true of every topology `for_experts` builds.
+#[test]
+fn host_block_index_of_the_tensor_core_kernels_is_closed_form() {
+    for (counts, f) in [(vec![3usize, 0, 300, 129, 128], 200usize), (vec![0, 0, 1], 128), (vec![1000, 17], 14336)] {
+        let topo = BlockSparseTopology::for_experts(&counts, f, 128).unwrap();
+        let nb = topo.blocks_per_row();
+        assert_eq!(nb, f.div_ceil(128));
+        for e in 0..counts.len() {
+            let rows = topo.expert_rows(e);
+            assert!(rows.start.is_multiple_of(128) && rows.len().is_multiple_of(128), "{counts:?}: segment {e} {rows:?}");
+            for rb in rows.start / 128..rows.end / 128 {
+                assert_eq!(topo.row_offsets()[rb], rb * nb, "{counts:?}: row block {rb}");
+                for j in 0..nb {
+                    assert_eq!(topo.row_indices()[rb * nb + j], rb);
+                    assert_eq!(topo.column_indices()[rb * nb + j], e * nb + j, "{counts:?}: block ({rb}, {j})");
+                }
+            }
+        }
+        assert_eq!(topo.nnz(), topo.row_blocks() * nb);
+    }
 }

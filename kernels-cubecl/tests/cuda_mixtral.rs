@@ -33,6 +33,11 @@
 //! `CmmaPipelined` {32,2}, {32,3}, {32,4}, {64,2}, {64,3}, then `Auto`. A strategy the device does not
 //! support (`cmma_supported` / `cmma_pipelined_supported`) must be refused with
 //! `KernelError::Unsupported`; it is reported, and `Auto` must then have resolved to something else.
+//!
+//! Block-sparse strategies: f32 `Naive` (what `Auto` is for f32); bf16 `Naive`, the tensor-core
+//! `CmmaPipelined` {32,4} and {64,2}, then `Auto` (the tensor-core default where
+//! `block_sparse_cmma_supported`, else `Naive`); every line names the strategy and what ran. An
+//! unsupported tensor-core choice must be refused with `BlockSparseError::Kernel(KernelError::Unsupported)`.
 #![cfg(feature = "cuda")]
 // The test files included below as `small_*` each load tests/common themselves.
 #![allow(clippy::duplicate_mod)]
@@ -44,7 +49,10 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 use half::bf16;
 use kernels_cubecl::RoutingPlan;
-use kernels_cubecl::blocksparse::{BlockSparseProblem, BlockSparseTopology, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
+use kernels_cubecl::blocksparse::{
+    BLOCK_SPARSE_CMMA_DEFAULT, BLOCK_SPARSE_CMMA_WEIGHT_GRAD_DEFAULT, BlockSparseError, BlockSparseProblem, BlockSparseStrategy,
+    BlockSparseTopology, TopologyBuffers, block_sparse_cmma_supported, launch_dsd_with, launch_dstd_with, launch_sdd_with,
+};
 use kernels_cubecl::reference::blocksparse as bs_ref;
 use kernels_cubecl::reference::scatter as scatter_ref;
 use kernels_cubecl::reference::swiglu as swiglu_ref;
@@ -96,6 +104,14 @@ const F32_PAIR_BOUND: f64 = 2e-5;
 const SPREAD: usize = 34;
 /// Elements per chunk of the host-side parallel loops.
 const CHUNK: usize = 1 << 20;
+
+/// The block-sparse strategies run with bf16 storage.
+const BF16_BLOCK_SPARSE_STRATEGIES: [BlockSparseStrategy; 4] = [
+    BlockSparseStrategy::Naive,
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2 },
+    BlockSparseStrategy::Auto,
+];
 
 /// The grouped-matmul strategies run with bf16 storage.
 const BF16_STRATEGIES: [Strategy; 9] = [
@@ -728,8 +744,10 @@ fn swiglu_matches_reference_at_mixtral_sizes() {
     run::<bf16>(&client, &g, &u, &d, [&h_want, &dg_want, &du_want]);
 }
 
-/// Block-sparse SDD, DSD and DSᵀD with block 128, both weight orientations, f32 then bf16 (bf16
-/// also against the f32 kernel's full output).
+/// Block-sparse SDD, DSD and DSᵀD with block 128, both weight orientations: f32 with the
+/// one-element kernels, then bf16 through [`BF16_BLOCK_SPARSE_STRATEGIES`] (the one-element and the
+/// tensor-core kernels), each on the sample against the f64 reference and in full against the f32
+/// kernel's output.
 #[test]
 fn block_sparse_matches_reference_at_mixtral_sizes() {
     let client = client();
@@ -737,8 +755,10 @@ fn block_sparse_matches_reference_at_mixtral_sizes() {
     let topo = BlockSparseTopology::for_experts(&plan.counts, FFN, BLOCK).expect("topology");
     let bufs = TopologyBuffers::upload(&client, &topo).expect("topology fits in u32");
     let (rows, nnz_len) = (topo.rows(), topo.sparse_len());
+    let support = BlockSparseProblem::for_topology(&topo, D, true);
+    let cmma = block_sparse_cmma_supported::<R, bf16>(&client, &support);
     println!(
-        "block-sparse: counts {:?}, padded offsets {:?}, Tp = {rows}, nnz = {} blocks of {BLOCK}x{BLOCK}",
+        "block-sparse: counts {:?}, padded offsets {:?}, Tp = {rows}, nnz = {} blocks of {BLOCK}x{BLOCK}; bf16 tensor-core path supported: {cmma}",
         plan.counts,
         topo.padded_offsets(),
         topo.nnz()
@@ -773,33 +793,69 @@ fn block_sparse_matches_reference_at_mixtral_sizes() {
     };
     let (hf, hb) = (up(true), up(false));
 
-    fn sdd<S: Elem>(client: &ComputeClient<R>, topo: &BlockSparseTopology, bufs: &TopologyBuffers, h: &Handles, transpose: bool) -> Vec<f32> {
+    type Ran = Result<(BlockSparseStrategy, Vec<f32>), BlockSparseError>;
+    fn sdd<S: Elem>(client: &ComputeClient<R>, topo: &BlockSparseTopology, bufs: &TopologyBuffers, h: &Handles, transpose: bool, strategy: BlockSparseStrategy) -> Ran {
         let problem = BlockSparseProblem::for_topology(topo, D, transpose);
         let out = nan_buffer::<S>(client, topo.sparse_len());
-        launch_sdd::<R, S>(client, &problem, topo, bufs, h.x.clone(), h.w.clone(), out.clone()).unwrap();
-        read::<S>(client, out, topo.sparse_len())
+        let ran = launch_sdd_with::<R, S>(client, &problem, topo, bufs, h.x.clone(), h.w.clone(), out.clone(), strategy)?;
+        Ok((ran, read::<S>(client, out, topo.sparse_len())))
     }
-    fn dsd<S: Elem>(client: &ComputeClient<R>, topo: &BlockSparseTopology, bufs: &TopologyBuffers, h: &Handles, transpose: bool) -> Vec<f32> {
+    fn dsd<S: Elem>(client: &ComputeClient<R>, topo: &BlockSparseTopology, bufs: &TopologyBuffers, h: &Handles, transpose: bool, strategy: BlockSparseStrategy) -> Ran {
         let problem = BlockSparseProblem::for_topology(topo, D, transpose);
         let out = nan_buffer::<S>(client, topo.rows() * D);
-        launch_dsd::<R, S>(client, &problem, topo, bufs, h.s.clone(), h.w.clone(), out.clone()).unwrap();
-        read::<S>(client, out, topo.rows() * D)
+        let ran = launch_dsd_with::<R, S>(client, &problem, topo, bufs, h.s.clone(), h.w.clone(), out.clone(), strategy)?;
+        Ok((ran, read::<S>(client, out, topo.rows() * D)))
     }
-    fn dstd<S: Elem>(client: &ComputeClient<R>, topo: &BlockSparseTopology, bufs: &TopologyBuffers, h: &Handles, transpose: bool) -> Vec<f32> {
+    fn dstd<S: Elem>(client: &ComputeClient<R>, topo: &BlockSparseTopology, bufs: &TopologyBuffers, h: &Handles, transpose: bool, strategy: BlockSparseStrategy) -> Ran {
         let problem = BlockSparseProblem::for_topology(topo, D, transpose);
         let out = nan_buffer::<S>(client, E * FFN * D);
-        launch_dstd::<R, S>(client, &problem, topo, bufs, h.s.clone(), h.dout.clone(), out.clone()).unwrap();
-        read::<S>(client, out, E * FFN * D)
+        let ran = launch_dstd_with::<R, S>(client, &problem, topo, bufs, h.s.clone(), h.dout.clone(), out.clone(), strategy)?;
+        Ok((ran, read::<S>(client, out, E * FFN * D)))
     }
 
-    // Checks an f32 and a bf16 output on the sample, the bf16 one also in full against the f32 one.
-    let check = |what: &str, got_f32: Vec<f32>, got_bf16: Vec<f32>, positions: &[usize], want: &[f32]| {
-        for (name, got, bound) in [("f32", &got_f32, F32_BOUND), ("bf16", &got_bf16, BF16_BOUND)] {
-            assert_finite(&format!("{what} {name}"), got);
-            let sampled: Vec<f32> = positions.iter().map(|&p| got[p]).collect();
-            report(&format!("{what} {name} sampled vs f64 reference"), rel_l2(&sampled, want), bound);
+    // Runs the f32 kernel, then every bf16 strategy (a refused one must be an unsupported
+    // tensor-core choice), each on the sample and the bf16 ones in full against the f32 output.
+    // `default`: what `Auto` runs where the tensor cores can; `extra` checks one output further.
+    let check = |what: &str,
+                 run_f32: &dyn Fn() -> Ran,
+                 run_bf16: &dyn Fn(BlockSparseStrategy) -> Ran,
+                 default: BlockSparseStrategy,
+                 positions: &[usize],
+                 want: &[f32],
+                 extra: &dyn Fn(&str, &[f32])| {
+        let sampled = |got: &[f32]| positions.iter().map(|&p| got[p]).collect::<Vec<f32>>();
+        let (ran, got_f32) = run_f32().unwrap_or_else(|e| panic!("{what} f32: {e}"));
+        assert_eq!(ran, BlockSparseStrategy::Naive, "{what} f32: Auto ran {ran:?}");
+        let label = format!("{what} f32 Auto (ran {ran:?})");
+        assert_finite(&label, &got_f32);
+        report(&format!("{label} sampled vs f64 reference"), rel_l2(&sampled(&got_f32), want), F32_BOUND);
+        extra(&label, &got_f32);
+        for strategy in BF16_BLOCK_SPARSE_STRATEGIES {
+            let label = format!("{what} bf16 {strategy:?}");
+            if matches!(strategy, BlockSparseStrategy::CmmaPipelined { .. }) && !cmma {
+                let res = run_bf16(strategy);
+                assert!(
+                    matches!(res, Err(BlockSparseError::Kernel(KernelError::Unsupported(_)))),
+                    "{label}: unsupported on this device but not refused: {:?}",
+                    res.map(|r| r.0)
+                );
+                println!("{label}: UNSUPPORTED on this device (refused: {})", res.err().map(|e| e.to_string()).unwrap_or_default());
+                continue;
+            }
+            let (ran, got) = run_bf16(strategy).unwrap_or_else(|e| panic!("{label}: {e}"));
+            let expected = match strategy {
+                BlockSparseStrategy::Auto if cmma => default,
+                BlockSparseStrategy::Auto => BlockSparseStrategy::Naive,
+                other => other,
+            };
+            assert_eq!(ran, expected, "{label}: ran {ran:?}");
+            let path = if matches!(ran, BlockSparseStrategy::CmmaPipelined { .. }) { "tensor cores" } else { "one element per unit" };
+            let label = format!("{label} (ran {ran:?}, {path})");
+            assert_finite(&label, &got);
+            report(&format!("{label} sampled vs f64 reference"), rel_l2(&sampled(&got), want), BF16_BOUND);
+            report(&format!("{label} full output vs f32 kernel"), rel_l2(&got, &got_f32), BF16_BOUND);
+            extra(&label, &got);
         }
-        report(&format!("{what} bf16 full output vs f32 kernel"), rel_l2(&got_bf16, &got_f32), BF16_BOUND);
     };
 
     for transpose in [true, false] {
@@ -807,24 +863,47 @@ fn block_sparse_matches_reference_at_mixtral_sizes() {
         let what = format!("block-sparse SDD [{rows}x{D}] -> [{}x{BLOCK}x{BLOCK}] transpose={transpose}", topo.nnz());
         let positions: Vec<usize> = prow.iter().flat_map(|&r| sdd_row_positions(&topo, r)).collect();
         let want: Vec<f32> = par_map(prow.len(), |i| sdd_row(&topo, &x, &w, D, prow[i], transpose)).concat();
-        check(&what, sdd::<f32>(&client, &topo, &bufs, &hf, transpose), sdd::<bf16>(&client, &topo, &bufs, &hb, transpose), &positions, &want);
+        check(
+            &what,
+            &|| sdd::<f32>(&client, &topo, &bufs, &hf, transpose, BlockSparseStrategy::Auto),
+            &|st| sdd::<bf16>(&client, &topo, &bufs, &hb, transpose, st),
+            BLOCK_SPARSE_CMMA_DEFAULT,
+            &positions,
+            &want,
+            &|_, _| {},
+        );
 
         // DSD: transpose → w [E, d, F] (forward down-projection); else w [E, F, d].
         let what = format!("block-sparse DSD [{}x{BLOCK}x{BLOCK}] -> [{rows}x{D}] transpose={transpose}", topo.nnz());
         let positions: Vec<usize> = prow.iter().flat_map(|&r| (r * D..(r + 1) * D).collect::<Vec<_>>()).collect();
         let want: Vec<f32> = par_map(prow.len(), |i| dsd_row(&topo, &s, &w, D, prow[i], transpose)).concat();
-        check(&what, dsd::<f32>(&client, &topo, &bufs, &hf, transpose), dsd::<bf16>(&client, &topo, &bufs, &hb, transpose), &positions, &want);
+        check(
+            &what,
+            &|| dsd::<f32>(&client, &topo, &bufs, &hf, transpose, BlockSparseStrategy::Auto),
+            &|st| dsd::<bf16>(&client, &topo, &bufs, &hb, transpose, st),
+            BLOCK_SPARSE_CMMA_DEFAULT,
+            &positions,
+            &want,
+            &|_, _| {},
+        );
 
         // DSᵀD: weight gradients [E, F, d] or (transpose) [E, d, F].
         let what = format!("block-sparse DSᵀD -> [{E}x{}] transpose={transpose}", if transpose { format!("{D}x{FFN}") } else { format!("{FFN}x{D}") });
         let positions: Vec<usize> = pairs.iter().flat_map(|&(e, c)| dstd_row_positions(FFN, D, e, c, transpose)).collect();
         let want: Vec<f32> = par_map(pairs.len(), |i| dstd_row(&topo, &s, &dout, D, pairs[i].0, pairs[i].1)).concat();
-        let (got_f32, got_bf16) = (dstd::<f32>(&client, &topo, &bufs, &hf, transpose), dstd::<bf16>(&client, &topo, &bufs, &hb, transpose));
-        for got in [&got_f32, &got_bf16] {
+        let starved_zero = |label: &str, got: &[f32]| {
             let zero = (0..FFN).all(|c| dstd_row_positions(FFN, D, STARVED, c, transpose).into_iter().all(|p| got[p] == 0.0));
-            assert!(zero, "{what}: expert {STARVED} has no rows but a nonzero gradient");
-        }
-        check(&what, got_f32, got_bf16, &positions, &want);
+            assert!(zero, "{label}: expert {STARVED} has no rows but a nonzero gradient");
+        };
+        check(
+            &what,
+            &|| dstd::<f32>(&client, &topo, &bufs, &hf, transpose, BlockSparseStrategy::Auto),
+            &|st| dstd::<bf16>(&client, &topo, &bufs, &hb, transpose, st),
+            BLOCK_SPARSE_CMMA_WEIGHT_GRAD_DEFAULT,
+            &positions,
+            &want,
+            &starved_zero,
+        );
     }
 }
 

@@ -44,6 +44,10 @@ pub enum BlockSparseError {
         /// Its value.
         value: usize,
     },
+    /// A kernel choice this device, element type or problem cannot run (the tensor-core kernels),
+    /// or a grid beyond the device's limits.
+    #[error(transparent)]
+    Kernel(#[from] crate::scatter::KernelError),
 }
 
 /// Block-CSR topology (and its transpose) of the hidden activations of a dropless expert layer.

@@ -29,6 +29,9 @@ use cubecl::prelude::*;
 
 use super::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
 
+// `issue_rows_tile` stages both weight-gradient operands with the same 128-column tile.
+const _: () = assert!(CMMA_BLOCK_M == CMMA_BLOCK_N);
+
 /// `out = x[seg e] · w[e]ᵀ` (`transpose`, `w: [E, m, k]`) or `x[seg e] · w[e]` (`w: [E, k, m]`), one
 /// 128 × 128 tile per cube, `block_k` (32 or 64) deep per step, `stages` (2–4) steps in flight.
 #[cube(launch_unchecked)]
@@ -269,7 +272,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
 /// Makes the calling unit's copies so far part of stage `s`'s barrier phase, then arrives on it.
 /// The stage is a runtime value (uniform over the cube): one barrier per stage, picked by branch.
 #[cube]
-fn commit_and_arrive(s: usize, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, bar3: &Barrier) {
+pub(crate) fn commit_and_arrive(s: usize, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, bar3: &Barrier) {
     if s == 0 {
         bar0.commit_copy_async();
         bar0.arrive();
@@ -287,7 +290,7 @@ fn commit_and_arrive(s: usize, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, b
 
 /// Waits until stage `s`'s barrier completes the phase of the given parity (its copies have landed).
 #[cube]
-fn wait_stage(s: usize, parity: u32, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, bar3: &Barrier) {
+pub(crate) fn wait_stage(s: usize, parity: u32, bar0: &Barrier, bar1: &Barrier, bar2: &Barrier, bar3: &Barrier) {
     if s == 0 {
         bar0.wait_parity(parity);
     } else if s == 1 {
@@ -301,8 +304,8 @@ fn wait_stage(s: usize, parity: u32, bar0: &Barrier, bar1: &Barrier, bar2: &Barr
 
 /// Issues the asynchronous copies of one depth step (`k0 .. k0 + block_k`) of the forward kernel's
 /// operands into the stage at `a_at` / `b_at` (vector offsets): `x` rows as a row-major
-/// `128 × block_k` tile, `w` as `128 × block_k` (`transpose`, contiguous along k) or `block_k × 128`
-/// (contiguous along m). Row strides in shared memory are padded by 8 elements against bank conflicts.
+/// `128 × block_k` tile ([`issue_x_tile`]), `w` as `128 × block_k` (`transpose`, contiguous along k)
+/// or `block_k × 128` (contiguous along m) ([`issue_w_tile`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn issue_forward_step<F: Float, N: Size>(
@@ -321,6 +324,26 @@ fn issue_forward_step<F: Float, N: Size>(
     k: usize,
     k0: usize,
     #[comptime] transpose: bool,
+    #[comptime] block_k: usize,
+) {
+    issue_x_tile::<F, N>(x, a_s, a_at, tid, row0, row_end, k, k0, block_k);
+    issue_w_tile::<F, N>(w, b_s, b_at, tid, col0, w_base, m, k, k0, transpose, block_k);
+}
+
+/// The A half of [`issue_forward_step`]: rows `row0 ..` (bounded by `row_end`) of `x: [rows, k]`,
+/// columns `k0 .. k0 + block_k`, staged `[row][k]`. Row strides in shared memory are padded by 8
+/// elements against bank conflicts.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue_x_tile<F: Float, N: Size>(
+    x: &Array<Vector<F, N>>,
+    a_s: &mut SharedMemory<Vector<F, N>>,
+    a_at: usize,
+    tid: usize,
+    row0: usize,
+    row_end: usize,
+    k: usize,
+    k0: usize,
     #[comptime] block_k: usize,
 ) {
     let nv = N::value();
@@ -342,6 +365,29 @@ fn issue_forward_step<F: Float, N: Size>(
         let dst = a_at + r * row_vecs + cv;
         copy_async_checked(&x.slice(src, src + len), &mut a_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
     }
+}
+
+/// The B half of [`issue_forward_step`]: columns `col0 ..` (bounded by `m`) of `w[e]` (at element
+/// `w_base`), depth `k0 .. k0 + block_k`, staged `[col][k]` (`transpose`, `w[e]: [m, k]`) or
+/// `[k][col]` (`w[e]: [k, m]`).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue_w_tile<F: Float, N: Size>(
+    w: &Array<Vector<F, N>>,
+    b_s: &mut SharedMemory<Vector<F, N>>,
+    b_at: usize,
+    tid: usize,
+    col0: usize,
+    w_base: usize,
+    m: usize,
+    k: usize,
+    k0: usize,
+    #[comptime] transpose: bool,
+    #[comptime] block_k: usize,
+) {
+    let nv = N::value();
+    let vpr = comptime!(block_k / nv);
+    let row_vecs = comptime!((block_k + 8) / nv);
     if transpose {
         #[unroll]
         for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
@@ -383,7 +429,7 @@ fn issue_forward_step<F: Float, N: Size>(
 
 /// Issues the copies of one step of the weight-gradient kernel: segment rows `i0 .. i0 + block_k`
 /// (bounded by `end`) of `dy` (columns `j0 ..`, width `m`) and `x` (columns `l0 ..`, width `k`), both
-/// staged `[segment row][column]`.
+/// staged `[segment row][column]` ([`issue_rows_tile`]).
 #[cube]
 #[allow(clippy::too_many_arguments)]
 fn issue_weight_grad_step<F: Float, N: Size>(
@@ -402,6 +448,26 @@ fn issue_weight_grad_step<F: Float, N: Size>(
     k: usize,
     #[comptime] block_k: usize,
 ) {
+    issue_rows_tile::<F, N>(dy, a_s, a_at, tid, i0, end, j0, m, block_k);
+    issue_rows_tile::<F, N>(x, b_s, b_at, tid, i0, end, l0, k, block_k);
+}
+
+/// One operand of [`issue_weight_grad_step`]: rows `i0 .. i0 + block_k` (bounded by `end`) of a
+/// row-major `[rows, width]` matrix, columns `c0 .. c0 + 128` (bounded by `width`), staged
+/// `[row][column]` with the row stride padded by 8 elements.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn issue_rows_tile<F: Float, N: Size>(
+    src_mat: &Array<Vector<F, N>>,
+    dst_s: &mut SharedMemory<Vector<F, N>>,
+    at: usize,
+    tid: usize,
+    i0: usize,
+    end: usize,
+    c0: usize,
+    width: usize,
+    #[comptime] block_k: usize,
+) {
     let nv = N::value();
     let vpr = comptime!(CMMA_BLOCK_M / nv);
     let row_vecs = comptime!((CMMA_BLOCK_M + 8) / nv);
@@ -411,33 +477,15 @@ fn issue_weight_grad_step<F: Float, N: Size>(
         let i = q / vpr;
         let cv = q % vpr;
         let row = i0 + i;
-        let j = j0 + cv * nv;
+        let c = c0 + cv * nv;
         let mut src = 0usize;
         let mut len = 0usize;
-        if row < end && j < m {
-            src = (row * m + j) / nv;
+        if row < end && c < width {
+            src = (row * width + c) / nv;
             len = 1usize;
         }
-        let dst = a_at + i * row_vecs + cv;
-        copy_async_checked(&dy.slice(src, src + len), &mut a_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
-    }
-    let b_vpr = comptime!(CMMA_BLOCK_N / nv);
-    let b_row_vecs = comptime!((CMMA_BLOCK_N + 8) / nv);
-    #[unroll]
-    for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
-        let q = tid + s * 256;
-        let i = q / b_vpr;
-        let cv = q % b_vpr;
-        let row = i0 + i;
-        let l = l0 + cv * nv;
-        let mut src = 0usize;
-        let mut len = 0usize;
-        if row < end && l < k {
-            src = (row * k + l) / nv;
-            len = 1usize;
-        }
-        let dst = b_at + i * b_row_vecs + cv;
-        copy_async_checked(&x.slice(src, src + len), &mut b_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
+        let dst = at + i * row_vecs + cv;
+        copy_async_checked(&src_mat.slice(src, src + len), &mut dst_s.slice_mut(dst, dst + 1), comptime!(nv as u32));
     }
 }
 
@@ -447,7 +495,7 @@ fn issue_weight_grad_step<F: Float, N: Size>(
 /// fragment) instead of `[col][k]`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn mma_step<F: Float, N: Size>(
+pub(crate) fn mma_step<F: Float, N: Size>(
     a_s: &SharedMemory<Vector<F, N>>,
     b_s: &SharedMemory<Vector<F, N>>,
     a_at: usize,

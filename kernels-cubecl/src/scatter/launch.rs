@@ -160,7 +160,7 @@ pub fn cmma_pipelined_supported<R: Runtime, F: Float + CubeElement>(client: &Com
 }
 
 /// Checks a pipelined configuration's numbers.
-fn check_pipeline(block_k: usize, stages: usize) -> Result<(), KernelError> {
+pub(crate) fn check_pipeline(block_k: usize, stages: usize) -> Result<(), KernelError> {
     if !(block_k == 32 || block_k == 64) || !(2..=4).contains(&stages) {
         return Err(KernelError::Unsupported(format!(
             "pipelined tensor-core grouped GEMM: block_k {block_k} (32 or 64) and stages {stages} (2 to 4) are not a supported configuration"

@@ -1,11 +1,11 @@
 //! ScatterMoE-style kernels: permute rows into expert order, grouped matmul over expert segments (and
 //! its weight gradient), weighted combine back to tokens.
 
-mod gemm;
-mod gemm_pipelined;
+pub(crate) mod gemm;
+pub(crate) mod gemm_pipelined;
 mod gemm_wgrad;
 mod kernel;
-mod launch;
+pub(crate) mod launch;
 
 pub use kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 pub use gemm::{
