@@ -20,8 +20,6 @@
 //! copies several depth steps ahead (`cp.async` + barriers, CUDA); `Auto` picks the most capable one
 //! the runtime supports (see [`scatter::GroupedMatmulStrategy`]).
 //!
-//! The block-sparse kernels below are still the untiled baseline (one output element per unit).
-//!
 //! The MegaBlocks block-sparse family ([`blocksparse`]): sorted tokens are padded per expert to a
 //! multiple of the block size `bs`, and the expert layer becomes two block-sparse matrix products
 //! whose topology ([`BlockSparseTopology`], block-CSR plus its transpose) is built from the routing
