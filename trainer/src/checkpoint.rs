@@ -7,11 +7,26 @@
 //! - `tokenizer.json` when the run used one;
 //! - LoRA runs: `adapter_model.safetensors` + `adapter_config.json` (PEFT's format; the weights above
 //!   are then the frozen base);
-//! - sharded runs (FSDP, EP): `ranks/rank<r>/optimizer.mpk` + `ranks/rank<r>/param_ids.json`, each
-//!   rank's AdamW state for its shards. The weights stay the consolidated `model.safetensors`: the
-//!   sharding plan is deterministic, so re-sharding them on resume gives every rank exactly the
-//!   shards it saved. Every rank writes its files into a staging directory, the ranks meet at a
-//!   barrier, and rank 0 moves them into the checkpoint before the final rename.
+//! - sharded runs (FSDP1, FSDP2, EP): per rank `r`, in `ranks/rank<r>/`:
+//!   - `optimizer.mpk` + `param_ids.json`: the rank's AdamW state for its shards;
+//!   - `model_shard.safetensors` + `shard_index.json`: the weight data the rank owns (its FSDP2
+//!     rows, FSDP1 flat pieces, experts; a replicated tensor only on the first rank of its replica
+//!     group), as stored (see [`crate::rank_shards`]);
+//!
+//!   plus `shards.json` at the top: for every parameter its global shape and dtype and every piece
+//!   (rank, file, block of the global tensor — per-dimension offsets and lengths — or, for FSDP1
+//!   pieces, a range of the row-major flattened tensor), enough to reassemble any tensor without
+//!   the trainer. Every rank writes its files into a staging directory, the ranks meet at a barrier,
+//!   and rank 0 merges the ranks' indexes into `shards.json` and moves their files into the
+//!   checkpoint before the final rename.
+//!
+//!   `--save-consolidated true` (the default) also writes the consolidated `model.safetensors`
+//!   (all-gathered, HF layout, so transformers loads the checkpoint) and resume reads it, re-sharding
+//!   with the deterministic plan. `--save-consolidated false` skips the all-gather (47B f32
+//!   parameters do not fit one rank): the checkpoint has `config.json` but no `model.safetensors`
+//!   (and, for LoRA, no PEFT adapter files: the adapters are in the shards), and resume loads each
+//!   rank's weights from the shards. Either way resuming needs the plan and world size that wrote
+//!   the checkpoint (the error names both).
 //!
 //! A checkpoint is assembled in a hidden temporary directory and renamed into place only when
 //! every file is written, so a crash never leaves a `checkpoint-<step>` that resume would trust.
@@ -75,6 +90,14 @@ pub enum CheckpointError {
         /// The file.
         path: PathBuf,
         /// The recorder's reason.
+        message: String,
+    },
+    /// A per-rank weight shard file is unreadable, truncated, or does not hold what its index says.
+    #[error("invalid weight shard {}: {message}", .path.display())]
+    Shard {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
         message: String,
     },
     /// `--resume-from-checkpoint latest` found no checkpoint.
@@ -228,11 +251,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 /// Writes `checkpoint-<state.global_step>` into `output_dir` atomically (see the module docs) and
 /// returns its path. An existing checkpoint of the same step is replaced.
 ///
+/// `model` is the consolidated model (`None`: a sharded run with `--save-consolidated false`, whose
+/// weights are only in its per-rank shards; `config.json` is still written). `rank_states` is the
+/// staging directory of a sharded run ([`rank_staging_dir`]): it becomes `ranks/`, and the ranks'
+/// weight-shard indexes are merged into `shards.json` ([`crate::rank_shards`]).
+///
 /// # Errors
 /// [`CheckpointError`] naming the file that could not be written.
 pub fn save_checkpoint<B: Backend, R: Record<B>>(
     output_dir: &Path,
-    model: &MixtralForCausalLM<B>,
+    model: Option<&MixtralForCausalLM<B>>,
     config: &MixtralConfig,
     optimizer_record: R,
     state: &TrainerState,
@@ -247,9 +275,21 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
-    save_hf_classic(model, config, &tmp, SaveDtype::F32)?;
-    if let Some((lora, targets)) = adapters {
-        mixtral_burn::save_peft_adapter(model, lora, *targets, &tmp)?;
+    match model {
+        Some(model) => {
+            save_hf_classic(model, config, &tmp, SaveDtype::F32)?;
+            if let Some((lora, targets)) = adapters {
+                mixtral_burn::save_peft_adapter(model, lora, *targets, &tmp)?;
+            }
+        }
+        None => {
+            // Weights only in the per-rank shards; the architecture still travels with them.
+            let path = tmp.join("config.json");
+            let mut json = config.to_hf_json();
+            json["torch_dtype"] = "float32".into();
+            let text = serde_json::to_string_pretty(&json).map_err(|source| CheckpointError::State { path: path.clone(), source })?;
+            std::fs::write(&path, text).map_err(io(&path))?;
+        }
     }
     write_optimizer_record(&tmp, optimizer_record)?;
     if let Some(src) = tokenizer_json {
@@ -261,6 +301,9 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
         .map_err(|source| CheckpointError::State { path: state_path.clone(), source })?;
     std::fs::write(&state_path, text).map_err(io(&state_path))?;
     if let Some(staged) = rank_states {
+        if let Some(index) = crate::rank_shards::merge_rank_indexes(staged)? {
+            crate::rank_shards::write_shards_index(&tmp, &index)?;
+        }
         let ranks = tmp.join("ranks");
         std::fs::rename(staged, &ranks).map_err(io(staged))?;
     }
@@ -430,7 +473,7 @@ mod tests {
         let model: MixtralForCausalLM<B> = config.init_seeded(&Default::default(), 1);
         assert!(matches!(resolve_checkpoint("latest", out), Err(CheckpointError::NoCheckpoint { .. })));
         for step in [2, 10, 4] {
-            save_checkpoint::<B, _>(out, &model, &config, (), &state(step), None, None, None).unwrap();
+            save_checkpoint::<B, _>(out, Some(&model), &config, (), &state(step), None, None, None).unwrap();
         }
         // A half-written checkpoint (no trainer state) and a temp dir are never "latest".
         std::fs::create_dir_all(out.join("checkpoint-99")).unwrap();

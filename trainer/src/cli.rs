@@ -183,6 +183,13 @@ pub struct Args {
     #[arg(long, help_heading = "Checkpoints")]
     pub resume_from_checkpoint: Option<String>,
 
+    /// Sharded runs (FSDP1, FSDP2, EP): also write the consolidated `model.safetensors` (HF
+    /// layout, all-gathered onto every rank) next to the per-rank weight shards. `false` skips the
+    /// all-gather, so no rank ever holds the whole model; resume then reads the shards (same plan
+    /// and rank count). Unsharded runs always write `model.safetensors`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false", help_heading = "Checkpoints")]
+    pub save_consolidated: bool,
+
     // ---- LoRA ----
     /// Train low-rank adapters instead of the full model: `attn-only` adapts q/k/v/o_proj, `all`
     /// also every expert's w1/w2/w3 (the router is never adapted). Base weights are frozen: the
@@ -531,6 +538,7 @@ mod tests {
         assert_eq!(a.save_steps, 500);
         assert_eq!(a.save_total_limit, None);
         assert_eq!(a.resume_from_checkpoint, None);
+        assert!(a.save_consolidated);
         assert_eq!(a.use_lora, UseLora::None);
         assert_eq!((a.lora_r, a.lora_alpha, a.lora_dropout), (16, 32.0, 0.05));
         assert!(a.lora().is_none());
@@ -569,6 +577,9 @@ mod tests {
         assert_eq!(a.save_steps, 4);
         assert_eq!(a.save_total_limit, Some(2));
         assert_eq!(a.resume_from_checkpoint.as_deref(), Some("latest"));
+        assert!(!parse(&["--save-consolidated", "false"]).unwrap().save_consolidated);
+        assert!(parse(&["--save-consolidated", "true"]).unwrap().save_consolidated);
+        assert!(parse(&["--save-consolidated", "maybe"]).is_err());
         assert_eq!(parse(&["--lr-scheduler-type", "cosine"]).unwrap().lr_scheduler_type, LrSchedulerType::Cosine);
         assert_eq!(parse(&["--lr-scheduler-type", "constant"]).unwrap().lr_scheduler_type, LrSchedulerType::Constant);
     }

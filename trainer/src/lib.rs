@@ -7,6 +7,7 @@ pub mod data;
 pub mod launch;
 pub mod parallel;
 pub mod precision;
+pub mod rank_shards;
 pub mod recompute;
 pub mod metrics;
 pub mod schedule;

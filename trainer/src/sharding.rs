@@ -120,6 +120,21 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     units: Vec<FlatUnit>,
     /// Mixed precision: the dtype the forward pass computes in (f32 masters stay here).
     compute: Option<FloatDType>,
+    /// EP: the number of experts and this rank's range of them (set by [`shard`](Self::shard)).
+    experts: Option<(usize, Range<usize>)>,
+}
+
+/// The part of one parameter's global tensor a rank stores (see [`Parallel::local_piece`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPiece {
+    /// Global shape of the parameter.
+    pub global_dims: Vec<usize>,
+    /// Which elements of the global tensor the rank stores.
+    pub region: crate::rank_shards::Region,
+    /// Whether this rank writes the piece into its checkpoint shard: the first rank of the piece's
+    /// replica group (rank 0 of the world for replicated parameters, the first expert-data-parallel
+    /// rank for experts); never for an empty piece.
+    pub owner: bool,
 }
 
 impl<B, C> Parallel<B, C>
@@ -145,7 +160,7 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, experts: None })
     }
 
     /// Mixed precision: [`materialize`](Self::materialize) rounds every parameter to `compute`
@@ -170,7 +185,7 @@ where
         self.dispatcher.is_some()
     }
 
-    /// Whether parameters are sharded (checkpoints then hold consolidated weights only).
+    /// Whether parameters are sharded (checkpoints then hold per-rank weight shards and optimizer state).
     pub fn is_sharded(&self) -> bool {
         self.mesh.ep_size() > 1 || matches!(self.sharding, Sharding::Fsdp1 | Sharding::Fsdp2)
     }
@@ -178,6 +193,51 @@ where
     /// The FSDP1 units (empty for the other plans).
     pub fn units(&self) -> &[FlatUnit] {
         &self.units
+    }
+
+    /// Which part of the global tensor of parameter `id` (stored here with shape `local_dims`) this
+    /// rank holds after [`shard`](Self::shard), in global coordinates: FSDP2 rows and EP expert
+    /// ranges as blocks (dimension 0 cut), FSDP1 pieces as ranges of the row-major flattened
+    /// tensor, replicated parameters as the whole tensor. `None` for a parameter the plan does not
+    /// know (an unsharded run).
+    pub fn local_piece(&self, id: ParamId, local_dims: &[usize]) -> Option<LocalPiece> {
+        use crate::rank_shards::Region;
+        let block = |global: Vec<usize>, start: usize, len: usize| {
+            let mut offsets = vec![0; global.len()];
+            let mut lengths = global.clone();
+            if let (Some(o), Some(l)) = (offsets.first_mut(), lengths.first_mut()) {
+                (*o, *l) = (start, len);
+            }
+            Region::Block { offsets, lengths }
+        };
+        let world = self.mesh.fsdp_group();
+        let numel: usize = local_dims.iter().product();
+        Some(match self.placements.get(&id)? {
+            ParamPlacement::Replicated => LocalPiece {
+                global_dims: local_dims.to_vec(),
+                region: block(local_dims.to_vec(), 0, local_dims.first().copied().unwrap_or(1)),
+                owner: world.rank() == 0 && numel > 0,
+            },
+            ParamPlacement::Sharded { dims } => {
+                let rows = shard_range(dims[0], world.size(), world.rank());
+                LocalPiece { global_dims: dims.clone(), region: block(dims.clone(), rows.start, rows.len()), owner: !rows.is_empty() && numel > 0 }
+            }
+            ParamPlacement::Expert => {
+                let (num_experts, range) = self.experts.clone()?;
+                let mut global = local_dims.to_vec();
+                global[0] = num_experts;
+                LocalPiece {
+                    region: block(global.clone(), range.start, range.len()),
+                    global_dims: global,
+                    owner: self.mesh.expert_dp_group().rank() == 0 && numel > 0,
+                }
+            }
+            ParamPlacement::Flat { dims, piece, .. } => LocalPiece {
+                global_dims: dims.clone(),
+                region: Region::Flat { offset: piece.start, length: piece.len() },
+                owner: !piece.is_empty(),
+            },
+        })
     }
 
     /// `fsdp2`, `ep2`, `fsdp2+ep2`, ... for logs and checkpoint metadata.
@@ -217,6 +277,7 @@ where
             for layer in &mut model.model.layers {
                 layer.mlp = layer.mlp.local_experts(range.clone());
             }
+            self.experts = Some((num_experts, range));
         }
         let world = self.mesh.fsdp_group();
         let (size, rank) = (world.size(), world.rank());

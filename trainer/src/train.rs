@@ -273,7 +273,12 @@ where
         None => None,
     };
 
+    // A sharded checkpoint saved with `--save-consolidated false` has no `model.safetensors`: each
+    // rank reads its own weight shards once the plan has cut the model (below).
+    let from_shards = resume.as_ref().is_some_and(|(dir, state)| state.sharded.is_some() && !dir.join("model.safetensors").is_file());
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
+        // Every value is overwritten from the shards: any initialisation does.
+        (Some(_), _) if from_shards => config.init(device),
         (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.kernel())?,
         (None, Some(ckpt)) => ckpt.load_model(device, args.kernel())?,
         // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
@@ -290,8 +295,9 @@ where
     if let Some((targets, lora)) = args.lora() {
         lora.validate().map_err(|e| TrainError::Args(e.to_string()))?;
         model = model.with_lora(&lora, targets, args.seed);
-        if let Some((dir, _)) = &resume {
-            // The checkpoint's weights are the frozen base; its adapters are in PEFT's file.
+        if let Some((dir, _)) = resume.as_ref().filter(|_| !from_shards) {
+            // The checkpoint's weights are the frozen base; its adapters are in PEFT's file (or,
+            // without consolidated weights, in the rank shards with the rest).
             model = mixtral_burn::load_peft_adapter(model, dir)?;
         }
         tracing::info!(r = lora.r, alpha = lora.alpha, dropout = lora.dropout, ?targets, "LoRA: base weights frozen");
@@ -329,6 +335,11 @@ where
         }
     }
     model = parallel.shard(model);
+    if let Some((dir, _)) = resume.as_ref().filter(|_| from_shards) {
+        let piece = |id: ParamId, dims: &[usize]| parallel.local_piece(id, dims);
+        model = crate::rank_shards::load_rank_shards::<B, _, _>(dir, model, rank, world, &parallel.describe(), &piece)?;
+        tracing::info!("rank {rank}: weights from {}", dir.join("ranks").join(format!("rank{rank}")).display());
+    }
     if world > 1 {
         tracing::info!(plan = %parallel.describe(), world, "parallel plan");
     }
@@ -513,9 +524,12 @@ where
         timers.report(step + 1);
         if due(args.save_strategy, step, args.save_steps, epoch_end) {
             let sharded = parallel.is_sharded();
-            let full = parallel.consolidate(&model)?;
+            // Sharded runs may skip the all-gather: their weights are in the per-rank shards.
+            let full = if !sharded || args.save_consolidated { Some(parallel.consolidate(&model)?) } else { None };
             if sharded {
                 stage_rank_state::<B, _>(&args.output_dir, step + 1, rank, optimizer.to_record(), &param_ids::<B, _>(&model))?;
+                let piece = |id: ParamId, dims: &[usize]| parallel.local_piece(id, dims);
+                crate::rank_shards::stage_rank_shards::<B, _, _>(&args.output_dir, step + 1, rank, world, &parallel.describe(), &model, &piece)?;
                 // Every rank's files are staged before rank 0 moves them into the checkpoint.
                 comm.barrier()?;
             }
@@ -543,7 +557,7 @@ where
             let staged = sharded.then(|| rank_staging_dir(&args.output_dir, step + 1));
             let dir = save_checkpoint::<B, _>(
                 &args.output_dir,
-                &full,
+                full.as_ref(),
                 &config,
                 record,
                 &state,
