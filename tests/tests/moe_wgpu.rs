@@ -128,6 +128,85 @@ fn fusion_wrapped_wgpu_runs_every_kernel() {
     }
 }
 
+/// The fusion wrapper must reach the CubeCL kernels, not the trait's standard-op defaults: each op
+/// on `Wgpu` (fusion-wrapped) runs as a fusion custom op on the inner backend (its execution count
+/// rises) and gives the plain `CubeBackend`'s kernel result bit for bit (operands, offsets and
+/// topologies carried through the stream intact).
+#[test]
+fn fusion_wrapper_runs_the_cubecl_kernels_not_the_standard_op_fallback() {
+    use burn::tensor::{Int, TensorPrimitive};
+    use burn_moe_backend::ops::{
+        BlockSparseTopology, fused_moe_op_count, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu,
+    };
+    type Fused = burn::backend::Wgpu<f32, i32>;
+    let device = Default::default();
+    let bits = |t: TensorData| t.iter::<f32>().map(f32::to_bits).collect::<Vec<_>>();
+    let data = |shape: Vec<usize>, seed: u64, scale: f32| TensorData::new(pseudo_random(shape.iter().product(), seed, scale), shape);
+    let count = |op: &str| fused_moe_op_count(op).unwrap_or_else(|| panic!("no fused op named {op}"));
+    // `fused` must be computed inside `run` so the count can rise (other tests in this binary may
+    // run fused ops concurrently, which only adds to it).
+    let same = |op: &str, run: &dyn Fn() -> TensorData, plain: TensorData| {
+        let before = count(op);
+        let (f, p) = (bits(run()), bits(plain));
+        assert!(count(op) > before, "{op} did not run as a fusion custom op");
+        assert_eq!(f.len(), p.len(), "{op}: fused and plain outputs have different sizes");
+        let n = f.iter().zip(&p).filter(|(a, b)| a != b).count();
+        assert_eq!(n, 0, "{op}: {n} of {} fused elements differ from the CubeCL kernel's", f.len());
+    };
+    let p2 = |d: &TensorData| Tensor::<Wgpu, 2>::from_data(d.clone(), &device);
+    let f2 = |d: &TensorData| Tensor::<Fused, 2>::from_data(d.clone(), &device);
+
+    let (g, u, dh) = (data(vec![33, 70], 41, 3.0), data(vec![33, 70], 42, 1.0), data(vec![33, 70], 43, 1.0));
+    same("moe_swiglu", &|| moe_swiglu(f2(&g), f2(&u)).into_data(), moe_swiglu(p2(&g), p2(&u)).into_data());
+    let (pg, pu) = Wgpu::moe_swiglu_backward(p2(&g).into_primitive().tensor(), p2(&u).into_primitive().tensor(), p2(&dh).into_primitive().tensor());
+    let host = |t| Tensor::<Wgpu, 2>::from_primitive(TensorPrimitive::Float(t)).into_data();
+    let fused_backward = |pick_up: bool| {
+        let (d_gate, d_up) = Fused::moe_swiglu_backward(f2(&g).into_primitive().tensor(), f2(&u).into_primitive().tensor(), f2(&dh).into_primitive().tensor());
+        Tensor::<Fused, 2>::from_primitive(TensorPrimitive::Float(if pick_up { d_up } else { d_gate })).into_data()
+    };
+    same("moe_swiglu_backward", &|| fused_backward(false), host(pg));
+    same("moe_swiglu_backward", &|| fused_backward(true), host(pu));
+
+    // Scatter ops: permute, grouped matmul (both layouts), weight gradient, combine; an empty segment.
+    let (n, k, m, e) = (45, 72, 40, 3);
+    let offsets = [0usize, 17, 17, 45];
+    let (x, w, wt) = (data(vec![n, k], 44, 1.0), data(vec![e, m, k], 45, 0.3), data(vec![e, k, m], 46, 0.3));
+    let p3 = |d: &TensorData| Tensor::<Wgpu, 3>::from_data(d.clone(), &device);
+    let f3 = |d: &TensorData| Tensor::<Fused, 3>::from_data(d.clone(), &device);
+    let rows = TensorData::new((0..n as i32).rev().collect::<Vec<_>>(), [n]);
+    let pi = |d: &TensorData| Tensor::<Wgpu, 1, Int>::from_data(d.clone(), &device);
+    let fi = |d: &TensorData| Tensor::<Fused, 1, Int>::from_data(d.clone(), &device);
+    same("moe_permute", &|| moe_permute(f2(&x), fi(&rows)).into_data(), moe_permute(p2(&x), pi(&rows)).into_data());
+    same("moe_grouped_matmul", &|| moe_grouped_matmul(f2(&x), f3(&w), &offsets, true).into_data(), moe_grouped_matmul(p2(&x), p3(&w), &offsets, true).into_data());
+    same("moe_grouped_matmul", &|| moe_grouped_matmul(f2(&x), f3(&wt), &offsets, false).into_data(), moe_grouped_matmul(p2(&x), p3(&wt), &offsets, false).into_data());
+    let dy = data(vec![n, m], 47, 1.0);
+    let wgrad_p = Wgpu::moe_grouped_matmul_weight_grad(p2(&dy).into_primitive().tensor(), p2(&x).into_primitive().tensor(), &offsets);
+    let wgrad_f = || {
+        let dw = Fused::moe_grouped_matmul_weight_grad(f2(&dy).into_primitive().tensor(), f2(&x).into_primitive().tensor(), &offsets);
+        Tensor::<Fused, 3>::from_primitive(TensorPrimitive::Float(dw)).into_data()
+    };
+    same(
+        "moe_grouped_matmul_weight_grad",
+        &wgrad_f,
+        Tensor::<Wgpu, 3>::from_primitive(TensorPrimitive::Float(wgrad_p)).into_data(),
+    );
+    let (y, gw) = (data(vec![6, 5], 48, 1.0), data(vec![3, 2], 49, 1.0));
+    let slots = TensorData::new(vec![5i32, 0, 2, 3, 1, 4], [6]);
+    same("moe_combine", &|| moe_combine(f2(&y), fi(&slots), f2(&gw)).into_data(), moe_combine(p2(&y), pi(&slots), p2(&gw)).into_data());
+
+    // Block-sparse SDD, DSD, DSᵀD (both output layouts) on a topology with an empty expert.
+    let topology = BlockSparseTopology::for_experts(&[17, 0, 28], m, 16).unwrap();
+    let xp = data(vec![topology.rows(), k], 50, 1.0);
+    let sdd_p = moe_sdd(p2(&xp), p3(&w), &topology, true);
+    same("moe_sdd", &|| moe_sdd(f2(&xp), f3(&w), &topology, true).into_data(), sdd_p.clone().into_data());
+    let s = sdd_p.into_data();
+    same("moe_dsd", &|| moe_dsd(f3(&s), f3(&wt), &topology, true).into_data(), moe_dsd(p3(&s), p3(&wt), &topology, true).into_data());
+    let d = data(vec![topology.rows(), k], 51, 1.0);
+    for transpose_out in [false, true] {
+        same("moe_dstd", &|| moe_dstd(f3(&s), f2(&d), &topology, transpose_out).into_data(), moe_dstd(p3(&s), p2(&d), &topology, transpose_out).into_data());
+    }
+}
+
 /// The whole model on wgpu with `kernel` (default block size) against the transformers fixture.
 fn whole_model_on_wgpu(kernel: MoeKernel) {
     let case = fixtures_dir().join("gqa_swa");

@@ -336,8 +336,3 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         out
     }
 }
-
-/// The fusion wrapper (`burn::backend::{Cuda, Wgpu}` are `Fusion<CubeBackend<..>>`): the default
-/// implementations, whose standard ops the fusion engine records and fuses. Registering the kernels
-/// as fusion custom ops is what would let this path reach them too.
-impl<B: burn_fusion::FusionBackend + MoeBackend> MoeBackend for burn_fusion::Fusion<B> {}

@@ -9,6 +9,8 @@ mod backend;
 mod cube;
 #[cfg(feature = "cublas")]
 mod cublas;
+#[cfg(feature = "cube")]
+mod fusion;
 mod impls;
 mod reference;
 mod scatter_add;
@@ -16,6 +18,8 @@ mod scatter_add;
 pub use backend::{MoeBackend, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu};
 #[cfg(feature = "cublas")]
 pub(crate) use cublas::cublas_available;
+#[cfg(feature = "cube")]
+pub use fusion::fused_moe_op_count;
 pub use kernels_cubecl::BlockSparseTopology;
 pub use reference::{
     reference_combine, reference_dsd, reference_dstd, reference_grouped_matmul, reference_grouped_matmul_weight_grad,

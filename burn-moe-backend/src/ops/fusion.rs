@@ -1,0 +1,223 @@
+//! [`MoeBackend`] for the fusion wrapper (`burn::backend::{Cuda, Wgpu}` are `Fusion<CubeBackend<..>>`).
+//!
+//! Each MoE op is registered in the fusion stream as a custom operation that runs the *inner*
+//! backend's op (the CubeCL kernels) on the inner tensors when the stream executes. Without this the
+//! wrapper would fall back to the trait's standard-op defaults — correct, but they are the slow
+//! reference path, so a user on the default `Wgpu`/`Cuda` backends would silently lose the kernels.
+//! The fusion engine cannot fuse through a custom op; the elementwise work around it (router softmax,
+//! residuals) still fuses on either side.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use burn::tensor::DType;
+use burn::tensor::Shape;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn_fusion::stream::{Operation, OperationStreams};
+use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+use kernels_cubecl::BlockSparseTopology;
+
+use super::backend::MoeBackend;
+
+/// One MoE op with its host-side arguments (segment offsets, topologies), replayed on the inner
+/// backend by [`MoeCustomOp::execute`]. Inputs and outputs travel in the op's [`CustomOpIr`], in the
+/// order of the corresponding [`MoeBackend`] method's arguments and results.
+#[derive(Debug, Clone)]
+enum MoeOp {
+    Permute,
+    GroupedMatmul { offsets: Arc<[usize]>, transpose: bool },
+    GroupedMatmulWeightGrad { offsets: Arc<[usize]> },
+    Combine,
+    Swiglu,
+    SwigluBackward,
+    Sdd { topology: Arc<BlockSparseTopology>, transpose: bool },
+    Dsd { topology: Arc<BlockSparseTopology>, transpose: bool },
+    Dstd { topology: Arc<BlockSparseTopology>, transpose_out: bool },
+}
+
+/// The ops' ids, in [`MoeOp::index`] order.
+const OP_NAMES: [&str; 9] = [
+    "moe_permute",
+    "moe_grouped_matmul",
+    "moe_grouped_matmul_weight_grad",
+    "moe_combine",
+    "moe_swiglu",
+    "moe_swiglu_backward",
+    "moe_sdd",
+    "moe_dsd",
+    "moe_dstd",
+];
+
+/// How many times each op has run on the inner backend through the fusion stream, process-wide.
+static EXECUTED: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+
+/// How many times the MoE op `name` (`"moe_grouped_matmul"`, `"moe_sdd"`, ... — the [`MoeBackend`]
+/// method names) has executed as a fusion custom op on the inner backend in this process; `None`
+/// for an unknown name. A diagnostic: a model on `burn::backend::{Wgpu, Cuda}` whose counts stay at
+/// zero is not reaching the CubeCL kernels.
+pub fn fused_moe_op_count(name: &str) -> Option<u64> {
+    OP_NAMES.iter().position(|n| *n == name).map(|i| EXECUTED[i].load(Ordering::Relaxed))
+}
+
+impl MoeOp {
+    fn index(&self) -> usize {
+        match self {
+            MoeOp::Permute => 0,
+            MoeOp::GroupedMatmul { .. } => 1,
+            MoeOp::GroupedMatmulWeightGrad { .. } => 2,
+            MoeOp::Combine => 3,
+            MoeOp::Swiglu => 4,
+            MoeOp::SwigluBackward => 5,
+            MoeOp::Sdd { .. } => 6,
+            MoeOp::Dsd { .. } => 7,
+            MoeOp::Dstd { .. } => 8,
+        }
+    }
+
+    /// The custom op's id in the fusion stream (shown in fusion traces).
+    fn name(&self) -> &'static str {
+        OP_NAMES[self.index()]
+    }
+}
+
+#[derive(Debug)]
+struct MoeCustomOp<B> {
+    desc: CustomOpIr,
+    op: MoeOp,
+    _backend: PhantomData<B>,
+}
+
+type Handles<B> = HandleContainer<<<B as FusionBackend>::FusionRuntime as FusionRuntime>::FusionHandle>;
+
+impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustomOp<B> {
+    fn execute(&self, handles: &mut Handles<B>) {
+        let (ins, outs) = (&self.desc.inputs, &self.desc.outputs);
+        let float = |i: usize, h: &mut Handles<B>| h.get_float_tensor::<B>(&ins[i]);
+        let out = match &self.op {
+            MoeOp::Permute => {
+                let x = float(0, handles);
+                let rows = handles.get_int_tensor::<B>(&ins[1]);
+                B::moe_permute(x, rows)
+            }
+            MoeOp::GroupedMatmul { offsets, transpose } => {
+                let (x, w) = (float(0, handles), float(1, handles));
+                B::moe_grouped_matmul(x, w, offsets, *transpose)
+            }
+            MoeOp::GroupedMatmulWeightGrad { offsets } => {
+                let (dy, x) = (float(0, handles), float(1, handles));
+                B::moe_grouped_matmul_weight_grad(dy, x, offsets)
+            }
+            MoeOp::Combine => {
+                let y = float(0, handles);
+                let slots = handles.get_int_tensor::<B>(&ins[1]);
+                let weights = float(2, handles);
+                B::moe_combine(y, slots, weights)
+            }
+            MoeOp::Swiglu => {
+                let (gate, up) = (float(0, handles), float(1, handles));
+                B::moe_swiglu(gate, up)
+            }
+            MoeOp::SwigluBackward => {
+                let (gate, up, dh) = (float(0, handles), float(1, handles), float(2, handles));
+                let (d_gate, d_up) = B::moe_swiglu_backward(gate, up, dh);
+                handles.register_float_tensor::<B>(&outs[1].id, d_up);
+                d_gate
+            }
+            MoeOp::Sdd { topology, transpose } => {
+                let (x, w) = (float(0, handles), float(1, handles));
+                B::moe_sdd(x, w, topology, *transpose)
+            }
+            MoeOp::Dsd { topology, transpose } => {
+                let (s, w) = (float(0, handles), float(1, handles));
+                B::moe_dsd(s, w, topology, *transpose)
+            }
+            MoeOp::Dstd { topology, transpose_out } => {
+                let (s, d) = (float(0, handles), float(1, handles));
+                B::moe_dstd(s, d, topology, *transpose_out)
+            }
+        };
+        handles.register_float_tensor::<B>(&outs[0].id, out);
+        EXECUTED[self.op.index()].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Registers `op` on the stream of `inputs` with outputs of the given shapes and dtypes, and returns
+/// the output tensors (executed lazily, in stream order, like every fused op).
+fn register<B: FusionBackend + MoeBackend>(
+    op: MoeOp,
+    inputs: Vec<FusionTensor<B::FusionRuntime>>,
+    outputs: Vec<(Shape, DType)>,
+) -> Vec<FusionTensor<B::FusionRuntime>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(&inputs);
+    let outputs = outputs.into_iter().map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), shape, dtype)).collect();
+    let inputs = inputs.into_iter().map(FusionTensor::into_ir).collect();
+    let desc = CustomOpIr { id: op.name().to_owned(), inputs, outputs };
+    client.register(streams, OperationIr::Custom(desc.clone()), MoeCustomOp::<B> { desc, op, _backend: PhantomData })
+}
+
+fn one<T>(mut tensors: Vec<T>) -> T {
+    tensors.remove(0)
+}
+
+impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
+    fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
+        let out = (Shape::new([rows.shape[0], x.shape[1]]), x.dtype);
+        one(register::<B>(MoeOp::Permute, vec![x, rows], vec![out]))
+    }
+
+    fn moe_grouped_matmul(x: FloatTensor<Self>, w: FloatTensor<Self>, offsets: &[usize], transpose: bool) -> FloatTensor<Self> {
+        let m = if transpose { w.shape[1] } else { w.shape[2] };
+        let out = (Shape::new([x.shape[0], m]), x.dtype);
+        let op = MoeOp::GroupedMatmul { offsets: offsets.into(), transpose };
+        one(register::<B>(op, vec![x, w], vec![out]))
+    }
+
+    fn moe_grouped_matmul_weight_grad(dy: FloatTensor<Self>, x: FloatTensor<Self>, offsets: &[usize]) -> FloatTensor<Self> {
+        let experts = offsets.len().saturating_sub(1);
+        let out = (Shape::new([experts, dy.shape[1], x.shape[1]]), dy.dtype);
+        let op = MoeOp::GroupedMatmulWeightGrad { offsets: offsets.into() };
+        one(register::<B>(op, vec![dy, x], vec![out]))
+    }
+
+    fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = (Shape::new([weights.shape[0], y.shape[1]]), y.dtype);
+        one(register::<B>(MoeOp::Combine, vec![y, slots, weights], vec![out]))
+    }
+
+    fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = (gate.shape.clone(), gate.dtype);
+        one(register::<B>(MoeOp::Swiglu, vec![gate, up], vec![out]))
+    }
+
+    fn moe_swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, dh: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let out = (gate.shape.clone(), gate.dtype);
+        let mut grads = register::<B>(MoeOp::SwigluBackward, vec![gate, up, dh], vec![out.clone(), out]);
+        let d_up = grads.pop().expect("two outputs registered");
+        (grads.pop().expect("two outputs registered"), d_up)
+    }
+
+    fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        let bs = topology.block();
+        let out = (Shape::new([topology.nnz(), bs, bs]), x.dtype);
+        let op = MoeOp::Sdd { topology: Arc::new(topology.clone()), transpose };
+        one(register::<B>(op, vec![x, w], vec![out]))
+    }
+
+    fn moe_dsd(s: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
+        let m = if transpose { w.shape[1] } else { w.shape[2] };
+        let out = (Shape::new([topology.rows(), m]), s.dtype);
+        let op = MoeOp::Dsd { topology: Arc::new(topology.clone()), transpose };
+        one(register::<B>(op, vec![s, w], vec![out]))
+    }
+
+    fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
+        let (e, f, m) = (topology.num_experts(), topology.ffn(), d.shape[1]);
+        let shape = if transpose_out { [e, m, f] } else { [e, f, m] };
+        let out = (Shape::new(shape), s.dtype);
+        let op = MoeOp::Dstd { topology: Arc::new(topology.clone()), transpose_out };
+        one(register::<B>(op, vec![s, d], vec![out]))
+    }
+}
