@@ -364,6 +364,33 @@ fn verdict(err: f64, want: &[f32]) -> &'static str {
 }
 
 /// Median seconds of `reps` timed calls of `f` after one warm-up.
+/// One kernel variant of the GEMM section: a variant that fails to compile or launch on this device
+/// (an error or a panic) is reported and skipped, not fatal; otherwise its output is checked against
+/// `want` and it is timed. `empty` makes an output buffer, `read` reads one back as f32.
+#[allow(clippy::too_many_arguments)]
+fn bench_variant<R: CubeRuntime>(
+    device: &R::Device,
+    reps: usize,
+    label: &str,
+    flops: f64,
+    empty: impl Fn() -> cubecl::server::Handle,
+    launch: &dyn Fn(cubecl::server::Handle) -> Result<kernels_cubecl::scatter::GroupedMatmulStrategy, kernels_cubecl::scatter::KernelError>,
+    read: &dyn Fn(cubecl::server::Handle) -> Vec<f32>,
+    want: &[f32],
+) {
+    let out = empty();
+    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| launch(out.clone())));
+    if !matches!(ran, Ok(Ok(_))) {
+        println!("{label}: FAILED to run ({:?})", ran.map(|r| r.err()).map_err(|_| "panic"));
+        return;
+    }
+    let err = rel_l2(&read(out), want);
+    let secs = time_it::<Cube<R, half::bf16>>(device, reps, || {
+        launch(empty()).unwrap();
+    });
+    println!("{label}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}", secs * 1e3, flops / secs / 1e12, verdict(err, want));
+}
+
 fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> f64 {
     let mut times = Vec::new();
     for rep in 0..=reps {
@@ -461,26 +488,9 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             });
             println!("gemm T={t} {name} f32 tiled: {:.3} ms {:.1} TFLOP/s", f32_tiled * 1e3, flops / f32_tiled / 1e12);
             for strategy in cmma_variants(&client, &problem) {
-                let out = client.empty(rows * m * 2);
-                // A variant that fails to compile or launch on this device is reported, not fatal.
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out.clone(), strategy)
-                }));
-                if !matches!(ran, Ok(Ok(_))) {
-                    println!("gemm T={t} {name} bf16 {strategy:?}: FAILED to run ({:?})", ran.map(|r| r.err()).map_err(|_| "panic"));
-                    continue;
-                }
-                let err = rel_l2(&read(out, true), &want);
-                let secs = time_it::<B<R>>(device, args.reps, || {
-                    let out = client.empty(rows * m * 2);
-                    launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out, strategy).unwrap();
-                });
-                println!(
-                    "gemm T={t} {name} bf16 {strategy:?}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}",
-                    secs * 1e3,
-                    flops / secs / 1e12,
-                    verdict(err, &want)
-                );
+                let launch = |out| launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out, strategy);
+                let label = format!("gemm T={t} {name} bf16 {strategy:?}");
+                bench_variant::<R>(device, args.reps, &label, flops, || client.empty(rows * m * 2), &launch, &|h| read(h, true), &want);
             }
             let cublas = args.grouped_gemm.contains(&GroupedGemm::Cublas);
             if cublas && set_grouped_gemm(GroupedGemm::Cublas).is_ok() {
@@ -518,25 +528,9 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             launch_grouped_matmul_weight_grad_with::<R, f32>(&client, &problem, &offsets, dhf.handle.clone(), xf.handle.clone(), off_h.clone(), want_h.clone(), GroupedMatmulStrategy::Tiled).unwrap();
             let want = read_w(want_h, false);
             for strategy in cmma_variants(&client, &GroupedMatmulProblem { transpose: false, ..problem }) {
-                let out = client.empty(n * 2);
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out.clone(), strategy)
-                }));
-                if !matches!(ran, Ok(Ok(_))) {
-                    println!("gemm T={t} weight grad bf16 {strategy:?}: FAILED to run ({:?})", ran.map(|r| r.err()).map_err(|_| "panic"));
-                    continue;
-                }
-                let err = rel_l2(&read_w(out, true), &want);
-                let secs = time_it::<B<R>>(device, args.reps, || {
-                    let out = client.empty(n * 2);
-                    launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy).unwrap();
-                });
-                println!(
-                    "gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}: {:.3} ms {:.1} TFLOP/s | rel L2 vs f32 tiled {err:.2e} (bound 1e-2) {}",
-                    secs * 1e3,
-                    flops / secs / 1e12,
-                    verdict(err, &want)
-                );
+                let launch = |out| launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy);
+                let label = format!("gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}");
+                bench_variant::<R>(device, args.reps, &label, flops, || client.empty(n * 2), &launch, &|h| read_w(h, true), &want);
             }
             if cublas && set_grouped_gemm(GroupedGemm::Cublas).is_ok() {
                 let dw = <B<R> as MoeBackend>::moe_grouped_matmul_weight_grad(dh.clone(), xb.clone(), &offsets);

@@ -231,6 +231,24 @@ fn eight_ranks_with_eight_experts_equal_one_device() {
     }
 }
 
+/// Flags of the resume tests: `steps` steps, a checkpoint every `save_steps`, `plan`, then `more`.
+/// A constant schedule: the interrupted run's first steps must not depend on its shorter length.
+fn resume_flags(steps: &str, save_steps: &str, plan: &[&str], more: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        "--max-steps", steps, "--seed", "2", "--gradient-accumulation-steps", "2", "--save-steps", save_steps, "--weight-decay",
+        "0.01", "--lr-scheduler-type", "constant",
+    ];
+    v.extend_from_slice(plan);
+    v.extend_from_slice(more);
+    v.into_iter().map(str::to_owned).collect()
+}
+
+/// Two in-process ranks, batch size 2 each, writing to `out`.
+fn run_two_ranks(out: &Path, flags: &[String]) {
+    let v: Vec<&str> = flags.iter().map(String::as_str).collect();
+    run_ranks(2, &args(out, 2, &v));
+}
+
 /// Sharded checkpoints resume: FSDP2 and EP=2 × FSDP1 on 2 ranks, interrupted after step 2 and resumed
 /// from `checkpoint-2` (consolidated weights re-sharded, each rank's AdamW state from `ranks/rank<r>/`),
 /// log the same steps 3–4 as the uninterrupted run. A different plan or rank count is refused.
@@ -238,20 +256,8 @@ fn eight_ranks_with_eight_experts_equal_one_device() {
 fn sharded_checkpoints_resume_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, plan) in [("fsdp2", &["--sharding", "fsdp2"][..]), ("ep2-fsdp1", &["--ep-size", "2", "--sharding", "fsdp1"][..])] {
-        let with = |steps: &str, more: &[&str]| {
-            // A constant schedule: the interrupted run's first steps must not depend on its shorter length.
-            let mut v = vec![
-                "--max-steps", steps, "--seed", "2", "--gradient-accumulation-steps", "2", "--save-steps", "2", "--weight-decay",
-                "0.01", "--lr-scheduler-type", "constant",
-            ];
-            v.extend_from_slice(plan);
-            v.extend_from_slice(more);
-            v.into_iter().map(str::to_owned).collect::<Vec<_>>()
-        };
-        let run = |out: &Path, v: Vec<String>| {
-            let v: Vec<&str> = v.iter().map(String::as_str).collect();
-            run_ranks(2, &args(out, 2, &v));
-        };
+        let with = |steps: &str, more: &[&str]| resume_flags(steps, "2", plan, more);
+        let run = |out: &Path, v: Vec<String>| run_two_ranks(out, &v);
         let full = tmp.path().join(format!("{name}-full"));
         run(&full, with("4", &[]));
         let part = tmp.path().join(format!("{name}-part"));
@@ -412,19 +418,8 @@ fn rank_shards_reassemble_to_the_consolidated_weights() {
 fn unconsolidated_sharded_checkpoints_resume_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, plan) in [("fsdp2", &["--sharding", "fsdp2"][..]), ("ep2-fsdp1", &["--ep-size", "2", "--sharding", "fsdp1"][..])] {
-        let with = |steps: &str, more: &[&str]| {
-            let mut v = vec![
-                "--max-steps", steps, "--seed", "2", "--gradient-accumulation-steps", "2", "--save-steps", "3", "--weight-decay",
-                "0.01", "--lr-scheduler-type", "constant",
-            ];
-            v.extend_from_slice(plan);
-            v.extend_from_slice(more);
-            v.into_iter().map(str::to_owned).collect::<Vec<_>>()
-        };
-        let run = |out: &Path, v: Vec<String>| {
-            let v: Vec<&str> = v.iter().map(String::as_str).collect();
-            run_ranks(2, &args(out, 2, &v));
-        };
+        let with = |steps: &str, more: &[&str]| resume_flags(steps, "3", plan, more);
+        let run = |out: &Path, v: Vec<String>| run_two_ranks(out, &v);
         let full = tmp.path().join(format!("{name}-full"));
         run(&full, with("6", &[]));
         let part = tmp.path().join(format!("{name}-part"));
