@@ -50,6 +50,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1, value_parser = positive_usize)]
     pub logging_steps: usize,
 
+    /// Where logged steps go besides metrics.jsonl: `tensorboard` writes scalar event files to
+    /// OUTPUT_DIR/runs (view with `tensorboard --logdir OUTPUT_DIR/runs`).
+    #[arg(long, value_enum, default_value_t = ReportTo::None)]
+    pub report_to: ReportTo,
+
     /// Examples longer than this many tokens are truncated (and counted in the log).
     #[arg(long, default_value_t = 128, value_parser = max_seq_length)]
     pub max_seq_length: usize,
@@ -313,6 +318,17 @@ impl Args {
         let config = mixtral_burn::LoraConfig::new().with_r(self.lora_r).with_alpha(self.lora_alpha).with_dropout(self.lora_dropout);
         Some((targets, config))
     }
+}
+
+/// `--report-to`: loggers besides `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportTo {
+    /// `metrics.jsonl` only.
+    #[default]
+    None,
+    /// TensorBoard event files in `OUTPUT_DIR/runs`.
+    Tensorboard,
 }
 
 /// HF's `IntervalStrategy`, for evaluation and saving.

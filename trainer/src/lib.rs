@@ -12,6 +12,7 @@ pub mod recompute;
 pub mod metrics;
 pub mod schedule;
 pub mod sharding;
+pub mod tensorboard;
 pub mod timers;
 pub mod tokenizer;
 pub mod train;

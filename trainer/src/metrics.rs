@@ -150,6 +150,7 @@ pub struct MetricsWriter {
     lines: String,
     loss_sum: f64,
     n_logged: usize,
+    tensorboard: Option<crate::tensorboard::EventWriter>,
 }
 
 impl MetricsWriter {
@@ -169,9 +170,26 @@ impl MetricsWriter {
             lines: String::new(),
             loss_sum: 0.0,
             n_logged: 0,
+            tensorboard: None,
         };
         write_atomic(&writer.metrics_path(), b"")?;
         Ok(writer)
+    }
+
+    /// Also writes every logged step as TensorBoard scalars, into a new event file in `dir`
+    /// (`--report-to tensorboard`).
+    ///
+    /// # Errors
+    /// [`MetricsError::CreateDir`] or [`MetricsError::Write`] naming the path.
+    pub fn with_tensorboard(mut self, dir: &Path) -> Result<Self, MetricsError> {
+        self.tensorboard = Some(crate::tensorboard::EventWriter::create(dir)?);
+        Ok(self)
+    }
+
+    /// The TensorBoard event file, when [`with_tensorboard`](Self::with_tensorboard) was called.
+    #[must_use]
+    pub fn tensorboard_path(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(crate::tensorboard::EventWriter::path)
     }
 
     /// The output directory.
@@ -225,7 +243,11 @@ impl MetricsWriter {
         self.lines.push('\n');
         self.loss_sum += metrics.loss;
         self.n_logged += 1;
-        write_atomic(&self.metrics_path(), self.lines.as_bytes())
+        write_atomic(&self.metrics_path(), self.lines.as_bytes())?;
+        match &mut self.tensorboard {
+            Some(events) => events.log_step(metrics),
+            None => Ok(()),
+        }
     }
 
     /// Number of steps logged so far.

@@ -350,7 +350,7 @@ where
         .with_epsilon(args.adam_epsilon as f32)
         .with_weight_decay(args.weight_decay as f32)
         .init::<B, MixtralForCausalLM<B>>();
-    let (start_step, mut tokens, mut last_eval, mut metrics) = match &resume {
+    let (start_step, mut tokens, mut last_eval, metrics) = match &resume {
         Some((dir, state)) => {
             let ids = param_ids::<B, _>(&model);
             let record = if parallel.is_sharded() {
@@ -368,6 +368,13 @@ where
             )
         }
         None => (0, 0u64, None, MetricsWriter::create(&output_dir)?),
+    };
+    let mut metrics = if lead && args.report_to == crate::cli::ReportTo::Tensorboard {
+        let metrics = metrics.with_tensorboard(&args.output_dir.join(crate::tensorboard::TENSORBOARD_DIR))?;
+        tracing::info!("TensorBoard events: {}", metrics.tensorboard_path().map(|p| p.display().to_string()).unwrap_or_default());
+        metrics
+    } else {
+        metrics
     };
 
     let progress = if lead { ProgressBar::new(total_steps as u64) } else { ProgressBar::hidden() };
