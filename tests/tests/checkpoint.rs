@@ -871,3 +871,67 @@ fn block_outside_the_tensor_is_a_slice_error_naming_shape_and_ranges() {
     let err = ckpt.files.read_f32_block(name, &[0..1]).unwrap_err();
     assert!(matches!(err, CheckpointError::Slice { .. }), "{err}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Loading only some experts (expert-parallel ranks)
+// ---------------------------------------------------------------------------------------------
+
+/// Every float parameter's bits, in module order.
+fn parameter_bits(model: &MixtralForCausalLM<Cpu>) -> Vec<Vec<u32>> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct All(Vec<Vec<u32>>);
+    impl ModuleVisitor<Cpu> for All {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Cpu, D>>) {
+            self.0.push(p.val().into_data().iter::<f32>().map(f32::to_bits).collect());
+        }
+    }
+    let mut all = All(Vec::new());
+    model.visit(&mut all);
+    all.0
+}
+
+/// `load_model_with_experts(Some(range))` gives exactly what cutting the fully loaded model gives
+/// (`DMoe::local_experts`: the experts `range`, the whole router), in both expert layouts.
+#[test]
+fn loading_some_experts_equals_cutting_the_full_model() {
+    for case in ["e4_k2", "fused"] {
+        let checkpoint = open(&fixtures_dir().join(case).join("model"));
+        let experts = checkpoint.config.num_local_experts;
+        for range in [0..experts / 2, experts / 2..experts, 1..experts] {
+            let mut cut = load(&checkpoint);
+            for layer in &mut cut.model.layers {
+                layer.mlp = layer.mlp.local_experts(range.clone());
+            }
+            let part = checkpoint
+                .load_model_with_experts::<Cpu>(&Default::default(), MoeKernel::Reference, Some(range.clone()))
+                .unwrap_or_else(|e| panic!("{case} {range:?}: {e}"));
+            assert_eq!(part.model.layers[0].mlp.w1.dims()[0], range.len(), "{case} {range:?}: experts held");
+            assert_eq!(parameter_bits(&part), parameter_bits(&cut), "{case} {range:?}");
+        }
+    }
+}
+
+/// A bad expert range, and another rank's expert missing from the files, are errors naming the
+/// numbers / the tensor (the other experts are checked by name even though they are not read).
+#[test]
+fn expert_range_errors_name_the_numbers_and_missing_experts() {
+    let checkpoint = open(&fixtures_dir().join("e4_k2").join("model"));
+    let experts = checkpoint.config.num_local_experts;
+    for range in [2..2, 3..experts + 1] {
+        let err = match checkpoint.load_model_with_experts::<Cpu>(&Default::default(), MoeKernel::Reference, Some(range.clone())) {
+            Ok(_) => panic!("{range:?} loaded"),
+            Err(e) => e,
+        };
+        assert!(matches!(err, CheckpointError::ExpertRange { .. }), "{err:?}");
+        assert_mentions(&err, &[&format!("{}..{}", range.start, range.end), &format!("{experts} experts")]);
+    }
+    let (_tmp, dir) = copy_fixture("e4_k2");
+    const NAME: &str = "model.layers.0.block_sparse_moe.experts.3.w2.weight";
+    rewrite(&dir.join("model.safetensors"), |t| assert!(t.remove(NAME).is_some(), "fixture has {NAME}"));
+    let err = match open(&dir).load_model_with_experts::<Cpu>(&Default::default(), MoeKernel::Reference, Some(0..2)) {
+        Ok(_) => panic!("loaded without {NAME}"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, CheckpointError::MissingTensor { .. }), "{err:?}");
+    assert_mentions(&err, &[NAME]);
+}

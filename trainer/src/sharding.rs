@@ -122,6 +122,8 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     compute: Option<FloatDType>,
     /// EP: the number of experts and this rank's range of them (set by [`shard`](Self::shard)).
     experts: Option<(usize, Range<usize>)>,
+    /// Experts per MoE layer of the model this plan is for.
+    num_experts: usize,
 }
 
 /// The part of one parameter's global tensor a rank stores (see [`Parallel::local_piece`]).
@@ -160,7 +162,14 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, experts: None })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, experts: None, num_experts })
+    }
+
+    /// With expert parallelism, the experts this rank holds (the same range [`shard`](Self::shard)
+    /// cuts), so that a checkpoint can be read for those experts only; `None` without EP.
+    pub fn expert_range(&self) -> Option<Range<usize>> {
+        let ep = self.mesh.ep_size();
+        (ep > 1).then(|| burn_moe_backend::experts_of_rank(self.num_experts, ep, self.mesh.ep_index()))
     }
 
     /// Mixed precision: [`materialize`](Self::materialize) rounds every parameter to `compute`
@@ -272,10 +281,17 @@ where
         let ep = self.mesh.ep_size();
         let mut model = model;
         if ep > 1 {
-            let num_experts = model.model.layers.first().map_or(0, |l| l.mlp.num_experts());
+            let num_experts = self.num_experts;
             let range = burn_moe_backend::experts_of_rank(num_experts, ep, self.mesh.ep_index());
             for layer in &mut model.model.layers {
-                layer.mlp = layer.mlp.local_experts(range.clone());
+                // A layer loaded with only this rank's experts
+                // (`HfCheckpoint::load_model_with_experts(.., self.expert_range())`) is kept as is.
+                let held = layer.mlp.w1.dims()[0];
+                if held == num_experts {
+                    layer.mlp = layer.mlp.local_experts(range.clone());
+                } else {
+                    assert_eq!(held, range.len(), "a MoE layer holds {held} experts: neither all {num_experts} nor this rank's {range:?}");
+                }
             }
             self.experts = Some((num_experts, range));
         }

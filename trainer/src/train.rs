@@ -273,14 +273,22 @@ where
         None => None,
     };
 
+    let num_experts = config.num_local_experts;
+    let ep_size = args.effective_ep_size(world);
+    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?.with_compute_dtype(compute);
+    // Expert parallelism: each rank reads only its own experts from a checkpoint. Not with adapters
+    // on the experts: their A matrices come from one RNG stream over all experts, drawn before the
+    // cut, so that every rank count trains the same adapters.
+    let lora_on_experts = args.lora().is_some_and(|(targets, _)| targets == mixtral_burn::LoraTargets::All);
+    let local_experts = parallel.expert_range().filter(|_| !lora_on_experts);
     // A sharded checkpoint saved with `--save-consolidated false` has no `model.safetensors`: each
     // rank reads its own weight shards once the plan has cut the model (below).
     let from_shards = resume.as_ref().is_some_and(|(dir, state)| state.sharded.is_some() && !dir.join("model.safetensors").is_file());
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
         // Every value is overwritten from the shards: any initialisation does.
         (Some(_), _) if from_shards => config.init(device),
-        (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model(device, args.kernel())?,
-        (None, Some(ckpt)) => ckpt.load_model(device, args.kernel())?,
+        (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model_with_experts(device, args.kernel(), local_experts)?,
+        (None, Some(ckpt)) => ckpt.load_model_with_experts(device, args.kernel(), local_experts)?,
         // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
         // billions of weights), made identical on every rank by a broadcast from rank 0. On the CPU
         // the host RNG below keeps runs reproducible across rank counts.
@@ -317,9 +325,6 @@ where
         args.model_path.as_ref().map_or_else(|| "tiny Mixtral".to_owned(), |p| p.display().to_string())
     );
 
-    let num_experts = config.num_local_experts;
-    let ep_size = args.effective_ep_size(world);
-    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?.with_compute_dtype(compute);
     if let Some((dir, state)) = &resume {
         // The optimizer state of a sharded run is per rank and per shard: only the same plan on the
         // same number of ranks can take it up.

@@ -152,6 +152,51 @@ fn trains_from_model_path_and_loss_falls() {
     assert_eq!(reopened.config.vocab_size, MODEL_VOCAB);
 }
 
+/// Expert parallelism from `--model-path`: each of 2 in-process ranks reads only its 2 of the 4
+/// experts from the files (`HfCheckpoint::load_model_with_experts`), and the run logs the same
+/// losses as one rank holding the whole model (global batch 8 either way).
+#[test]
+fn expert_parallel_ranks_load_their_experts_and_train_like_one_rank() {
+    use burn_moe_backend::dist::{CommConfig, ThreadComm};
+    let tmp = tempfile::tempdir().unwrap();
+    let model_dir = tmp.path().join("model");
+    write_model_dir(&model_dir, &tiny_config());
+    let data = tmp.path().join("data.json");
+    write_data(&data);
+    let flags = |out: &Path, batch: &str, more: &[&str]| {
+        let mut v = vec![
+            "trainer", "--model-path", model_dir.to_str().unwrap(), "--data-path", data.to_str().unwrap(), "--max-steps", "3",
+            "--per-device-train-batch-size", batch, "--learning-rate", "1e-2", "--output-dir", out.to_str().unwrap(),
+        ];
+        v.extend_from_slice(more);
+        Args::try_parse_from(v).unwrap()
+    };
+    let losses = |out: &Path| -> Vec<f64> {
+        std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
+            .collect()
+    };
+    let single = tmp.path().join("single");
+    train::<B>(&flags(&single, "8", &[]), &Default::default()).unwrap();
+    for plan in [&["--ep-size", "2", "--sharding", "fsdp2"][..], &["--ep-size", "2", "--sharding", "ddp"]] {
+        let out = tmp.path().join(plan.join(""));
+        let args = flags(&out, "4", plan);
+        let results = ThreadComm::<burn::backend::NdArray<f32>>::run_ranks(2, CommConfig::default(), |comm| {
+            trainer::train::train_with::<B, _>(&args, &Default::default(), &comm).map(|_| ()).map_err(|e| e.to_string())
+        });
+        for (rank, r) in results.into_iter().enumerate() {
+            r.unwrap_or_else(|e| panic!("rank {rank} panicked: {e}")).unwrap_or_else(|e| panic!("{plan:?} rank {rank}: {e}"));
+        }
+        let (a, b) = (losses(&single), losses(&out));
+        assert_eq!(a.len(), b.len(), "{plan:?}");
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "{plan:?} step {}: one rank {x} vs EP {y}", step + 1);
+        }
+    }
+}
+
 #[test]
 fn model_path_errors_name_the_file() {
     let tmp = tempfile::tempdir().unwrap();

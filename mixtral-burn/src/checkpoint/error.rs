@@ -103,6 +103,18 @@ pub enum CheckpointError {
         /// The checkpoint directory.
         dir: String,
     },
+    /// A requested range of experts is empty or outside the checkpoint's experts.
+    #[error("expert range {start}..{end} is not a non-empty part of the {experts} experts of checkpoint {dir}")]
+    ExpertRange {
+        /// The checkpoint directory.
+        dir: String,
+        /// First expert asked for.
+        start: usize,
+        /// One past the last expert asked for.
+        end: usize,
+        /// Experts in the checkpoint (`num_local_experts`).
+        experts: usize,
+    },
     /// An input file (token ids) is unusable.
     #[error("invalid input {path}: {message}")]
     Input {

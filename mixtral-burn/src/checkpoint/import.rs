@@ -60,13 +60,54 @@ impl HfCheckpoint {
         device: &B::Device,
         kernel: MoeKernel,
     ) -> Result<MixtralForCausalLM<B>, CheckpointError> {
+        self.load_model_with_experts(device, kernel, None)
+    }
+
+    /// Like [`load_model`](Self::load_model), but with `experts = Some(range)` each layer holds only
+    /// the experts `range` (what [`DMoe::local_experts`] would cut from the full model: the router
+    /// stays whole): an expert-parallel rank reads only its own experts' bytes from the files, and
+    /// never holds the others. The other experts' tensors must still exist (they are checked by
+    /// name, not read).
+    ///
+    /// # Errors
+    /// [`CheckpointError::ExpertRange`] for an empty range or one past the last expert; otherwise as
+    /// [`load_model`](Self::load_model).
+    pub fn load_model_with_experts<B: Backend>(
+        &self,
+        device: &B::Device,
+        kernel: MoeKernel,
+        experts: Option<std::ops::Range<usize>>,
+    ) -> Result<MixtralForCausalLM<B>, CheckpointError> {
         let c = &self.config;
-        let mut used = BTreeSet::new();
-        let mut read = |name: String, shape: &[usize]| -> Result<TensorData, CheckpointError> {
+        let all = 0..c.num_local_experts;
+        let local = experts.unwrap_or_else(|| all.clone());
+        if local.is_empty() || local.end > all.end {
+            return Err(CheckpointError::ExpertRange {
+                dir: self.dir.display().to_string(),
+                start: local.start,
+                end: local.end,
+                experts: all.end,
+            });
+        }
+        let used = std::cell::RefCell::new(BTreeSet::new());
+        let read = |name: String, shape: &[usize]| -> Result<TensorData, CheckpointError> {
             let data = self.files.read_f32(&name, shape)?;
-            used.insert(name);
+            used.borrow_mut().insert(name);
             Ok(TensorData::new(data, shape.to_vec()))
         };
+        // A stacked expert tensor `[E, ..]` (transformers 5 layout): only the rows of `local`.
+        let read_experts = |name: String, shape: &[usize]| -> Result<Vec<f32>, CheckpointError> {
+            if self.files.shape(&name) != Some(shape) {
+                self.files.read_f32(&name, shape)?; // the shape error, naming the file
+            }
+            let mut ranges = vec![local.clone()];
+            ranges.extend(shape[1..].iter().map(|&n| 0..n));
+            let data = self.files.read_f32_block(&name, &ranges)?;
+            used.borrow_mut().insert(name);
+            Ok(data)
+        };
+        let mut skipped = Vec::new();
+        let el = local.len();
         let (v, d, f, e, hd) = (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim());
         let (h, kv) = (c.num_attention_heads, c.num_key_value_heads);
 
@@ -93,29 +134,34 @@ impl HfCheckpoint {
             let (gate, w1, w3, w2) = match self.layout {
                 HfLayout::Classic => {
                     let gate = read(format!("{p}.block_sparse_moe.gate.weight"), &[e, d])?;
-                    let mut w1 = Vec::with_capacity(e * f * d);
-                    let mut w3 = Vec::with_capacity(e * f * d);
-                    let mut w2 = Vec::with_capacity(e * d * f);
+                    let mut w1 = Vec::with_capacity(el * f * d);
+                    let mut w3 = Vec::with_capacity(el * f * d);
+                    let mut w2 = Vec::with_capacity(el * d * f);
                     for x in 0..e {
                         let q = format!("{p}.block_sparse_moe.experts.{x}");
+                        if !local.contains(&x) {
+                            // Another rank's expert: present (checked below), not read.
+                            for w in ["w1", "w3", "w2"] {
+                                skipped.push(format!("{q}.{w}.weight"));
+                            }
+                            continue;
+                        }
                         w1.extend(read(format!("{q}.w1.weight"), &[f, d])?.into_vec::<f32>().expect("f32 data"));
                         w3.extend(read(format!("{q}.w3.weight"), &[f, d])?.into_vec::<f32>().expect("f32 data"));
                         w2.extend(read(format!("{q}.w2.weight"), &[d, f])?.into_vec::<f32>().expect("f32 data"));
                     }
-                    (gate, TensorData::new(w1, [e, f, d]), TensorData::new(w3, [e, f, d]), TensorData::new(w2, [e, d, f]))
+                    (gate, TensorData::new(w1, [el, f, d]), TensorData::new(w3, [el, f, d]), TensorData::new(w2, [el, d, f]))
                 }
                 HfLayout::Fused => {
                     let gate = read(format!("{p}.mlp.gate.weight"), &[e, d])?;
-                    let gate_up = read(format!("{p}.mlp.experts.gate_up_proj"), &[e, 2 * f, d])?
-                        .into_vec::<f32>()
-                        .expect("f32 data");
-                    let (mut w1, mut w3) = (Vec::with_capacity(e * f * d), Vec::with_capacity(e * f * d));
+                    let gate_up = read_experts(format!("{p}.mlp.experts.gate_up_proj"), &[e, 2 * f, d])?;
+                    let (mut w1, mut w3) = (Vec::with_capacity(el * f * d), Vec::with_capacity(el * f * d));
                     for chunk in gate_up.chunks_exact(2 * f * d) {
                         w1.extend_from_slice(&chunk[..f * d]);
                         w3.extend_from_slice(&chunk[f * d..]);
                     }
-                    let w2 = read(format!("{p}.mlp.experts.down_proj"), &[e, d, f])?;
-                    (gate, TensorData::new(w1, [e, f, d]), TensorData::new(w3, [e, f, d]), w2)
+                    let w2 = read_experts(format!("{p}.mlp.experts.down_proj"), &[e, d, f])?;
+                    (gate, TensorData::new(w1, [el, f, d]), TensorData::new(w3, [el, f, d]), TensorData::new(w2, [el, d, f]))
                 }
             };
             layers.push(DecoderLayer {
@@ -131,7 +177,14 @@ impl HfCheckpoint {
         let norm = RmsNorm::from_weight(t1(read("model.norm.weight".into(), &[d])?), c.rms_norm_eps);
         let lm_head = HfLinear::from_weight(t2(read("lm_head.weight".into(), &[v, d])?));
 
-        let unexpected: Vec<String> = self.files.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
+        let used = used.into_inner();
+        for name in &skipped {
+            if !self.files.names().any(|n| n == name) {
+                return Err(CheckpointError::MissingTensor { dir: self.dir.display().to_string(), name: name.clone() });
+            }
+        }
+        let unexpected: Vec<String> =
+            self.files.names().filter(|n| !used.contains(*n) && !skipped.iter().any(|s| s == n)).map(str::to_string).collect();
         if !unexpected.is_empty() {
             return Err(CheckpointError::UnexpectedTensors { dir: self.dir.display().to_string(), names: unexpected });
         }
