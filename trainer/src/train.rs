@@ -285,8 +285,10 @@ where
     // rank reads its own weight shards once the plan has cut the model (below).
     let from_shards = resume.as_ref().is_some_and(|(dir, state)| state.sharded.is_some() && !dir.join("model.safetensors").is_file());
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
-        // Every value is overwritten from the shards: any initialisation does.
-        (Some(_), _) if from_shards => config.init(device),
+        // Every value is overwritten from the shards: zeros, and with EP only this rank's experts.
+        (Some(_), _) if from_shards => {
+            config.init_zeros(device, parallel.expert_range().map_or(config.num_local_experts, |r| r.len()))
+        }
         (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model_with_experts(device, args.kernel(), local_experts)?,
         (None, Some(ckpt)) => ckpt.load_model_with_experts(device, args.kernel(), local_experts)?,
         // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for

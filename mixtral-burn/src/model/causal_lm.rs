@@ -70,7 +70,23 @@ impl MixtralConfig {
     /// [`MixtralConfig::from_hf_json_file`] or call `validate` first to get an error instead.
     pub fn init<B: Backend>(&self, device: &B::Device) -> MixtralForCausalLM<B> {
         let std = self.initializer_range;
-        self.build(device, |n| Tensor::random([n], Distribution::Normal(0.0, std), device))
+        self.build(device, self.num_local_experts, |n| Tensor::random([n], Distribution::Normal(0.0, std), device))
+    }
+
+    /// A model of this shape whose weights are zeros and whose MoE layers hold only `experts_held`
+    /// experts (as `DMoe::local_experts` leaves them; the router stays whole): the skeleton an
+    /// expert-parallel rank fills from its own checkpoint shards, without ever holding the other
+    /// ranks' experts or drawing random numbers for weights it overwrites.
+    ///
+    /// # Panics
+    /// As [`init`](Self::init), and when `experts_held` is 0 or more than `num_local_experts`.
+    pub fn init_zeros<B: Backend>(&self, device: &B::Device, experts_held: usize) -> MixtralForCausalLM<B> {
+        assert!(
+            experts_held > 0 && experts_held <= self.num_local_experts,
+            "experts_held {experts_held} outside 1..={}",
+            self.num_local_experts
+        );
+        self.build(device, experts_held, |n| Tensor::zeros([n], device))
     }
 
     /// Like [`init`](Self::init), but the weights come from a host RNG seeded with `seed`, so the same
@@ -82,15 +98,15 @@ impl MixtralConfig {
     pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> MixtralForCausalLM<B> {
         let mut rng = HostNormal::new(seed);
         let std = self.initializer_range as f32;
-        self.build(device, |n| {
+        self.build(device, self.num_local_experts, |n| {
             let values: Vec<f32> = (0..n).map(|_| rng.sample() * std).collect();
             Tensor::from_data(TensorData::new(values, [n]), device)
         })
     }
 
-    /// Assembles the model; `normal(n)` returns `n` values of `N(0, initializer_range²)`, drawn in
-    /// parameter order.
-    fn build<B: Backend>(&self, device: &B::Device, mut normal: impl FnMut(usize) -> Tensor<B, 1>) -> MixtralForCausalLM<B> {
+    /// Assembles the model with `held` experts per MoE layer; `normal(n)` returns `n` values of
+    /// `N(0, initializer_range²)`, drawn in parameter order.
+    fn build<B: Backend>(&self, device: &B::Device, held: usize, mut normal: impl FnMut(usize) -> Tensor<B, 1>) -> MixtralForCausalLM<B> {
         if let Err(e) = self.validate("MixtralConfig::init") {
             panic!("{e}");
         }
@@ -111,9 +127,9 @@ impl MixtralConfig {
                 sliding_window: self.sliding_window,
             };
             let gate = matrix(e, d);
-            let w1 = matrix(e * f, d).reshape([e, f, d]);
-            let w3 = matrix(e * f, d).reshape([e, f, d]);
-            let w2 = matrix(e * d, f).reshape([e, d, f]);
+            let w1 = matrix(held * f, d).reshape([held, f, d]);
+            let w3 = matrix(held * f, d).reshape([held, f, d]);
+            let w2 = matrix(held * d, f).reshape([held, d, f]);
             layers.push(DecoderLayer {
                 self_attn,
                 mlp: DMoe::from_weights(gate, w1, w3, w2, self.num_experts_per_tok, self.moe_kernel),
