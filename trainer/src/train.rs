@@ -154,6 +154,57 @@ pub fn evaluate<B: MoeBackend>(
     EvalOutput { loss: sum / n.max(1) as f64, n_target_tokens: n }
 }
 
+/// [`evaluate`] on several ranks, the way they train: every rank runs its slice of each eval batch
+/// (`batch_size` examples per rank) on the plan's materialized model with its token dispatcher, so
+/// no rank needs the whole model (experts stay on their ranks, FSDP shards are gathered as for a
+/// training step); the loss sums and target-token counts are all-reduced. Under expert parallelism
+/// a rank with an empty slice still runs one padding token, since the forward has collectives.
+///
+/// # Errors
+/// A failed gather or collective.
+pub fn evaluate_parallel<B, C>(
+    parallel: &Parallel<B, C>,
+    model: &MixtralForCausalLM<B>,
+    dataset: &TrainDataset,
+    batch_size: usize,
+    comm: &C,
+    device: &B::Device,
+) -> Result<EvalOutput, TrainError>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
+    B::InnerBackend: MoeBackend,
+    C: Communicator<B::InnerBackend> + 'static,
+{
+    let (world, rank, per) = (comm.size(), comm.rank(), batch_size.max(1));
+    let live = parallel.materialize(model)?;
+    let indices: Vec<usize> = (0..dataset.len()).collect();
+    let idle = Batch::idle();
+    let (mut sum, mut n) = (0.0, 0usize);
+    for chunk in indices.chunks(per * world) {
+        let mine = &chunk[(rank * per).min(chunk.len())..((rank + 1) * per).min(chunk.len())];
+        let collated = dataset.collate(mine);
+        let batch = if collated.batch > 0 {
+            &collated
+        } else if parallel.lockstep() {
+            &idle
+        } else {
+            continue;
+        };
+        let real = batch.real_tokens();
+        let out = live.forward_with_labels_dispatched(
+            batch.input_ids_tensor::<B>(device),
+            batch.labels_tensor::<B>(device),
+            Some(&real),
+            parallel.dispatcher(),
+        );
+        parallel.check()?;
+        sum += scalar(out.lm_loss_sum);
+        n += batch.n_target_tokens;
+    }
+    let totals = all_reduce_scalars::<B::InnerBackend, C>(&[sum, n as f64], comm, device)?;
+    Ok(EvalOutput { loss: totals[0] / totals[1].max(1.0), n_target_tokens: totals[1] as usize })
+}
+
 fn build_dataset(args: &Args, path: Option<&Path>, tokenizer: &Tokenizer, pack: bool) -> Result<TrainDataset, DataError> {
     let records = load_records(path)?;
     if pack {
@@ -500,14 +551,17 @@ where
         let epoch_end = ends_epoch(step, accum, bpe);
         let eval_loss = match &eval_dataset {
             Some(eval) if due(args.evaluation_strategy, step, args.eval_interval(), epoch_end) => {
-                // Sharded runs consolidate the model on every rank (a collective); rank 0 evaluates.
-                let full = parallel.consolidate(&model)?;
-                if lead {
+                let out = if world > 1 {
+                    evaluate_parallel::<B, C>(&parallel, &model, eval, args.per_device_eval_batch_size, comm, device)?
+                } else {
                     let full = match compute {
-                        Some(c) => crate::precision::compute_copy(full, c),
-                        None => full,
+                        Some(c) => crate::precision::compute_copy(model.clone(), c),
+                        None => model.clone(),
                     };
-                    let out = evaluate(&full.valid(), eval, args.per_device_eval_batch_size, device);
+                    evaluate(&full.valid(), eval, args.per_device_eval_batch_size, device)
+                };
+                timers.mark("evaluation");
+                if lead {
                     last_eval = Some(out.loss);
                     Some(out.loss)
                 } else {

@@ -474,3 +474,44 @@ fn unconsolidated_sharded_checkpoints_resume_the_same_run() {
         }
     }
 }
+
+/// Sharded evaluation: with `--evaluation-strategy steps`, 2 ranks evaluate their slices of every
+/// eval batch on the plan's model (experts on their ranks, FSDP shards gathered as for a step) and
+/// log the same `eval_loss` as one device. 5 eval examples in batches of 2 per rank: the last batch
+/// leaves rank 1 an empty slice (under EP it still runs the forward's collectives).
+#[test]
+fn sharded_evaluation_equals_one_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let eval = tmp.path().join("eval.json");
+    std::fs::write(
+        &eval,
+        r#"[{"instruction": "Add the two numbers.", "input": "2 + 3", "output": "5"},
+            {"instruction": "Repeat the word.", "input": "cat", "output": "cat cat"},
+            {"instruction": "Say hello.", "output": "Hello!"},
+            {"instruction": "Reverse the letters.", "input": "abc", "output": "cba"},
+            {"instruction": "Count to three.", "output": "1 2 3"}]"#,
+    )
+    .unwrap();
+    let e = eval.to_str().unwrap();
+    let common = [
+        "--max-steps", "2", "--seed", "3", "--eval-data-path", e, "--evaluation-strategy", "steps", "--eval-steps", "2",
+        "--per-device-eval-batch-size", "2",
+    ];
+    let eval_losses = |dir: &Path| -> Vec<f64> { metrics(dir).iter().filter_map(|l| l["eval_loss"].as_f64()).collect() };
+    let single = tmp.path().join("single");
+    let a = args(&single, 4, &common);
+    let a = Args { save_strategy: trainer::cli::IntervalStrategy::No, ..a };
+    train::<B>(&a, &Default::default()).unwrap();
+    let want = eval_losses(&single);
+    assert_eq!(want.len(), 1, "one evaluation at step 2");
+    for plan in [&["--ep-size", "2", "--sharding", "fsdp2"][..], &["--sharding", "fsdp1"], &["--sharding", "ddp"]] {
+        let out = tmp.path().join(plan.join(""));
+        let mut flags = common.to_vec();
+        flags.extend_from_slice(plan);
+        let a = Args { save_strategy: trainer::cli::IntervalStrategy::No, ..args(&out, 2, &flags) };
+        run_ranks(2, &a);
+        let got = eval_losses(&out);
+        assert_eq!(got.len(), 1, "{plan:?}: evaluations");
+        assert!(rel(got[0], want[0]) <= 1e-5, "{plan:?}: eval_loss {} vs one device {}", got[0], want[0]);
+    }
+}
