@@ -154,6 +154,29 @@ pub fn evaluate<B: MoeBackend>(
     EvalOutput { loss: sum / n.max(1) as f64, n_target_tokens: n }
 }
 
+/// One batch through the plan's forward pass: `live` from [`Parallel::materialize`], tokens moved to
+/// their experts by the plan's dispatcher; a collective that failed inside the model is an error.
+fn plan_forward<B, C>(
+    parallel: &Parallel<B, C>,
+    live: &MixtralForCausalLM<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Result<mixtral_burn::CausalLmOutput<B>, TrainError>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
+    C: Communicator<B::InnerBackend> + 'static,
+{
+    let real = batch.real_tokens();
+    let out = live.forward_with_labels_dispatched(
+        batch.input_ids_tensor::<B>(device),
+        batch.labels_tensor::<B>(device),
+        Some(&real),
+        parallel.dispatcher(),
+    );
+    parallel.check()?;
+    Ok(out)
+}
+
 /// [`evaluate`] on several ranks, the way they train: every rank runs its slice of each eval batch
 /// (`batch_size` examples per rank) on the plan's materialized model with its token dispatcher, so
 /// no rank needs the whole model (experts stay on their ranks, FSDP shards are gathered as for a
@@ -190,14 +213,7 @@ where
         } else {
             continue;
         };
-        let real = batch.real_tokens();
-        let out = live.forward_with_labels_dispatched(
-            batch.input_ids_tensor::<B>(device),
-            batch.labels_tensor::<B>(device),
-            Some(&real),
-            parallel.dispatcher(),
-        );
-        parallel.check()?;
+        let out = plan_forward(parallel, &live, batch, device)?;
         sum += scalar(out.lm_loss_sum);
         n += batch.n_target_tokens;
     }
@@ -489,14 +505,7 @@ where
                 }
                 continue;
             };
-            let real = batch.real_tokens();
-            let out = live.forward_with_labels_dispatched(
-                batch.input_ids_tensor::<B>(device),
-                batch.labels_tensor::<B>(device),
-                Some(&real),
-                parallel.dispatcher(),
-            );
-            parallel.check()?;
+            let out = plan_forward(&parallel, &live, batch, device)?;
             timers.mark("forward");
             let lm = out.lm_loss_sum.div_scalar(step_targets);
             for (layer, stats) in out.aux.iter().enumerate() {
