@@ -339,6 +339,12 @@ where
     /// Sharded parameters gathered (FSDP2 shards and FSDP1 pieces cast to `compute`, or f32, first);
     /// with `compute`, the other parameters rounded to it as fresh leaves.
     fn gather(&self, model: &MixtralForCausalLM<B>, compute: Option<FloatDType>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        self.gather_where(model, compute, false)
+    }
+
+    /// [`gather`](Self::gather), leaving frozen parameters (and FSDP1's frozen units) sharded when
+    /// `skip_frozen`.
+    fn gather_where(&self, model: &MixtralForCausalLM<B>, compute: Option<FloatDType>, skip_frozen: bool) -> Result<MixtralForCausalLM<B>, ShardingError> {
         if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. })) {
             return Ok(match compute {
                 Some(c) => crate::precision::compute_copy(model.clone(), c),
@@ -353,10 +359,15 @@ where
         let device = model.lm_head.weight.val().device();
         let mut flats = Vec::with_capacity(self.units.len());
         for (unit, parts) in self.units.iter().zip(pieces.pieces) {
+            if skip_frozen && !unit.trainable {
+                // Every rank skips the same units: trainability is part of the plan.
+                flats.push(Tensor::empty([0], &device));
+                continue;
+            }
             let chunk = pad_to(parts, unit.chunk, &device, wire);
             flats.push(world.all_gather(chunk, 0)?);
         }
-        let mut gather = Gather { placements: &self.placements, world, flats, compute, error: None };
+        let mut gather = Gather { placements: &self.placements, world, flats, compute, skip_frozen, error: None };
         let full = model.clone().map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -443,11 +454,25 @@ where
     /// # Errors
     /// A failed collective.
     pub fn consolidate(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        self.consolidate_where(model, false)
+    }
+
+    /// Like [`consolidate`](Self::consolidate), but only the trainable parameters are gathered (the
+    /// LoRA adapters of a LoRA run); frozen ones stay as this rank's shards. For exporting adapters
+    /// without ever holding the whole base model. Collective: every rank must call it.
+    ///
+    /// # Errors
+    /// A failed collective.
+    pub fn consolidate_trainable(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
+        self.consolidate_where(model, true)
+    }
+
+    fn consolidate_where(&self, model: &MixtralForCausalLM<B>, skip_frozen: bool) -> Result<MixtralForCausalLM<B>, ShardingError> {
         if !self.is_sharded() {
             return Ok(model.clone());
         }
-        let full = self.gather(model, None)?;
-        let mut gather = GatherExperts { placements: &self.placements, ep: self.mesh.ep(), error: None };
+        let full = self.gather_where(model, None, skip_frozen)?;
+        let mut gather = GatherExperts { placements: &self.placements, ep: self.mesh.ep(), skip_frozen, error: None };
         let full = full.map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -617,12 +642,14 @@ struct Gather<'a, C, B: burn::tensor::backend::Backend> {
     /// Mixed precision: shards are gathered in this dtype and unsharded parameters become leaves
     /// in it too.
     compute: Option<FloatDType>,
+    /// Leave frozen parameters as they are.
+    skip_frozen: bool,
     error: Option<ShardingError>,
 }
 
 impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for Gather<'_, C, B::InnerBackend> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if self.error.is_some() {
+        if self.error.is_some() || (self.skip_frozen && !param.is_require_grad()) {
             return param;
         }
         let (dims, flat) = match self.placements.get(&param.id) {
@@ -663,12 +690,17 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
 struct GatherExperts<'a, C> {
     placements: &'a HashMap<ParamId, ParamPlacement>,
     ep: &'a C,
+    /// Leave frozen parameters as they are.
+    skip_frozen: bool,
     error: Option<ShardingError>,
 }
 
 impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for GatherExperts<'_, C> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-        if self.placements.get(&param.id) != Some(&ParamPlacement::Expert) || self.error.is_some() {
+        if self.placements.get(&param.id) != Some(&ParamPlacement::Expert)
+            || self.error.is_some()
+            || (self.skip_frozen && !param.is_require_grad())
+        {
             return param;
         }
         let (id, local, mapper) = param.consume();

@@ -650,7 +650,8 @@ where
     }
     progress.finish();
     if let Some((targets, lora)) = args.lora() {
-        let model = parallel.consolidate(&model)?;
+        // The adapters alone unless merging: the frozen base stays sharded.
+        let model = if args.merge_lora { parallel.consolidate(&model)? } else { parallel.consolidate_trainable(&model)? };
         if lead {
             // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
             let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;

@@ -170,21 +170,29 @@ fn expert_parallel_ranks_with_empty_slices_and_lora_on_experts() {
     ];
     let single = tmp.path().join("single");
     train::<B>(&args(&single, 4, &common), &Default::default()).unwrap();
-    let out = tmp.path().join("ep4");
-    let mut flags = common.to_vec();
-    flags.extend_from_slice(&["--ep-size", "4", "--sharding", "fsdp2"]);
-    run_ranks(4, &args(&out, 1, &flags));
-    assert_same_run(&single, &out, 2, "EP=4 + FSDP2, LoRA all, empty slices");
-    // Adapters start at B = 0, where AdamW's first updates are ±lr for any gradient far above eps
-    // but amplify rounding for gradients near it: plain DDP shows 9e-5 here too (one device vs four,
-    // same summation otherwise), so adapters get a looser bound than the base weights.
-    let adapter = |dir: &Path| weights(&dir.join("adapter_model.safetensors"));
-    let (a, b) = (adapter(&single), adapter(&out));
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (name, x) in &a {
-        let num: f64 = x.iter().zip(&b[name]).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
-        let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt().max(1e-12);
-        assert!(num / den <= 2e-4, "adapter {name} differs: rel L2 {}", num / den);
+    // The end-of-run adapter export gathers only the adapters (the frozen base stays sharded):
+    // EP=4 × FSDP2 (empty slices) and FSDP1 (frozen and trainable units) write the one-device file.
+    for (what, ranks, plan) in [
+        ("EP=4 + FSDP2, LoRA all, empty slices", 4, &["--ep-size", "4", "--sharding", "fsdp2"][..]),
+        ("FSDP1 on 2 ranks, LoRA all", 2, &["--sharding", "fsdp1"][..]),
+    ] {
+        let out = tmp.path().join(plan.join(""));
+        let mut flags = common.to_vec();
+        flags.extend_from_slice(plan);
+        run_ranks(ranks, &args(&out, 4 / ranks, &flags));
+        assert_same_run(&single, &out, 2, what);
+        // Adapters start at B = 0, where AdamW's first updates are ±lr for any gradient far above
+        // eps but amplify rounding for gradients near it: plain DDP shows 9e-5 here too (one device
+        // vs four, same summation otherwise), so adapters get a looser bound than the base weights.
+        let adapter = |dir: &Path| weights(&dir.join("adapter_model.safetensors"));
+        let (a, b) = (adapter(&single), adapter(&out));
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}");
+        for (name, x) in &a {
+            assert_eq!(x.len(), b[name].len(), "{what}: adapter {name} size");
+            let num: f64 = x.iter().zip(&b[name]).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
+            let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt().max(1e-12);
+            assert!(num / den <= 2e-4, "{what}: adapter {name} differs: rel L2 {}", num / den);
+        }
     }
 }
 
