@@ -120,9 +120,8 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     units: Vec<FlatUnit>,
     /// Mixed precision: the dtype the forward pass computes in (f32 masters stay here).
     compute: Option<FloatDType>,
-    /// EP: the number of experts and this rank's range of them (set by [`shard`](Self::shard)).
-    experts: Option<(usize, Range<usize>)>,
-    /// Experts per MoE layer of the model this plan is for.
+    /// Experts per MoE layer of the model this plan is for (EP: this rank's range of them is
+    /// [`expert_range`](Self::expert_range)).
     num_experts: usize,
 }
 
@@ -162,7 +161,7 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, experts: None, num_experts })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, num_experts })
     }
 
     /// With expert parallelism, the experts this rank holds (the same range [`shard`](Self::shard)
@@ -232,7 +231,7 @@ where
                 LocalPiece { global_dims: dims.clone(), region: block(dims.clone(), rows.start, rows.len()), owner: !rows.is_empty() && numel > 0 }
             }
             ParamPlacement::Expert => {
-                let (num_experts, range) = self.experts.clone()?;
+                let (num_experts, range) = (self.num_experts, self.expert_range()?);
                 let mut global = local_dims.to_vec();
                 global[0] = num_experts;
                 LocalPiece {
@@ -280,9 +279,8 @@ where
     pub fn shard(&mut self, model: MixtralForCausalLM<B>) -> MixtralForCausalLM<B> {
         let ep = self.mesh.ep_size();
         let mut model = model;
-        if ep > 1 {
+        if let Some(range) = self.expert_range() {
             let num_experts = self.num_experts;
-            let range = burn_moe_backend::experts_of_rank(num_experts, ep, self.mesh.ep_index());
             for layer in &mut model.model.layers {
                 // A layer loaded with only this rank's experts
                 // (`HfCheckpoint::load_model_with_experts(.., self.expert_range())`) is kept as is.
@@ -293,7 +291,6 @@ where
                     assert_eq!(held, range.len(), "a MoE layer holds {held} experts: neither all {num_experts} nor this rank's {range:?}");
                 }
             }
-            self.experts = Some((num_experts, range));
         }
         let world = self.mesh.fsdp_group();
         let (size, rank) = (world.size(), world.rank());

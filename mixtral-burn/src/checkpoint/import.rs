@@ -177,14 +177,14 @@ impl HfCheckpoint {
         let norm = RmsNorm::from_weight(t1(read("model.norm.weight".into(), &[d])?), c.rms_norm_eps);
         let lm_head = HfLinear::from_weight(t2(read("lm_head.weight".into(), &[v, d])?));
 
-        let used = used.into_inner();
-        for name in &skipped {
-            if !self.files.names().any(|n| n == name) {
-                return Err(CheckpointError::MissingTensor { dir: self.dir.display().to_string(), name: name.clone() });
+        let mut used = used.into_inner();
+        for name in skipped {
+            if self.files.shape(&name).is_none() {
+                return Err(CheckpointError::MissingTensor { dir: self.dir.display().to_string(), name });
             }
+            used.insert(name);
         }
-        let unexpected: Vec<String> =
-            self.files.names().filter(|n| !used.contains(*n) && !skipped.iter().any(|s| s == n)).map(str::to_string).collect();
+        let unexpected: Vec<String> = self.files.names().filter(|n| !used.contains(*n)).map(str::to_string).collect();
         if !unexpected.is_empty() {
             return Err(CheckpointError::UnexpectedTensors { dir: self.dir.display().to_string(), names: unexpected });
         }
