@@ -302,13 +302,15 @@ impl HalfElem for half::bf16 {
 }
 
 /// Every kernel choice the block-sparse launchers take.
-const STRATEGIES: [BlockSparseStrategy; 7] = [
+const STRATEGIES: [BlockSparseStrategy; 9] = [
     BlockSparseStrategy::Naive,
-    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 2 },
-    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 3 },
-    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4 },
-    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2 },
-    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 3 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 2, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 3, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 3, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true },
     BlockSparseStrategy::Auto,
 ];
 
@@ -434,7 +436,7 @@ fn tensor_core_block_sparse_refuses_what_it_cannot_run() {
     refused(launch_dsd_with::<W, f32>(&client, &p, &topo, &bufs, h4(topo.sparse_len()), h4(p.weight_len()), h4(p.dense_len()), pipelined));
 
     // A pipeline configuration outside 32/64 x 2..4 is refused before anything else.
-    let odd = BlockSparseStrategy::CmmaPipelined { block_k: 48, stages: 2 };
+    let odd = BlockSparseStrategy::CmmaPipelined { block_k: 48, stages: 2, wide: false };
     let msg = refused(launch_dsd_with::<W, half::f16>(&client, &p, &topo, &bufs, h(topo.sparse_len()), h(p.weight_len()), h(p.dense_len()), odd));
     assert!(msg.contains("block_k 48"), "{msg}");
     // A problem that does not describe the topology is still a shape error first.

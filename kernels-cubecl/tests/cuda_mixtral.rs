@@ -30,12 +30,12 @@
 //! rounding of the outputs); f32 storage ≤ 1e-5; two f32 kernels against each other ≤ 2e-5.
 //!
 //! Grouped-matmul strategies: f32 `Naive` and `Tiled`; bf16 `Naive`, `Tiled`, `Cmma` and
-//! `CmmaPipelined` {32,2}, {32,3}, {32,4}, {64,2}, {64,3}, then `Auto`. A strategy the device does not
+//! `CmmaPipelined` {32,2}, {32,3}, {32,4}, {64,2}, {64,3}, the wide layout {32,4} and {64,2}, then `Auto`. A strategy the device does not
 //! support (`cmma_supported` / `cmma_pipelined_supported`) must be refused with
 //! `KernelError::Unsupported`; it is reported, and `Auto` must then have resolved to something else.
 //!
 //! Block-sparse strategies: f32 `Naive` (what `Auto` is for f32); bf16 `Naive`, the tensor-core
-//! `CmmaPipelined` {32,4} and {64,2}, then `Auto` (the tensor-core default where
+//! `CmmaPipelined` {32,4} and {64,2}, both also wide, then `Auto` (the tensor-core default where
 //! `block_sparse_cmma_supported`, else `Naive`); every line names the strategy and what ran. An
 //! unsupported tensor-core choice must be refused with `BlockSparseError::Kernel(KernelError::Unsupported)`.
 #![cfg(feature = "cuda")]
@@ -106,23 +106,27 @@ const SPREAD: usize = 34;
 const CHUNK: usize = 1 << 20;
 
 /// The block-sparse strategies run with bf16 storage.
-const BF16_BLOCK_SPARSE_STRATEGIES: [BlockSparseStrategy; 4] = [
+const BF16_BLOCK_SPARSE_STRATEGIES: [BlockSparseStrategy; 6] = [
     BlockSparseStrategy::Naive,
-    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4 },
-    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2 },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: false },
+    BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true },
+    BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true },
     BlockSparseStrategy::Auto,
 ];
 
 /// The grouped-matmul strategies run with bf16 storage.
-const BF16_STRATEGIES: [Strategy; 9] = [
+const BF16_STRATEGIES: [Strategy; 11] = [
     Strategy::Naive,
     Strategy::Tiled,
     Strategy::Cmma,
-    Strategy::CmmaPipelined { block_k: 32, stages: 2 },
-    Strategy::CmmaPipelined { block_k: 32, stages: 3 },
-    Strategy::CmmaPipelined { block_k: 32, stages: 4 },
-    Strategy::CmmaPipelined { block_k: 64, stages: 2 },
-    Strategy::CmmaPipelined { block_k: 64, stages: 3 },
+    Strategy::CmmaPipelined { block_k: 32, stages: 2, wide: false },
+    Strategy::CmmaPipelined { block_k: 32, stages: 3, wide: false },
+    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: false },
+    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: false },
+    Strategy::CmmaPipelined { block_k: 64, stages: 3, wide: false },
+    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: true },
+    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: true },
     Strategy::Auto,
 ];
 

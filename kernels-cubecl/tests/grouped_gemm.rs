@@ -6,7 +6,7 @@ use half::f16;
 use kernels_cubecl::reference::scatter as reference;
 use kernels_cubecl::scatter::{
     CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
-    launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
+    launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, pipelined_defaults, set_pipelined_defaults,
 };
 
 mod common;
@@ -185,8 +185,8 @@ fn pipelined_grouped_matmul_runs_or_reports_unsupported() {
 }
 
 fn pipelined_cases<R: Runtime>(client: &ComputeClient<R>) {
-    for (block_k, stages) in [(32, 2), (32, 3), (32, 4), (64, 2), (64, 3)] {
-        let strategy = GroupedMatmulStrategy::CmmaPipelined { block_k, stages };
+    for (block_k, stages, wide) in [(32, 2, false), (32, 3, false), (32, 4, false), (64, 2, false), (64, 3, false), (32, 4, true), (64, 2, true), (32, 3, true)] {
+        let strategy = GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide };
         for transpose in [true, false] {
             let p = GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose };
             let res = check(client, &[37, 0, 26], 136, 200, transpose, Storage::F16, strategy);
@@ -205,7 +205,7 @@ fn pipelined_cases<R: Runtime>(client: &ComputeClient<R>) {
             assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
         }
     }
-    let bad = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 3 };
+    let bad = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 3, wide: false };
     let err = check(client, &[8], 16, 16, true, Storage::F16, bad).unwrap_err();
     assert!(matches!(err, KernelError::Unsupported(_)) && err.to_string().contains("block_k 48"), "{err}");
 }
@@ -322,4 +322,25 @@ fn grouped_matmul_kernels_match_reference_on_cuda() {
     cmma_cases(&client);
     pipelined_cases(&client);
     weight_grad_cases(&client);
+}
+
+/// The strategy names a benchmark or user passes (`moe_bench --pipelined`), and the checks on a
+/// process-wide pipelined default: a bad configuration is refused before anything changes.
+#[test]
+fn strategy_names_parse_and_bad_pipelined_defaults_are_refused() {
+    let parse = |s: &str| s.parse::<GroupedMatmulStrategy>();
+    assert_eq!(parse("auto").unwrap(), GroupedMatmulStrategy::Auto);
+    assert_eq!(parse("tiled").unwrap(), GroupedMatmulStrategy::Tiled);
+    assert_eq!(parse("64x2").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: false });
+    assert_eq!(parse("32x4w").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true });
+    for bad in ["48x2", "64x5", "64", "x2", "64x2ww", "fast"] {
+        assert!(matches!(parse(bad), Err(KernelError::Unsupported(_))), "{bad} parsed");
+    }
+    let before = pipelined_defaults();
+    assert_eq!(before, (CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT));
+    let err = set_pipelined_defaults(Some((GroupedMatmulStrategy::Tiled, CMMA_PIPELINED_DEFAULT))).unwrap_err();
+    assert!(err.to_string().contains("not a CmmaPipelined"), "{err}");
+    let odd = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 2, wide: true };
+    assert!(set_pipelined_defaults(Some((CMMA_PIPELINED_DEFAULT, odd))).is_err());
+    assert_eq!(pipelined_defaults(), before, "a refused choice must leave the defaults as they were");
 }

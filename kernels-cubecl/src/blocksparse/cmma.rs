@@ -32,7 +32,7 @@ use cubecl::prelude::barrier::{Barrier, copy_async_checked};
 use cubecl::prelude::*;
 
 use crate::scatter::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
-use crate::scatter::gemm_pipelined::{commit_and_arrive, issue_rows_tile, issue_w_tile, issue_x_tile, mma_step, wait_stage};
+use crate::scatter::gemm_pipelined::{commit_and_arrive, issue_rows_tile, issue_w_tile, issue_x_tile, mma_step, plane_layout, wait_stage};
 
 /// The block size the tensor-core kernels run at (= the 128 × 128 tile).
 pub const CMMA_SPARSE_BLOCK: usize = 128;
@@ -65,6 +65,7 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
     #[comptime] sparse_out: bool,
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
+    #[comptime] wide: bool,
 ) {
     let nv = N::value();
     let a_len = comptime!(CMMA_BLOCK_M * (block_k + 8) / nv);
@@ -78,8 +79,12 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
     let col0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
-    let plane_row = (plane / 4) * 64;
-    let plane_col = (plane % 4) * 32;
+    // The planes share the tile as in the scatter kernels (`plane_layout`).
+    let units = comptime!(plane_layout(wide).0);
+    let frags_n = comptime!(plane_layout(wide).1);
+    let plane_cols = comptime!(plane_layout(wide).2);
+    let plane_row = (plane / plane_cols) * 64;
+    let plane_col = (plane % plane_cols) * (16 * frags_n);
     let w_base = e * m * k;
 
     let mut a_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * a_len), 128usize);
@@ -91,7 +96,7 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
 
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..8usize {
+    for _ in 0..comptime!(4 * frags_n) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -107,11 +112,11 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
     for c in 0..comptime!(stages - 1) {
         if c < steps {
             if sparse_a {
-                issue_sparse_row_block_tile::<F, N>(a, &mut a_s, c * a_len, tid, row_block, blocks_per_row, k, c * block_k, block_k);
+                issue_sparse_row_block_tile::<F, N>(a, &mut a_s, c * a_len, tid, row_block, blocks_per_row, k, c * block_k, block_k, units);
             } else {
-                issue_x_tile::<F, N>(a, &mut a_s, c * a_len, tid, row0, row_end, k, c * block_k, block_k);
+                issue_x_tile::<F, N>(a, &mut a_s, c * a_len, tid, row0, row_end, k, c * block_k, block_k, units);
             }
-            issue_w_tile::<F, N>(w, &mut b_s, c * b_len, tid, col0, w_base, m, k, c * block_k, transpose, block_k);
+            issue_w_tile::<F, N>(w, &mut b_s, c * b_len, tid, col0, w_base, m, k, c * block_k, transpose, block_k, units);
             commit_and_arrive(c, &bar0, &bar1, &bar2, &bar3);
         }
     }
@@ -124,14 +129,14 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
         if next < steps {
             let sn = next % stages;
             if sparse_a {
-                issue_sparse_row_block_tile::<F, N>(a, &mut a_s, sn * a_len, tid, row_block, blocks_per_row, k, next * block_k, block_k);
+                issue_sparse_row_block_tile::<F, N>(a, &mut a_s, sn * a_len, tid, row_block, blocks_per_row, k, next * block_k, block_k, units);
             } else {
-                issue_x_tile::<F, N>(a, &mut a_s, sn * a_len, tid, row0, row_end, k, next * block_k, block_k);
+                issue_x_tile::<F, N>(a, &mut a_s, sn * a_len, tid, row0, row_end, k, next * block_k, block_k, units);
             }
-            issue_w_tile::<F, N>(w, &mut b_s, sn * b_len, tid, col0, w_base, m, k, next * block_k, transpose, block_k);
+            issue_w_tile::<F, N>(w, &mut b_s, sn * b_len, tid, col0, w_base, m, k, next * block_k, transpose, block_k, units);
             commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
         }
-        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k);
+        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k, frags_n);
         c += 1;
     }
 
@@ -142,10 +147,10 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
     #[unroll]
     for i in 0..4usize {
         #[unroll]
-        for j in 0..2usize {
+        for j in 0..frags_n {
             cmma::store(
                 &mut stage.slice_mut(stage_start, stage_start + 256),
-                &accs[i * 2 + j],
+                &accs[i * frags_n + j],
                 16u32,
                 cmma::MatrixLayout::RowMajor,
             );
@@ -191,6 +196,7 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
     #[comptime] sparse_a: bool,
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
+    #[comptime] wide: bool,
 ) {
     let nv = N::value();
     let a_len = comptime!(block_k * (CMMA_BLOCK_M + 8) / nv);
@@ -203,8 +209,12 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
     let l0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
-    let plane_row = (plane / 4) * 64;
-    let plane_col = (plane % 4) * 32;
+    // The planes share the tile as in the scatter kernels (`plane_layout`).
+    let units = comptime!(plane_layout(wide).0);
+    let frags_n = comptime!(plane_layout(wide).1);
+    let plane_cols = comptime!(plane_layout(wide).2);
+    let plane_row = (plane / plane_cols) * 64;
+    let plane_col = (plane % plane_cols) * (16 * frags_n);
 
     let mut a_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * a_len), 128usize);
     let mut b_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * b_len), 128usize);
@@ -215,7 +225,7 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
 
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..8usize {
+    for _ in 0..comptime!(4 * frags_n) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -232,11 +242,11 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
         if c < steps {
             let i0 = start + c * block_k;
             if sparse_a {
-                issue_sparse_rows_tile::<F, N>(a, &mut a_s, c * a_len, tid, i0, end, j0, m, blocks_per_row, block_k);
-                issue_rows_tile::<F, N>(b, &mut b_s, c * b_len, tid, i0, end, l0, k, block_k);
+                issue_sparse_rows_tile::<F, N>(a, &mut a_s, c * a_len, tid, i0, end, j0, m, blocks_per_row, block_k, units);
+                issue_rows_tile::<F, N>(b, &mut b_s, c * b_len, tid, i0, end, l0, k, block_k, units);
             } else {
-                issue_rows_tile::<F, N>(a, &mut a_s, c * a_len, tid, i0, end, j0, m, block_k);
-                issue_sparse_rows_tile::<F, N>(b, &mut b_s, c * b_len, tid, i0, end, l0, k, blocks_per_row, block_k);
+                issue_rows_tile::<F, N>(a, &mut a_s, c * a_len, tid, i0, end, j0, m, block_k, units);
+                issue_sparse_rows_tile::<F, N>(b, &mut b_s, c * b_len, tid, i0, end, l0, k, blocks_per_row, block_k, units);
             }
             commit_and_arrive(c, &bar0, &bar1, &bar2, &bar3);
         }
@@ -251,15 +261,15 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
             let sn = next % stages;
             let i0 = start + next * block_k;
             if sparse_a {
-                issue_sparse_rows_tile::<F, N>(a, &mut a_s, sn * a_len, tid, i0, end, j0, m, blocks_per_row, block_k);
-                issue_rows_tile::<F, N>(b, &mut b_s, sn * b_len, tid, i0, end, l0, k, block_k);
+                issue_sparse_rows_tile::<F, N>(a, &mut a_s, sn * a_len, tid, i0, end, j0, m, blocks_per_row, block_k, units);
+                issue_rows_tile::<F, N>(b, &mut b_s, sn * b_len, tid, i0, end, l0, k, block_k, units);
             } else {
-                issue_rows_tile::<F, N>(a, &mut a_s, sn * a_len, tid, i0, end, j0, m, block_k);
-                issue_sparse_rows_tile::<F, N>(b, &mut b_s, sn * b_len, tid, i0, end, l0, k, blocks_per_row, block_k);
+                issue_rows_tile::<F, N>(a, &mut a_s, sn * a_len, tid, i0, end, j0, m, block_k, units);
+                issue_sparse_rows_tile::<F, N>(b, &mut b_s, sn * b_len, tid, i0, end, l0, k, blocks_per_row, block_k, units);
             }
             commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
         }
-        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k);
+        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k, frags_n);
         c += 1;
     }
 
@@ -269,10 +279,10 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
     #[unroll]
     for r in 0..4usize {
         #[unroll]
-        for cc in 0..2usize {
+        for cc in 0..frags_n {
             cmma::store(
                 &mut stage.slice_mut(stage_start, stage_start + 256),
-                &accs[r * 2 + cc],
+                &accs[r * frags_n + cc],
                 16u32,
                 cmma::MatrixLayout::RowMajor,
             );
@@ -307,6 +317,7 @@ fn issue_sparse_row_block_tile<F: Float, N: Size>(
     ffn: usize,
     k0: usize,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
     let nv = N::value();
     let vpr = comptime!(block_k / nv);
@@ -314,8 +325,8 @@ fn issue_sparse_row_block_tile<F: Float, N: Size>(
     let bs = CMMA_SPARSE_BLOCK;
     let base = (row_block * blocks_per_row + k0 / bs) * bs * bs + k0 % bs;
     #[unroll]
-    for st in 0..comptime!(CMMA_BLOCK_M * block_k / (256 * nv)) {
-        let q = tid + st * 256;
+    for st in 0..comptime!(CMMA_BLOCK_M * block_k / (units * nv)) {
+        let q = tid + st * units;
         let r = q / vpr;
         let cv = q % vpr;
         let kk = k0 + cv * nv;
@@ -347,6 +358,7 @@ fn issue_sparse_rows_tile<F: Float, N: Size>(
     ffn: usize,
     blocks_per_row: usize,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
     let nv = N::value();
     let vpr = comptime!(CMMA_BLOCK_M / nv);
@@ -354,8 +366,8 @@ fn issue_sparse_rows_tile<F: Float, N: Size>(
     let bs = CMMA_SPARSE_BLOCK;
     let base = ((i0 / bs) * blocks_per_row + c0 / bs) * bs * bs + (i0 % bs) * bs;
     #[unroll]
-    for st in 0..comptime!(CMMA_BLOCK_M * block_k / (256 * nv)) {
-        let q = tid + st * 256;
+    for st in 0..comptime!(CMMA_BLOCK_M * block_k / (units * nv)) {
+        let q = tid + st * units;
         let i = q / vpr;
         let cv = q % vpr;
         let row = i0 + i;

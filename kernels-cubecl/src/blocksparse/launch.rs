@@ -16,7 +16,8 @@ use cubecl::server::Handle;
 use super::cmma::{CMMA_SPARSE_BLOCK, block_sparse_forward_cmma_kernel, block_sparse_weight_grad_cmma_kernel};
 use super::kernel::{dsd_kernel, dstd_kernel, sdd_kernel};
 use crate::reference::blocksparse::{BlockSparseError, BlockSparseTopology};
-use crate::scatter::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_UNITS};
+use crate::scatter::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N};
+use crate::scatter::gemm_pipelined::plane_layout;
 use crate::scatter::launch::check_pipeline;
 use crate::scatter::{GroupedMatmulProblem, KernelError, cmma_pipelined_supported};
 
@@ -39,18 +40,19 @@ pub enum BlockSparseStrategy {
         block_k: usize,
         /// Steps in flight: 2 to 4.
         stages: usize,
+        /// The wide plane layout (4 planes of 64 × 64 per cube), as for the grouped GEMM.
+        wide: bool,
     },
 }
 
 /// What [`BlockSparseStrategy::Auto`] runs for the SDD and DSD where the tensor cores can: the
 /// configuration measured fastest for the grouped forward GEMM these kernels are built on
-/// ([`CMMA_PIPELINED_DEFAULT`](crate::scatter::CMMA_PIPELINED_DEFAULT)); not yet timed for the
-/// block-sparse kernels themselves.
-pub const BLOCK_SPARSE_CMMA_DEFAULT: BlockSparseStrategy = BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2 };
+/// ([`CMMA_PIPELINED_DEFAULT`](crate::scatter::CMMA_PIPELINED_DEFAULT)).
+pub const BLOCK_SPARSE_CMMA_DEFAULT: BlockSparseStrategy = BlockSparseStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true };
 
 /// The same for the DSᵀD, after the grouped weight gradient
 /// ([`CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT`](crate::scatter::CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT)).
-pub const BLOCK_SPARSE_CMMA_WEIGHT_GRAD_DEFAULT: BlockSparseStrategy = BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4 };
+pub const BLOCK_SPARSE_CMMA_WEIGHT_GRAD_DEFAULT: BlockSparseStrategy = BlockSparseStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true };
 
 /// Whether [`BlockSparseStrategy::CmmaPipelined`] can run `problem` for element type `F` here: block
 /// size 128, and what [`cmma_pipelined_supported`] asks of a grouped GEMM (f16/bf16 cmma, cube
@@ -79,7 +81,7 @@ fn resolve<R: Runtime, F: Float + CubeElement>(
     match strategy {
         BlockSparseStrategy::Auto if block_sparse_cmma_supported::<R, F>(client, problem) => Ok(pipelined),
         BlockSparseStrategy::Auto | BlockSparseStrategy::Naive => Ok(BlockSparseStrategy::Naive),
-        BlockSparseStrategy::CmmaPipelined { block_k, stages } => {
+        BlockSparseStrategy::CmmaPipelined { block_k, stages, .. } => {
             check_pipeline(block_k, stages)?;
             if block_sparse_cmma_supported::<R, F>(client, problem) {
                 Ok(strategy)
@@ -301,7 +303,7 @@ pub fn launch_sdd_with<R: Runtime, F: Float + CubeElement>(
     }
     let nnz = topology.nnz();
     match strategy {
-        BlockSparseStrategy::CmmaPipelined { block_k, stages } => {
+        BlockSparseStrategy::CmmaPipelined { block_k, stages, wide } => {
             let nb = topology.blocks_per_row();
             let count = checked_grid(client, topology.row_blocks(), nb, 1, "SDD")?;
             let (offsets, tiles, tiles_len) = upload_segments(client, p, topology)?;
@@ -312,7 +314,7 @@ pub fn launch_sdd_with<R: Runtime, F: Float + CubeElement>(
                 block_sparse_forward_cmma_kernel::launch_unchecked::<F, R>(
                     client,
                     count,
-                    CubeDim::new_1d(CMMA_UNITS),
+                    CubeDim::new_1d(plane_layout(wide).0 as u32),
                     8,
                     ArrayArg::from_raw_parts(x, p.dense_len().max(8) / 8),
                     ArrayArg::from_raw_parts(w, p.weight_len().max(8) / 8),
@@ -327,6 +329,7 @@ pub fn launch_sdd_with<R: Runtime, F: Float + CubeElement>(
                     true,
                     block_k,
                     stages,
+                    wide,
                 );
             }
         }
@@ -394,7 +397,7 @@ pub fn launch_dsd_with<R: Runtime, F: Float + CubeElement>(
         return Ok(strategy);
     }
     match strategy {
-        BlockSparseStrategy::CmmaPipelined { block_k, stages } => {
+        BlockSparseStrategy::CmmaPipelined { block_k, stages, wide } => {
             let count = checked_grid(client, topology.row_blocks(), p.dense.div_ceil(CMMA_BLOCK_N), 1, "DSD")?;
             let (offsets, tiles, tiles_len) = upload_segments(client, p, topology)?;
             // SAFETY: every access is bounds-checked in the kernel (sparse reads bounded by `F`
@@ -404,7 +407,7 @@ pub fn launch_dsd_with<R: Runtime, F: Float + CubeElement>(
                 block_sparse_forward_cmma_kernel::launch_unchecked::<F, R>(
                     client,
                     count,
-                    CubeDim::new_1d(CMMA_UNITS),
+                    CubeDim::new_1d(plane_layout(wide).0 as u32),
                     8,
                     ArrayArg::from_raw_parts(s, topology.sparse_len().max(8) / 8),
                     ArrayArg::from_raw_parts(w, p.weight_len().max(8) / 8),
@@ -419,6 +422,7 @@ pub fn launch_dsd_with<R: Runtime, F: Float + CubeElement>(
                     false,
                     block_k,
                     stages,
+                    wide,
                 );
             }
         }
@@ -487,7 +491,7 @@ pub fn launch_dstd_with<R: Runtime, F: Float + CubeElement>(
         return Ok(strategy);
     }
     match strategy {
-        BlockSparseStrategy::CmmaPipelined { block_k, stages } => {
+        BlockSparseStrategy::CmmaPipelined { block_k, stages, wide } => {
             // `out[e] = Aᵀ · B` over expert e's padded rows: A = S, B = d for `[E, F, dense]`;
             // A = d, B = S for `[E, dense, F]`.
             let sparse_a = !p.transpose;
@@ -504,7 +508,7 @@ pub fn launch_dstd_with<R: Runtime, F: Float + CubeElement>(
                 block_sparse_weight_grad_cmma_kernel::launch_unchecked::<F, R>(
                     client,
                     count,
-                    CubeDim::new_1d(CMMA_UNITS),
+                    CubeDim::new_1d(plane_layout(wide).0 as u32),
                     8,
                     a,
                     b,
@@ -516,6 +520,7 @@ pub fn launch_dstd_with<R: Runtime, F: Float + CubeElement>(
                     sparse_a,
                     block_k,
                     stages,
+                    wide,
                 );
             }
         }

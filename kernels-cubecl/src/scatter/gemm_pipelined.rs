@@ -29,6 +29,17 @@ use cubecl::prelude::*;
 
 use super::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
 
+/// How a cube's planes share its 128 × 128 tile: `(units, frags_n, plane_cols)`.
+///
+/// Default: 8 planes (256 units) as 2 × 4, each 64 × 32 (4 × 2 fragments). Wide: 4 planes (128
+/// units) as 2 × 2, each 64 × 64 (4 × 4 fragments). Why the wide one exists: per 16-deep step a
+/// plane of the default layout loads 6 fragments from shared memory for 8 products, the wide one 8
+/// for 16 — more independent tensor-core work per load for the scheduler to overlap, at the cost of
+/// twice the accumulator registers per unit (half the units per cube).
+pub(crate) const fn plane_layout(wide: bool) -> (usize, usize, usize) {
+    if wide { (128, 4, 2) } else { (256, 2, 4) }
+}
+
 // `issue_rows_tile` stages both weight-gradient operands with the same 128-column tile.
 const _: () = assert!(CMMA_BLOCK_M == CMMA_BLOCK_N);
 
@@ -47,8 +58,12 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     #[comptime] transpose: bool,
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
+    #[comptime] wide: bool,
 ) {
     let nv = N::value();
+    let units = comptime!(plane_layout(wide).0);
+    let frags_n = comptime!(plane_layout(wide).1);
+    let plane_cols = comptime!(plane_layout(wide).2);
     let a_len = comptime!(CMMA_BLOCK_M * (block_k + 8) / nv);
     let b_len = comptime!(if transpose { CMMA_BLOCK_N * (block_k + 8) / nv } else { block_k * (CMMA_BLOCK_N + 8) / nv });
 
@@ -59,8 +74,8 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     let col0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
-    let plane_row = (plane / 4) * 64;
-    let plane_col = (plane % 4) * 32;
+    let plane_row = (plane / plane_cols) * 64;
+    let plane_col = (plane % plane_cols) * (16 * frags_n);
     let w_base = e * m * k;
 
     let mut a_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * a_len), 128usize);
@@ -72,7 +87,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
 
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..8usize {
+    for _ in 0..comptime!(4 * frags_n) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -89,7 +104,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
         if c < steps {
             issue_forward_step::<F, N>(
                 x, w, &mut a_s, &mut b_s, c * a_len, c * b_len, tid, row0, row_end, col0, w_base, m, k, c * block_k, transpose,
-                block_k,
+                block_k, units,
             );
             commit_and_arrive(c, &bar0, &bar1, &bar2, &bar3);
         }
@@ -119,10 +134,11 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
                 next * block_k,
                 transpose,
                 block_k,
+                units,
             );
             commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
         }
-        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k);
+        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k, frags_n);
         c += 1;
     }
 
@@ -132,10 +148,10 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     #[unroll]
     for i in 0..4usize {
         #[unroll]
-        for j in 0..2usize {
+        for j in 0..frags_n {
             cmma::store(
                 &mut stage.slice_mut(stage_start, stage_start + 256),
-                &accs[i * 2 + j],
+                &accs[i * frags_n + j],
                 16u32,
                 cmma::MatrixLayout::RowMajor,
             );
@@ -168,8 +184,12 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     k: usize,
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
+    #[comptime] wide: bool,
 ) {
     let nv = N::value();
+    let units = comptime!(plane_layout(wide).0);
+    let frags_n = comptime!(plane_layout(wide).1);
+    let plane_cols = comptime!(plane_layout(wide).2);
     let a_len = comptime!(block_k * (CMMA_BLOCK_M + 8) / nv);
     let b_len = comptime!(block_k * (CMMA_BLOCK_N + 8) / nv);
 
@@ -180,8 +200,8 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     let l0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
-    let plane_row = (plane / 4) * 64;
-    let plane_col = (plane % 4) * 32;
+    let plane_row = (plane / plane_cols) * 64;
+    let plane_col = (plane % plane_cols) * (16 * frags_n);
 
     let mut a_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * a_len), 128usize);
     let mut b_s = SharedMemory::<Vector<F, N>>::new_aligned(comptime!(stages * b_len), 128usize);
@@ -192,7 +212,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
 
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..8usize {
+    for _ in 0..comptime!(4 * frags_n) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -207,7 +227,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     #[unroll]
     for c in 0..comptime!(stages - 1) {
         if c < steps {
-            issue_weight_grad_step::<F, N>(dy, x, &mut a_s, &mut b_s, c * a_len, c * b_len, tid, start + c * block_k, end, j0, l0, m, k, block_k);
+            issue_weight_grad_step::<F, N>(dy, x, &mut a_s, &mut b_s, c * a_len, c * b_len, tid, start + c * block_k, end, j0, l0, m, k, block_k, units);
             commit_and_arrive(c, &bar0, &bar1, &bar2, &bar3);
         }
     }
@@ -234,10 +254,11 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
                 m,
                 k,
                 block_k,
+                units,
             );
             commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
         }
-        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k);
+        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k, frags_n);
         c += 1;
     }
 
@@ -247,10 +268,10 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     #[unroll]
     for r in 0..4usize {
         #[unroll]
-        for cc in 0..2usize {
+        for cc in 0..frags_n {
             cmma::store(
                 &mut stage.slice_mut(stage_start, stage_start + 256),
-                &accs[r * 2 + cc],
+                &accs[r * frags_n + cc],
                 16u32,
                 cmma::MatrixLayout::RowMajor,
             );
@@ -325,9 +346,10 @@ fn issue_forward_step<F: Float, N: Size>(
     k0: usize,
     #[comptime] transpose: bool,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
-    issue_x_tile::<F, N>(x, a_s, a_at, tid, row0, row_end, k, k0, block_k);
-    issue_w_tile::<F, N>(w, b_s, b_at, tid, col0, w_base, m, k, k0, transpose, block_k);
+    issue_x_tile::<F, N>(x, a_s, a_at, tid, row0, row_end, k, k0, block_k, units);
+    issue_w_tile::<F, N>(w, b_s, b_at, tid, col0, w_base, m, k, k0, transpose, block_k, units);
 }
 
 /// The A half of [`issue_forward_step`]: rows `row0 ..` (bounded by `row_end`) of `x: [rows, k]`,
@@ -345,13 +367,14 @@ pub(crate) fn issue_x_tile<F: Float, N: Size>(
     k: usize,
     k0: usize,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
     let nv = N::value();
     let vpr = comptime!(block_k / nv);
     let row_vecs = comptime!((block_k + 8) / nv);
     #[unroll]
-    for s in 0..comptime!(CMMA_BLOCK_M * block_k / (256 * nv)) {
-        let q = tid + s * 256;
+    for s in 0..comptime!(CMMA_BLOCK_M * block_k / (units * nv)) {
+        let q = tid + s * units;
         let r = q / vpr;
         let cv = q % vpr;
         let row = row0 + r;
@@ -384,14 +407,15 @@ pub(crate) fn issue_w_tile<F: Float, N: Size>(
     k0: usize,
     #[comptime] transpose: bool,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
     let nv = N::value();
     let vpr = comptime!(block_k / nv);
     let row_vecs = comptime!((block_k + 8) / nv);
     if transpose {
         #[unroll]
-        for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
-            let q = tid + s * 256;
+        for s in 0..comptime!(CMMA_BLOCK_N * block_k / (units * nv)) {
+            let q = tid + s * units;
             let c = q / vpr;
             let cv = q % vpr;
             let col = col0 + c;
@@ -409,8 +433,8 @@ pub(crate) fn issue_w_tile<F: Float, N: Size>(
         let wide_vpr = comptime!(CMMA_BLOCK_N / nv);
         let wide_row_vecs = comptime!((CMMA_BLOCK_N + 8) / nv);
         #[unroll]
-        for s in 0..comptime!(CMMA_BLOCK_N * block_k / (256 * nv)) {
-            let q = tid + s * 256;
+        for s in 0..comptime!(CMMA_BLOCK_N * block_k / (units * nv)) {
+            let q = tid + s * units;
             let l = q / wide_vpr;
             let cv = q % wide_vpr;
             let col = col0 + cv * nv;
@@ -447,9 +471,10 @@ fn issue_weight_grad_step<F: Float, N: Size>(
     m: usize,
     k: usize,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
-    issue_rows_tile::<F, N>(dy, a_s, a_at, tid, i0, end, j0, m, block_k);
-    issue_rows_tile::<F, N>(x, b_s, b_at, tid, i0, end, l0, k, block_k);
+    issue_rows_tile::<F, N>(dy, a_s, a_at, tid, i0, end, j0, m, block_k, units);
+    issue_rows_tile::<F, N>(x, b_s, b_at, tid, i0, end, l0, k, block_k, units);
 }
 
 /// One operand of [`issue_weight_grad_step`]: rows `i0 .. i0 + block_k` (bounded by `end`) of a
@@ -467,13 +492,14 @@ pub(crate) fn issue_rows_tile<F: Float, N: Size>(
     c0: usize,
     width: usize,
     #[comptime] block_k: usize,
+    #[comptime] units: usize,
 ) {
     let nv = N::value();
     let vpr = comptime!(CMMA_BLOCK_M / nv);
     let row_vecs = comptime!((CMMA_BLOCK_M + 8) / nv);
     #[unroll]
-    for s in 0..comptime!(CMMA_BLOCK_M * block_k / (256 * nv)) {
-        let q = tid + s * 256;
+    for s in 0..comptime!(CMMA_BLOCK_M * block_k / (units * nv)) {
+        let q = tid + s * units;
         let i = q / vpr;
         let cv = q % vpr;
         let row = i0 + i;
@@ -490,7 +516,8 @@ pub(crate) fn issue_rows_tile<F: Float, N: Size>(
 }
 
 /// The tensor-core work of one step on the stage at `a_at` / `b_at`: each plane multiplies its
-/// 64 × 32 block (4 × 2 fragments). `a_kmajor`: A staged `[k][row]` (a column-major fragment, the
+/// 64 × `16 · frags_n` block (4 × `frags_n` fragments; `frags_n` is 2, or 4 for the wide layout,
+/// see [`plane_layout`]). `a_kmajor`: A staged `[k][row]` (a column-major fragment, the
 /// weight gradient's `dyᵀ`) instead of `[row][k]`; `b_kmajor`: B staged `[k][col]` (row-major
 /// fragment) instead of `[col][k]`.
 #[cube]
@@ -506,6 +533,7 @@ pub(crate) fn mma_step<F: Float, N: Size>(
     #[comptime] a_kmajor: bool,
     #[comptime] b_kmajor: bool,
     #[comptime] block_k: usize,
+    #[comptime] frags_n: usize,
 ) {
     let nv = N::value();
     let a_stride = comptime!(if a_kmajor { CMMA_BLOCK_M + 8 } else { block_k + 8 });
@@ -528,7 +556,7 @@ pub(crate) fn mma_step<F: Float, N: Size>(
             a_frags.push(a);
         }
         #[unroll]
-        for j in 0..2usize {
+        for j in 0..frags_n {
             let b = unsafe { cmma::Matrix::<F>::uninitialized(cmma::MatrixIdent::B, 16usize, 16usize, 16usize, b_layout) };
             let first = if b_kmajor {
                 (ks * 16 * b_stride + plane_col + j * 16) / nv
@@ -539,7 +567,7 @@ pub(crate) fn mma_step<F: Float, N: Size>(
             cmma::load(&b, &b_s.slice(start, start + (15 * b_stride + 16) / nv), b_stride as u32);
             #[unroll]
             for i in 0..4usize {
-                let acc = &accs[i * 2 + j];
+                let acc = &accs[i * frags_n + j];
                 cmma::execute::<F, F, f32, f32>(&a_frags[i], &b, acc, acc);
             }
         }

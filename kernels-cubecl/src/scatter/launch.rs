@@ -13,7 +13,7 @@ use super::gemm::{
     CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE, CMMA_UNITS, TILED_BLOCK_M, TILED_BLOCK_N, TILED_UNITS,
     grouped_matmul_cmma_kernel, grouped_matmul_tiled_kernel,
 };
-use super::gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_weight_grad_cmma_pipelined_kernel};
+use super::gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_weight_grad_cmma_pipelined_kernel, plane_layout};
 use super::gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 use super::kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 
@@ -52,18 +52,83 @@ pub enum GroupedMatmulStrategy {
         block_k: usize,
         /// Steps in flight: 2 to 4.
         stages: usize,
+        /// Four planes of 64 × 64 outputs per cube (128 units) instead of eight of 64 × 32 (256
+        /// units): twice the tensor-core products per shared-memory fragment load.
+        wide: bool,
     },
 }
 
 /// The pipelined tensor-core configuration [`GroupedMatmulStrategy::Auto`] picks for the grouped
-/// matmul where it can run: the fastest of the five on an H200 at Mixtral shapes (`moe_bench --gemm`,
-/// 2026-11-29: 181–202 TFLOP/s against 170–194 for 32 × 4 and 100–105 for the single-stage kernel).
-pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2 };
+/// matmul where it can run: the fastest on an H200 at Mixtral shapes (`moe_bench --gemm`,
+/// 2026-11-29: wide 64 × 2 242–247 TFLOP/s up projection and 209 down, against 194–203 / 183 for
+/// the default plane layout at 64 × 2 and 100–105 for the single-stage kernel).
+pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true };
 
-/// The same for the weight gradient, whose best configuration differs (same measurement: 160–172
-/// TFLOP/s for 32 × 4, 125–140 for 64 × 2, 152–160 single-stage).
+/// The same for the weight gradient, whose best configuration differs (same measurement: wide
+/// 32 × 4 203 TFLOP/s, wide 64 × 2 198, default layout 32 × 4 161, 64 × 2 125, single-stage 153).
 pub const CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT: GroupedMatmulStrategy =
-    GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4 };
+    GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true };
+
+/// What `Auto` resolves to where the pipelined kernels run: `(grouped matmul, weight gradient)`.
+/// `None` = the compiled-in defaults above.
+static PIPELINED_CHOICE: std::sync::RwLock<Option<(GroupedMatmulStrategy, GroupedMatmulStrategy)>> = std::sync::RwLock::new(None);
+
+/// Replaces the pipelined configurations that [`GroupedMatmulStrategy::Auto`] picks, for the whole
+/// process (`None` restores [`CMMA_PIPELINED_DEFAULT`] / [`CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT`]).
+///
+/// Why a process-wide setting: the layer above (burn-moe-backend) launches through `Auto`, and the
+/// best configuration depends on the card and the shapes; this lets a benchmark or a user tune it
+/// without rebuilding, as cuBLAS picks its own algorithm.
+///
+/// # Errors
+/// [`KernelError::Unsupported`] when either strategy is not a valid `CmmaPipelined` configuration.
+pub fn set_pipelined_defaults(choice: Option<(GroupedMatmulStrategy, GroupedMatmulStrategy)>) -> Result<(), KernelError> {
+    if let Some((forward, weight_grad)) = choice {
+        for s in [forward, weight_grad] {
+            let GroupedMatmulStrategy::CmmaPipelined { block_k, stages, .. } = s else {
+                return Err(KernelError::Unsupported(format!("pipelined default: {s:?} is not a CmmaPipelined configuration")));
+            };
+            check_pipeline(block_k, stages)?;
+        }
+    }
+    *PIPELINED_CHOICE.write().unwrap_or_else(|e| e.into_inner()) = choice;
+    Ok(())
+}
+
+/// The pipelined configurations `Auto` picks now: `(grouped matmul, weight gradient)`.
+pub fn pipelined_defaults() -> (GroupedMatmulStrategy, GroupedMatmulStrategy) {
+    PIPELINED_CHOICE
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or((CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT))
+}
+
+impl std::str::FromStr for GroupedMatmulStrategy {
+    type Err = KernelError;
+
+    /// `auto`, `naive`, `tiled`, `cmma`, or a pipelined configuration `<block_k>x<stages>` with a
+    /// trailing `w` for the wide plane layout (e.g. `64x2`, `32x4w`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || KernelError::Unsupported(format!("grouped matmul strategy `{s}`: expected auto, naive, tiled, cmma or <block_k>x<stages>[w] (e.g. 64x2, 32x4w)"));
+        Ok(match s.trim() {
+            "auto" => Self::Auto,
+            "naive" => Self::Naive,
+            "tiled" => Self::Tiled,
+            "cmma" => Self::Cmma,
+            other => {
+                let (body, wide) = match other.strip_suffix('w') {
+                    Some(b) => (b, true),
+                    None => (other, false),
+                };
+                let (bk, st) = body.split_once('x').ok_or_else(bad)?;
+                let block_k = bk.parse().map_err(|_| bad())?;
+                let stages = st.parse().map_err(|_| bad())?;
+                check_pipeline(block_k, stages)?;
+                Self::CmmaPipelined { block_k, stages, wide }
+            }
+        })
+    }
+}
 
 /// A grouped matmul over expert segments, without data.
 ///
@@ -242,7 +307,7 @@ fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
     match strategy {
         GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => Ok(pipelined),
         GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => Ok(GroupedMatmulStrategy::Cmma),
-        GroupedMatmulStrategy::CmmaPipelined { block_k, stages } => {
+        GroupedMatmulStrategy::CmmaPipelined { block_k, stages, .. } => {
             check_pipeline(block_k, stages)?;
             if cmma_pipelined_supported::<R, F>(client, problem) {
                 Ok(strategy)
@@ -282,7 +347,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = resolve_strategy::<R, F>(client, p, strategy, CMMA_PIPELINED_DEFAULT, "matmul")?;
+    let strategy = resolve_strategy::<R, F>(client, p, strategy, pipelined_defaults().0, "matmul")?;
     let total = p.rows * p.m;
     if total == 0 {
         return Ok(strategy);
@@ -306,13 +371,26 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
             let tiles_len = tiles.len();
             let tiles = client.create_from_slice(u32::as_bytes(&tiles));
             let tiles_arg = unsafe { ArrayArg::from_raw_parts(tiles, tiles_len) };
-            if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages } = strategy {
+            if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } = strategy {
                 // SAFETY: as for the single-stage kernel below; the copies are bounds-checked too
                 // (out-of-range vectors are copied with source length zero, i.e. zero-filled).
                 unsafe {
                     grouped_matmul_cmma_pipelined_kernel::launch_unchecked::<F, R>(
-                        client, count, CubeDim::new_1d(CMMA_UNITS), 8, x_arg(8), w_arg(8), off_arg(), tiles_arg, out_arg(), p.m,
-                        p.k, p.transpose, block_k, stages,
+                        client,
+                        count,
+                        CubeDim::new_1d(plane_layout(wide).0 as u32),
+                        8,
+                        x_arg(8),
+                        w_arg(8),
+                        off_arg(),
+                        tiles_arg,
+                        out_arg(),
+                        p.m,
+                        p.k,
+                        p.transpose,
+                        block_k,
+                        stages,
+                        wide,
                     );
                 }
             } else if cmma {
@@ -372,7 +450,7 @@ pub fn launch_grouped_matmul_weight_grad<R: Runtime, F: Float + CubeElement>(
 }
 
 /// Weight gradient with an explicit kernel choice; returns the kernel that ran. `Auto` resolves to
-/// [`CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT`] where [`cmma_pipelined_supported`], else `Cmma` where
+/// [`CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT`] (or what [`set_pipelined_defaults`] chose) where [`cmma_pipelined_supported`], else `Cmma` where
 /// [`cmma_supported`], else `Tiled` (each checked against the f32 tiled kernel and timed on an H200
 /// by `moe_bench --gemm`).
 ///
@@ -395,7 +473,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
     // The weight gradient reads dy ([rows, m]) and x ([rows, k]) row-major: both widths must suit
     // the vectors, as for the forward kernel with `w: [E, k, m]`.
     let wide = GroupedMatmulProblem { transpose: false, ..*p };
-    let strategy = resolve_strategy::<R, F>(client, &wide, strategy, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, "weight gradient")?;
+    let strategy = resolve_strategy::<R, F>(client, &wide, strategy, pipelined_defaults().1, "weight gradient")?;
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
         return Ok(strategy);
@@ -432,7 +510,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                 );
             }
         }
-        GroupedMatmulStrategy::CmmaPipelined { block_k, stages } => {
+        GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } => {
             let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
                 unreachable!("grid is static")
             };
@@ -441,7 +519,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                 grouped_matmul_weight_grad_cmma_pipelined_kernel::launch_unchecked::<F, R>(
                     client,
                     CubeCount::Static(tm, tk, experts),
-                    CubeDim::new_1d(CMMA_UNITS),
+                    CubeDim::new_1d(plane_layout(wide).0 as u32),
                     8,
                     dy_arg(8),
                     x_arg(8),
@@ -451,6 +529,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                     p.k,
                     block_k,
                     stages,
+                    wide,
                 );
             }
         }
