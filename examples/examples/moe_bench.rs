@@ -19,6 +19,9 @@ use burn_cubecl::{CubeBackend, CubeRuntime, FloatElement};
 use burn_moe_backend::{DMoe, GroupedGemm, MoeBackend, MoeKernel, set_grouped_gemm};
 use clap::{Parser, ValueEnum};
 use cubecl::CubeElement;
+use kernels_cubecl::scatter::{
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulStrategy, set_pipelined_defaults,
+};
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -67,6 +70,39 @@ struct Args {
     /// checked) in turn; `cublas` needs libcublas on the library path.
     #[arg(long, default_value = "cubecl", value_delimiter = ',')]
     grouped_gemm: Vec<GroupedGemm>,
+    /// Pipelined tensor-core configurations that `Auto` uses in the layer, `<forward>/<weight
+    /// gradient>` each `<block_k>x<stages>[w]` (`w`: wide plane layout), e.g. `64x2/32x4,64x2w/32x4w`;
+    /// `default` = the compiled-in choice. The CubeCL layer is timed once per entry.
+    #[arg(long, default_value = "default", value_delimiter = ',')]
+    pipelined: Vec<PipelinedChoice>,
+}
+
+/// One `--pipelined` entry: `None` = the compiled-in defaults.
+#[derive(Debug, Clone, Copy)]
+struct PipelinedChoice(Option<(GroupedMatmulStrategy, GroupedMatmulStrategy)>);
+
+impl std::str::FromStr for PipelinedChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "default" {
+            return Ok(Self(None));
+        }
+        let (f, w) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected <forward>/<weight gradient>, e.g. 64x2/32x4"))?;
+        let parse = |v: &str| v.parse::<GroupedMatmulStrategy>().map_err(|e| e.to_string());
+        Ok(Self(Some((parse(f)?, parse(w)?))))
+    }
+}
+
+impl std::fmt::Display for PipelinedChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (fw, wg) = self.0.unwrap_or_else(|| (CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT));
+        let short = |s: GroupedMatmulStrategy| match s {
+            GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } => format!("{block_k}x{stages}{}", if wide { "w" } else { "" }),
+            other => format!("{other:?}"),
+        };
+        write!(f, "{}/{}", short(fw), short(wg))
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -108,6 +144,8 @@ fn run<R: CubeRuntime>(args: &Args, device: &R::Device) -> Result<()> {
         gemm::<R>(args, device);
         return Ok(());
     }
+    // The check, the phases and the profile run with the first `--pipelined` entry.
+    set_pipelined_defaults(args.pipelined[0].0)?;
     if args.phases {
         match args.dtype {
             Dtype::F32 => phases::<R, f32>(args, device),
@@ -207,20 +245,28 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
         println!("T={t} burn dense matmul [{}x{}]x[{}x{}]: {:.3} ms, {:.1} TFLOP/s", t * args.top_k, args.d, args.d, args.ffn, dense * 1e3, gemm_flops / dense / 1e12);
         drop((a, b));
 
-        let runs: Vec<(MoeKernel, GroupedGemm)> = args
+        let runs: Vec<(MoeKernel, GroupedGemm, PipelinedChoice)> = args
             .kernels
             .iter()
             .flat_map(|&k| {
                 let libs = if k == MoeKernel::Scatter { args.grouped_gemm.clone() } else { vec![GroupedGemm::CubeCl] };
-                libs.into_iter().map(move |g| (k, g))
+                libs.into_iter().flat_map(move |g| {
+                    let choices = if k == MoeKernel::Scatter && g == GroupedGemm::CubeCl { args.pipelined.clone() } else { vec![PipelinedChoice(None)] };
+                    choices.into_iter().map(move |c| (k, g, c))
+                })
             })
             .collect();
-        for (kernel, lib) in runs {
+        for (kernel, lib, choice) in runs {
             if let Err(e) = set_grouped_gemm(lib) {
                 println!("T={t} {kernel} {lib}: skipped ({e})");
                 continue;
             }
-            let label = if kernel == MoeKernel::Scatter { format!("{kernel}+{lib}") } else { kernel.to_string() };
+            set_pipelined_defaults(choice.0).expect("validated when parsed");
+            let label = match kernel {
+                MoeKernel::Scatter if lib == GroupedGemm::CubeCl && args.pipelined.len() > 1 => format!("{kernel}+{lib}[{choice}]"),
+                MoeKernel::Scatter => format!("{kernel}+{lib}"),
+                _ => kernel.to_string(),
+            };
             let x = Tensor::<B<R, F>, 2>::random([t, args.d], Distribution::Default, device).cast(dtype);
             let moe = layer::<B<R, F>>(args, device, kernel, 7, dtype);
             let mut fwd = Vec::new();
@@ -234,6 +280,9 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
                 }
                 drop(out);
             }
+            // Only the autodiff copy of the weights stays: the memory figures below count what lives
+            // before the step (weights, input) as static, as the torch anchor does.
+            drop(moe);
             let moe_ad = layer::<Autodiff<B<R, F>>>(args, device, kernel, 7, dtype);
             let x_ad = Tensor::<Autodiff<B<R, F>>, 2>::from_inner(x.clone()).require_grad();
             let mut both = Vec::new();
@@ -256,8 +305,82 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
                 fb * 1e3,
                 3.0 * flops_fwd / fb / 1e12
             );
+            // One more, untimed step under the memory poller (polling contends with submission).
+            let mem = memory_while::<R>(device, || {
+                let out = moe_ad.forward(x_ad.clone()).output;
+                let grads = out.sum().backward();
+                sync::<B<R, F>>(device);
+                drop(grads);
+            });
+            println!("T={t} {label}: fwd+bwd memory {mem}");
         }
         set_grouped_gemm(GroupedGemm::CubeCl).expect("cubecl is always available");
+        set_pipelined_defaults(None).expect("the defaults are valid");
+    }
+}
+
+/// Allocator figures of one step, GiB: what lived before it (`static`), the largest amount of live
+/// tensor memory seen during it (`peak`), and the largest pool reservation.
+struct MemoryPeak {
+    static_bytes: u64,
+    peak_in_use: u64,
+    peak_reserved: u64,
+    polls: u64,
+}
+
+impl std::fmt::Display for MemoryPeak {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        write!(
+            f,
+            "peak {:.2} GiB (static {:.2}, transient {:.2}; sampled over {} polls) | pool reserved peak {:.2} GiB",
+            gib(self.peak_in_use),
+            gib(self.static_bytes),
+            gib(self.peak_in_use.saturating_sub(self.static_bytes)),
+            self.polls,
+            gib(self.peak_reserved)
+        )
+    }
+}
+
+/// Runs `f` on this thread while a second thread polls the memory manager of this thread's stream.
+///
+/// Why polled: CubeCL 0.10 reports current use only (no high-water mark). Allocation happens when an
+/// operation is submitted, so the poller sees the same logical state as torch's
+/// `max_memory_allocated` does, but only between polls: the peak is a lower bound (a high point
+/// shorter than one poll can be missed), and the pool's reservation bounds it from above.
+fn memory_while<R: CubeRuntime>(device: &R::Device, f: impl FnOnce()) -> MemoryPeak {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let client = R::client(device);
+    let usage = |c: &cubecl::client::ComputeClient<R>| c.memory_usage().expect("memory usage");
+    let before = usage(&client);
+    let stream = cubecl::stream_id::StreamId::current();
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let poller = {
+        let stop = stop.clone();
+        let mut client = client.clone();
+        // SAFETY: the poller only reads the allocator state of the benchmark thread's stream;
+        // it submits no work on it.
+        unsafe { client.set_stream(stream) };
+        std::thread::spawn(move || {
+            let (mut in_use, mut reserved, mut polls) = (0u64, 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let u = client.memory_usage().expect("memory usage");
+                in_use = in_use.max(u.bytes_in_use);
+                reserved = reserved.max(u.bytes_reserved);
+                polls += 1;
+            }
+            (in_use, reserved, polls)
+        })
+    };
+    f();
+    stop.store(true, Ordering::Relaxed);
+    let (in_use, reserved, polls) = poller.join().expect("memory poller");
+    MemoryPeak {
+        static_bytes: before.bytes_in_use,
+        peak_in_use: in_use.max(before.bytes_in_use),
+        peak_reserved: reserved.max(before.bytes_reserved),
+        polls,
     }
 }
 
@@ -374,7 +497,7 @@ fn bench_variant<R: CubeRuntime>(
     label: &str,
     flops: f64,
     empty: impl Fn() -> cubecl::server::Handle,
-    launch: &dyn Fn(cubecl::server::Handle) -> Result<kernels_cubecl::scatter::GroupedMatmulStrategy, kernels_cubecl::scatter::KernelError>,
+    launch: &dyn Fn(cubecl::server::Handle) -> Result<GroupedMatmulStrategy, kernels_cubecl::scatter::KernelError>,
     read: &dyn Fn(cubecl::server::Handle) -> Vec<f32>,
     want: &[f32],
 ) {
@@ -412,8 +535,7 @@ fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> 
 /// run on the same bf16-rounded operands.
 fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
     use kernels_cubecl::scatter::{
-        GroupedMatmulProblem, GroupedMatmulStrategy, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul_weight_grad_with,
-        launch_grouped_matmul_with,
+        GroupedMatmulProblem, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
     };
     // Every tensor-core variant this device can run: the single-stage kernel and the pipelined
     // configurations (depth per step × steps in flight).
@@ -425,8 +547,8 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             println!("gemm: no bf16 cmma on this device");
         }
         if cmma_pipelined_supported::<R, half::bf16>(client, problem) {
-            for (block_k, stages) in [(32, 2), (32, 3), (32, 4), (64, 2), (64, 3)] {
-                v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages });
+            for (block_k, stages, wide) in [(32, 2, false), (32, 3, false), (32, 4, false), (64, 2, false), (64, 3, false), (32, 4, true), (64, 2, true), (32, 3, true)] {
+                v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide });
             }
         }
         v
