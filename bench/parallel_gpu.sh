@@ -92,7 +92,7 @@ attn = 2 * d * d + 2 * d * kv
 n_active = L * (attn + E * d + k * 3 * d * f) + V * d
 flop_tok = 6 * n_active + 12 * L * d * S
 print(f"model: {L} layers, {n_active/1e9:.3f}B active params/token, {flop_tok/1e9:.1f} GFLOP/token (fwd+bwd)")
-print("| plan | LoRA | steps | train_runtime s | median s/step (steps 2+) | tokens/s/GPU | model TFLOP/s/GPU | gpu_mem_used_peak | gpu_mem_alloc | smi peak MiB (max GPU) | loss first→last |")
+print("| plan | LoRA | steps | train_runtime s | lower-median s/step (steps 2+) | tokens/s/GPU | model TFLOP/s/GPU | gpu_mem_used_peak | gpu_mem_alloc | smi peak MiB (max GPU) | loss first→last |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 table = []
 for r in rows:
@@ -111,9 +111,10 @@ for r in rows:
             pass
     # Steady state: the median step after the first. Compilation and autotuning are not confined to
     # step 1 (a 2-layer bf16 run spent 11 s in step 3 against 0.57 s for steps 2, 4, 5), so a mean over
-    # a few steps measures them, not training.
+    # a few steps measures them, not training. The lower median: with an even count the upper middle can
+    # be a compilation step's neighbour (5 steps: 2.62, 7.25, 0.78, 0.79 s read 2.62 on 2026-11-29).
     deltas = sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(m, m[1:])) or [m[0]["elapsed_s"]]
-    steady = deltas[len(deltas) // 2]
+    steady = deltas[(len(deltas) - 1) // 2]
     tok_gpu = S / steady  # per-device batch 1 of S tokens
     tflops = tok_gpu * flop_tok / 1e12
     row = dict(plan=plan, lora=lora, steps=len(m), runtime=s["train_runtime"], steady=steady, tok_gpu=tok_gpu,
