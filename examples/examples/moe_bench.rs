@@ -140,6 +140,12 @@ fn run<R: CubeRuntime>(args: &Args, device: &R::Device) -> Result<()> {
         "moe_bench: d={} ffn={} E={} k={} dtype={:?} reps={} device={:?}",
         args.d, args.ffn, args.experts, args.top_k, args.dtype, args.reps, device
     );
+    if (args.gemm || args.dtype == Dtype::Bf16) && !supports_bf16::<R>(device) {
+        anyhow::bail!(
+            "{}: this device has no bf16 (wgpu: WGSL has none); use --dtype f32 (the GEMM section is bf16 only)",
+            if args.gemm { "--gemm" } else { "--dtype bf16" }
+        );
+    }
     if args.gemm {
         gemm::<R>(args, device);
         return Ok(());
@@ -319,7 +325,7 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
     }
 }
 
-/// Allocator figures of one step, GiB: what lived before it (`static`), the largest amount of live
+/// Allocator figures of one step: what lived before it (`static`), the largest amount of live
 /// tensor memory seen during it (`peak`), and the largest pool reservation.
 struct MemoryPeak {
     static_bytes: u64,
@@ -330,15 +336,17 @@ struct MemoryPeak {
 
 impl std::fmt::Display for MemoryPeak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        // GiB as the torch anchor prints them; MiB for small layers, where GiB would read 0.00.
+        let (unit, scale) = if self.peak_in_use < 1 << 30 { ("MiB", 20) } else { ("GiB", 30) };
+        let v = |b: u64| b as f64 / (1u64 << scale) as f64;
         write!(
             f,
-            "peak {:.2} GiB (static {:.2}, transient {:.2}; sampled over {} polls) | pool reserved peak {:.2} GiB",
-            gib(self.peak_in_use),
-            gib(self.static_bytes),
-            gib(self.peak_in_use.saturating_sub(self.static_bytes)),
+            "peak {:.2} {unit} (static {:.2}, transient {:.2}; sampled over {} polls) | pool reserved peak {:.2} {unit}",
+            v(self.peak_in_use),
+            v(self.static_bytes),
+            v(self.peak_in_use.saturating_sub(self.static_bytes)),
             self.polls,
-            gib(self.peak_reserved)
+            v(self.peak_reserved)
         )
     }
 }
@@ -384,6 +392,12 @@ fn memory_while<R: CubeRuntime>(device: &R::Device, f: impl FnOnce()) -> MemoryP
     }
 }
 
+/// Whether `device` stores and computes bf16 (CUDA does; wgpu does not: WGSL has no bf16).
+fn supports_bf16<R: CubeRuntime>(device: &R::Device) -> bool {
+    use cubecl::ir::{ElemType, FloatKind, StorageType};
+    R::client(device).properties().features.supports_type(StorageType::Scalar(ElemType::Float(FloatKind::BF16)))
+}
+
 fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     let d: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum::<f64>().sqrt();
     let n: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum::<f64>().sqrt();
@@ -418,12 +432,15 @@ fn check<R: CubeRuntime>(args: &Args, device: &R::Device) {
     // f32 bound 1e-4: the scatter path sums in another order than the reference (combine and the
     // gather-side scatter-adds) and computes SwiGLU with its own fused kernel; at d=1024, ffn=3584 that
     // measured 5e-6 (output) to 4e-5 (router gradient) on an H200.
-    let mut runs = vec![
-        ("scatter f32", 1e-4, outputs::<R, f32>(args, device, MoeKernel::Scatter, t)),
-        ("scatter bf16", 1e-2, outputs::<R, half::bf16>(args, device, MoeKernel::Scatter, t)),
-        ("reference bf16", 1e-2, outputs::<R, half::bf16>(args, device, MoeKernel::Reference, t)),
-    ];
-    if args.grouped_gemm.contains(&GroupedGemm::Cublas) {
+    let bf16 = supports_bf16::<R>(device);
+    let mut runs = vec![("scatter f32", 1e-4, outputs::<R, f32>(args, device, MoeKernel::Scatter, t))];
+    if bf16 {
+        runs.push(("scatter bf16", 1e-2, outputs::<R, half::bf16>(args, device, MoeKernel::Scatter, t)));
+        runs.push(("reference bf16", 1e-2, outputs::<R, half::bf16>(args, device, MoeKernel::Reference, t)));
+    } else {
+        println!("check: this device has no bf16 (e.g. wgpu: WGSL has none); bf16 runs skipped");
+    }
+    if bf16 && args.grouped_gemm.contains(&GroupedGemm::Cublas) {
         match set_grouped_gemm(GroupedGemm::Cublas) {
             Ok(()) => {
                 // cuBLAS's f32 GEMM and Burn's f32 matmul differ at the TF32 rounding level (3-5e-4
@@ -462,12 +479,14 @@ fn check<R: CubeRuntime>(args: &Args, device: &R::Device) {
     }
     // Same precision, same routing: the bf16 router picks the same experts on both paths, so this
     // isolates the kernels (the bf16-vs-f32 lines above also see routing flips).
-    let reference = &runs_bf16[1];
-    let mut same_routing = vec![("scatter bf16", &runs_bf16[0])];
-    if runs_bf16.len() > 2 {
-        same_routing.push(("scatter+cublas bf16", &runs_bf16[2]));
+    let mut same_routing = Vec::new();
+    if let [scatter, reference, rest @ ..] = runs_bf16.as_slice() {
+        same_routing.push(("scatter bf16", scatter, reference));
+        if let Some(cublas) = rest.first() {
+            same_routing.push(("scatter+cublas bf16", cublas, reference));
+        }
     }
-    for (label, scatter) in same_routing {
+    for (label, scatter, reference) in same_routing {
         for ((name, a), (_, b)) in scatter.iter().zip(reference) {
             let err = rel_l2(a, b);
             let ok = err <= 2e-2 || name == &"gate";
