@@ -97,11 +97,7 @@ impl std::str::FromStr for PipelinedChoice {
 impl std::fmt::Display for PipelinedChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let (fw, wg) = self.0.unwrap_or_else(|| (CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT));
-        let short = |s: GroupedMatmulStrategy| match s {
-            GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } => format!("{block_k}x{stages}{}", if wide { "w" } else { "" }),
-            other => format!("{other:?}"),
-        };
-        write!(f, "{}/{}", short(fw), short(wg))
+        write!(f, "{fw}/{wg}")
     }
 }
 
@@ -360,8 +356,7 @@ impl std::fmt::Display for MemoryPeak {
 fn memory_while<R: CubeRuntime>(device: &R::Device, f: impl FnOnce()) -> MemoryPeak {
     use std::sync::atomic::{AtomicBool, Ordering};
     let client = R::client(device);
-    let usage = |c: &cubecl::client::ComputeClient<R>| c.memory_usage().expect("memory usage");
-    let before = usage(&client);
+    let before = client.memory_usage().expect("memory usage");
     let stream = cubecl::stream_id::StreamId::current();
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let poller = {

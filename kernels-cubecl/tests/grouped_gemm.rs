@@ -333,6 +333,9 @@ fn strategy_names_parse_and_bad_pipelined_defaults_are_refused() {
     assert_eq!(parse("tiled").unwrap(), GroupedMatmulStrategy::Tiled);
     assert_eq!(parse("64x2").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: false });
     assert_eq!(parse("32x4w").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true });
+    for name in ["auto", "naive", "tiled", "cmma", "64x2", "32x4w"] {
+        assert_eq!(parse(name).unwrap().to_string(), name, "Display reads back as FromStr's name");
+    }
     for bad in ["48x2", "64x5", "64", "x2", "64x2ww", "fast"] {
         assert!(matches!(parse(bad), Err(KernelError::Unsupported(_))), "{bad} parsed");
     }

@@ -80,9 +80,9 @@ pub fn block_sparse_forward_cmma_kernel<F: Float, N: Size>(
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
     // The planes share the tile as in the scatter kernels (`plane_layout`).
-    let units = comptime!(plane_layout(wide).0);
-    let frags_n = comptime!(plane_layout(wide).1);
-    let plane_cols = comptime!(plane_layout(wide).2);
+    let units = comptime!(plane_layout(wide).units);
+    let frags_n = comptime!(plane_layout(wide).frags_n);
+    let plane_cols = comptime!(plane_layout(wide).plane_cols);
     let plane_row = (plane / plane_cols) * 64;
     let plane_col = (plane % plane_cols) * (16 * frags_n);
     let w_base = e * m * k;
@@ -210,9 +210,9 @@ pub fn block_sparse_weight_grad_cmma_kernel<F: Float, N: Size>(
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
     // The planes share the tile as in the scatter kernels (`plane_layout`).
-    let units = comptime!(plane_layout(wide).0);
-    let frags_n = comptime!(plane_layout(wide).1);
-    let plane_cols = comptime!(plane_layout(wide).2);
+    let units = comptime!(plane_layout(wide).units);
+    let frags_n = comptime!(plane_layout(wide).frags_n);
+    let plane_cols = comptime!(plane_layout(wide).plane_cols);
     let plane_row = (plane / plane_cols) * 64;
     let plane_col = (plane % plane_cols) * (16 * frags_n);
 

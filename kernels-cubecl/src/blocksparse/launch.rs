@@ -314,7 +314,7 @@ pub fn launch_sdd_with<R: Runtime, F: Float + CubeElement>(
                 block_sparse_forward_cmma_kernel::launch_unchecked::<F, R>(
                     client,
                     count,
-                    CubeDim::new_1d(plane_layout(wide).0 as u32),
+                    plane_layout(wide).cube_dim(),
                     8,
                     ArrayArg::from_raw_parts(x, p.dense_len().max(8) / 8),
                     ArrayArg::from_raw_parts(w, p.weight_len().max(8) / 8),
@@ -407,7 +407,7 @@ pub fn launch_dsd_with<R: Runtime, F: Float + CubeElement>(
                 block_sparse_forward_cmma_kernel::launch_unchecked::<F, R>(
                     client,
                     count,
-                    CubeDim::new_1d(plane_layout(wide).0 as u32),
+                    plane_layout(wide).cube_dim(),
                     8,
                     ArrayArg::from_raw_parts(s, topology.sparse_len().max(8) / 8),
                     ArrayArg::from_raw_parts(w, p.weight_len().max(8) / 8),
@@ -508,7 +508,7 @@ pub fn launch_dstd_with<R: Runtime, F: Float + CubeElement>(
                 block_sparse_weight_grad_cmma_kernel::launch_unchecked::<F, R>(
                     client,
                     count,
-                    CubeDim::new_1d(plane_layout(wide).0 as u32),
+                    plane_layout(wide).cube_dim(),
                     8,
                     a,
                     b,

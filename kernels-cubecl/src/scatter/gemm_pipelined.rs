@@ -29,15 +29,31 @@ use cubecl::prelude::*;
 
 use super::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
 
-/// How a cube's planes share its 128 × 128 tile: `(units, frags_n, plane_cols)`.
-///
+/// How a cube's planes share its 128 × 128 tile (see [`plane_layout`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PlaneLayout {
+    /// Units per cube (32 per plane).
+    pub units: usize,
+    /// 16 × 16 fragments per plane along the tile's columns (4 along its rows).
+    pub frags_n: usize,
+    /// Planes side by side along the tile's columns.
+    pub plane_cols: usize,
+}
+
+impl PlaneLayout {
+    /// The cube dimension the kernels are launched with.
+    pub fn cube_dim(self) -> CubeDim {
+        CubeDim::new_1d(self.units as u32)
+    }
+}
+
 /// Default: 8 planes (256 units) as 2 × 4, each 64 × 32 (4 × 2 fragments). Wide: 4 planes (128
 /// units) as 2 × 2, each 64 × 64 (4 × 4 fragments). Why the wide one exists: per 16-deep step a
 /// plane of the default layout loads 6 fragments from shared memory for 8 products, the wide one 8
 /// for 16 — more independent tensor-core work per load for the scheduler to overlap, at the cost of
 /// twice the accumulator registers per unit (half the units per cube).
-pub(crate) const fn plane_layout(wide: bool) -> (usize, usize, usize) {
-    if wide { (128, 4, 2) } else { (256, 2, 4) }
+pub(crate) const fn plane_layout(wide: bool) -> PlaneLayout {
+    if wide { PlaneLayout { units: 128, frags_n: 4, plane_cols: 2 } } else { PlaneLayout { units: 256, frags_n: 2, plane_cols: 4 } }
 }
 
 // `issue_rows_tile` stages both weight-gradient operands with the same 128-column tile.
@@ -61,9 +77,9 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     #[comptime] wide: bool,
 ) {
     let nv = N::value();
-    let units = comptime!(plane_layout(wide).0);
-    let frags_n = comptime!(plane_layout(wide).1);
-    let plane_cols = comptime!(plane_layout(wide).2);
+    let units = comptime!(plane_layout(wide).units);
+    let frags_n = comptime!(plane_layout(wide).frags_n);
+    let plane_cols = comptime!(plane_layout(wide).plane_cols);
     let a_len = comptime!(CMMA_BLOCK_M * (block_k + 8) / nv);
     let b_len = comptime!(if transpose { CMMA_BLOCK_N * (block_k + 8) / nv } else { block_k * (CMMA_BLOCK_N + 8) / nv });
 
@@ -187,9 +203,9 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     #[comptime] wide: bool,
 ) {
     let nv = N::value();
-    let units = comptime!(plane_layout(wide).0);
-    let frags_n = comptime!(plane_layout(wide).1);
-    let plane_cols = comptime!(plane_layout(wide).2);
+    let units = comptime!(plane_layout(wide).units);
+    let frags_n = comptime!(plane_layout(wide).frags_n);
+    let plane_cols = comptime!(plane_layout(wide).plane_cols);
     let a_len = comptime!(block_k * (CMMA_BLOCK_M + 8) / nv);
     let b_len = comptime!(block_k * (CMMA_BLOCK_N + 8) / nv);
 

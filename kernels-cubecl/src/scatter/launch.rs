@@ -103,6 +103,19 @@ pub fn pipelined_defaults() -> (GroupedMatmulStrategy, GroupedMatmulStrategy) {
         .unwrap_or((CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT))
 }
 
+impl std::fmt::Display for GroupedMatmulStrategy {
+    /// The name [`FromStr`](std::str::FromStr) reads back (`auto`, `tiled`, `64x2w`, ...).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Naive => f.write_str("naive"),
+            Self::Tiled => f.write_str("tiled"),
+            Self::Cmma => f.write_str("cmma"),
+            Self::CmmaPipelined { block_k, stages, wide } => write!(f, "{block_k}x{stages}{}", if *wide { "w" } else { "" }),
+        }
+    }
+}
+
 impl std::str::FromStr for GroupedMatmulStrategy {
     type Err = KernelError;
 
@@ -378,7 +391,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
                     grouped_matmul_cmma_pipelined_kernel::launch_unchecked::<F, R>(
                         client,
                         count,
-                        CubeDim::new_1d(plane_layout(wide).0 as u32),
+                        plane_layout(wide).cube_dim(),
                         8,
                         x_arg(8),
                         w_arg(8),
@@ -472,8 +485,8 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
     let p = problem;
     // The weight gradient reads dy ([rows, m]) and x ([rows, k]) row-major: both widths must suit
     // the vectors, as for the forward kernel with `w: [E, k, m]`.
-    let wide = GroupedMatmulProblem { transpose: false, ..*p };
-    let strategy = resolve_strategy::<R, F>(client, &wide, strategy, pipelined_defaults().1, "weight gradient")?;
+    let row_major = GroupedMatmulProblem { transpose: false, ..*p };
+    let strategy = resolve_strategy::<R, F>(client, &row_major, strategy, pipelined_defaults().1, "weight gradient")?;
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
         return Ok(strategy);
@@ -519,7 +532,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                 grouped_matmul_weight_grad_cmma_pipelined_kernel::launch_unchecked::<F, R>(
                     client,
                     CubeCount::Static(tm, tk, experts),
-                    CubeDim::new_1d(plane_layout(wide).0 as u32),
+                    plane_layout(wide).cube_dim(),
                     8,
                     dy_arg(8),
                     x_arg(8),
@@ -537,7 +550,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
             let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
                 unreachable!("grid is static")
             };
-            let n = cmma_vector_size::<R, F>(client, &wide);
+            let n = cmma_vector_size::<R, F>(client, &row_major);
             // SAFETY: as above.
             unsafe {
                 grouped_matmul_weight_grad_cmma_kernel::launch_unchecked::<F, R>(
