@@ -2,7 +2,8 @@
 # One device call: torch anchors and our dMoE benchmark side by side on the same card.
 # Expects (carried, git-ignored): .dev/bin/moe_bench.xz (release build with --features cuda, stripped,
 # xz-compressed) and .dev/anchors/ (a copy of ../shared/anchors). Writes logs to $OUT.
-# Knobs: GEMM=1 first times the grouped GEMMs alone (moe_bench --gemm); ANCHORS=0 skips the torch
+# Knobs: GEMM=1 first times the grouped GEMMs alone (moe_bench --gemm); TORCH_LAYER=0 skips the repo's torch
+# script (bench/torch_moe_layer.py: the same layer with torch._grouped_mm); ANCHORS=0 skips the torch
 # anchors; BENCH_KERNELS=scatter limits the layer bench to those paths; GROUPED_GEMM=cubecl,cublas
 # times the scatter path with each expert-GEMM library (and checks both); PHASES=1 adds the forward
 # step by step; CHECK_EXTRA (e.g. "--d 1024 --ffn 3584") shrinks the check's layer; PIPELINED (e.g.
@@ -21,6 +22,11 @@ TS=${TS:-4096,16384}
 if [ "${GEMM:-0}" = 1 ]; then
   echo "=== grouped GEMMs alone (moe_bench --gemm) $(date +%T)"
   timeout ${GEMM_TIMEOUT:-90} /tmp/moe_bench --backend cuda --gemm --tokens $TS --reps ${REPS:-3} --grouped-gemm $GG
+fi
+
+if [ "${TORCH_LAYER:-1}" = 1 ]; then
+echo "=== torch: the same layer with torch._grouped_mm, and dense SwiGLU (bench/torch_moe_layer.py) $(date +%T)"
+PYTHONUNBUFFERED=1 timeout ${TORCH_TIMEOUT:-150} python3 bench/torch_moe_layer.py --check --tokens $TS
 fi
 
 if [ "${ANCHORS:-1}" = 1 ]; then

@@ -11,8 +11,8 @@ use burn::tensor::{Int, Tensor};
 
 use crate::dist::{CollectiveBackend, GraphComm, all_to_all_rows};
 use crate::dmoe::DMoe;
-use crate::ops::{MoeBackend, moe_combine, moe_permute};
-use crate::reference::{host_routing_plan, index_tensor};
+use crate::ops::{HostIndex, MoeBackend, moe_combine_host, moe_permute_host};
+use crate::reference::host_routing_plan;
 
 /// Computes `out[t] = Σ_j weights[t, j] · expert_{experts[t, j]}(x[t])` for a layer's routed tokens.
 pub trait TokenDispatcher<B: MoeBackend> {
@@ -89,8 +89,8 @@ impl<B: MoeBackend + CollectiveBackend> TokenDispatcher<B> for AllToAllDispatche
         let recv = block_sums(&recv_counts);
 
         let pairs = plan.sorted_token.len();
-        let int = |v: Vec<i64>| index_tensor::<B>(v, &device);
-        let xs = if pairs == 0 { x } else { moe_permute(x, int(plan.sorted_token.iter().map(|&t| t as i64).collect())) };
+        let host = |v: Vec<i64>| HostIndex::from(v);
+        let xs = if pairs == 0 { x } else { moe_permute_host(x, &host(plan.sorted_token.iter().map(|&t| t as i64).collect())) };
         let xr = all_to_all_rows(xs, &send, &recv, &self.comm);
 
         // Received rows come source-major; the expert kernels want them expert-major.
@@ -116,10 +116,10 @@ impl<B: MoeBackend + CollectiveBackend> TokenDispatcher<B> for AllToAllDispatche
             for (i, &src) in perm.iter().enumerate() {
                 inverse[src as usize] = i as i64;
             }
-            let yg = moe.experts_grouped(moe_permute(xr, int(perm)), &counts);
-            moe_permute(yg, int(inverse))
+            let yg = moe.experts_grouped(moe_permute_host(xr, &host(perm)), &counts);
+            moe_permute_host(yg, &host(inverse))
         };
         let ys = all_to_all_rows(yr, &recv, &send, &self.comm);
-        moe_combine(ys, int(plan.slots().into_iter().map(|s| s as i64).collect()), weights)
+        moe_combine_host(ys, &host(plan.slots().into_iter().map(|s| s as i64).collect()), weights)
     }
 }

@@ -9,7 +9,7 @@ use crate::aux::MoeAuxStats;
 use crate::dispatch::{LocalDispatcher, TokenDispatcher};
 use crate::kernel::MoeKernel;
 use crate::lora::{DMoeLora, LoraConfig};
-use crate::ops::{MoeBackend, moe_combine, moe_dsd, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu};
+use crate::ops::{HostIndex, MoeBackend, moe_combine_host, moe_dsd, moe_grouped_matmul, moe_permute_host, moe_sdd, moe_swiglu};
 use crate::reference;
 
 /// Default block size of [`MoeKernel::BlockSparse`]: MegaBlocks' 128, the tile size GPUs like.
@@ -222,7 +222,7 @@ impl<B: Backend> DMoe<B> {
         // tie and flip the top-k), the combine weights rounded back to the activations' dtype.
         let probs = softmax(logits.clone().cast(DType::F32), 1);
         // The choice of experts is not differentiable; the weights are, through `gather`.
-        let (_, experts) = probs.clone().detach().topk_with_indices(self.top_k, 1);
+        let experts = top_k_indices(probs.clone().detach(), self.top_k);
         let top = probs.clone().gather(1, experts.clone());
         let weights = (top.clone() / top.sum_dim(1)).cast(dtype);
         RouterOutput { logits, probs, weights, experts }
@@ -327,21 +327,17 @@ impl<B: MoeBackend> DMoe<B> {
                 let [_, d_ff, _] = w1.dims();
                 let topology = kernels_cubecl::BlockSparseTopology::for_experts(counts, d_ff, self.block_size)
                     .expect("DMoe guarantees a positive block size and hidden width");
-                let padded = topology.padded_offsets().to_vec();
+                let back = padded_positions(&offsets, topology.padded_offsets());
                 let mut pad_rows = vec![PADDING; topology.rows()];
-                let mut back = Vec::with_capacity(rows);
-                for e in 0..counts.len() {
-                    for r in 0..counts[e] {
-                        pad_rows[padded[e] + r] = (offsets[e] + r) as i64;
-                        back.push((padded[e] + r) as i64);
-                    }
+                for (pos, &p) in back.iter().enumerate() {
+                    pad_rows[p as usize] = pos as i64;
                 }
                 let device = xs.device();
                 let pads = point_padding_at_zero_rows(&mut pad_rows, rows);
                 let zero_rows = Tensor::zeros([pads, d_model], (&device, xs.dtype()));
-                let xp = moe_permute(Tensor::cat(vec![xs, zero_rows], 0), reference::index_tensor(pad_rows, &device));
+                let xp = moe_permute_host(Tensor::cat(vec![xs, zero_rows], 0), &HostIndex::from(pad_rows));
                 let yp = block_sparse_padded(xp, &topology, w1, w3, w2, lora);
-                moe_permute(yp, reference::index_tensor(back, &device))
+                moe_permute_host(yp, &HostIndex::from(back))
             }
         }
     }
@@ -355,10 +351,11 @@ impl<B: MoeBackend> DMoe<B> {
     pub fn local_experts(&self, range: core::ops::Range<usize>) -> Self {
         let held = self.w1.dims()[0];
         assert!(range.start < range.end && range.end <= held, "expert range {range:?} outside 0..{held}");
-        // New leaves (a slice under autodiff is not one) that keep each weight's trainability.
+        // New leaves (a slice under autodiff is not one) that keep each weight's trainability, in
+        // buffers of their own (a slice is a view that would keep every expert's memory alive).
         let slice = |p: &Param<Tensor<B, 3>>| {
             let trainable = p.is_require_grad();
-            p.clone().map(|t| t.slice([range.clone()]).detach().set_require_grad(trainable))
+            p.clone().map(|t| crate::dist::owned_copy(t.detach().slice([range.clone()])).set_require_grad(trainable))
         };
         let lora = self.lora.as_ref().map(|l| {
             let part = |e: &crate::lora::ExpertLora<B>| crate::lora::ExpertLora {
@@ -400,6 +397,33 @@ impl<B: Backend> TokenMask<B> {
     }
 }
 
+/// The indices of each row's `k` largest values, largest first (ties: the lower index first, as
+/// `torch.topk` gives them on the GPU), computed on the device by `k` rounds of argmax, each masking
+/// the previous winner.
+///
+/// Why not Burn's `topk_with_indices`: on burn-cubecl it sorts on the host, so every MoE layer call
+/// read its `[T, E]` probabilities back (a device sync) and sorted 16384 rows on one core.
+///
+/// # Shapes
+/// - `probs`: `[T, E]` (values ≥ 0, `k ≤ E`) → `[T, k]`
+fn top_k_indices<B: Backend>(probs: Tensor<B, 2>, k: usize) -> Tensor<B, 2, Int> {
+    let [tokens, num_experts] = probs.dims();
+    let device = probs.device();
+    let ids = Tensor::<B, 1, Int>::arange(0..num_experts as i64, &device).reshape([1, num_experts]).expand([tokens, num_experts]);
+    let mut rest = probs;
+    let mut picks = Vec::with_capacity(k);
+    for round in 0..k {
+        let pick = rest.clone().argmax(1);
+        if round + 1 < k {
+            // Probabilities are ≥ 0, so −1 drops the winner out of the next rounds.
+            let won = ids.clone().equal(pick.clone().expand([tokens, num_experts]));
+            rest = rest.mask_fill(won, -1.0);
+        }
+        picks.push(pick);
+    }
+    Tensor::cat(picks, 1)
+}
+
 /// `x.sum_dim(0)` as `[C]`, in two stages: burn-cubecl reduces a tall, narrow matrix ([T, E]) over its
 /// rows with one cube per few outputs (1.5 ms for [16384, 8] on an H200), so the rows are first
 /// summed in chunks of 64 (many outputs), then the chunk sums.
@@ -438,11 +462,10 @@ fn scatter_experts<B: MoeBackend>(
         return Tensor::zeros([0, d_model], (&device, x.dtype()));
     }
     let plan = reference::host_routing_plan(experts, num_experts);
-    let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
-    let rows = int(plan.sorted_token.iter().map(|&t| t as i64).collect());
-    let slots = int(plan.slots().into_iter().map(|s| s as i64).collect());
-    let y = scatter_grouped(moe_permute(x, rows), &plan.offsets, w1, w3, w2, lora);
-    moe_combine(y, slots, weights)
+    let rows = HostIndex::from(plan.sorted_token.iter().map(|&t| t as i64).collect::<Vec<_>>());
+    let slots = HostIndex::from(plan.slots().into_iter().map(|s| s as i64).collect::<Vec<_>>());
+    let y = scatter_grouped(moe_permute_host(x, &rows), &plan.offsets, w1, w3, w2, lora);
+    moe_combine_host(y, &slots, weights)
 }
 
 /// Grouped matmuls (w1, w3) → SwiGLU → grouped matmul (w2) on rows already grouped by expert.
@@ -496,22 +519,27 @@ fn block_sparse_experts<B: MoeBackend>(
     let plan = reference::host_routing_plan(experts, num_experts);
     let topology = kernels_cubecl::BlockSparseTopology::for_experts(&plan.counts, d_ff, block)
         .expect("DMoe guarantees a positive block size and hidden width");
-    let padded = topology.padded_offsets();
     let mut rows = vec![PADDING; topology.rows()];
     let mut slots = vec![0i64; plan.sorted_flat.len()];
-    for e in 0..num_experts {
-        for r in 0..plan.counts[e] {
-            let pos = plan.offsets[e] + r;
-            rows[padded[e] + r] = plan.sorted_token[pos] as i64;
-            slots[plan.sorted_flat[pos]] = (padded[e] + r) as i64;
-        }
+    for (pos, &p) in padded_positions(&plan.offsets, topology.padded_offsets()).iter().enumerate() {
+        rows[p as usize] = plan.sorted_token[pos] as i64;
+        slots[plan.sorted_flat[pos]] = p;
     }
-    let int = |v: Vec<i64>| reference::index_tensor::<B>(v, &device);
     let pads = point_padding_at_zero_rows(&mut rows, tokens);
     let zero_rows = Tensor::zeros([pads, d_model], (&device, x.dtype()));
-    let xp = moe_permute(Tensor::cat(vec![x, zero_rows], 0), int(rows));
+    let xp = moe_permute_host(Tensor::cat(vec![x, zero_rows], 0), &HostIndex::from(rows));
     let y = block_sparse_padded(xp, &topology, w1, w3, w2, lora);
-    moe_combine(y, int(slots), weights)
+    moe_combine_host(y, &HostIndex::from(slots), weights)
+}
+
+/// For each row of the expert-sorted order (segments at `offsets`), its row in the block-sparse
+/// layout, where segment `e` starts at `padded[e]` (both `E + 1` entries).
+fn padded_positions(offsets: &[usize], padded: &[usize]) -> Vec<i64> {
+    let mut out = Vec::with_capacity(offsets.last().copied().unwrap_or(0));
+    for (seg, start) in offsets.windows(2).zip(padded) {
+        out.extend((0..seg[1] - seg[0]).map(|r| (start + r) as i64));
+    }
+    out
 }
 
 /// Marks a padding row in the gather index of the block-sparse layout (see [`point_padding_at_zero_rows`]).
@@ -586,6 +614,13 @@ fn block_sparse_padded<B: MoeBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sorted_rows_land_at_their_segments_padded_start() {
+        // Segments of 2, 0 and 3 rows, padded to blocks of 4: starts 0, 4, 4 (the empty segment takes none).
+        assert_eq!(padded_positions(&[0, 2, 2, 5], &[0, 4, 4, 8]), vec![0, 1, 4, 5, 6]);
+        assert_eq!(padded_positions(&[0], &[0]), Vec::<i64>::new());
+    }
 
     #[test]
     fn each_padding_row_reads_its_own_zero_row() {

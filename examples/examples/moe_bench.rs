@@ -20,7 +20,8 @@ use burn_moe_backend::{DMoe, GroupedGemm, MoeBackend, MoeKernel, set_grouped_gem
 use clap::{Parser, ValueEnum};
 use cubecl::CubeElement;
 use kernels_cubecl::scatter::{
-    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulStrategy, set_pipelined_defaults,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulStrategy, TILE_GROUP_DEFAULT, set_pipelined_defaults,
+    set_tile_group,
 };
 
 #[derive(Parser, Debug)]
@@ -75,6 +76,25 @@ struct Args {
     /// `default` = the compiled-in choice. The CubeCL layer is timed once per entry.
     #[arg(long, default_value = "default", value_delimiter = ',')]
     pipelined: Vec<PipelinedChoice>,
+    /// Row tiles per group in the pipelined kernels' tile order (`set_tile_group`; 0 = launch
+    /// order): each value is timed in turn, in the GEMM section and for the CubeCL layer. Empty:
+    /// the compiled-in default only.
+    #[arg(long, value_delimiter = ',')]
+    tile_group: Vec<usize>,
+    /// With `--gemm`, only these tensor-core strategies (`cmma`, `64x2`, `32x4w`, ...); default all.
+    #[arg(long, value_delimiter = ',')]
+    gemm_strategies: Vec<GroupedMatmulStrategy>,
+}
+
+/// `--tile-group` as the values to run: `None` = leave the default.
+fn tile_groups(args: &Args) -> Vec<Option<usize>> {
+    if args.tile_group.is_empty() { vec![None] } else { args.tile_group.iter().map(|&g| Some(g)).collect() }
+}
+
+/// Applies one [`tile_groups`] entry; returns the label suffix.
+fn apply_tile_group(g: Option<usize>) -> String {
+    set_tile_group(g.unwrap_or(TILE_GROUP_DEFAULT));
+    g.map_or_else(String::new, |g| format!(" [tile group {g}]"))
 }
 
 /// One `--pipelined` entry: `None` = the compiled-in defaults.
@@ -247,26 +267,29 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
         println!("T={t} burn dense matmul [{}x{}]x[{}x{}]: {:.3} ms, {:.1} TFLOP/s", t * args.top_k, args.d, args.d, args.ffn, dense * 1e3, gemm_flops / dense / 1e12);
         drop((a, b));
 
-        let runs: Vec<(MoeKernel, GroupedGemm, PipelinedChoice)> = args
+        let runs: Vec<(MoeKernel, GroupedGemm, PipelinedChoice, Option<usize>)> = args
             .kernels
             .iter()
             .flat_map(|&k| {
                 let libs = if k == MoeKernel::Scatter { args.grouped_gemm.clone() } else { vec![GroupedGemm::CubeCl] };
                 libs.into_iter().flat_map(move |g| {
-                    let choices = if k == MoeKernel::Scatter && g == GroupedGemm::CubeCl { args.pipelined.clone() } else { vec![PipelinedChoice(None)] };
-                    choices.into_iter().map(move |c| (k, g, c))
+                    let cubecl = k == MoeKernel::Scatter && g == GroupedGemm::CubeCl;
+                    let choices = if cubecl { args.pipelined.clone() } else { vec![PipelinedChoice(None)] };
+                    let groups = if cubecl { tile_groups(args) } else { vec![None] };
+                    choices.into_iter().flat_map(move |c| groups.clone().into_iter().map(move |tg| (k, g, c, tg)))
                 })
             })
             .collect();
-        for (kernel, lib, choice) in runs {
+        for (kernel, lib, choice, group) in runs {
             if let Err(e) = set_grouped_gemm(lib) {
                 println!("T={t} {kernel} {lib}: skipped ({e})");
                 continue;
             }
             set_pipelined_defaults(choice.0).expect("validated when parsed");
+            let group_label = apply_tile_group(group);
             let label = match kernel {
-                MoeKernel::Scatter if lib == GroupedGemm::CubeCl && args.pipelined.len() > 1 => format!("{kernel}+{lib}[{choice}]"),
-                MoeKernel::Scatter => format!("{kernel}+{lib}"),
+                MoeKernel::Scatter if lib == GroupedGemm::CubeCl && args.pipelined.len() > 1 => format!("{kernel}+{lib}[{choice}]{group_label}"),
+                MoeKernel::Scatter => format!("{kernel}+{lib}{group_label}"),
                 _ => kernel.to_string(),
             };
             let x = Tensor::<B<R, F>, 2>::random([t, args.d], Distribution::Default, device).cast(dtype);
@@ -287,25 +310,30 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
             drop(moe);
             let moe_ad = layer::<Autodiff<B<R, F>>>(args, device, kernel, 7, dtype);
             let x_ad = Tensor::<Autodiff<B<R, F>>, 2>::from_inner(x.clone()).require_grad();
-            let mut both = Vec::new();
+            let (mut both, mut queued) = (Vec::new(), Vec::new());
             for rep in 0..=args.reps {
                 sync::<B<R, F>>(device);
                 let start = Instant::now();
                 let out = moe_ad.forward(x_ad.clone()).output;
                 let grads = out.sum().backward();
+                // When the host has queued everything: close to the total means the host (or a
+                // read-back that waits for the device) sets the pace, not the kernels.
+                let host = start.elapsed().as_secs_f64();
                 sync::<B<R, F>>(device);
                 if rep > 0 {
                     both.push(start.elapsed().as_secs_f64());
+                    queued.push(host);
                 }
                 drop(grads);
             }
             let (f, fb) = (median(fwd), median(both));
             println!(
-                "T={t} {label}: forward {:.3} ms {:.1} TFLOP/s | fwd+bwd {:.3} ms {:.1} TFLOP/s",
+                "T={t} {label}: forward {:.3} ms {:.1} TFLOP/s | fwd+bwd {:.3} ms {:.1} TFLOP/s (host done queuing at {:.3} ms)",
                 f * 1e3,
                 flops_fwd / f / 1e12,
                 fb * 1e3,
-                3.0 * flops_fwd / fb / 1e12
+                3.0 * flops_fwd / fb / 1e12,
+                median(queued) * 1e3
             );
             // One more, untimed step under the memory poller (polling contends with submission).
             let mem = memory_while::<R>(device, || {
@@ -318,6 +346,7 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
         }
         set_grouped_gemm(GroupedGemm::CubeCl).expect("cubecl is always available");
         set_pipelined_defaults(None).expect("the defaults are valid");
+        set_tile_group(TILE_GROUP_DEFAULT);
     }
 }
 
@@ -565,6 +594,7 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
                 v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide });
             }
         }
+        v.retain(|s| args.gemm_strategies.is_empty() || args.gemm_strategies.contains(s));
         v
     };
     type B<R> = Cube<R, half::bf16>;
@@ -624,10 +654,13 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             });
             println!("gemm T={t} {name} f32 tiled: {:.3} ms {:.1} TFLOP/s", f32_tiled * 1e3, flops / f32_tiled / 1e12);
             for strategy in cmma_variants(&client, &problem) {
-                let launch = |out| launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out, strategy);
-                let label = format!("gemm T={t} {name} bf16 {strategy:?}");
-                bench_variant::<R>(device, args.reps, &label, flops, || client.empty(rows * m * 2), &launch, &|h| read(h, true), &want);
+                for group in tile_groups(args) {
+                    let launch = |out| launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out, strategy);
+                    let label = format!("gemm T={t} {name} bf16 {strategy:?}{}", apply_tile_group(group));
+                    bench_variant::<R>(device, args.reps, &label, flops, || client.empty(rows * m * 2), &launch, &|h| read(h, true), &want);
+                }
             }
+            set_tile_group(TILE_GROUP_DEFAULT);
             let cublas = args.grouped_gemm.contains(&GroupedGemm::Cublas);
             if cublas && set_grouped_gemm(GroupedGemm::Cublas).is_ok() {
                 let out = <B<R> as MoeBackend>::moe_grouped_matmul(xb.clone(), wb.clone(), &offsets, transpose);
@@ -664,10 +697,13 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             launch_grouped_matmul_weight_grad_with::<R, f32>(&client, &problem, &offsets, dhf.handle.clone(), xf.handle.clone(), off_h.clone(), want_h.clone(), GroupedMatmulStrategy::Tiled).unwrap();
             let want = read_w(want_h, false);
             for strategy in cmma_variants(&client, &GroupedMatmulProblem { transpose: false, ..problem }) {
-                let launch = |out| launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy);
-                let label = format!("gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}");
-                bench_variant::<R>(device, args.reps, &label, flops, || client.empty(n * 2), &launch, &|h| read_w(h, true), &want);
+                for group in tile_groups(args) {
+                    let launch = |out| launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy);
+                    let label = format!("gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}{}", apply_tile_group(group));
+                    bench_variant::<R>(device, args.reps, &label, flops, || client.empty(n * 2), &launch, &|h| read_w(h, true), &want);
+                }
             }
+            set_tile_group(TILE_GROUP_DEFAULT);
             if cublas && set_grouped_gemm(GroupedGemm::Cublas).is_ok() {
                 let dw = <B<R> as MoeBackend>::moe_grouped_matmul_weight_grad(dh.clone(), xb.clone(), &offsets);
                 let err = rel_l2(&read_w(dw.handle.clone(), true), &want);

@@ -577,11 +577,11 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
         let tensor = match &placement {
             ParamPlacement::Sharded { dims } => {
                 let rows = shard_range(dims[0], self.size, self.rank);
-                tensor.narrow(0, rows.start, rows.len()).detach().set_require_grad(trainable)
+                burn_moe_backend::dist::owned_copy(tensor.detach().narrow(0, rows.start, rows.len())).set_require_grad(trainable)
             }
             ParamPlacement::Flat { piece, .. } => {
-                let flat: Tensor<B, 1> = tensor.flatten(0, D - 1);
-                piece_shape::<B, D>(flat.slice([piece.clone()])).detach().set_require_grad(trainable)
+                let flat: Tensor<B, 1> = tensor.detach().flatten(0, D - 1);
+                piece_shape::<B, D>(burn_moe_backend::dist::owned_copy(flat.slice([piece.clone()]))).set_require_grad(trainable)
             }
             _ => tensor,
         };

@@ -178,6 +178,21 @@ fn slice_dim<B: Backend, const D: usize>(
     tensor.slice(ranges)
 }
 
+/// `part` copied into a buffer of its own size, detached from any autodiff graph (a setup-time
+/// copy: the caller makes it a leaf again with `set_require_grad`).
+///
+/// Why: Burn's slices are views (burn-cubecl offsets the parent's memory handle, ndarray shares its
+/// array), so a shard or an expert range cut by `slice`/`narrow` keeps the whole tensor's buffer
+/// alive and sharding would save no memory. Writing the view into a fresh tensor (one copy, at
+/// setup) lets the full tensor be freed. The final `detach`: burn-autodiff marks a `slice_assign`
+/// result as "gradient in backward" even when neither input is tracked, and such a tensor refuses
+/// `require_grad`.
+pub fn owned_copy<B: Backend, const D: usize>(part: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = part.dims();
+    let ranges: [Range<usize>; D] = std::array::from_fn(|d| 0..dims[d]);
+    Tensor::zeros(dims, (&part.device(), part.dtype())).slice_assign(ranges, part.detach()).detach()
+}
+
 /// Pads `tensor` with zeros along `dim` to length `len`.
 fn pad_dim<B: Backend, const D: usize>(
     tensor: Tensor<B, D>,
@@ -273,9 +288,13 @@ impl<B: Backend, const D: usize> DTensor<B, D> {
     ) -> Result<Self, DTensorError> {
         let global_shape = full.dims();
         let ranges = Self::local_ranges(global_shape, groups, placements)?;
+        let cut = ranges.iter().zip(global_shape).any(|(r, n)| r.len() != n);
         let mut local = full;
         for (d, r) in ranges.into_iter().enumerate() {
             local = slice_dim(local, d, r);
+        }
+        if cut {
+            local = owned_copy(local);
         }
         Ok(Self {
             local,
@@ -428,7 +447,7 @@ impl<B: Backend, const D: usize> DTensor<B, D> {
             if let Placement::Shard(d) = placements[i] {
                 let parent = ranges_upto(self.global_shape, &self.groups, placements, i)[d].len();
                 let sub = shard_range(parent, self.groups[i].size, self.groups[i].rank);
-                local = slice_dim(local, d, sub);
+                local = owned_copy(slice_dim(local, d, sub));
             }
         }
         Ok(Self {
@@ -458,5 +477,30 @@ impl<B: Backend, const D: usize> DTensor<B, D> {
             placements: vec![Placement::Shard(dim)],
             groups: vec![GroupInfo::of::<B, C>(comm)],
         })
+    }
+}
+
+#[cfg(test)]
+mod owned_copy_tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Tensor, TensorData};
+
+    use super::owned_copy;
+
+    type B = Autodiff<NdArray<f32>>;
+
+    /// The copy holds the slice's values and can become a trainable leaf (a `slice_assign` result
+    /// could not: see `owned_copy`).
+    #[test]
+    fn owned_copy_is_an_equal_tensor_that_can_become_a_leaf() {
+        let device = Default::default();
+        let t = Tensor::<B, 2>::from_data(TensorData::new((0..12).map(|v| v as f32).collect::<Vec<_>>(), [4, 3]), &device).require_grad();
+        let part = t.detach().slice([1..3]);
+        let copy = owned_copy(part.clone());
+        copy.clone().into_data().assert_eq(&part.into_data(), true);
+        let leaf = copy.set_require_grad(true);
+        assert!(leaf.is_require_grad());
+        let grads = (leaf.clone() * 2.0).sum().backward();
+        leaf.grad(&grads).unwrap().into_data().assert_eq(&TensorData::new(vec![2.0f32; 6], [2, 3]), true);
     }
 }

@@ -15,7 +15,7 @@ mod nccl;
 mod thread;
 
 pub use comm::{CommError, Communicator, ReduceOp, check_splits};
-pub use dtensor::{DTensor, DTensorError, GroupInfo, Placement, reduce_scatter_shard, shard_range};
+pub use dtensor::{DTensor, DTensorError, GroupInfo, Placement, owned_copy, reduce_scatter_shard, shard_range};
 pub use env::{DistEnv, rendezvous};
 pub use graph::{CollectiveBackend, GraphComm, all_to_all_rows};
 pub use host::reduce_host;

@@ -3,7 +3,7 @@
 //!
 //! | forward | d(input) | d(weight) |
 //! | --- | --- | --- |
-//! | `permute(x, rows)` | scatter-add of `dy` into `rows` | — |
+//! | `permute(x, rows)` | scatter-add of `dy` into `rows` (index inverted on the host) | — |
 //! | `grouped_matmul(x, w, ᵀ)` | `grouped_matmul(dy, w, no ᵀ)` | `weight_grad(dy, x)` |
 //! | `grouped_matmul(x, w, no ᵀ)` | `grouped_matmul(dy, w, ᵀ)` | `weight_grad(x, dy)` |
 //! | `combine(y, slots, wts)` | `wts · dy` scattered to `slots` | `⟨y[slots], dy⟩` |
@@ -23,8 +23,8 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn::tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backend};
 use kernels_cubecl::BlockSparseTopology;
 
-use super::backend::MoeBackend;
-use super::scatter_add::scatter_add_rows;
+use super::backend::{HostIndex, MoeBackend};
+use super::scatter_add::{scatter_add_rows, scatter_add_rows_host};
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -36,29 +36,11 @@ fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
 
 impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct PermuteBackward;
+        permute::<B, C>(x, rows, None)
+    }
 
-        impl<B: MoeBackend> Backward<B, 1> for PermuteBackward {
-            type State = (IntTensor<B>, usize);
-
-            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let [node_x] = ops.parents;
-                let dy: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
-                let (rows, num_rows) = ops.state;
-                if let Some(node) = node_x {
-                    let rows = Tensor::<B, 1, Int>::from_primitive(rows);
-                    let dx = scatter_add_rows(dy, rows, num_rows);
-                    grads.register::<B>(node.id, prim(dx));
-                }
-            }
-        }
-
-        let num_rows = x.primitive.shape()[0];
-        match PermuteBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => prep.finish((rows.clone(), num_rows), B::moe_permute(x.primitive, rows)),
-            OpsKind::UnTracked(prep) => prep.finish(B::moe_permute(x.primitive, rows)),
-        }
+    fn moe_permute_host(x: FloatTensor<Self>, rows: IntTensor<Self>, rows_host: &HostIndex) -> FloatTensor<Self> {
+        permute::<B, C>(x, rows, Some(rows_host.clone()))
     }
 
     fn moe_grouped_matmul(
@@ -106,41 +88,11 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     }
 
     fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
-        #[derive(Debug)]
-        struct CombineBackward;
+        combine::<B, C>(y, slots, None, weights)
+    }
 
-        impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
-            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
-
-            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
-                let [node_y, node_w] = ops.parents;
-                let dout: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
-                let (y, slots, weights) = ops.state;
-                let y: Tensor<B, 2> = float(y);
-                let weights: Tensor<B, 2> = float(weights);
-                let slots = Tensor::<B, 1, Int>::from_primitive(slots);
-                let [t, k] = weights.dims();
-                let [n, d] = y.dims();
-                if let Some(node) = node_w {
-                    let picked = y.select(0, slots.clone()).reshape([t, k, d]);
-                    let dw = (picked * dout.clone().reshape([t, 1, d])).sum_dim(2).reshape([t, k]);
-                    grads.register::<B>(node.id, prim(dw));
-                }
-                if let Some(node) = node_y {
-                    let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
-                    let dy = scatter_add_rows(contrib, slots, n);
-                    grads.register::<B>(node.id, prim(dy));
-                }
-            }
-        }
-
-        match CombineBackward.prepare::<C>([y.node.clone(), weights.node.clone()]).compute_bound().stateful() {
-            OpsKind::Tracked(prep) => {
-                let out = B::moe_combine(y.primitive.clone(), slots.clone(), weights.primitive.clone());
-                prep.finish((y.primitive, slots, weights.primitive), out)
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::moe_combine(y.primitive, slots, weights.primitive)),
-        }
+    fn moe_combine_host(y: FloatTensor<Self>, slots: IntTensor<Self>, slots_host: &HostIndex, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        combine::<B, C>(y, slots, Some(slots_host.clone()), weights)
     }
 
     fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -242,5 +194,144 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
         // Used inside backward passes only; second derivatives are not needed.
         <FloatTensor<Self>>::new(B::moe_dstd(s.primitive, d.primitive, topology, transpose_out))
+    }
+}
+
+/// The row gather `out[i] = x[rows[i]]` with its backward, a scatter-add of the output gradient into
+/// `rows`, built from `rows_host` when the caller gave it (no read-back of `rows`).
+fn permute<B: MoeBackend, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    rows: IntTensor<B>,
+    rows_host: Option<HostIndex>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct PermuteBackward;
+
+    impl<B: MoeBackend> Backward<B, 1> for PermuteBackward {
+        type State = (IntTensor<B>, Option<HostIndex>, usize);
+
+        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_x] = ops.parents;
+            let dy: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
+            let (rows, rows_host, num_rows) = ops.state;
+            if let Some(node) = node_x {
+                let dx = match rows_host {
+                    Some(host) => scatter_add_rows_host(dy, host.as_slice(), num_rows),
+                    None => scatter_add_rows(dy, Tensor::<B, 1, Int>::from_primitive(rows), num_rows),
+                };
+                grads.register::<B>(node.id, prim(dx));
+            }
+        }
+    }
+
+    let num_rows = x.primitive.shape()[0];
+    match PermuteBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish((rows.clone(), rows_host, num_rows), B::moe_permute(x.primitive, rows)),
+        OpsKind::UnTracked(prep) => prep.finish(B::moe_permute(x.primitive, rows)),
+    }
+}
+
+/// The weighted combine with its backward: the routing weights' gradient gathers `y` at `slots`, and
+/// `y`'s gradient scatters the weighted output gradient into `slots` (from `slots_host` when given).
+fn combine<B: MoeBackend, C: CheckpointStrategy>(
+    y: FloatTensor<Autodiff<B, C>>,
+    slots: IntTensor<B>,
+    slots_host: Option<HostIndex>,
+    weights: FloatTensor<Autodiff<B, C>>,
+) -> FloatTensor<Autodiff<B, C>> {
+    #[derive(Debug)]
+    struct CombineBackward;
+
+    impl<B: MoeBackend> Backward<B, 2> for CombineBackward {
+        type State = (FloatTensor<B>, IntTensor<B>, Option<HostIndex>, FloatTensor<B>);
+
+        fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+            let [node_y, node_w] = ops.parents;
+            let dout: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
+            let (y, slots, slots_host, weights) = ops.state;
+            let y: Tensor<B, 2> = float(y);
+            let weights: Tensor<B, 2> = float(weights);
+            let slots = Tensor::<B, 1, Int>::from_primitive(slots);
+            let [t, k] = weights.dims();
+            let [n, d] = y.dims();
+            if let Some(node) = node_w {
+                let picked = y.select(0, slots.clone()).reshape([t, k, d]);
+                let dw = (picked * dout.clone().reshape([t, 1, d])).sum_dim(2).reshape([t, k]);
+                grads.register::<B>(node.id, prim(dw));
+            }
+            if let Some(node) = node_y {
+                let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
+                let dy = match slots_host {
+                    Some(host) => scatter_add_rows_host(contrib, host.as_slice(), n),
+                    None => scatter_add_rows(contrib, slots, n),
+                };
+                grads.register::<B>(node.id, prim(dy));
+            }
+        }
+    }
+
+    match CombineBackward.prepare::<C>([y.node.clone(), weights.node.clone()]).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => {
+            let out = B::moe_combine(y.primitive.clone(), slots.clone(), weights.primitive.clone());
+            prep.finish((y.primitive, slots, slots_host, weights.primitive), out)
+        }
+        OpsKind::UnTracked(prep) => prep.finish(B::moe_combine(y.primitive, slots, weights.primitive)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::{Autodiff, NdArray};
+    use burn::tensor::{Int, Tensor, TensorData, Tolerance};
+
+    use crate::ops::{HostIndex, moe_combine, moe_combine_host, moe_permute, moe_permute_host};
+
+    type B = Autodiff<NdArray<f32>>;
+
+    fn leaf(values: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
+        Tensor::from_data(TensorData::new(values, shape), &Default::default()).require_grad()
+    }
+
+    /// The gradients through the host-index ops equal those of Burn's `select` (whose backward is
+    /// Burn's own scatter-add), for an index that reads one row twice and one row not at all.
+    #[test]
+    fn host_index_ops_have_the_gradients_of_select() {
+        let device = Default::default();
+        let xv: Vec<f32> = (0..8).map(|i| i as f32 * 0.25 - 1.0).collect();
+        let rows = vec![2i64, 0, 2, 1, 0];
+        let host = HostIndex::from(rows.clone());
+        let probe = Tensor::<B, 2>::from_data(TensorData::new((0..10).map(|i| (i % 3) as f32 - 0.5).collect::<Vec<_>>(), [5, 2]), &device);
+        let rows_t = Tensor::<B, 1, Int>::from_data(TensorData::new(rows, [5]), &device);
+        let grad = |f: &dyn Fn(Tensor<B, 2>) -> Tensor<B, 2>| {
+            let x = leaf(xv.clone(), [4, 2]);
+            let g = (f(x.clone()) * probe.clone()).sum().backward();
+            x.grad(&g).unwrap().into_data()
+        };
+        let want = grad(&|x| x.select(0, rows_t.clone()));
+        grad(&|x| moe_permute(x, rows_t.clone())).assert_approx_eq::<f32>(&want, Tolerance::absolute(1e-6));
+        grad(&|x| moe_permute_host(x, &host)).assert_approx_eq::<f32>(&want, Tolerance::absolute(1e-6));
+
+        // Combine: 3 tokens, k = 2, over 6 sorted rows.
+        let slots = vec![4i64, 1, 0, 5, 3, 2];
+        let host = HostIndex::from(slots.clone());
+        let slots_t = Tensor::<B, 1, Int>::from_data(TensorData::new(slots, [6]), &device);
+        let yv: Vec<f32> = (0..12).map(|i| 0.5 - i as f32 * 0.125).collect();
+        let wv = vec![0.7f32, 0.3, 0.4, 0.6, 0.9, 0.1];
+        let probe = Tensor::<B, 2>::from_data(TensorData::new(vec![1.0f32, -2.0, 0.5, 3.0, -1.5, 0.25], [3, 2]), &device);
+        let grads = |f: &dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>| {
+            let (y, w) = (leaf(yv.clone(), [6, 2]), leaf(wv.clone(), [3, 2]));
+            let g = (f(y.clone(), w.clone()) * probe.clone()).sum().backward();
+            (y.grad(&g).unwrap().into_data(), w.grad(&g).unwrap().into_data())
+        };
+        let (dy, dw) = grads(&|y, w| moe_combine(y, slots_t.clone(), w));
+        let (dy_h, dw_h) = grads(&|y, w| moe_combine_host(y, &host, w));
+        dy_h.assert_approx_eq::<f32>(&dy, Tolerance::absolute(1e-6));
+        dw_h.assert_approx_eq::<f32>(&dw, Tolerance::absolute(1e-6));
+        // And against the definition: out[t] = Σ_j w[t, j] · y[slots[t·2 + j]].
+        let (dy_ref, _) = grads(&|y, w| {
+            let picked = y.select(0, slots_t.clone()).reshape([3, 2, 2]);
+            (picked * w.reshape([3, 2, 1])).sum_dim(1).reshape([3, 2])
+        });
+        dy_h.assert_approx_eq::<f32>(&dy_ref, Tolerance::absolute(1e-6));
     }
 }

@@ -1,8 +1,48 @@
+use std::sync::Arc;
+
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive, backend::Backend};
 use kernels_cubecl::BlockSparseTopology;
 
 use super::reference;
+
+/// A row index (of [`MoeBackend::moe_permute`] or [`MoeBackend::moe_combine`]) that the caller also
+/// holds on the host, as the MoE layers do: they build their routing plan there.
+///
+/// Why: the backward of a row gather is a scatter-add, which the CubeCL backends compute from the
+/// index inverted on the host; with the host copy at hand the backward reads nothing back from the
+/// device, so it does not wait for the device to drain (two such syncs per layer backward otherwise).
+/// Cheap to clone (shared).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostIndex(Arc<[i64]>);
+
+impl HostIndex {
+    /// The index values.
+    pub fn as_slice(&self) -> &[i64] {
+        &self.0
+    }
+
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The same values as a 1-d device tensor.
+    pub fn tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 1, Int> {
+        Tensor::from_data(TensorData::new(self.0.to_vec(), [self.0.len()]), device)
+    }
+}
+
+impl From<Vec<i64>> for HostIndex {
+    fn from(v: Vec<i64>) -> Self {
+        Self(v.into())
+    }
+}
 
 /// Backend extension for dropless MoE.
 ///
@@ -25,6 +65,16 @@ pub trait MoeBackend: Backend {
     /// - `x`: `[T, D]`, `rows`: `[N]` → `[N, D]`
     fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
         Self::float_select(x, 0, rows)
+    }
+
+    /// [`moe_permute`](Self::moe_permute) where `rows_host` holds the same values as `rows`, so that a
+    /// differentiating backend builds the backward without reading `rows` back (see [`HostIndex`]).
+    ///
+    /// # Shapes
+    /// As [`moe_permute`](Self::moe_permute).
+    fn moe_permute_host(x: FloatTensor<Self>, rows: IntTensor<Self>, rows_host: &HostIndex) -> FloatTensor<Self> {
+        let _ = rows_host;
+        Self::moe_permute(x, rows)
     }
 
     /// Per expert segment `e` (rows `offsets[e]..offsets[e+1]`): `y = x · w[e]ᵀ` when `transpose`,
@@ -59,6 +109,16 @@ pub trait MoeBackend: Backend {
     fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
         let slots = Tensor::<Self, 1, Int>::from_primitive(slots);
         reference::reference_combine::<Self>(float(y), slots, float(weights)).into_primitive().tensor()
+    }
+
+    /// [`moe_combine`](Self::moe_combine) where `slots_host` holds the same values as `slots` (see
+    /// [`HostIndex`]).
+    ///
+    /// # Shapes
+    /// As [`moe_combine`](Self::moe_combine).
+    fn moe_combine_host(y: FloatTensor<Self>, slots: IntTensor<Self>, slots_host: &HostIndex, weights: FloatTensor<Self>) -> FloatTensor<Self> {
+        let _ = slots_host;
+        Self::moe_combine(y, slots, weights)
     }
 
     /// SwiGLU activation of the expert layers: `silu(gate) · up`, elementwise.
@@ -122,6 +182,13 @@ pub fn moe_permute<B: MoeBackend>(x: Tensor<B, 2>, rows: Tensor<B, 1, Int>) -> T
     float(B::moe_permute(x.into_primitive().tensor(), rows.into_primitive()))
 }
 
+/// [`MoeBackend::moe_permute_host`] on tensors: `out[i] = x[rows[i]]` with the index given on the
+/// host (uploaded here).
+pub fn moe_permute_host<B: MoeBackend>(x: Tensor<B, 2>, rows: &HostIndex) -> Tensor<B, 2> {
+    let device = x.device();
+    float(B::moe_permute_host(x.into_primitive().tensor(), rows.tensor::<B>(&device).into_primitive(), rows))
+}
+
 /// [`MoeBackend::moe_grouped_matmul`] on tensors.
 pub fn moe_grouped_matmul<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, offsets: &[usize], transpose: bool) -> Tensor<B, 2> {
     float(B::moe_grouped_matmul(x.into_primitive().tensor(), w.into_primitive().tensor(), offsets, transpose))
@@ -130,6 +197,12 @@ pub fn moe_grouped_matmul<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, offse
 /// [`MoeBackend::moe_combine`] on tensors.
 pub fn moe_combine<B: MoeBackend>(y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
     float(B::moe_combine(y.into_primitive().tensor(), slots.into_primitive(), weights.into_primitive().tensor()))
+}
+
+/// [`MoeBackend::moe_combine_host`] on tensors, the slots given on the host (uploaded here).
+pub fn moe_combine_host<B: MoeBackend>(y: Tensor<B, 2>, slots: &HostIndex, weights: Tensor<B, 2>) -> Tensor<B, 2> {
+    let device = y.device();
+    float(B::moe_combine_host(y.into_primitive().tensor(), slots.tensor::<B>(&device).into_primitive(), slots, weights.into_primitive().tensor()))
 }
 
 /// [`MoeBackend::moe_swiglu`] on tensors: `silu(gate) · up`.

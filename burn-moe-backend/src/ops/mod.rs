@@ -15,7 +15,10 @@ mod impls;
 mod reference;
 mod scatter_add;
 
-pub use backend::{MoeBackend, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu};
+pub use backend::{
+    HostIndex, MoeBackend, moe_combine, moe_combine_host, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_permute_host, moe_sdd,
+    moe_swiglu,
+};
 #[cfg(feature = "cublas")]
 pub(crate) use cublas::cublas_available;
 #[cfg(feature = "cube")]

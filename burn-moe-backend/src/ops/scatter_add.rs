@@ -12,18 +12,31 @@ use burn::tensor::{Int, Tensor, TensorData};
 use super::backend::{MoeBackend, moe_combine, moe_permute};
 
 /// `out: [num_rows, D]`, zero where no `index` entry points, else the sum of the `src` rows that
-/// point there.
+/// point there. Reads `index` back from the device (a sync): callers that hold it on the host use
+/// [`scatter_add_rows_host`].
 ///
 /// # Shapes
 /// - `src`: `[N, D]`, `index`: `[N]` (values in `0..num_rows`) → `[num_rows, D]`
 pub(crate) fn scatter_add_rows<B: MoeBackend>(src: Tensor<B, 2>, index: Tensor<B, 1, Int>, num_rows: usize) -> Tensor<B, 2> {
+    let host: Vec<i64> = index.into_data().iter::<i64>().collect();
+    scatter_add_rows_host(src, &host, num_rows)
+}
+
+/// [`scatter_add_rows`] with the index on the host: nothing is read back from the device.
+///
+/// # Panics
+/// When `index` has not one entry per source row or points outside `0..num_rows` (the ops that call
+/// this built the index themselves: a broken one is a bug, not an input error).
+///
+/// # Shapes
+/// - `src`: `[N, D]`, `index`: `N` values in `0..num_rows` → `[num_rows, D]`
+pub(crate) fn scatter_add_rows_host<B: MoeBackend>(src: Tensor<B, 2>, host: &[i64], num_rows: usize) -> Tensor<B, 2> {
     let [n, d] = src.dims();
     let device = src.device();
     let dtype = src.dtype();
-    let host: Vec<i64> = index.into_data().iter::<i64>().collect();
     assert_eq!(host.len(), n, "scatter-add: {} indices for {n} source rows", host.len());
     let mut counts = vec![0usize; num_rows];
-    for &r in &host {
+    for &r in host {
         let r = usize::try_from(r).ok().filter(|&r| r < num_rows).unwrap_or_else(|| panic!("scatter-add: row index {r} outside 0..{num_rows}"));
         counts[r] += 1;
     }
@@ -61,9 +74,11 @@ mod tests {
         let device = Default::default();
         let n = index.len();
         let src = Tensor::<B, 2>::from_data(TensorData::new((0..n * 3).map(|v| v as f32 * 0.5 - 1.0).collect::<Vec<_>>(), [n, 3]), &device);
-        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [n]), &device);
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(index.clone(), [n]), &device);
         let want = Tensor::<B, 2>::zeros([num_rows, 3], &device).select_assign(0, idx.clone(), src.clone(), IndexingUpdateOp::Add);
-        let got = scatter_add_rows(src, idx, num_rows);
+        let got = scatter_add_rows(src.clone(), idx, num_rows);
+        got.into_data().assert_approx_eq::<f32>(&want.clone().into_data(), burn::tensor::Tolerance::absolute(1e-6));
+        let got = scatter_add_rows_host(src, &index, num_rows);
         got.into_data().assert_approx_eq::<f32>(&want.into_data(), burn::tensor::Tolerance::absolute(1e-6));
     }
 

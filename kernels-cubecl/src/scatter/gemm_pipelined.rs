@@ -71,6 +71,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     out: &mut Array<F>,
     m: usize,
     k: usize,
+    group: usize,
     #[comptime] transpose: bool,
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
@@ -83,11 +84,11 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     let a_len = comptime!(CMMA_BLOCK_M * (block_k + 8) / nv);
     let b_len = comptime!(if transpose { CMMA_BLOCK_N * (block_k + 8) / nv } else { block_k * (CMMA_BLOCK_N + 8) / nv });
 
-    let tile = CUBE_POS_X as usize;
+    let (tile, col_tile) = grouped_tile(group);
     let e = tiles[2 * tile] as usize;
     let row0 = tiles[2 * tile + 1] as usize;
     let row_end = offsets[e + 1] as usize;
-    let col0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
+    let col0 = col_tile * CMMA_BLOCK_N;
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
     let plane_row = (plane / plane_cols) * 64;
@@ -198,6 +199,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     dw: &mut Array<F>,
     m: usize,
     k: usize,
+    group: usize,
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
     #[comptime] wide: bool,
@@ -212,8 +214,9 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     let e = CUBE_POS_Z as usize;
     let start = offsets[e] as usize;
     let end = offsets[e + 1] as usize;
-    let j0 = CUBE_POS_X as usize * CMMA_BLOCK_M;
-    let l0 = CUBE_POS_Y as usize * CMMA_BLOCK_N;
+    let (j_tile, l_tile) = grouped_tile(group);
+    let j0 = j_tile * CMMA_BLOCK_M;
+    let l0 = l_tile * CMMA_BLOCK_N;
     let tid = UNIT_POS as usize;
     let plane = tid / CMMA_PLANE as usize;
     let plane_row = (plane / plane_cols) * 64;
@@ -304,6 +307,28 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
             sync_plane();
         }
     }
+}
+
+/// The `(x, y)` tile of the cube's `(x, y)` grid this cube computes, when cubes — started in order
+/// of `CUBE_POS_Y · CUBE_COUNT_X + CUBE_POS_X` — walk the tiles in groups of `group` x tiles (row
+/// tiles of the output), column by column within a group (`1 ≤ group ≤ CUBE_COUNT_X`;
+/// `CUBE_COUNT_X` is the launch order itself).
+///
+/// Why: in launch order the cubes resident at one time (~260 on an H100/H200) cover one or two
+/// column tiles and every row tile, so each step streams the whole row operand (the tokens, 256 MiB
+/// at T = 16384) from memory once per column tile, far more than the L2 cache holds. In groups of
+/// 16 the resident cubes share 16 row tiles and ~16 column tiles, and most operand loads hit L2.
+#[cube]
+pub(crate) fn grouped_tile(group: usize) -> (usize, usize) {
+    let gx = CUBE_COUNT_X as usize;
+    let gy = CUBE_COUNT_Y as usize;
+    let pid = CUBE_POS_Y as usize * gx + CUBE_POS_X as usize;
+    let per_group = group * gy;
+    let first = (pid / per_group) * group;
+    let left = gx - first;
+    let size = select(left < group, left, group);
+    let r = pid % per_group;
+    (first + r % size, r / size)
 }
 
 /// Makes the calling unit's copies so far part of stage `s`'s barrier phase, then arrives on it.

@@ -95,6 +95,44 @@ pub fn set_pipelined_defaults(choice: Option<(GroupedMatmulStrategy, GroupedMatm
     Ok(())
 }
 
+/// Row tiles per group in the order the pipelined kernels walk their output tiles (see
+/// `grouped_tile` in `gemm_pipelined.rs`): the default of [`set_tile_group`]. Measured on an H200
+/// (2026-11-29, BENCHMARKS.md): the Mixtral layer's forward+backward at T=16384 takes 155.1 ms with
+/// groups of 16 against 165.9 in launch order; the GEMMs alone move by about 1% (8, 16 and 32 alike).
+pub const TILE_GROUP_DEFAULT: usize = 16;
+
+static TILE_GROUP: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(TILE_GROUP_DEFAULT);
+
+/// Sets, for the whole process, how many row tiles the pipelined grouped matmul and weight-gradient
+/// kernels group together when ordering their output tiles (`0`: plain launch order, row tiles
+/// fastest). Larger groups keep more of the row operand in L2 per column tile; the best value is a
+/// property of the card (a benchmark knob, as [`set_pipelined_defaults`]).
+pub fn set_tile_group(group: usize) {
+    TILE_GROUP.store(group, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The current [`set_tile_group`] value.
+pub fn tile_group() -> usize {
+    TILE_GROUP.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The group size passed to a kernel whose grid has `row_tiles` x tiles: within `1..=row_tiles`
+/// (`row_tiles` is the launch order).
+fn tile_group_for(row_tiles: u32) -> usize {
+    let rows = (row_tiles as usize).max(1);
+    match tile_group() {
+        0 => rows,
+        g => g.min(rows),
+    }
+}
+
+fn count_x(count: &CubeCount) -> u32 {
+    match count {
+        CubeCount::Static(x, _, _) => *x,
+        CubeCount::Dynamic(_) => unreachable!("the grouped matmul grid is static"),
+    }
+}
+
 /// The pipelined configurations `Auto` picks now: `(grouped matmul, weight gradient)`.
 pub fn pipelined_defaults() -> (GroupedMatmulStrategy, GroupedMatmulStrategy) {
     PIPELINED_CHOICE
@@ -385,6 +423,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
             let tiles = client.create_from_slice(u32::as_bytes(&tiles));
             let tiles_arg = unsafe { ArrayArg::from_raw_parts(tiles, tiles_len) };
             if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } = strategy {
+                let group = tile_group_for(count_x(&count));
                 // SAFETY: as for the single-stage kernel below; the copies are bounds-checked too
                 // (out-of-range vectors are copied with source length zero, i.e. zero-filled).
                 unsafe {
@@ -400,6 +439,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
                         out_arg(),
                         p.m,
                         p.k,
+                        group,
                         p.transpose,
                         block_k,
                         stages,
@@ -540,6 +580,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                     dw_arg(),
                     p.m,
                     p.k,
+                    tile_group_for(tm),
                     block_k,
                     stages,
                     wide,

@@ -34,47 +34,79 @@ pub fn hf_tensors<B: Backend, F: FetchTensor<B>>(
     layout: HfLayout,
     fetch: &mut F,
 ) -> Vec<(String, TensorData)> {
+    (0..hf_parts(model))
+        .flat_map(|part| hf_part(model, layout, part, Some(&mut *fetch)))
+        .map(|(name, shape, data)| (name, TensorData::new(data.expect("fetched"), shape)))
+        .collect()
+}
+
+/// Number of parts [`hf_part`] splits the model into: the embedding, each decoder layer, the head.
+fn hf_parts<B: Backend>(model: &MixtralForCausalLM<B>) -> usize {
+    model.model.layers.len() + 2
+}
+
+/// The HF tensors of part `part` of the model (0: the embedding; `1..=L`: decoder layer `part − 1`;
+/// `L + 1`: the final norm and the LM head) as `(name, shape, values)`, in file order. With
+/// `fetch = None` only names and shapes: nothing is read from the device.
+///
+/// Why by part: a streaming save holds one part on the host at a time (a Mixtral-8x7B decoder layer
+/// is 1.4 G parameters; the whole model 47 G).
+fn hf_part<B: Backend, F: FetchTensor<B>>(
+    model: &MixtralForCausalLM<B>,
+    layout: HfLayout,
+    part: usize,
+    mut fetch: Option<&mut F>,
+) -> Vec<(String, Vec<usize>, Option<Vec<f32>>)> {
+    fn get<B: Backend, F: FetchTensor<B>, const D: usize>(fetch: &mut Option<&mut F>, p: &Param<Tensor<B, D>>) -> Option<Vec<f32>> {
+        fetch.as_mut().map(|f| f.fetch(p))
+    }
     let mut out = Vec::new();
-    let mut push = |name: String, data: Vec<f32>, shape: Vec<usize>| out.push((name, TensorData::new(data, shape)));
     let m = &model.model;
-    push("model.embed_tokens.weight".into(), fetch.fetch(&m.embed_tokens.weight), m.embed_tokens.weight.dims().to_vec());
-    for (l, layer) in m.layers.iter().enumerate() {
-        let p = format!("model.layers.{l}");
+    let layers = m.layers.len();
+    if part == 0 {
+        out.push(("model.embed_tokens.weight".into(), m.embed_tokens.weight.dims().to_vec(), get(&mut fetch, &m.embed_tokens.weight)));
+    } else if part == layers + 1 {
+        out.push(("model.norm.weight".into(), m.norm.weight.dims().to_vec(), get(&mut fetch, &m.norm.weight)));
+        out.push(("lm_head.weight".into(), model.lm_head.weight.dims().to_vec(), get(&mut fetch, &model.lm_head.weight)));
+    } else if let Some(layer) = m.layers.get(part - 1) {
+        let p = format!("model.layers.{}", part - 1);
         let a = &layer.self_attn;
         for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-            push(format!("{p}.self_attn.{name}.weight"), fetch.fetch(&lin.weight), lin.weight.dims().to_vec());
+            out.push((format!("{p}.self_attn.{name}.weight"), lin.weight.dims().to_vec(), get(&mut fetch, &lin.weight)));
         }
         for (name, norm) in [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)] {
-            push(format!("{p}.{name}.weight"), fetch.fetch(&norm.weight), norm.weight.dims().to_vec());
+            out.push((format!("{p}.{name}.weight"), norm.weight.dims().to_vec(), get(&mut fetch, &norm.weight)));
         }
         let moe = &layer.mlp;
         let [e, f, d] = moe.w1.dims();
-        let (gate, w1, w3, w2) = (fetch.fetch(&moe.gate), fetch.fetch(&moe.w1), fetch.fetch(&moe.w3), fetch.fetch(&moe.w2));
+        let gate = get(&mut fetch, &moe.gate);
+        let (w1, w3, w2) = (get(&mut fetch, &moe.w1), get(&mut fetch, &moe.w3), get(&mut fetch, &moe.w2));
         match layout {
             HfLayout::Classic => {
-                push(format!("{p}.block_sparse_moe.gate.weight"), gate, vec![e, d]);
+                out.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e, d], gate));
                 for x in 0..e {
                     let q = format!("{p}.block_sparse_moe.experts.{x}");
-                    let part = |v: &[f32]| v[x * f * d..(x + 1) * f * d].to_vec();
-                    push(format!("{q}.w1.weight"), part(&w1), vec![f, d]);
-                    push(format!("{q}.w2.weight"), part(&w2), vec![d, f]);
-                    push(format!("{q}.w3.weight"), part(&w3), vec![f, d]);
+                    let part = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[x * f * d..(x + 1) * f * d].to_vec());
+                    out.push((format!("{q}.w1.weight"), vec![f, d], part(&w1)));
+                    out.push((format!("{q}.w2.weight"), vec![d, f], part(&w2)));
+                    out.push((format!("{q}.w3.weight"), vec![f, d], part(&w3)));
                 }
             }
             HfLayout::Fused => {
-                push(format!("{p}.mlp.gate.weight"), gate, vec![e, d]);
-                let mut gate_up = Vec::with_capacity(2 * w1.len());
-                for (a, b) in w1.chunks_exact(f * d).zip(w3.chunks_exact(f * d)) {
-                    gate_up.extend_from_slice(a);
-                    gate_up.extend_from_slice(b);
-                }
-                push(format!("{p}.mlp.experts.gate_up_proj"), gate_up, vec![e, 2 * f, d]);
-                push(format!("{p}.mlp.experts.down_proj"), w2, vec![e, d, f]);
+                out.push((format!("{p}.mlp.gate.weight"), vec![e, d], gate));
+                let gate_up = w1.zip(w3).map(|(w1, w3)| {
+                    let mut fused = Vec::with_capacity(2 * w1.len());
+                    for (a, b) in w1.chunks_exact(f * d).zip(w3.chunks_exact(f * d)) {
+                        fused.extend_from_slice(a);
+                        fused.extend_from_slice(b);
+                    }
+                    fused
+                });
+                out.push((format!("{p}.mlp.experts.gate_up_proj"), vec![e, 2 * f, d], gate_up));
+                out.push((format!("{p}.mlp.experts.down_proj"), vec![e, d, f], w2));
             }
         }
     }
-    push("model.norm.weight".into(), fetch.fetch(&m.norm.weight), m.norm.weight.dims().to_vec());
-    push("lm_head.weight".into(), fetch.fetch(&model.lm_head.weight), model.lm_head.weight.dims().to_vec());
     out
 }
 
@@ -111,13 +143,27 @@ impl View for &HostTensor {
 }
 
 fn encode(data: &TensorData, dtype: SaveDtype) -> HostTensor {
-    let values = data.iter::<f32>();
-    let (dtype, bytes) = match dtype {
-        SaveDtype::F32 => (Dtype::F32, values.flat_map(f32::to_le_bytes).collect()),
-        SaveDtype::Bf16 => (Dtype::BF16, values.flat_map(|v| half::bf16::from_f32(v).to_le_bytes()).collect()),
-        SaveDtype::F16 => (Dtype::F16, values.flat_map(|v| half::f16::from_f32(v).to_le_bytes()).collect()),
-    };
-    HostTensor { dtype, shape: data.shape.to_vec(), bytes }
+    let values: Vec<f32> = data.iter::<f32>().collect();
+    HostTensor { dtype: dtype.safetensors(), shape: data.shape.to_vec(), bytes: encode_values(&values, dtype) }
+}
+
+/// Little-endian bytes of `values` in `dtype` (bf16/f16 rounded to nearest even).
+fn encode_values(values: &[f32], dtype: SaveDtype) -> Vec<u8> {
+    match dtype {
+        SaveDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        SaveDtype::Bf16 => values.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
+        SaveDtype::F16 => values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+    }
+}
+
+impl SaveDtype {
+    fn safetensors(self) -> Dtype {
+        match self {
+            Self::F32 => Dtype::F32,
+            Self::Bf16 => Dtype::BF16,
+            Self::F16 => Dtype::F16,
+        }
+    }
 }
 
 /// Writes `config.json` and `model.safetensors` in the given layout. Each file is written to a
@@ -138,9 +184,20 @@ pub fn save_hf<B: Backend>(
         move |source| CheckpointError::Io { path, source }
     };
     std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let tensors: Vec<(String, HostTensor)> =
-        hf_tensors(model, layout, &mut FetchValue).into_iter().map(|(n, d)| (n, encode(&d, dtype))).collect();
-    write_safetensors_atomic(dir, "model.safetensors", &tensors)?;
+    // Streamed part by part (embedding, each layer, head): the header is known from the shapes alone,
+    // so at most one decoder layer is on the host at a time, whatever the model's size.
+    let parts = hf_parts(model);
+    let specs: Vec<(String, Dtype, Vec<usize>)> = (0..parts)
+        .flat_map(|part| hf_part::<B, FetchValue>(model, layout, part, None))
+        .map(|(name, shape, _)| (name, dtype.safetensors(), shape))
+        .collect();
+    let mut file = StreamingSafetensors::create(dir, "model.safetensors", &specs)?;
+    for part in 0..parts {
+        for (name, _, values) in hf_part(model, layout, part, Some(&mut FetchValue)) {
+            file.write(&name, &encode_values(&values.expect("fetched"), dtype))?;
+        }
+    }
+    file.finish()?;
     remove_stale_shards(dir)?;
 
     let mut json = config.to_hf_json();
@@ -269,6 +326,85 @@ pub(super) fn peft_expert_key(layer: usize, expert: usize, w: &str, part: &str) 
     format!("base_model.model.model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.{part}.weight")
 }
 
+/// A safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) goes
+/// first, computed from the specs, then each tensor's bytes in spec order, into a hidden temporary
+/// file that [`finish`](Self::finish) renames into place (a crash never leaves a half-written file
+/// under the final name). Torch-style `format: pt` metadata, header padded to 8 bytes as the
+/// reference writer does.
+struct StreamingSafetensors {
+    file: std::io::BufWriter<std::fs::File>,
+    tmp: std::path::PathBuf,
+    path: std::path::PathBuf,
+    /// `(name, bytes)` of every tensor, in file order.
+    expected: Vec<(String, usize)>,
+    /// How many tensors have been written.
+    next: usize,
+}
+
+impl StreamingSafetensors {
+    fn create(dir: &Path, name: &str, specs: &[(String, Dtype, Vec<usize>)]) -> Result<Self, CheckpointError> {
+        let path = dir.join(name);
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let io = |source| CheckpointError::Io { path: tmp.display().to_string(), source };
+        let mut header = String::from(r#"{"__metadata__":{"format":"pt"}"#);
+        let mut offset = 0usize;
+        let mut expected = Vec::with_capacity(specs.len());
+        for (tensor, dtype, shape) in specs {
+            let bytes = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+            let entry = serde_json::json!({ "dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes] });
+            let key = serde_json::to_string(tensor).expect("a string always serialises");
+            header.push_str(&format!(",{key}:{entry}"));
+            offset += bytes;
+            expected.push((tensor.clone(), bytes));
+        }
+        header.push('}');
+        while header.len() % 8 != 0 {
+            header.push(' ');
+        }
+        let file = std::fs::File::create(&tmp).map_err(io)?;
+        let mut file = std::io::BufWriter::with_capacity(1 << 22, file);
+        use std::io::Write;
+        file.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+        file.write_all(header.as_bytes()).map_err(io)?;
+        Ok(Self { file, tmp, path, expected, next: 0 })
+    }
+
+    /// Writes the next tensor's bytes.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Io`]; also when `name` or the byte count is not the next spec's (a bug of
+    /// the caller, reported rather than written as a corrupt file).
+    fn write(&mut self, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+        let tmp = self.tmp.display().to_string();
+        let mismatch = |message: String| CheckpointError::Io { path: tmp.clone(), source: std::io::Error::other(message) };
+        let Some((want, len)) = self.expected.get(self.next) else {
+            return Err(mismatch(format!("tensor {name} written after the {} the header lists", self.expected.len())));
+        };
+        if want != name || *len != bytes.len() {
+            return Err(mismatch(format!("tensor {name} ({} bytes) written where the header has {want} ({len} bytes)", bytes.len())));
+        }
+        use std::io::Write;
+        self.file.write_all(bytes).map_err(|source| CheckpointError::Io { path: tmp, source })?;
+        self.next += 1;
+        Ok(())
+    }
+
+    /// Flushes, syncs and renames the file into place once every tensor has been written.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Io`], also when tensors are missing.
+    fn finish(self) -> Result<(), CheckpointError> {
+        let tmp = self.tmp.display().to_string();
+        if self.next != self.expected.len() {
+            let message = format!("{} of {} tensors written", self.next, self.expected.len());
+            return Err(CheckpointError::Io { path: tmp, source: std::io::Error::other(message) });
+        }
+        let file = self.file.into_inner().map_err(|e| CheckpointError::Io { path: tmp.clone(), source: e.into_error() })?;
+        file.sync_all().map_err(|source| CheckpointError::Io { path: tmp, source })?;
+        std::fs::rename(&self.tmp, &self.path).map_err(|source| CheckpointError::Io { path: self.path.display().to_string(), source })
+    }
+}
+
 /// Writes `dir/name` (torch-style `format: pt` metadata) through a hidden temporary file renamed
 /// into place, so a crash never leaves a half-written file under the final name.
 fn write_safetensors_atomic(dir: &Path, name: &str, tensors: &[(String, HostTensor)]) -> Result<(), CheckpointError> {
@@ -281,4 +417,53 @@ fn write_safetensors_atomic(dir: &Path, name: &str, tensors: &[(String, HostTens
     })?;
     std::fs::rename(&tmp, &weights)
         .map_err(|source| CheckpointError::Io { path: weights.display().to_string(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed file reads back, through the safetensors crate, as the tensors written, with
+    /// the metadata torch expects; a write out of order or a missing tensor is an error, and leaves
+    /// no file under the final name.
+    #[test]
+    fn streamed_safetensors_read_back() {
+        let dir = std::env::temp_dir().join(format!("burn-moe-stream-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let specs = vec![
+            ("b.weight".to_string(), Dtype::F32, vec![2, 3]),
+            ("a\"odd\".name".to_string(), Dtype::BF16, vec![5]),
+            ("empty".to_string(), Dtype::F16, vec![0, 4]),
+        ];
+        let f32s: Vec<f32> = (0..6).map(|i| i as f32 * 1.5 - 2.0).collect();
+        let bf16s: Vec<f32> = vec![1.0, -0.5, 3.25, 0.0, 1e-3];
+        let mut file = StreamingSafetensors::create(&dir, "x.safetensors", &specs).unwrap();
+        file.write("b.weight", &encode_values(&f32s, SaveDtype::F32)).unwrap();
+        file.write("a\"odd\".name", &encode_values(&bf16s, SaveDtype::Bf16)).unwrap();
+        file.write("empty", &[]).unwrap();
+        file.finish().unwrap();
+
+        let bytes = std::fs::read(dir.join("x.safetensors")).unwrap();
+        let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(header_len % 8, 0);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().and_then(|m| m.get("format")).map(String::as_str), Some("pt"));
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let b = st.tensor("b.weight").unwrap();
+        assert_eq!((b.dtype(), b.shape()), (Dtype::F32, &[2usize, 3][..]));
+        assert_eq!(b.data(), &encode_values(&f32s, SaveDtype::F32)[..]);
+        let a = st.tensor("a\"odd\".name").unwrap();
+        assert_eq!((a.dtype(), a.shape()), (Dtype::BF16, &[5usize][..]));
+        assert_eq!(a.data(), &encode_values(&bf16s, SaveDtype::Bf16)[..]);
+        assert_eq!(st.tensor("empty").unwrap().shape(), &[0usize, 4][..]);
+
+        let mut file = StreamingSafetensors::create(&dir, "y.safetensors", &specs).unwrap();
+        let err = file.write("empty", &[]).unwrap_err().to_string();
+        assert!(err.contains("where the header has b.weight"), "{err}");
+        file.write("b.weight", &encode_values(&f32s, SaveDtype::F32)).unwrap();
+        let err = file.finish().unwrap_err().to_string();
+        assert!(err.contains("1 of 3 tensors written"), "{err}");
+        assert!(!dir.join("y.safetensors").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
