@@ -616,6 +616,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn top_k_indices_are_the_largest_first_lower_index_on_ties() {
+        use burn::backend::NdArray;
+        use burn::tensor::TensorData;
+        let device = Default::default();
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.1, 0.4, 0.4, 0.1],
+            vec![0.7, 0.05, 0.05, 0.2],
+            vec![0.25, 0.25, 0.25, 0.25],
+            vec![0.0, 0.0, 0.3, 0.7],
+        ];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let probs = Tensor::<NdArray<f32>, 2>::from_data(TensorData::new(flat, [4, 4]), &device);
+        for k in 1..=4 {
+            let got: Vec<i64> = top_k_indices(probs.clone(), k).into_data().iter::<i64>().collect();
+            // Expected: a stable sort by value, descending (equal values keep index order).
+            let want: Vec<i64> = rows
+                .iter()
+                .flat_map(|r| {
+                    let mut idx: Vec<usize> = (0..r.len()).collect();
+                    idx.sort_by(|&a, &b| r[b].partial_cmp(&r[a]).unwrap());
+                    idx.into_iter().take(k).map(|i| i as i64)
+                })
+                .collect();
+            assert_eq!(got, want, "k = {k}");
+        }
+    }
+
+    #[test]
     fn sorted_rows_land_at_their_segments_padded_start() {
         // Segments of 2, 0 and 3 rows, padded to blocks of 4: starts 0, 4, 4 (the empty segment takes none).
         assert_eq!(padded_positions(&[0, 2, 2, 5], &[0, 4, 4, 8]), vec![0, 1, 4, 5, 6]);
