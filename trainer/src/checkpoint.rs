@@ -21,9 +21,10 @@
 //!   checkpoint before the final rename.
 //!
 //!   `--save-consolidated true` (the default) also writes the consolidated `model.safetensors`
-//!   (all-gathered, HF layout, so transformers loads the checkpoint) and resume reads it, re-sharding
-//!   with the deterministic plan. `--save-consolidated false` skips the all-gather (47B f32
-//!   parameters do not fit one rank): the checkpoint has `config.json` but no `model.safetensors`
+//!   (HF layout, so transformers loads the checkpoint): every rank gathers one tensor at a time
+//!   (FSDP1: one unit) and rank 0 streams it to disk ([`CheckpointWeights::Streamed`]), so 47B f32
+//!   parameters never sit on one device or host; resume reads it, re-sharding with the
+//!   deterministic plan. `--save-consolidated false` skips it: the checkpoint has `config.json` but no `model.safetensors`
 //!   (and, for LoRA, no PEFT adapter files: the adapters are in the shards), and resume loads each
 //!   rank's weights from the shards. Either way resuming needs the plan and world size that wrote
 //!   the checkpoint (the error names both).
@@ -166,6 +167,12 @@ pub fn rank_staging_dir(output_dir: &Path, step: usize) -> PathBuf {
     output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.ranks"))
 }
 
+/// Where a sharded run's streamed consolidation ([`CheckpointWeights::Streamed`]) writes
+/// `model.safetensors` and `config.json` before [`save_checkpoint`] moves them in.
+pub fn consolidated_staging_dir(output_dir: &Path, step: usize) -> PathBuf {
+    output_dir.join(format!(".{CHECKPOINT_PREFIX}{step}.consolidated"))
+}
+
 /// Writes one rank's optimizer record and the ids it is keyed by (its parameters in visit order)
 /// into the staging directory of `step`.
 ///
@@ -248,11 +255,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
+/// The weights a checkpoint receives (see [`save_checkpoint`]).
+pub enum CheckpointWeights<'a, B: Backend> {
+    /// The whole model, written here (HF classic layout, f32; and its adapters when the run has any).
+    Full(&'a MixtralForCausalLM<B>),
+    /// `model.safetensors` and `config.json` already written into `dir` by a streamed consolidation
+    /// ([`crate::sharding::Parallel::save_consolidated`]), moved in; `adapters`: a model whose LoRA
+    /// adapters are whole (the frozen base may stay sharded), for PEFT's files.
+    Streamed {
+        /// Where the files are.
+        dir: &'a Path,
+        /// The model to take the adapters from.
+        adapters: Option<&'a MixtralForCausalLM<B>>,
+    },
+    /// None: a sharded run with `--save-consolidated false`, whose weights are only in its per-rank
+    /// shards (`config.json` is still written).
+    ShardsOnly,
+}
+
 /// Writes `checkpoint-<state.global_step>` into `output_dir` atomically (see the module docs) and
 /// returns its path. An existing checkpoint of the same step is replaced.
 ///
-/// `model` is the consolidated model (`None`: a sharded run with `--save-consolidated false`, whose
-/// weights are only in its per-rank shards; `config.json` is still written). `rank_states` is the
+/// `model`: what goes in as weights ([`CheckpointWeights`]). `rank_states` is the
 /// staging directory of a sharded run ([`rank_staging_dir`]): it becomes `ranks/`, and the ranks'
 /// weight-shard indexes are merged into `shards.json` ([`crate::rank_shards`]).
 ///
@@ -260,7 +284,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
 /// [`CheckpointError`] naming the file that could not be written.
 pub fn save_checkpoint<B: Backend, R: Record<B>>(
     output_dir: &Path,
-    model: Option<&MixtralForCausalLM<B>>,
+    model: CheckpointWeights<'_, B>,
     config: &MixtralConfig,
     optimizer_record: R,
     state: &TrainerState,
@@ -276,13 +300,22 @@ pub fn save_checkpoint<B: Backend, R: Record<B>>(
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
 
     match model {
-        Some(model) => {
+        CheckpointWeights::Full(model) => {
             save_hf_classic(model, config, &tmp, SaveDtype::F32)?;
             if let Some((lora, targets)) = adapters {
                 mixtral_burn::save_peft_adapter(model, lora, *targets, &tmp)?;
             }
         }
-        None => {
+        CheckpointWeights::Streamed { dir, adapters: with_adapters } => {
+            for name in ["model.safetensors", "config.json"] {
+                std::fs::rename(dir.join(name), tmp.join(name)).map_err(io(&dir.join(name)))?;
+            }
+            std::fs::remove_dir(dir).map_err(io(dir))?;
+            if let (Some(model), Some((lora, targets))) = (with_adapters, adapters) {
+                mixtral_burn::save_peft_adapter(model, lora, *targets, &tmp)?;
+            }
+        }
+        CheckpointWeights::ShardsOnly => {
             // Weights only in the per-rank shards; the architecture still travels with them.
             let path = tmp.join("config.json");
             let mut json = config.to_hf_json();
@@ -473,7 +506,7 @@ mod tests {
         let model: MixtralForCausalLM<B> = config.init_seeded(&Default::default(), 1);
         assert!(matches!(resolve_checkpoint("latest", out), Err(CheckpointError::NoCheckpoint { .. })));
         for step in [2, 10, 4] {
-            save_checkpoint::<B, _>(out, Some(&model), &config, (), &state(step), None, None, None).unwrap();
+            save_checkpoint::<B, _>(out, CheckpointWeights::Full(&model), &config, (), &state(step), None, None, None).unwrap();
         }
         // A half-written checkpoint (no trainer state) and a temp dir are never "latest".
         std::fs::create_dir_all(out.join("checkpoint-99")).unwrap();

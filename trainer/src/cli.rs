@@ -189,9 +189,9 @@ pub struct Args {
     pub resume_from_checkpoint: Option<String>,
 
     /// Sharded runs (FSDP1, FSDP2, EP): also write the consolidated `model.safetensors` (HF
-    /// layout, all-gathered onto every rank) next to the per-rank weight shards. `false` skips the
-    /// all-gather, so no rank ever holds the whole model; resume then reads the shards (same plan
-    /// and rank count). Unsharded runs always write `model.safetensors`.
+    /// layout, gathered one tensor at a time and streamed to disk by rank 0) next to the per-rank
+    /// weight shards. `false` skips it; resume then reads the shards (same plan and rank count).
+    /// Unsharded runs always write `model.safetensors`.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false", help_heading = "Checkpoints")]
     pub save_consolidated: bool,
 

@@ -351,7 +351,7 @@ where
         let world = self.mesh.fsdp_group();
         let wire = wire_dtype(compute);
         // FSDP1: one all-gather per unit, of the rank's chunk reassembled from its pieces.
-        let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire };
+        let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire, only: None };
         model.visit(&mut pieces);
         let device = model.lm_head.weight.val().device();
         let mut flats = Vec::with_capacity(self.units.len());
@@ -462,6 +462,24 @@ where
     /// A failed collective.
     pub fn consolidate_trainable(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
         self.consolidate_where(model, true)
+    }
+
+    /// Writes the consolidated model (`model.safetensors` in HF's classic layout, f32, and
+    /// `config.json`) into `dir` on the rank that passes `Some`, gathering one parameter at a time
+    /// (FSDP1: one unit at a time) instead of the whole model: no rank holds more than a decoder
+    /// layer beyond its own shards. Collective: every rank must call it (the others with `None`).
+    ///
+    /// # Errors
+    /// A failed collective or write ([`mixtral_burn::checkpoint::CheckpointError`]).
+    pub fn save_consolidated(
+        &self,
+        model: &MixtralForCausalLM<B>,
+        config: &mixtral_burn::MixtralConfig,
+        dir: Option<&std::path::Path>,
+    ) -> Result<(), mixtral_burn::checkpoint::CheckpointError> {
+        use mixtral_burn::checkpoint::{HfLayout, SaveDtype, save_hf_with};
+        let mut fetch = GatherFetch { parallel: self, model, unit: None, error: None };
+        save_hf_with(model, config, dir, HfLayout::Classic, SaveDtype::F32, &mut fetch)
     }
 
     fn consolidate_where(&self, model: &MixtralForCausalLM<B>, skip_frozen: bool) -> Result<MixtralForCausalLM<B>, ShardingError> {
@@ -619,11 +637,15 @@ struct CollectPieces<'a, B: burn::tensor::backend::Backend> {
     pieces: Vec<Vec<Tensor<B, 1>>>,
     /// The dtype the pieces are gathered in.
     wire: FloatDType,
+    /// Only this unit's pieces (`None`: every unit).
+    only: Option<usize>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for CollectPieces<'_, B::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(ParamPlacement::Flat { unit, piece, .. }) = self.placements.get(&param.id) {
+        if let Some(ParamPlacement::Flat { unit, piece, .. }) = self.placements.get(&param.id)
+            && self.only.is_none_or(|only| only == *unit)
+        {
             self.pieces[*unit].push(crate::precision::cast(param.val().inner().reshape([piece.len()]), self.wire));
         }
     }
@@ -680,6 +702,91 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
                 Param::from_mapped_value(id, shard, mapper)
             }
         }
+    }
+}
+
+/// Reads each parameter whole for [`Parallel::save_consolidated`]: FSDP2 shards all-gathered over the
+/// FSDP group, experts over the EP group, FSDP1 members cut from their unit (gathered once per run of
+/// the unit's members, f32), replicated parameters as they are. A failed collective is kept for
+/// [`take_error`](FetchTensor::take_error) and zeros are returned (every rank then fails the save).
+struct GatherFetch<'a, B, C>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
+    C: Communicator<B::InnerBackend>,
+{
+    parallel: &'a Parallel<B, C>,
+    model: &'a MixtralForCausalLM<B>,
+    /// The last gathered FSDP1 unit.
+    unit: Option<(usize, Tensor<B::InnerBackend, 1>)>,
+    error: Option<String>,
+}
+
+impl<B, C> GatherFetch<'_, B, C>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
+    C: Communicator<B::InnerBackend> + 'static,
+{
+    fn gathered<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) -> Result<Tensor<B::InnerBackend, D>, ShardingError> {
+        let p = self.parallel;
+        let world = p.mesh.fsdp_group();
+        let local = crate::precision::cast(param.val().inner(), FloatDType::F32);
+        match p.placements.get(&param.id) {
+            Some(ParamPlacement::Sharded { dims }) => {
+                let dims: [usize; D] = dims.as_slice().try_into().expect("placement recorded with the parameter's rank");
+                Ok(DTensor::from_local(local, dims, &[world], &[Placement::Shard(0)]).and_then(|d| d.full_tensor(&[world]))?)
+            }
+            Some(ParamPlacement::Expert) => Ok(p.mesh.ep().all_gather(local, 0)?),
+            Some(ParamPlacement::Flat { unit, dims, offset, .. }) => {
+                let (unit, offset) = (*unit, *offset);
+                let dims: [usize; D] = dims.as_slice().try_into().expect("placement recorded with the parameter's rank");
+                if self.unit.as_ref().map(|(u, _)| *u) != Some(unit) {
+                    // Every rank asks for the same parameters in the same order, so every rank
+                    // gathers the same unit here.
+                    let mut pieces = CollectPieces { placements: &p.placements, pieces: vec![Vec::new(); p.units.len()], wire: FloatDType::F32, only: Some(unit) };
+                    self.model.visit(&mut pieces);
+                    let parts = std::mem::take(&mut pieces.pieces[unit]);
+                    let chunk = pad_to(parts, p.units[unit].chunk, &local.device(), FloatDType::F32);
+                    self.unit = None; // the previous unit's buffer goes before the next is gathered
+                    self.unit = Some((unit, world.all_gather(chunk, 0)?));
+                }
+                let numel: usize = dims.iter().product();
+                let (_, flat) = self.unit.as_ref().expect("gathered above");
+                Ok(flat.clone().slice([offset..offset + numel]).reshape(dims))
+            }
+            Some(ParamPlacement::Replicated) | None => Ok(local),
+        }
+    }
+}
+
+impl<B, C> mixtral_burn::checkpoint::FetchTensor<B> for GatherFetch<'_, B, C>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
+    C: Communicator<B::InnerBackend> + 'static,
+{
+    fn fetch<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) -> Vec<f32> {
+        match self.gathered(param) {
+            Ok(full) => full.into_data().convert::<f32>().to_vec().expect("f32 after convert"),
+            Err(e) => {
+                self.error.get_or_insert_with(|| e.to_string());
+                vec![0.0; self.dims(param).iter().product()]
+            }
+        }
+    }
+
+    fn dims<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Vec<usize> {
+        match self.parallel.placements.get(&param.id) {
+            Some(ParamPlacement::Sharded { dims } | ParamPlacement::Flat { dims, .. }) => dims.clone(),
+            Some(ParamPlacement::Expert) => {
+                let mut dims = param.dims().to_vec();
+                dims[0] = self.parallel.num_experts;
+                dims
+            }
+            Some(ParamPlacement::Replicated) | None => param.dims().to_vec(),
+        }
+    }
+
+    fn take_error(&mut self) -> Option<String> {
+        self.error.take()
     }
 }
 

@@ -15,7 +15,8 @@ use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
 
 use crate::checkpoint::{
     CheckpointError, TrainerState, load_optimizer_record, load_rank_optimizer_record, load_trainer_state, param_ids,
-    rank_staging_dir, resolve_checkpoint, rotate_checkpoints, save_checkpoint, stage_rank_state,
+    CheckpointWeights, consolidated_staging_dir, rank_staging_dir, resolve_checkpoint, rotate_checkpoints, save_checkpoint,
+    stage_rank_state,
 };
 use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
@@ -601,8 +602,22 @@ where
         timers.report(step + 1);
         if due(args.save_strategy, step, args.save_steps, epoch_end) {
             let sharded = parallel.is_sharded();
-            // Sharded runs may skip the all-gather: their weights are in the per-rank shards.
-            let full = if !sharded || args.save_consolidated { Some(parallel.consolidate(&model)?) } else { None };
+            // Sharded runs gather the consolidated weights one tensor at a time, rank 0 writing
+            // (never the whole model on a device), or skip it: their weights are in the per-rank
+            // shards. LoRA adapters are small: they are gathered whole for PEFT's files.
+            let consolidated = consolidated_staging_dir(&args.output_dir, step + 1);
+            let adapters = if sharded && args.save_consolidated {
+                if lead {
+                    std::fs::create_dir_all(&consolidated).map_err(|source| CheckpointError::Io { path: consolidated.clone(), source })?;
+                }
+                parallel.save_consolidated(&model, &config, lead.then_some(consolidated.as_path()))?;
+                match args.lora() {
+                    Some(_) => Some(parallel.consolidate_trainable(&model)?),
+                    None => None,
+                }
+            } else {
+                None
+            };
             if sharded {
                 stage_rank_state::<B, _>(&args.output_dir, step + 1, rank, optimizer.to_record(), &param_ids::<B, _>(&model))?;
                 let piece = |id: ParamId, dims: &[usize]| parallel.local_piece(id, dims);
@@ -632,9 +647,14 @@ where
             // A sharded run's optimizer state is per rank, in `ranks/`.
             let record = if sharded { Default::default() } else { optimizer.to_record() };
             let staged = sharded.then(|| rank_staging_dir(&args.output_dir, step + 1));
+            let weights = match (sharded, args.save_consolidated) {
+                (false, _) => CheckpointWeights::Full(&model),
+                (true, true) => CheckpointWeights::Streamed { dir: &consolidated, adapters: adapters.as_ref() },
+                (true, false) => CheckpointWeights::ShardsOnly,
+            };
             let dir = save_checkpoint::<B, _>(
                 &args.output_dir,
-                full.as_ref(),
+                weights,
                 &config,
                 record,
                 &state,

@@ -13,6 +13,12 @@ pub enum CheckpointError {
         /// The checkpoint directory.
         dir: String,
     },
+    /// A tensor could not be fetched for writing (e.g. a failed gather of a sharded parameter).
+    #[error("could not fetch a tensor to write: {message}")]
+    Fetch {
+        /// The fetcher's reason.
+        message: String,
+    },
     /// A file could not be opened, mapped or written.
     #[error("{path}: {source}")]
     Io {

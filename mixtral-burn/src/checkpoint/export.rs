@@ -10,10 +10,24 @@ use super::import::HfLayout;
 use crate::config::MixtralConfig;
 use crate::model::MixtralForCausalLM;
 
-/// Turns one parameter of the model into host data: its value, or (for the parity tool) its gradient.
+/// Turns one parameter of the model into host data: its value, or (for the parity tool) its gradient,
+/// or (for a sharded trainer) the whole tensor gathered from the ranks' shards.
 pub trait FetchTensor<B: Backend> {
-    /// Host copy of whatever this fetcher reads for `param`, as f32 in row-major order.
+    /// Host copy of whatever this fetcher reads for `param`, as f32 in row-major order, of shape
+    /// [`dims`](Self::dims).
     fn fetch<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) -> Vec<f32>;
+
+    /// The shape of what [`fetch`](Self::fetch) returns for `param`: its own shape, unless the
+    /// model holds only a shard of it.
+    fn dims<const D: usize>(&self, param: &Param<Tensor<B, D>>) -> Vec<usize> {
+        param.dims().to_vec()
+    }
+
+    /// A fetch that failed since the last call (e.g. a collective), as a message; what it returned
+    /// is then not to be written. Fetchers that cannot fail keep the default.
+    fn take_error(&mut self) -> Option<String> {
+        None
+    }
 }
 
 /// Reads parameter values.
@@ -35,7 +49,7 @@ pub fn hf_tensors<B: Backend, F: FetchTensor<B>>(
     fetch: &mut F,
 ) -> Vec<(String, TensorData)> {
     (0..hf_parts(model))
-        .flat_map(|part| hf_part(model, layout, part, Some(&mut *fetch)))
+        .flat_map(|part| hf_part(model, layout, part, &mut *fetch, true))
         .map(|(name, shape, data)| (name, TensorData::new(data.expect("fetched"), shape)))
         .collect()
 }
@@ -46,8 +60,8 @@ fn hf_parts<B: Backend>(model: &MixtralForCausalLM<B>) -> usize {
 }
 
 /// The HF tensors of part `part` of the model (0: the embedding; `1..=L`: decoder layer `part − 1`;
-/// `L + 1`: the final norm and the LM head) as `(name, shape, values)`, in file order. With
-/// `fetch = None` only names and shapes: nothing is read from the device.
+/// `L + 1`: the final norm and the LM head) as `(name, shape, values)`, in file order, shapes as
+/// `fetch` returns them. Without `with_data` only names and shapes: nothing is fetched.
 ///
 /// Why by part: a streaming save holds one part on the host at a time (a Mixtral-8x7B decoder layer
 /// is 1.4 G parameters; the whole model 47 G).
@@ -55,45 +69,48 @@ fn hf_part<B: Backend, F: FetchTensor<B>>(
     model: &MixtralForCausalLM<B>,
     layout: HfLayout,
     part: usize,
-    mut fetch: Option<&mut F>,
+    fetch: &mut F,
+    with_data: bool,
 ) -> Vec<(String, Vec<usize>, Option<Vec<f32>>)> {
-    fn get<B: Backend, F: FetchTensor<B>, const D: usize>(fetch: &mut Option<&mut F>, p: &Param<Tensor<B, D>>) -> Option<Vec<f32>> {
-        fetch.as_mut().map(|f| f.fetch(p))
-    }
+    let mut get = |p: &dyn Fetchable<B, F>| (p.fetched_dims(fetch), with_data.then(|| p.fetched(fetch)));
     let mut out = Vec::new();
     let m = &model.model;
     let layers = m.layers.len();
+    let mut push = |name: String, (dims, data): (Vec<usize>, Option<Vec<f32>>)| out.push((name, dims, data));
     if part == 0 {
-        out.push(("model.embed_tokens.weight".into(), m.embed_tokens.weight.dims().to_vec(), get(&mut fetch, &m.embed_tokens.weight)));
+        push("model.embed_tokens.weight".into(), get(&m.embed_tokens.weight));
     } else if part == layers + 1 {
-        out.push(("model.norm.weight".into(), m.norm.weight.dims().to_vec(), get(&mut fetch, &m.norm.weight)));
-        out.push(("lm_head.weight".into(), model.lm_head.weight.dims().to_vec(), get(&mut fetch, &model.lm_head.weight)));
+        push("model.norm.weight".into(), get(&m.norm.weight));
+        push("lm_head.weight".into(), get(&model.lm_head.weight));
     } else if let Some(layer) = m.layers.get(part - 1) {
         let p = format!("model.layers.{}", part - 1);
         let a = &layer.self_attn;
         for (name, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-            out.push((format!("{p}.self_attn.{name}.weight"), lin.weight.dims().to_vec(), get(&mut fetch, &lin.weight)));
+            push(format!("{p}.self_attn.{name}.weight"), get(&lin.weight));
         }
         for (name, norm) in [("input_layernorm", &layer.input_layernorm), ("post_attention_layernorm", &layer.post_attention_layernorm)] {
-            out.push((format!("{p}.{name}.weight"), norm.weight.dims().to_vec(), get(&mut fetch, &norm.weight)));
+            push(format!("{p}.{name}.weight"), get(&norm.weight));
         }
         let moe = &layer.mlp;
-        let [e, f, d] = moe.w1.dims();
-        let gate = get(&mut fetch, &moe.gate);
-        let (w1, w3, w2) = (get(&mut fetch, &moe.w1), get(&mut fetch, &moe.w3), get(&mut fetch, &moe.w2));
+        let (gate_dims, gate) = get(&moe.gate);
+        let (w1_dims, w1) = get(&moe.w1);
+        let (_, w3) = get(&moe.w3);
+        let (_, w2) = get(&moe.w2);
+        let [e, f, d]: [usize; 3] = w1_dims.try_into().expect("stacked experts are [E, F, D]");
+        debug_assert_eq!(gate_dims, vec![e, d]);
         match layout {
             HfLayout::Classic => {
-                out.push((format!("{p}.block_sparse_moe.gate.weight"), vec![e, d], gate));
+                push(format!("{p}.block_sparse_moe.gate.weight"), (vec![e, d], gate));
                 for x in 0..e {
                     let q = format!("{p}.block_sparse_moe.experts.{x}");
                     let part = |v: &Option<Vec<f32>>| v.as_ref().map(|v| v[x * f * d..(x + 1) * f * d].to_vec());
-                    out.push((format!("{q}.w1.weight"), vec![f, d], part(&w1)));
-                    out.push((format!("{q}.w2.weight"), vec![d, f], part(&w2)));
-                    out.push((format!("{q}.w3.weight"), vec![f, d], part(&w3)));
+                    push(format!("{q}.w1.weight"), (vec![f, d], part(&w1)));
+                    push(format!("{q}.w2.weight"), (vec![d, f], part(&w2)));
+                    push(format!("{q}.w3.weight"), (vec![f, d], part(&w3)));
                 }
             }
             HfLayout::Fused => {
-                out.push((format!("{p}.mlp.gate.weight"), vec![e, d], gate));
+                push(format!("{p}.mlp.gate.weight"), (vec![e, d], gate));
                 let gate_up = w1.zip(w3).map(|(w1, w3)| {
                     let mut fused = Vec::with_capacity(2 * w1.len());
                     for (a, b) in w1.chunks_exact(f * d).zip(w3.chunks_exact(f * d)) {
@@ -102,12 +119,27 @@ fn hf_part<B: Backend, F: FetchTensor<B>>(
                     }
                     fused
                 });
-                out.push((format!("{p}.mlp.experts.gate_up_proj"), vec![e, 2 * f, d], gate_up));
-                out.push((format!("{p}.mlp.experts.down_proj"), vec![e, d, f], w2));
+                push(format!("{p}.mlp.experts.gate_up_proj"), (vec![e, 2 * f, d], gate_up));
+                push(format!("{p}.mlp.experts.down_proj"), (vec![e, d, f], w2));
             }
         }
     }
     out
+}
+
+/// A parameter of any rank, for [`hf_part`]'s one closure over parameters of ranks 1 to 3.
+trait Fetchable<B: Backend, F: FetchTensor<B>> {
+    fn fetched_dims(&self, fetch: &F) -> Vec<usize>;
+    fn fetched(&self, fetch: &mut F) -> Vec<f32>;
+}
+
+impl<B: Backend, F: FetchTensor<B>, const D: usize> Fetchable<B, F> for Param<Tensor<B, D>> {
+    fn fetched_dims(&self, fetch: &F) -> Vec<usize> {
+        fetch.dims(self)
+    }
+    fn fetched(&self, fetch: &mut F) -> Vec<f32> {
+        fetch.fetch(self)
+    }
 }
 
 /// Element type of a written checkpoint.
@@ -178,7 +210,34 @@ pub fn save_hf<B: Backend>(
     layout: HfLayout,
     dtype: SaveDtype,
 ) -> Result<(), CheckpointError> {
-    let dir = dir.as_ref();
+    save_hf_with(model, config, Some(dir.as_ref()), layout, dtype, &mut FetchValue)
+}
+
+/// [`save_hf`] with the tensors read by `fetch` (e.g. gathered from the shards of a sharded
+/// model, one tensor at a time, see [`FetchTensor::dims`]). With `dir = None` every tensor is
+/// fetched in the same order and nothing is written: what the other ranks of a collective fetch do
+/// while one rank writes.
+///
+/// # Errors
+/// [`CheckpointError::Io`] naming the file; [`CheckpointError::Fetch`] when `fetch` reports a failure
+/// (nothing is then left under the final name).
+pub fn save_hf_with<B: Backend, F: FetchTensor<B>>(
+    model: &MixtralForCausalLM<B>,
+    config: &MixtralConfig,
+    dir: Option<&Path>,
+    layout: HfLayout,
+    dtype: SaveDtype,
+    fetch: &mut F,
+) -> Result<(), CheckpointError> {
+    let failed = |fetch: &mut F| fetch.take_error().map_or(Ok(()), |message| Err(CheckpointError::Fetch { message }));
+    let parts = hf_parts(model);
+    let Some(dir) = dir else {
+        for part in 0..parts {
+            drop(hf_part(model, layout, part, fetch, true));
+            failed(fetch)?;
+        }
+        return Ok(());
+    };
     let io = |path: &Path| {
         let path = path.display().to_string();
         move |source| CheckpointError::Io { path, source }
@@ -186,14 +245,18 @@ pub fn save_hf<B: Backend>(
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     // Streamed part by part (embedding, each layer, head): the header is known from the shapes alone,
     // so at most one decoder layer is on the host at a time, whatever the model's size.
-    let parts = hf_parts(model);
     let specs: Vec<(String, Dtype, Vec<usize>)> = (0..parts)
-        .flat_map(|part| hf_part::<B, FetchValue>(model, layout, part, None))
+        .flat_map(|part| hf_part(model, layout, part, fetch, false))
         .map(|(name, shape, _)| (name, dtype.safetensors(), shape))
         .collect();
     let mut file = StreamingSafetensors::create(dir, "model.safetensors", &specs)?;
     for part in 0..parts {
-        for (name, _, values) in hf_part(model, layout, part, Some(&mut FetchValue)) {
+        let tensors = hf_part(model, layout, part, fetch, true);
+        if let Err(e) = failed(fetch) {
+            file.abandon();
+            return Err(e);
+        }
+        for (name, _, values) in tensors {
             file.write(&name, &encode_values(&values.expect("fetched"), dtype))?;
         }
     }
@@ -389,6 +452,13 @@ impl StreamingSafetensors {
         Ok(())
     }
 
+    /// Removes the temporary file (a failed save).
+    fn abandon(self) {
+        let Self { file, tmp, .. } = self;
+        drop(file);
+        let _ = std::fs::remove_file(tmp);
+    }
+
     /// Flushes, syncs and renames the file into place once every tensor has been written.
     ///
     /// # Errors
@@ -464,6 +534,54 @@ mod tests {
         let err = file.finish().unwrap_err().to_string();
         assert!(err.contains("1 of 3 tensors written"), "{err}");
         assert!(!dir.join("y.safetensors").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Reads values, but reports a failure at its `fail_at`-th fetch (as a failed gather would).
+    struct Failing {
+        calls: usize,
+        fail_at: usize,
+        error: Option<String>,
+    }
+
+    impl<B: Backend> FetchTensor<B> for Failing {
+        fn fetch<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) -> Vec<f32> {
+            self.calls += 1;
+            if self.calls == self.fail_at {
+                self.error = Some(format!("gather {} failed", self.calls));
+            }
+            FetchValue.fetch(param)
+        }
+        fn take_error(&mut self) -> Option<String> {
+            self.error.take()
+        }
+    }
+
+    /// `save_hf_with` writes what `save_hf` writes; a fetch failure stops it with the fetcher's
+    /// message and leaves neither the weights nor a temporary file; without a directory it only
+    /// fetches (every tensor once, in order) and writes nothing.
+    #[test]
+    fn save_with_a_fetcher_writes_the_same_file_and_stops_on_a_failed_fetch() {
+        type B = burn::backend::NdArray<f32>;
+        let config = crate::MixtralConfig::tiny();
+        let model = config.init_seeded::<B>(&Default::default(), 5);
+        let dir = std::env::temp_dir().join(format!("burn-moe-save-with-{}", std::process::id()));
+        let (a, b, c) = (dir.join("a"), dir.join("b"), dir.join("c"));
+        save_hf(&model, &config, &a, HfLayout::Classic, SaveDtype::Bf16).unwrap();
+        let mut ok = Failing { calls: 0, fail_at: usize::MAX, error: None };
+        save_hf_with(&model, &config, Some(&b), HfLayout::Classic, SaveDtype::Bf16, &mut ok).unwrap();
+        assert_eq!(std::fs::read(a.join("model.safetensors")).unwrap(), std::fs::read(b.join("model.safetensors")).unwrap());
+        let per_layer = 4 + 2 + 4; // attention, norms, router + w1 + w3 + w2
+        assert_eq!(ok.calls, 1 + config.num_hidden_layers * per_layer + 2);
+
+        let mut failing = Failing { calls: 0, fail_at: 3, error: None };
+        let err = save_hf_with(&model, &config, Some(&c), HfLayout::Classic, SaveDtype::F32, &mut failing).unwrap_err();
+        assert!(err.to_string().contains("gather 3 failed"), "{err}");
+        assert!(!c.join("model.safetensors").exists() && !c.join(".model.safetensors.tmp").exists());
+
+        let mut only = Failing { calls: 0, fail_at: usize::MAX, error: None };
+        save_hf_with(&model, &config, None, HfLayout::Classic, SaveDtype::F32, &mut only).unwrap();
+        assert_eq!(only.calls, ok.calls);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

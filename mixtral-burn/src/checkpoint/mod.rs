@@ -9,6 +9,6 @@ mod reader;
 
 pub use adapter::load_peft_adapter;
 pub use error::CheckpointError;
-pub use export::{FetchTensor, FetchValue, SaveDtype, hf_tensors, save_hf, save_hf_classic, save_peft_adapter};
+pub use export::{FetchTensor, FetchValue, SaveDtype, hf_tensors, save_hf, save_hf_classic, save_hf_with, save_peft_adapter};
 pub use import::{HfCheckpoint, HfLayout};
 pub use reader::SafetensorsFiles;
