@@ -477,8 +477,36 @@ where
         config: &mixtral_burn::MixtralConfig,
         dir: Option<&std::path::Path>,
     ) -> Result<(), mixtral_burn::checkpoint::CheckpointError> {
+        self.save_gathered(model, None, config, dir)
+    }
+
+    /// [`save_consolidated`](Self::save_consolidated) of the model with its LoRA adapters folded in
+    /// (`W + s·B·A`, in f32, as `merge_lora`), the `--merge-lora` export of a sharded run: each base
+    /// weight is gathered, then the adapter taken from `adapters` (a model whose adapters are whole,
+    /// from [`consolidate_trainable`](Self::consolidate_trainable)) is added. Collective.
+    ///
+    /// # Errors
+    /// As [`save_consolidated`](Self::save_consolidated).
+    pub fn save_merged(
+        &self,
+        model: &MixtralForCausalLM<B>,
+        adapters: &MixtralForCausalLM<B>,
+        config: &mixtral_burn::MixtralConfig,
+        dir: Option<&std::path::Path>,
+    ) -> Result<(), mixtral_burn::checkpoint::CheckpointError> {
+        self.save_gathered(model, Some(adapters), config, dir)
+    }
+
+    fn save_gathered(
+        &self,
+        model: &MixtralForCausalLM<B>,
+        adapters: Option<&MixtralForCausalLM<B>>,
+        config: &mixtral_burn::MixtralConfig,
+        dir: Option<&std::path::Path>,
+    ) -> Result<(), mixtral_burn::checkpoint::CheckpointError> {
         use mixtral_burn::checkpoint::{HfLayout, SaveDtype, save_hf_with};
-        let mut fetch = GatherFetch { parallel: self, model, unit: None, error: None };
+        let folds = adapters.map(folds_of).unwrap_or_default();
+        let mut fetch = GatherFetch { parallel: self, model, folds, unit: None, error: None };
         save_hf_with(model, config, dir, HfLayout::Classic, SaveDtype::F32, &mut fetch)
     }
 
@@ -716,6 +744,8 @@ where
 {
     parallel: &'a Parallel<B, C>,
     model: &'a MixtralForCausalLM<B>,
+    /// Adapters to fold into base weights, by the base weight's id.
+    folds: HashMap<ParamId, Fold<'a, B>>,
     /// The last gathered FSDP1 unit.
     unit: Option<(usize, Tensor<B::InnerBackend, 1>)>,
     error: Option<String>,
@@ -756,6 +786,44 @@ where
             Some(ParamPlacement::Replicated) | None => Ok(local),
         }
     }
+
+    /// [`gathered`](Self::gathered) plus the folded adapter, if `param` has one.
+    fn merged<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) -> Result<Tensor<B::InnerBackend, D>, ShardingError> {
+        let full = self.gathered(param)?;
+        let delta = match self.folds.get(&param.id) {
+            None => return Ok(full),
+            Some(Fold::Linear(l)) => l.delta_weight().inner().reshape(full.dims()),
+            Some(Fold::Expert(l)) => (l.b.val().matmul(l.a.val()) * l.scaling).inner().reshape(full.dims()),
+        };
+        Ok(full + crate::precision::cast(delta, FloatDType::F32))
+    }
+}
+
+/// A LoRA adapter to fold into the weight it adapts.
+enum Fold<'a, B: burn::tensor::backend::Backend> {
+    Linear(&'a mixtral_burn::model::LinearLora<B>),
+    Expert(&'a burn_moe_backend::ExpertLora<B>),
+}
+
+/// The adapters of `model` keyed by the id of the base weight each adapts (the same ids as in the
+/// sharded model: consolidation keeps them).
+fn folds_of<B: burn::tensor::backend::Backend>(model: &MixtralForCausalLM<B>) -> HashMap<ParamId, Fold<'_, B>> {
+    let mut folds = HashMap::new();
+    for layer in &model.model.layers {
+        let a = &layer.self_attn;
+        for lin in [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj] {
+            if let Some(l) = &lin.lora {
+                folds.insert(lin.weight.id, Fold::Linear(l));
+            }
+        }
+        if let Some(l) = &layer.mlp.lora {
+            let m = &layer.mlp;
+            folds.insert(m.w1.id, Fold::Expert(&l.w1));
+            folds.insert(m.w3.id, Fold::Expert(&l.w3));
+            folds.insert(m.w2.id, Fold::Expert(&l.w2));
+        }
+    }
+    folds
 }
 
 impl<B, C> mixtral_burn::checkpoint::FetchTensor<B> for GatherFetch<'_, B, C>
@@ -764,7 +832,7 @@ where
     C: Communicator<B::InnerBackend> + 'static,
 {
     fn fetch<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) -> Vec<f32> {
-        match self.gathered(param) {
+        match self.merged(param) {
             Ok(full) => full.into_data().convert::<f32>().to_vec().expect("f32 after convert"),
             Err(e) => {
                 self.error.get_or_insert_with(|| e.to_string());

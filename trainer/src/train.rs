@@ -670,16 +670,22 @@ where
     }
     progress.finish();
     if let Some((targets, lora)) = args.lora() {
-        // The adapters alone unless merging: the frozen base stays sharded.
-        let model = if args.merge_lora { parallel.consolidate(&model)? } else { parallel.consolidate_trainable(&model)? };
+        // The adapters gathered whole; the frozen base stays sharded.
+        let adapters = parallel.consolidate_trainable(&model)?;
         if lead {
             // The adapters in PEFT's format: the base model plus these files is the fine-tuned model.
-            let n = mixtral_burn::save_peft_adapter(&model, &lora, targets, &args.output_dir)?;
+            let n = mixtral_burn::save_peft_adapter(&adapters, &lora, targets, &args.output_dir)?;
             tracing::info!(tensors = n, "saved adapter_model.safetensors and adapter_config.json in {}", args.output_dir.display());
-            if args.merge_lora {
-                let merged_dir = args.output_dir.join("merged");
-                let merged = model.merge_lora();
-                mixtral_burn::save_hf_classic(&merged, &config, &merged_dir, mixtral_burn::checkpoint::SaveDtype::F32)?;
+        }
+        if args.merge_lora {
+            let merged_dir = args.output_dir.join("merged");
+            if parallel.is_sharded() {
+                // Every rank gathers one base weight at a time, rank 0 folds the adapter in and writes.
+                parallel.save_merged(&model, &adapters, &config, lead.then_some(merged_dir.as_path()))?;
+            } else if lead {
+                mixtral_burn::save_hf_classic(&adapters.merge_lora(), &config, &merged_dir, mixtral_burn::checkpoint::SaveDtype::F32)?;
+            }
+            if lead {
                 tracing::info!("saved the merged model in {}", merged_dir.display());
             }
         }
