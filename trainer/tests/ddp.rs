@@ -184,26 +184,22 @@ fn expert_parallel_ranks_with_empty_slices_and_lora_on_experts() {
         // Adapters start at B = 0, where AdamW's first updates are ±lr for any gradient far above
         // eps but amplify rounding for gradients near it: plain DDP shows 9e-5 here too (one device
         // vs four, same summation otherwise), so adapters get a looser bound than the base weights.
-        let adapter = |dir: &Path| weights(&dir.join("adapter_model.safetensors"));
-        let (a, b) = (adapter(&single), adapter(&out));
-        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}");
-        for (name, x) in &a {
-            assert_eq!(x.len(), b[name].len(), "{what}: adapter {name} size");
-            let num: f64 = x.iter().zip(&b[name]).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
-            let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt().max(1e-12);
-            assert!(num / den <= 2e-4, "{what}: adapter {name} differs: rel L2 {}", num / den);
-        }
+        assert_close_files(&single, &out, "adapter_model.safetensors", 2e-4, what);
         // `--merge-lora`: the sharded run streams base + s·B·A one gathered weight at a time; the
         // one-device run merges the whole model. Same tensors, same values up to the adapters' bound.
-        let merged = |dir: &Path| weights(&dir.join("merged/model.safetensors"));
-        let (a, b) = (merged(&single), merged(&out));
-        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: merged tensors");
-        for (name, x) in &a {
-            assert_eq!(x.len(), b[name].len(), "{what}: merged {name} size");
-            let num: f64 = x.iter().zip(&b[name]).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
-            let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt().max(1e-12);
-            assert!(num / den <= 2e-4, "{what}: merged {name} differs: rel L2 {}", num / den);
-        }
+        assert_close_files(&single, &out, "merged/model.safetensors", 2e-4, what);
+    }
+}
+
+/// The same tensor names in `file` under both directories, each within `bound` relative L2.
+fn assert_close_files(a: &Path, b: &Path, file: &str, bound: f64, what: &str) {
+    let (a, b) = (weights(&a.join(file)), weights(&b.join(file)));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: {file} tensors");
+    for (name, x) in &a {
+        assert_eq!(x.len(), b[name].len(), "{what}: {file} {name} size");
+        let num: f64 = x.iter().zip(&b[name]).map(|(p, q)| f64::from(p - q).powi(2)).sum::<f64>().sqrt();
+        let den: f64 = x.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt().max(1e-12);
+        assert!(num / den <= bound, "{what}: {file} {name} differs: rel L2 {}", num / den);
     }
 }
 
