@@ -187,7 +187,7 @@ impl<B: Backend> DMoe<B> {
         let Some(l) = &self.lora else { return self };
         let merge = |w: &Param<Tensor<B, 3>>, a: &crate::lora::ExpertLora<B>| {
             // Detached: the merged weight is a new leaf (under autodiff, a sum is not one).
-            Param::from_tensor((w.val() + a.b.val().matmul(a.a.val()) * a.scaling).detach())
+            Param::from_tensor((w.val() + a.delta_weight()).detach())
         };
         Self {
             gate: Param::from_tensor(self.gate.val().detach()),
@@ -308,7 +308,7 @@ impl<B: MoeBackend> DMoe<B> {
     /// # Shapes
     /// - `xs`: `[N, D]`, `counts`: `E_local` entries summing to `N` → `[N, D]`
     pub fn experts_grouped(&self, xs: Tensor<B, 2>, counts: &[usize]) -> Tensor<B, 2> {
-        let [rows, d_model] = xs.dims();
+        let [rows, _] = xs.dims();
         let (w1, w3, w2) = (self.w1.val(), self.w3.val(), self.w2.val());
         let lora = self.lora.as_ref();
         let mut offsets = Vec::with_capacity(counts.len() + 1);
@@ -332,11 +332,7 @@ impl<B: MoeBackend> DMoe<B> {
                 for (pos, &p) in back.iter().enumerate() {
                     pad_rows[p as usize] = pos as i64;
                 }
-                let device = xs.device();
-                let pads = point_padding_at_zero_rows(&mut pad_rows, rows);
-                let zero_rows = Tensor::zeros([pads, d_model], (&device, xs.dtype()));
-                let xp = moe_permute_host(Tensor::cat(vec![xs, zero_rows], 0), &HostIndex::from(pad_rows));
-                let yp = block_sparse_padded(xp, &topology, w1, w3, w2, lora);
+                let yp = block_sparse_padded(gather_padded(xs, pad_rows), &topology, w1, w3, w2, lora);
                 moe_permute_host(yp, &HostIndex::from(back))
             }
         }
@@ -525,10 +521,7 @@ fn block_sparse_experts<B: MoeBackend>(
         rows[p as usize] = plan.sorted_token[pos] as i64;
         slots[plan.sorted_flat[pos]] = p;
     }
-    let pads = point_padding_at_zero_rows(&mut rows, tokens);
-    let zero_rows = Tensor::zeros([pads, d_model], (&device, x.dtype()));
-    let xp = moe_permute_host(Tensor::cat(vec![x, zero_rows], 0), &HostIndex::from(rows));
-    let y = block_sparse_padded(xp, &topology, w1, w3, w2, lora);
+    let y = block_sparse_padded(gather_padded(x, rows), &topology, w1, w3, w2, lora);
     moe_combine_host(y, &HostIndex::from(slots), weights)
 }
 
@@ -540,6 +533,19 @@ fn padded_positions(offsets: &[usize], padded: &[usize]) -> Vec<i64> {
         out.extend((0..seg[1] - seg[0]).map(|r| (start + r) as i64));
     }
     out
+}
+
+/// The rows of `x` gathered into the block-sparse layout: padded row `p` is `x[rows[p]]`, or zeros
+/// where `rows[p]` is [`PADDING`] (each padding row reads its own appended zero row, see
+/// [`point_padding_at_zero_rows`]).
+///
+/// # Shapes
+/// - `x`: `[N, D]`, `rows`: `Tp` entries → `[Tp, D]`
+fn gather_padded<B: MoeBackend>(x: Tensor<B, 2>, mut rows: Vec<i64>) -> Tensor<B, 2> {
+    let [real, d_model] = x.dims();
+    let pads = point_padding_at_zero_rows(&mut rows, real);
+    let zero_rows = Tensor::zeros([pads, d_model], (&x.device(), x.dtype()));
+    moe_permute_host(Tensor::cat(vec![x, zero_rows], 0), &HostIndex::from(rows))
 }
 
 /// Marks a padding row in the gather index of the block-sparse layout (see [`point_padding_at_zero_rows`]).

@@ -120,6 +120,12 @@ impl<B: Backend> ExpertLora<B> {
         }
     }
 
+    /// `s · B[e] · A[e]` for every expert, the adapters' contribution to the weights `[E, out, in]`
+    /// (what merging folds in).
+    pub fn delta_weight(&self) -> Tensor<B, 3> {
+        self.b.val().matmul(self.a.val()) * self.scaling
+    }
+
     /// The delta of expert `e` on its rows, with plain tensor ops (the reference path).
     ///
     /// # Shapes

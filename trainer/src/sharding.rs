@@ -793,7 +793,7 @@ where
         let delta = match self.folds.get(&param.id) {
             None => return Ok(full),
             Some(Fold::Linear(l)) => l.delta_weight().inner().reshape(full.dims()),
-            Some(Fold::Expert(l)) => (l.b.val().matmul(l.a.val()) * l.scaling).inner().reshape(full.dims()),
+            Some(Fold::Expert(l)) => l.delta_weight().inner().reshape(full.dims()),
         };
         Ok(full + crate::precision::cast(delta, FloatDType::F32))
     }

@@ -1,7 +1,7 @@
 use std::sync::Arc;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorData, TensorPrimitive, backend::Backend};
+use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
 use kernels_cubecl::BlockSparseTopology;
 
 use super::reference;
@@ -34,7 +34,7 @@ impl HostIndex {
 
     /// The same values as a 1-d device tensor.
     pub fn tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 1, Int> {
-        Tensor::from_data(TensorData::new(self.0.to_vec(), [self.0.len()]), device)
+        crate::reference::index_tensor(self.0.to_vec(), device)
     }
 }
 

@@ -118,18 +118,11 @@ pub fn tile_group() -> usize {
 
 /// The group size passed to a kernel whose grid has `row_tiles` x tiles: within `1..=row_tiles`
 /// (`row_tiles` is the launch order).
-fn tile_group_for(row_tiles: u32) -> usize {
-    let rows = (row_tiles as usize).max(1);
+fn tile_group_for(row_tiles: usize) -> usize {
+    let rows = row_tiles.max(1);
     match tile_group() {
         0 => rows,
         g => g.min(rows),
-    }
-}
-
-fn count_x(count: &CubeCount) -> u32 {
-    match count {
-        CubeCount::Static(x, _, _) => *x,
-        CubeCount::Dynamic(_) => unreachable!("the grouped matmul grid is static"),
     }
 }
 
@@ -423,7 +416,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
             let tiles = client.create_from_slice(u32::as_bytes(&tiles));
             let tiles_arg = unsafe { ArrayArg::from_raw_parts(tiles, tiles_len) };
             if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } = strategy {
-                let group = tile_group_for(count_x(&count));
+                let group = tile_group_for(tiles_len / 2);
                 // SAFETY: as for the single-stage kernel below; the copies are bounds-checked too
                 // (out-of-range vectors are copied with source length zero, i.e. zero-filled).
                 unsafe {
@@ -580,7 +573,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                     dw_arg(),
                     p.m,
                     p.k,
-                    tile_group_for(tm),
+                    tile_group_for(tm as usize),
                     block_k,
                     stages,
                     wide,

@@ -174,9 +174,10 @@ impl View for &HostTensor {
     }
 }
 
+/// `data` (f32) as a tensor of `dtype`.
 fn encode(data: &TensorData, dtype: SaveDtype) -> HostTensor {
-    let values: Vec<f32> = data.iter::<f32>().collect();
-    HostTensor { dtype: dtype.safetensors(), shape: data.shape.to_vec(), bytes: encode_values(&values, dtype) }
+    let values = data.as_slice::<f32>().expect("encode is given f32 data");
+    HostTensor { dtype: dtype.safetensors(), shape: data.shape.to_vec(), bytes: encode_values(values, dtype) }
 }
 
 /// Little-endian bytes of `values` in `dtype` (bf16/f16 rounded to nearest even).
