@@ -148,16 +148,20 @@ impl<B: Backend> DMoe<B> {
         top_k: usize,
         kernel: MoeKernel,
     ) -> Self {
-        Self {
-            gate: Param::from_tensor(gate),
-            w1: Param::from_tensor(w1),
-            w3: Param::from_tensor(w3),
-            w2: Param::from_tensor(w2),
-            top_k,
-            kernel,
-            block_size: DEFAULT_BLOCK_SIZE,
-            lora: None,
-        }
+        Self::from_params(Param::from_tensor(gate), Param::from_tensor(w1), Param::from_tensor(w3), Param::from_tensor(w2), top_k, kernel)
+    }
+
+    /// Like [`from_weights`](Self::from_weights), from parameters (which may be lazy: read from a
+    /// checkpoint only when first used).
+    pub fn from_params(
+        gate: Param<Tensor<B, 2>>,
+        w1: Param<Tensor<B, 3>>,
+        w3: Param<Tensor<B, 3>>,
+        w2: Param<Tensor<B, 3>>,
+        top_k: usize,
+        kernel: MoeKernel,
+    ) -> Self {
+        Self { gate, w1, w3, w2, top_k, kernel, block_size: DEFAULT_BLOCK_SIZE, lora: None }
     }
 
     /// Sets the block size of [`MoeKernel::BlockSparse`] (default [`DEFAULT_BLOCK_SIZE`]).
@@ -175,9 +179,11 @@ impl<B: Backend> DMoe<B> {
     /// from a host RNG seeded with `seed` and whose `B` is zero: the output is unchanged until the
     /// adapters are trained. The router is not adapted.
     pub fn with_lora(self, config: &LoraConfig, seed: u64) -> Self {
-        let [e, f, d] = self.w1.dims();
-        let device = self.w1.device();
-        let mut frozen = self.no_grad();
+        // Shapes and device without reading the weights: they may still be lazy (a checkpoint
+        // loaded for a sharded run reads them only when the plan has cut them).
+        let [e, f, d] = self.w1.lazy_shape().dims();
+        let device = self.w1.lazy_device();
+        let mut frozen = crate::lora::freeze(self);
         frozen.lora = Some(DMoeLora::init(config, e, d, f, seed, &device));
         frozen
     }
@@ -186,8 +192,12 @@ impl<B: Backend> DMoe<B> {
     pub fn merge_lora(self) -> Self {
         let Some(l) = &self.lora else { return self };
         let merge = |w: &Param<Tensor<B, 3>>, a: &crate::lora::ExpertLora<B>| {
-            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one).
-            Param::from_tensor((w.val() + a.delta_weight()).detach())
+            // Detached: the merged weight is a new leaf (under autodiff, a sum is not one). In the
+            // adapter's dtype: under mixed precision the frozen base is stored in the compute dtype
+            // (bf16) and the trained adapter in f32; a sum of the two without the cast is not
+            // defined (on burn-cuda it produced unrelated values, found by the real-shape export run).
+            let delta = a.delta_weight();
+            Param::from_tensor((w.val().cast(delta.dtype()) + delta).detach())
         };
         Self {
             gate: Param::from_tensor(self.gate.val().detach()),
@@ -345,14 +355,18 @@ impl<B: MoeBackend> DMoe<B> {
     /// When `range` is empty or exceeds the experts held (a programming error of the sharding plan,
     /// which validates `ep_size` first).
     pub fn local_experts(&self, range: core::ops::Range<usize>) -> Self {
-        let held = self.w1.dims()[0];
+        self.local_experts_by(range.clone(), |p| slice_experts(p, range.clone()))
+    }
+
+    /// Like [`local_experts`](Self::local_experts), with `cut` taking the experts `range` out of
+    /// each `[E, …]` parameter (weights and adapters): for a caller whose parameters can read only
+    /// those experts themselves (a lazily loaded checkpoint), instead of reading all and slicing.
+    ///
+    /// # Panics
+    /// As [`local_experts`](Self::local_experts).
+    pub fn local_experts_by(&self, range: core::ops::Range<usize>, slice: impl Fn(&Param<Tensor<B, 3>>) -> Param<Tensor<B, 3>>) -> Self {
+        let held = self.w1.lazy_shape()[0];
         assert!(range.start < range.end && range.end <= held, "expert range {range:?} outside 0..{held}");
-        // New leaves (a slice under autodiff is not one) that keep each weight's trainability, in
-        // buffers of their own (a slice is a view that would keep every expert's memory alive).
-        let slice = |p: &Param<Tensor<B, 3>>| {
-            let trainable = p.is_require_grad();
-            p.clone().map(|t| crate::dist::owned_copy(t.detach().slice([range.clone()])).set_require_grad(trainable))
-        };
         let lora = self.lora.as_ref().map(|l| {
             let part = |e: &crate::lora::ExpertLora<B>| crate::lora::ExpertLora {
                 a: slice(&e.a),
@@ -373,6 +387,14 @@ impl<B: MoeBackend> DMoe<B> {
             lora,
         }
     }
+}
+
+/// Experts `range` of a stacked `[E, …]` parameter, as a new leaf (a slice under autodiff is not one)
+/// that keeps the parameter's id and trainability, in a buffer of its own (a slice is a view that
+/// would keep every expert's memory alive).
+pub fn slice_experts<B: Backend>(p: &Param<Tensor<B, 3>>, range: core::ops::Range<usize>) -> Param<Tensor<B, 3>> {
+    let trainable = p.is_require_grad();
+    p.clone().map(|t| crate::dist::owned_copy(t.detach().slice([range])).set_require_grad(trainable))
 }
 
 /// Which tokens of a flat batch are real (1) and which are padding (0), for the MoE statistics.

@@ -28,5 +28,5 @@ pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, To
 pub use gemm::{GroupedGemm, GroupedGemmError, grouped_gemm, set_grouped_gemm};
 pub use kernel::MoeKernel;
 pub use memory::{DeviceMemory, MemoryBackend};
-pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError};
+pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError, freeze};
 pub use ops::MoeBackend;

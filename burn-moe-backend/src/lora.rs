@@ -179,3 +179,16 @@ impl<B: Backend> DMoeLora<B> {
         }
     }
 }
+
+/// Sets `require_grad = false` on every parameter of `module` (what LoRA does to the base weights).
+/// Unlike Burn's `Module::no_grad`, which takes each value first, a lazy parameter (one that reads
+/// its values from a checkpoint when first used) stays lazy: only its trainability changes.
+pub fn freeze<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Freeze;
+    impl<B: Backend> burn::module::ModuleMapper<B> for Freeze {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            param.set_require_grad(false)
+        }
+    }
+    module.map(&mut Freeze)
+}

@@ -216,3 +216,22 @@ fn merged_adapters_compute_the_adapted_layer() {
         assert_close(&format!("{kernel} merged"), data(merged.experts(x, w, experts)), adapted);
     }
 }
+
+/// Under mixed precision the frozen base is stored in the compute dtype and the trained adapters in
+/// f32: the merge is computed in the adapters' dtype (f64 stands in for bf16, which NdArray lacks;
+/// the f32 base values are exact in f64, so the merge must equal the all-f32 one).
+#[test]
+fn adapters_merge_into_a_base_stored_in_another_dtype() {
+    use burn::tensor::DType;
+    let moe = layer::<B>(MoeKernel::Reference, 16, true);
+    let want = moe.clone().merge_lora();
+    let mut stored = moe;
+    for p in [&mut stored.w1, &mut stored.w3, &mut stored.w2] {
+        *p = p.clone().map(|t| t.cast(DType::F64));
+    }
+    let got = stored.merge_lora();
+    for (name, g, w) in [("w1", got.w1.val(), want.w1.val()), ("w3", got.w3.val(), want.w3.val()), ("w2", got.w2.val(), want.w2.val())] {
+        assert_eq!(g.dtype(), DType::F32, "{name}: merged in the adapter's dtype");
+        assert_close(name, g.into_data().to_vec::<f32>().unwrap(), w.into_data().to_vec::<f32>().unwrap());
+    }
+}

@@ -935,3 +935,80 @@ fn expert_range_errors_name_the_numbers_and_missing_experts() {
     assert!(matches!(err, CheckpointError::MissingTensor { .. }), "{err:?}");
     assert_mentions(&err, &[NAME]);
 }
+
+/// A lazily loaded checkpoint reads nothing until a value is taken, and then only what was asked:
+/// a requested piece of each parameter (the middle third of its row-major elements) equals that
+/// piece of the eagerly loaded parameter, bit for bit, in both expert layouts (the fused layout's
+/// `w1`/`w3` are interleaved halves of `gate_up_proj`, so pieces cross segment boundaries); the
+/// element count read is exactly what was asked; a trainability probe reads nothing and follows
+/// `freeze`.
+#[test]
+fn lazy_parameters_read_only_the_requested_piece() {
+    use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+    use mixtral_burn::LazyWeights;
+    type Ad = burn_moe_tests::CpuAutodiff;
+
+    /// Takes every parameter's middle third (requested first) and its trainability probe.
+    struct Pieces<'a> {
+        lazy: &'a LazyWeights,
+        out: Vec<Vec<u32>>,
+        unread: usize,
+        trainable: usize,
+        asked: usize,
+    }
+    impl ModuleMapper<Ad> for Pieces<'_> {
+        fn map_float<const D: usize>(&mut self, p: Param<Tensor<Ad, D>>) -> Param<Tensor<Ad, D>> {
+            self.unread += usize::from(!p.is_initialized());
+            let before = self.lazy.elements_read();
+            self.trainable += usize::from(self.lazy.is_trainable(&p));
+            assert_eq!(self.lazy.elements_read(), before, "the probe read elements");
+            assert!(!p.is_initialized(), "the probe initialised the parameter");
+            let n = p.lazy_shape().num_elements();
+            let piece = n / 3..2 * n / 3;
+            let mut shape = vec![1; D];
+            shape[0] = piece.len();
+            self.asked += piece.len();
+            self.lazy.request_piece(p.id, piece, shape);
+            let (id, value, mapper) = p.consume();
+            self.out.push(value.clone().into_data().iter::<f32>().map(f32::to_bits).collect());
+            Param::from_mapped_value(id, value, mapper)
+        }
+    }
+    struct Thirds(Vec<Vec<u32>>);
+    impl ModuleVisitor<Cpu> for Thirds {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<Cpu, D>>) {
+            let all: Vec<u32> = p.val().into_data().iter::<f32>().map(f32::to_bits).collect();
+            let n = all.len();
+            self.0.push(all[n / 3..2 * n / 3].to_vec());
+        }
+    }
+    for case in ["e4_k2", "fused"] {
+        let checkpoint = open(&fixtures_dir().join(case).join("model"));
+        let eager = load(&checkpoint);
+        let (model, lazy) = checkpoint.load_model_lazy::<Ad>(&Default::default(), MoeKernel::Reference, None).unwrap();
+        assert_eq!(model.num_parameters(), eager.num_parameters(), "{case}");
+        assert_eq!(lazy.elements_read(), 0, "{case}: counting parameters read values");
+        let frozen_router = {
+            let mut m = model;
+            for layer in &mut m.model.layers {
+                layer.mlp.gate = burn_moe_backend::freeze(layer.mlp.gate.clone());
+            }
+            m
+        };
+        let mut pieces = Pieces { lazy: &lazy, out: Vec::new(), unread: 0, trainable: 0, asked: 0 };
+        let _ = frozen_router.map(&mut pieces);
+        let mut thirds = Thirds(Vec::new());
+        eager.visit(&mut thirds);
+        let params = thirds.0.len();
+        assert_eq!(pieces.unread, params, "{case}: parameters read before they were asked for");
+        assert_eq!(pieces.trainable, params - checkpoint.config.num_hidden_layers, "{case}: trainability (routers frozen)");
+        assert_eq!(lazy.elements_read(), pieces.asked, "{case}: elements read vs asked");
+        assert_eq!(pieces.out, thirds.0, "{case}: pieces differ from the eager load");
+        // A range past the tensor's end is an error naming the tensor and its shape.
+        let name = "model.norm.weight";
+        let d = checkpoint.config.hidden_size;
+        let err = checkpoint.files.read_f32_range(name, d - 1..d + 1).unwrap_err();
+        assert!(matches!(err, CheckpointError::Slice { .. }), "{err:?}");
+        assert_mentions(&err, &[name, &format!("{}", d + 1)]);
+    }
+}

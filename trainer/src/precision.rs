@@ -86,11 +86,18 @@ pub fn freeze_in<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType
     struct Frozen(FloatDType);
     impl<B: AutodiffBackend> ModuleMapper<B> for Frozen {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let compute = self.0;
+            let store = move |t: Tensor<B, D>| if t.is_require_grad() { t } else { Tensor::from_inner(cast(t.inner(), compute)) };
+            if !param.is_initialized() {
+                // A lazily loaded checkpoint: the cast joins its initialisation, so the weight is
+                // still read only once, and only the piece the sharding plan asks for.
+                return param.init_mapper(store);
+            }
             if param.is_require_grad() {
                 return param;
             }
             let (id, t, mapper) = param.consume();
-            Param::from_mapped_value(id, Tensor::from_inner(cast(t.inner(), self.0)), mapper)
+            Param::from_mapped_value(id, store(t), mapper)
         }
     }
     model.map(&mut Frozen(compute))

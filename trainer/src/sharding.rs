@@ -31,14 +31,14 @@ use std::ops::Range;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
-use burn::tensor::{DType, FloatDType, Tensor};
+use burn::tensor::{DType, FloatDType, Shape, Tensor};
 use burn::tensor::backend::AutodiffBackend;
 use burn_moe_backend::dist::{
     CollectiveBackend, CommError, Communicator, DTensor, DTensorError, DeviceMesh, GraphComm, MeshError, Placement,
     ReduceOp, reduce_scatter_shard, shard_range,
 };
 use burn_moe_backend::{AllToAllDispatcher, LocalDispatcher, MoeBackend, TokenDispatcher};
-use mixtral_burn::MixtralForCausalLM;
+use mixtral_burn::{LazyWeights, MixtralForCausalLM};
 
 /// How non-expert parameters are distributed (`--sharding`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -277,6 +277,15 @@ where
     /// Applies the plan to a full model (the same on every rank): cuts the experts (EP), shards the
     /// rest (FSDP2) and records every parameter's placement. Parameter ids are kept.
     pub fn shard(&mut self, model: MixtralForCausalLM<B>) -> MixtralForCausalLM<B> {
+        self.shard_lazy(model, &LazyWeights::default())
+    }
+
+    /// Like [`shard`](Self::shard), for a model loaded with
+    /// [`HfCheckpoint::load_model_lazy`](mixtral_burn::HfCheckpoint::load_model_lazy): each lazy
+    /// parameter is asked for this rank's piece only (FSDP2 rows, an FSDP1 range of the flattened
+    /// tensor) before it is read, so the rank never holds a whole sharded parameter, let alone the
+    /// whole model. Replicated parameters are read whole; afterwards no parameter is lazy.
+    pub fn shard_lazy(&mut self, model: MixtralForCausalLM<B>, lazy: &LazyWeights) -> MixtralForCausalLM<B> {
         let ep = self.mesh.ep_size();
         let mut model = model;
         if let Some(range) = self.expert_range() {
@@ -284,9 +293,20 @@ where
             for layer in &mut model.model.layers {
                 // A layer loaded with only this rank's experts
                 // (`HfCheckpoint::load_model_with_experts(.., self.expert_range())`) is kept as is.
-                let held = layer.mlp.w1.dims()[0];
+                let held = layer.mlp.w1.lazy_shape()[0];
                 if held == num_experts {
-                    layer.mlp = layer.mlp.local_experts(range.clone());
+                    // Lazy expert weights (LoRA on the experts loads every expert, see the trainer)
+                    // read only this rank's experts; the rest is sliced as usual.
+                    let cut = |p: &Param<Tensor<B, 3>>| {
+                        if p.is_initialized() || !lazy.contains(p.id) {
+                            return burn_moe_backend::dmoe::slice_experts(p, range.clone());
+                        }
+                        let [_, rows, cols] = p.lazy_shape().dims();
+                        lazy.request_piece(p.id, range.start * rows * cols..range.end * rows * cols, vec![range.len(), rows, cols]);
+                        // The clone takes the request: it reads the piece, the original is dropped unread.
+                        p.clone().map(|t| t)
+                    };
+                    layer.mlp = layer.mlp.local_experts_by(range.clone(), cut);
                 } else {
                     assert_eq!(held, range.len(), "a MoE layer holds {held} experts: neither all {num_experts} nor this rank's {range:?}");
                 }
@@ -297,7 +317,7 @@ where
         let mut units = Vec::new();
         let mut unit_index = HashMap::new();
         if self.sharding == Sharding::Fsdp1 {
-            let mut sizes = UnitSizes { ep: ep > 1, path: Vec::new(), units: Vec::new(), index: HashMap::new() };
+            let mut sizes = UnitSizes { ep: ep > 1, path: Vec::new(), units: Vec::new(), index: HashMap::new(), lazy };
             model.visit(&mut sizes);
             units = sizes
                 .units
@@ -316,6 +336,7 @@ where
             units: &units,
             unit_index,
             filled: vec![0; units.len()],
+            lazy,
         };
         let model = model.map(&mut mapper);
         self.placements = mapper.placements;
@@ -539,16 +560,17 @@ fn unit_name(path: &ModulePath, trainable: bool) -> String {
     if trainable { base } else { format!("{base}/frozen") }
 }
 
-/// Sizes the FSDP1 units (first pass over the model).
-struct UnitSizes {
+/// Sizes the FSDP1 units (first pass over the model; reads no lazy parameter).
+struct UnitSizes<'a> {
     ep: bool,
     path: ModulePath,
     /// `(name, numel, trainable)` in first-seen order.
     units: Vec<(String, usize, bool)>,
     index: HashMap<String, usize>,
+    lazy: &'a LazyWeights,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for UnitSizes {
+impl<B: AutodiffBackend> ModuleVisitor<B> for UnitSizes<'_> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.push((name.to_owned(), container_type.to_owned()));
     }
@@ -561,14 +583,14 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UnitSizes {
         if self.ep && is_expert(&self.path) {
             return;
         }
-        let trainable = param.is_require_grad();
+        let trainable = self.lazy.is_trainable(param);
         let name = unit_name(&self.path, trainable);
         let next = self.units.len();
         let i = *self.index.entry(name.clone()).or_insert(next);
         if i == next {
             self.units.push((name, 0, trainable));
         }
-        self.units[i].1 += param.val().shape().num_elements();
+        self.units[i].1 += param.lazy_shape().num_elements();
     }
 }
 
@@ -584,6 +606,8 @@ struct PlanMapper<'a> {
     unit_index: HashMap<String, usize>,
     /// Elements of each unit placed so far (the next member's offset).
     filled: Vec<usize>,
+    /// Where lazy parameters are told which piece to read.
+    lazy: &'a LazyWeights,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
@@ -597,16 +621,17 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
         let expert = is_expert(&self.path);
-        let (id, tensor, mapper) = param.consume();
-        let trainable = tensor.is_require_grad();
-        let dims = tensor.dims().to_vec();
+        // The shape without reading a lazy parameter: its piece is requested below, before the value
+        // is taken (and a lazy piece comes with the parameter's trainability).
+        let dims = param.lazy_shape().to_vec();
         let placement = if expert && self.ep {
             ParamPlacement::Expert
         } else {
             match self.sharding {
                 Sharding::Fsdp2 => ParamPlacement::Sharded { dims },
                 Sharding::Fsdp1 => {
-                    let unit = self.unit_index[&unit_name(&self.path, trainable)];
+                    // FSDP1 units split by trainability, which must be known before the read.
+                    let unit = self.unit_index[&unit_name(&self.path, self.lazy.is_trainable(&param))];
                     let numel: usize = dims.iter().product();
                     let offset = self.filled[unit];
                     self.filled[unit] += numel;
@@ -620,16 +645,37 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
                 Sharding::Ddp | Sharding::None => ParamPlacement::Replicated,
             }
         };
-        let tensor = match &placement {
+        let lazy = !param.is_initialized() && self.lazy.contains(param.id);
+        // This rank's piece: FSDP2 rows (a contiguous run of the row-major elements) or an FSDP1
+        // range of the flattened tensor, and the shape it is stored in.
+        let piece = match &placement {
             ParamPlacement::Sharded { dims } => {
                 let rows = shard_range(dims[0], self.size, self.rank);
-                burn_moe_backend::dist::owned_copy(tensor.detach().narrow(0, rows.start, rows.len())).set_require_grad(trainable)
+                let row: usize = dims[1..].iter().product();
+                let mut shape = dims.clone();
+                shape[0] = rows.len();
+                Some((rows.start * row..rows.end * row, shape))
             }
             ParamPlacement::Flat { piece, .. } => {
-                let flat: Tensor<B, 1> = tensor.detach().flatten(0, D - 1);
-                piece_shape::<B, D>(burn_moe_backend::dist::owned_copy(flat.slice([piece.clone()]))).set_require_grad(trainable)
+                let mut shape = vec![1; D];
+                shape[0] = piece.len();
+                Some((piece.clone(), shape))
             }
-            _ => tensor,
+            _ => None,
+        };
+        if let (true, Some((elements, shape))) = (lazy, &piece) {
+            self.lazy.request_piece(param.id, elements.clone(), shape.clone());
+        }
+        let (id, tensor, mapper) = param.consume();
+        let tensor = match (lazy, piece) {
+            // Read as the piece: a fresh tensor of its own, with the parameter's trainability.
+            (true, _) | (false, None) => tensor,
+            (false, Some((elements, shape))) => {
+                let trainable = tensor.is_require_grad();
+                let flat: Tensor<B, 1> = tensor.detach().flatten(0, D - 1);
+                let piece = burn_moe_backend::dist::owned_copy(flat.slice([elements])).reshape(Shape::from(shape));
+                piece.set_require_grad(trainable)
+            }
         };
         self.placements.insert(id, placement);
         Param::from_mapped_value(id, tensor, mapper)

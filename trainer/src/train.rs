@@ -11,7 +11,7 @@ use burn::tensor::{Tensor, backend::AutodiffBackend};
 use burn_moe_backend::dist::{CollectiveBackend, CommConfig, CommError, Communicator, ThreadComm};
 use burn_moe_backend::{DeviceMemory, MemoryBackend, MoeAuxStats, MoeBackend};
 use indicatif::{ProgressBar, ProgressStyle};
-use mixtral_burn::{HfCheckpoint, MixtralConfig, MixtralForCausalLM};
+use mixtral_burn::{HfCheckpoint, LazyWeights, MixtralConfig, MixtralForCausalLM};
 
 use crate::checkpoint::{
     CheckpointError, TrainerState, load_optimizer_record, load_rank_optimizer_record, load_trainer_state, param_ids,
@@ -344,21 +344,33 @@ where
     let num_experts = config.num_local_experts;
     let ep_size = args.effective_ep_size(world);
     let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?.with_compute_dtype(compute);
-    // Expert parallelism: each rank reads only its own experts from a checkpoint. Not with adapters
-    // on the experts: their A matrices come from one RNG stream over all experts, drawn before the
-    // cut, so that every rank count trains the same adapters.
+    // Expert parallelism: each rank's model holds only its own experts. Not with adapters on the
+    // experts: their A matrices come from one RNG stream over all experts, drawn before the cut, so
+    // that every rank count trains the same adapters; the base experts are then held whole until the
+    // plan cuts them, and (loaded lazily) even then only this rank's are read.
     let lora_on_experts = args.lora().is_some_and(|(targets, _)| targets == mixtral_burn::LoraTargets::All);
     let local_experts = parallel.expert_range().filter(|_| !lora_on_experts);
     // A sharded checkpoint saved with `--save-consolidated false` has no `model.safetensors`: each
     // rank reads its own weight shards once the plan has cut the model (below).
     let from_shards = resume.as_ref().is_some_and(|(dir, state)| state.sharded.is_some() && !dir.join("model.safetensors").is_file());
+    // Checkpoint weights are loaded lazily: nothing is read until the plan has said which piece of
+    // each parameter this rank keeps (`Parallel::shard_lazy`), so no rank holds the whole model.
+    let mut lazy = LazyWeights::default();
     let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
         // Every value is overwritten from the shards: zeros, and with EP only this rank's experts.
         (Some(_), _) if from_shards => {
             config.init_zeros(device, parallel.expert_range().map_or(config.num_local_experts, |r| r.len()))
         }
-        (Some((dir, _)), _) => HfCheckpoint::open(dir)?.load_model_with_experts(device, args.kernel(), local_experts)?,
-        (None, Some(ckpt)) => ckpt.load_model_with_experts(device, args.kernel(), local_experts)?,
+        (Some((dir, _)), _) => {
+            let (model, weights) = HfCheckpoint::open(dir)?.load_model_lazy(device, args.kernel(), local_experts)?;
+            lazy = weights;
+            model
+        }
+        (None, Some(ckpt)) => {
+            let (model, weights) = ckpt.load_model_lazy(device, args.kernel(), local_experts)?;
+            lazy = weights;
+            model
+        }
         // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
         // billions of weights), made identical on every rank by a broadcast from rank 0. On the CPU
         // the host RNG below keeps runs reproducible across rank counts.
@@ -409,7 +421,10 @@ where
             .into());
         }
     }
-    model = parallel.shard(model);
+    model = parallel.shard_lazy(model, &lazy);
+    if lazy.elements_read() > 0 {
+        tracing::info!(rank, elements = lazy.elements_read(), "checkpoint elements read by this rank");
+    }
     if let Some((dir, _)) = resume.as_ref().filter(|_| from_shards) {
         let piece = |id: ParamId, dims: &[usize]| parallel.local_piece(id, dims);
         model = crate::rank_shards::load_rank_shards::<B, _, _>(dir, model, rank, world, &parallel.describe(), &piece)?;

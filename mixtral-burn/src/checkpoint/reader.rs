@@ -123,28 +123,55 @@ impl SafetensorsFiles {
         Ok((file, &file.tensors[name]))
     }
 
+    /// Checks that a tensor exists with shape `expected` and a dtype the model can hold, without
+    /// reading its values: what a lazy load validates up front so that the later read cannot fail.
+    ///
+    /// # Errors
+    /// [`CheckpointError::MissingTensor`], [`CheckpointError::Shape`] or [`CheckpointError::Dtype`].
+    pub fn check(&self, name: &str, expected: &[usize]) -> Result<(), CheckpointError> {
+        let (file, info) = self.entry(name)?;
+        if info.shape != expected {
+            return Err(CheckpointError::Shape {
+                name: name.to_string(),
+                file: file.path.display().to_string(),
+                expected: expected.to_vec(),
+                found: info.shape.clone(),
+            });
+        }
+        elem_size(name, file, info).map(|_| ())
+    }
+
     /// Reads a tensor as f32 after checking its shape.
     ///
     /// # Errors
     /// [`CheckpointError::MissingTensor`], [`CheckpointError::Shape`] or [`CheckpointError::Dtype`].
     pub fn read_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, CheckpointError> {
+        self.check(name, expected)?;
+        self.read_f32_range(name, 0..expected.iter().product())
+    }
+
+    /// Reads the row-major elements `elements` of a tensor as f32: one contiguous run of the file,
+    /// so a rank that holds a range of a flattened parameter (an FSDP1 piece, or whole rows of an
+    /// FSDP2 shard) touches only those bytes of the memory-mapped file.
+    ///
+    /// # Errors
+    /// [`CheckpointError::MissingTensor`], [`CheckpointError::Dtype`], or
+    /// [`CheckpointError::Slice`] when the range is past the tensor's end.
+    pub fn read_f32_range(&self, name: &str, elements: std::ops::Range<usize>) -> Result<Vec<f32>, CheckpointError> {
         let (file, info) = self.entry(name)?;
-        let file_name = || file.path.display().to_string();
-        if info.shape != expected {
-            return Err(CheckpointError::Shape {
+        let numel: usize = info.shape.iter().product();
+        if elements.start > elements.end || elements.end > numel {
+            return Err(CheckpointError::Slice {
                 name: name.to_string(),
-                file: file_name(),
-                expected: expected.to_vec(),
-                found: info.shape.clone(),
+                file: file.path.display().to_string(),
+                shape: info.shape.clone(),
+                ranges: format!("elements {elements:?}"),
             });
         }
-        let (start, end) = info.data_offsets;
-        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        decode(bytes, info.dtype).ok_or_else(|| CheckpointError::Dtype {
-            name: name.to_string(),
-            file: file_name(),
-            dtype: format!("{:?}", info.dtype),
-        })
+        let elem = elem_size(name, file, info)?;
+        let base = file.data_start + info.data_offsets.0;
+        let bytes = &file.mmap[base + elements.start * elem..base + elements.end * elem];
+        Ok(decode(bytes, info.dtype).expect("dtype checked above"))
     }
 
     /// Reads the block `ranges[0] × ranges[1] × …` of a tensor as f32, row-major, touching only
@@ -167,17 +194,7 @@ impl SafetensorsFiles {
                 ranges: format!("{ranges:?}"),
             });
         }
-        let elem = match info.dtype {
-            Dtype::F32 => 4,
-            Dtype::BF16 | Dtype::F16 => 2,
-            other => {
-                return Err(CheckpointError::Dtype {
-                    name: name.to_string(),
-                    file: file.path.display().to_string(),
-                    dtype: format!("{other:?}"),
-                });
-            }
-        };
+        let elem = elem_size(name, file, info)?;
         let base = file.data_start + info.data_offsets.0;
         let data = &file.mmap[..];
         let total: usize = ranges.iter().map(|r| r.len()).product();
@@ -215,6 +232,25 @@ impl SafetensorsFiles {
                 index[d] = ranges[d].start;
             }
         }
+    }
+}
+
+/// Bytes per element of `name`'s dtype, or the error naming tensor, file and dtype when the model
+/// cannot hold it.
+fn elem_size(name: &str, file: &MappedFile, info: &TensorInfo) -> Result<usize, CheckpointError> {
+    elem_bytes(info.dtype).ok_or_else(|| CheckpointError::Dtype {
+        name: name.to_string(),
+        file: file.path.display().to_string(),
+        dtype: format!("{:?}", info.dtype),
+    })
+}
+
+/// Bytes per element of the dtypes the model can hold; `None` for the others.
+fn elem_bytes(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F32 => Some(4),
+        Dtype::BF16 | Dtype::F16 => Some(2),
+        _ => None,
     }
 }
 

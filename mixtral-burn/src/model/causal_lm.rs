@@ -140,7 +140,7 @@ impl MixtralConfig {
         let lm_head = HfLinear::from_weight(matrix(self.vocab_size, d));
         MixtralForCausalLM {
             model: MixtralModel {
-                embed_tokens: MixtralForCausalLM::<B>::embedding_from(embed),
+                embed_tokens: MixtralForCausalLM::<B>::embedding_from(Param::from_tensor(embed)),
                 layers,
                 norm: RmsNorm::init(d, self.rms_norm_eps, device),
             },
@@ -264,11 +264,21 @@ impl<B: MoeBackend> MixtralForCausalLM<B> {
 impl<B: Backend> MixtralForCausalLM<B> {
     /// Number of trainable scalars.
     pub fn num_parameters(&self) -> usize {
-        self.num_params()
+        // From the shapes: Burn's `num_params` takes every value, which would read a lazily loaded
+        // checkpoint whole.
+        struct Count(usize);
+        impl<B: Backend> burn::module::ModuleVisitor<B> for Count {
+            fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+                self.0 += param.lazy_shape().num_elements();
+            }
+        }
+        let mut count = Count(0);
+        self.visit(&mut count);
+        count.0
     }
 
-    /// The parameters of an embedding, for checkpoint code.
-    pub(crate) fn embedding_from(weight: Tensor<B, 2>) -> Embedding<B> {
-        Embedding { weight: Param::from_tensor(weight) }
+    /// An embedding around a weight parameter (which may be lazy), for checkpoint code.
+    pub(crate) fn embedding_from(weight: Param<Tensor<B, 2>>) -> Embedding<B> {
+        Embedding { weight }
     }
 }

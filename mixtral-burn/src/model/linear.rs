@@ -53,15 +53,21 @@ impl<B: Backend> LinearLora<B> {
 impl<B: Backend> HfLinear<B> {
     /// Wraps an existing `[out, in]` weight.
     pub fn from_weight(weight: Tensor<B, 2>) -> Self {
-        Self { weight: Param::from_tensor(weight), lora: None }
+        Self::from_param(Param::from_tensor(weight))
+    }
+
+    /// Wraps a `[out, in]` weight parameter (which may be lazy: read from a checkpoint when first used).
+    pub fn from_param(weight: Param<Tensor<B, 2>>) -> Self {
+        Self { weight, lora: None }
     }
 
     /// Freezes the weight (`require_grad = false`) and attaches a fresh adapter (zero `B`: the output
     /// is unchanged until it is trained).
     pub fn with_lora(self, config: &LoraConfig, seed: u64) -> Self {
-        let [d_out, d_in] = self.weight.dims();
-        let device = self.weight.device();
-        let mut frozen = self.no_grad();
+        // Shape and device without reading the weight: it may still be lazy.
+        let [d_out, d_in] = self.weight.lazy_shape().dims();
+        let device = self.weight.lazy_device();
+        let mut frozen = burn_moe_backend::freeze(self);
         frozen.lora = Some(LinearLora::init(config, d_in, d_out, seed, &device));
         frozen
     }

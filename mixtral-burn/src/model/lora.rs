@@ -1,7 +1,6 @@
 //! Attaching LoRA adapters to a Mixtral model from outside: the model type is unchanged, adapters are
 //! the `Option` fields of [`HfLinear`](super::HfLinear) and [`DMoe`].
 
-use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn_moe_backend::LoraConfig;
 use serde::{Deserialize, Serialize};
@@ -35,7 +34,8 @@ impl<B: Backend> MixtralForCausalLM<B> {
     /// (same adapters on every backend and rank); `B`s are zero, so outputs are unchanged until the
     /// adapters are trained.
     pub fn with_lora(self, config: &LoraConfig, targets: LoraTargets, seed: u64) -> Self {
-        let mut model = self.no_grad();
+        // Lazy-aware: a model loaded for a sharded run keeps its base weights unread until the plan cuts them.
+        let mut model = burn_moe_backend::freeze(self);
         let sub = |layer: usize, module: u64| seed.wrapping_mul(1_000_003).wrapping_add(layer as u64 * 16 + module);
         model.model.layers = model
             .model

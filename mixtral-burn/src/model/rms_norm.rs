@@ -21,7 +21,12 @@ impl<B: Backend> RmsNorm<B> {
 
     /// Wraps an existing scale.
     pub fn from_weight(weight: Tensor<B, 1>, eps: f64) -> Self {
-        Self { weight: Param::from_tensor(weight), eps }
+        Self::from_param(Param::from_tensor(weight), eps)
+    }
+
+    /// Wraps a scale parameter (which may be lazy: read from a checkpoint when first used).
+    pub fn from_param(weight: Param<Tensor<B, 1>>, eps: f64) -> Self {
+        Self { weight, eps }
     }
 
     /// Normalises the last dimension, in f32 whatever the input's dtype (as HF), rounding back to it
