@@ -72,7 +72,8 @@ struct Args {
     #[arg(long, default_value = "cubecl", value_delimiter = ',')]
     grouped_gemm: Vec<GroupedGemm>,
     /// Pipelined tensor-core configurations that `Auto` uses in the layer, `<forward>/<weight
-    /// gradient>` each `<block_k>x<stages>[w]` (`w`: wide plane layout), e.g. `64x2/32x4,64x2w/32x4w`;
+    /// gradient>` each `<block_k>x<stages>[w][m]` (`w`: wide plane layout, `m`: manual MMA, where
+    /// the device has it, else the same on the wmma path), e.g. `64x2/32x4,64x2w/32x4w,64x2wm/32x4wm`;
     /// `default` = the compiled-in choice. The CubeCL layer is timed once per entry.
     #[arg(long, default_value = "default", value_delimiter = ',')]
     pipelined: Vec<PipelinedChoice>,
@@ -81,7 +82,8 @@ struct Args {
     /// the compiled-in default only.
     #[arg(long, value_delimiter = ',')]
     tile_group: Vec<usize>,
-    /// With `--gemm`, only these tensor-core strategies (`cmma`, `64x2`, `32x4w`, ...); default all.
+    /// With `--gemm`, only these tensor-core strategies (`cmma`, `64x2`, `32x4w`, `64x2wm` (manual
+    /// MMA: ldmatrix + mma.sync), ...); default all.
     #[arg(long, value_delimiter = ',')]
     gemm_strategies: Vec<GroupedMatmulStrategy>,
 }
@@ -578,10 +580,11 @@ fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> 
 /// run on the same bf16-rounded operands.
 fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
     use kernels_cubecl::scatter::{
-        GroupedMatmulProblem, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with,
+        GroupedMatmulProblem, cmma_pipelined_manual_supported, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul_weight_grad_with,
+        launch_grouped_matmul_with,
     };
     // Every tensor-core variant this device can run: the single-stage kernel and the pipelined
-    // configurations (depth per step × steps in flight).
+    // configurations (depth per step × steps in flight), each also with manual MMA where it runs.
     let cmma_variants = |client: &cubecl::client::ComputeClient<R>, problem: &GroupedMatmulProblem| -> Vec<GroupedMatmulStrategy> {
         let mut v = vec![GroupedMatmulStrategy::Tiled];
         if cmma_supported::<R, half::bf16>(client) {
@@ -589,10 +592,18 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
         } else {
             println!("gemm: no bf16 cmma on this device");
         }
+        let configs = [(32, 2, false), (32, 3, false), (32, 4, false), (64, 2, false), (64, 3, false), (32, 4, true), (64, 2, true), (32, 3, true)];
         if cmma_pipelined_supported::<R, half::bf16>(client, problem) {
-            for (block_k, stages, wide) in [(32, 2, false), (32, 3, false), (32, 4, false), (64, 2, false), (64, 3, false), (32, 4, true), (64, 2, true), (32, 3, true)] {
-                v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide });
+            for (block_k, stages, wide) in configs {
+                v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: false });
             }
+        }
+        if cmma_pipelined_manual_supported::<R, half::bf16>(client, problem) {
+            for (block_k, stages, wide) in configs {
+                v.push(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: true });
+            }
+        } else {
+            println!("gemm: no manual MMA (mma.sync + ldmatrix) pipelined kernels on this device");
         }
         v.retain(|s| args.gemm_strategies.is_empty() || args.gemm_strategies.contains(s));
         v

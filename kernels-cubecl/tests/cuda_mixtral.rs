@@ -33,6 +33,9 @@
 //! `CmmaPipelined` {32,2}, {32,3}, {32,4}, {64,2}, {64,3}, the wide layout {32,4} and {64,2}, then `Auto`. A strategy the device does not
 //! support (`cmma_supported` / `cmma_pipelined_supported`) must be refused with
 //! `KernelError::Unsupported`; it is reported, and `Auto` must then have resolved to something else.
+//! The `manual_mma_*` tests run the manual-MMA (`ldmatrix` + `mma.sync`) pipelined kernels the
+//! same way (`64x2wm`, `32x4wm`, `64x2m`, `32x4m`; refused unless `cmma_pipelined_manual_supported`),
+//! against the same references; filter `manual_mma` runs only them (and the small-size CUDA twin).
 //!
 //! Block-sparse strategies: f32 `Naive` (what `Auto` is for f32); bf16 `Naive`, the tensor-core
 //! `CmmaPipelined` {32,4} and {64,2}, both also wide, then `Auto` (the tensor-core default where
@@ -57,7 +60,7 @@ use kernels_cubecl::reference::blocksparse as bs_ref;
 use kernels_cubecl::reference::scatter as scatter_ref;
 use kernels_cubecl::reference::swiglu as swiglu_ref;
 use kernels_cubecl::scatter::{
-    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy as Strategy, KernelError, cmma_pipelined_supported,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy as Strategy, KernelError, cmma_pipelined_manual_supported, cmma_pipelined_supported,
     cmma_supported, launch_combine, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute,
 };
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
@@ -120,14 +123,24 @@ const BF16_STRATEGIES: [Strategy; 11] = [
     Strategy::Naive,
     Strategy::Tiled,
     Strategy::Cmma,
-    Strategy::CmmaPipelined { block_k: 32, stages: 2, wide: false },
-    Strategy::CmmaPipelined { block_k: 32, stages: 3, wide: false },
-    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: false },
-    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: false },
-    Strategy::CmmaPipelined { block_k: 64, stages: 3, wide: false },
-    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: true },
-    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: true },
+    Strategy::CmmaPipelined { block_k: 32, stages: 2, wide: false, manual: false },
+    Strategy::CmmaPipelined { block_k: 32, stages: 3, wide: false, manual: false },
+    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: false, manual: false },
+    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: false, manual: false },
+    Strategy::CmmaPipelined { block_k: 64, stages: 3, wide: false, manual: false },
+    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: true, manual: false },
+    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: true, manual: false },
     Strategy::Auto,
+];
+
+/// The manual-MMA (`ldmatrix` + `mma.sync`) pipelined strategies, run with bf16 storage by the
+/// `manual_mma_*` tests: the layer defaults' configurations (64 × 2 and 32 × 4, wide) and the same on
+/// the default plane layout.
+const BF16_MANUAL_STRATEGIES: [Strategy; 4] = [
+    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: true, manual: true },
+    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: true, manual: true },
+    Strategy::CmmaPipelined { block_k: 64, stages: 2, wide: false, manual: true },
+    Strategy::CmmaPipelined { block_k: 32, stages: 4, wide: false, manual: true },
 ];
 
 // ---------------------------------------------------------------------------------------------
@@ -512,6 +525,7 @@ fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProb
 fn strategy_supported<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, strategy: Strategy) -> bool {
     match strategy {
         Strategy::Cmma => cmma_supported::<R, S>(client),
+        Strategy::CmmaPipelined { manual: true, .. } => cmma_pipelined_manual_supported::<R, S>(client, support),
         Strategy::CmmaPipelined { .. } => cmma_pipelined_supported::<R, S>(client, support),
         _ => true,
     }
@@ -605,8 +619,9 @@ fn permute_and_combine_match_reference_at_mixtral_sizes() {
     run::<bf16>(&client, &plan, &x, &xs_want, &y, &weights, &out_want);
 }
 
-/// One grouped matmul layout at Mixtral sizes: f32 Naive/Tiled, bf16 every strategy, then Auto.
-fn grouped_matmul_case(transpose: bool) {
+/// One grouped matmul layout at Mixtral sizes: f32 Tiled (the full reference), then the f32
+/// strategies `f32_others`, then the bf16 strategies `bf16`.
+fn grouped_matmul_case(transpose: bool, f32_others: &[Strategy], bf16: &[Strategy]) {
     let client = client();
     let plan = mixtral_plan();
     let offsets = &plan.offsets;
@@ -645,25 +660,39 @@ fn grouped_matmul_case(transpose: bool) {
         let run = runner::<f32>(&client, &problem, offsets, upload::<f32>(&client, &x), upload::<f32>(&client, &w), off_h.clone());
         let tiled = check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &[Strategy::Tiled], &run, &sample, &want, None, &none)
             .expect("f32 tiled ran");
-        check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &[Strategy::Naive, Strategy::Auto], &run, &sample, &want, Some(&tiled), &none);
+        check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, f32_others, &run, &sample, &want, Some(&tiled), &none);
         tiled
     };
     let run = runner::<bf16>(&client, &problem, offsets, upload::<bf16>(&client, &x), upload::<bf16>(&client, &w), off_h);
-    check_strategies::<bf16>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &BF16_STRATEGIES, &run, &sample, &want, Some(&full), &none);
+    check_strategies::<bf16>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, bf16, &run, &sample, &want, Some(&full), &none);
 }
 
 #[test]
 fn grouped_matmul_up_projection_matches_reference_at_mixtral_sizes() {
-    grouped_matmul_case(true);
+    grouped_matmul_case(true, &[Strategy::Naive, Strategy::Auto], &BF16_STRATEGIES);
 }
 
 #[test]
 fn grouped_matmul_down_projection_matches_reference_at_mixtral_sizes() {
-    grouped_matmul_case(false);
+    grouped_matmul_case(false, &[Strategy::Naive, Strategy::Auto], &BF16_STRATEGIES);
 }
 
-/// One weight-gradient shape `dw[e] = dy[seg]ᵀ · x[seg]` into `[E, m, k]`.
-fn weight_grad_case(m: usize, k: usize) {
+/// The up projection (`w1: [E, ffn, d]` read transposed: A `[row][k]`, B `[col][k]` in shared
+/// memory) with [`BF16_MANUAL_STRATEGIES`].
+#[test]
+fn manual_mma_grouped_matmul_up_projection_matches_reference_at_mixtral_sizes() {
+    grouped_matmul_case(true, &[], &BF16_MANUAL_STRATEGIES);
+}
+
+/// The down projection (`w2` as `[E, k, m]`: B staged `[k][col]`, the transposed `ldmatrix`).
+#[test]
+fn manual_mma_grouped_matmul_down_projection_matches_reference_at_mixtral_sizes() {
+    grouped_matmul_case(false, &[], &BF16_MANUAL_STRATEGIES);
+}
+
+/// One weight-gradient shape `dw[e] = dy[seg]ᵀ · x[seg]` into `[E, m, k]`: f32 Tiled (the full
+/// reference), the f32 strategies `f32_others`, then the bf16 strategies `bf16`.
+fn weight_grad_case(m: usize, k: usize, f32_others: &[Strategy], bf16: &[Strategy]) {
     let client = client();
     let plan = mixtral_plan();
     let offsets = &plan.offsets;
@@ -704,23 +733,36 @@ fn weight_grad_case(m: usize, k: usize) {
         let run = runner::<f32>(&client, &problem, offsets, upload::<f32>(&client, &dy), upload::<f32>(&client, &x), off_h.clone());
         let tiled = check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &[Strategy::Tiled], &run, &sample, &want, None, &starved_zero)
             .expect("f32 tiled ran");
-        check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &[Strategy::Naive, Strategy::Auto], &run, &sample, &want, Some(&tiled), &starved_zero);
+        check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, f32_others, &run, &sample, &want, Some(&tiled), &starved_zero);
         tiled
     };
     let run = runner::<bf16>(&client, &problem, offsets, upload::<bf16>(&client, &dy), upload::<bf16>(&client, &x), off_h);
-    check_strategies::<bf16>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &BF16_STRATEGIES, &run, &sample, &want, Some(&full), &starved_zero);
+    check_strategies::<bf16>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, bf16, &run, &sample, &want, Some(&full), &starved_zero);
 }
 
 /// `dW1 = dH[seg]ᵀ · X[seg]` (`[E, ffn, d]`).
 #[test]
 fn weight_grad_up_projection_matches_reference_at_mixtral_sizes() {
-    weight_grad_case(FFN, D);
+    weight_grad_case(FFN, D, &[Strategy::Naive, Strategy::Auto], &BF16_STRATEGIES);
 }
 
 /// `dW2 = dY[seg]ᵀ · H[seg]` (`[E, d, ffn]`, the PyTorch layout of w2).
 #[test]
 fn weight_grad_down_projection_matches_reference_at_mixtral_sizes() {
-    weight_grad_case(D, FFN);
+    weight_grad_case(D, FFN, &[Strategy::Naive, Strategy::Auto], &BF16_STRATEGIES);
+}
+
+/// `dW1` with [`BF16_MANUAL_STRATEGIES`] (both operands staged `[k][col]`: the transposed
+/// `ldmatrix` for A and B; the empty expert must get zeros).
+#[test]
+fn manual_mma_weight_grad_up_projection_matches_reference_at_mixtral_sizes() {
+    weight_grad_case(FFN, D, &[], &BF16_MANUAL_STRATEGIES);
+}
+
+/// `dW2` with [`BF16_MANUAL_STRATEGIES`].
+#[test]
+fn manual_mma_weight_grad_down_projection_matches_reference_at_mixtral_sizes() {
+    weight_grad_case(D, FFN, &[], &BF16_MANUAL_STRATEGIES);
 }
 
 /// SwiGLU forward and backward over the `[T·k, ffn]` activations, against the full reference.

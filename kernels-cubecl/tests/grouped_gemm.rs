@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use half::f16;
 use kernels_cubecl::reference::scatter as reference;
 use kernels_cubecl::scatter::{
-    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_manual_supported, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
     launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, pipelined_defaults, set_pipelined_defaults,
 };
 
@@ -134,7 +134,13 @@ fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
 /// What `Auto` resolves to for f16 operands of problem `p` on this client.
 fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem, pipelined: GroupedMatmulStrategy) -> GroupedMatmulStrategy {
     if cmma_pipelined_supported::<R, f16>(client, p) {
-        pipelined
+        match pipelined {
+            // A manual-MMA default runs without it where the device lacks it.
+            GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: true } if !cmma_pipelined_manual_supported::<R, f16>(client, p) => {
+                GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: false }
+            }
+            other => other,
+        }
     } else if cmma_supported::<R, f16>(client) {
         GroupedMatmulStrategy::Cmma
     } else {
@@ -184,13 +190,34 @@ fn pipelined_grouped_matmul_runs_or_reports_unsupported() {
     pipelined_cases(&cubecl::wgpu::WgpuRuntime::client(&Default::default()));
 }
 
+/// The pipelined configurations checked, `(block_k, stages, wide)`, each on the wmma path and with
+/// manual MMA.
+const PIPELINED_CONFIGS: [(usize, usize, bool); 8] =
+    [(32, 2, false), (32, 3, false), (32, 4, false), (64, 2, false), (64, 3, false), (32, 4, true), (64, 2, true), (32, 3, true)];
+
 fn pipelined_cases<R: Runtime>(client: &ComputeClient<R>) {
-    for (block_k, stages, wide) in [(32, 2, false), (32, 3, false), (32, 4, false), (64, 2, false), (64, 3, false), (32, 4, true), (64, 2, true), (32, 3, true)] {
-        let strategy = GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide };
+    for manual in [false, true] {
+        pipelined_configs(client, manual);
+    }
+    let bad = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 3, wide: false, manual: false };
+    let err = check(client, &[8], 16, 16, true, Storage::F16, bad).unwrap_err();
+    assert!(matches!(err, KernelError::Unsupported(_)) && err.to_string().contains("block_k 48"), "{err}");
+}
+
+/// Every [`PIPELINED_CONFIGS`] entry with the given `manual`: the forward in both weight layouts and
+/// the weight gradient at ragged sizes (m = 136, k = 200, an empty expert) against the reference, or
+/// refused with `Unsupported` where [`cmma_pipelined_supported`] (manual: [`cmma_pipelined_manual_supported`])
+/// is false.
+fn pipelined_configs<R: Runtime>(client: &ComputeClient<R>, manual: bool) {
+    let supported = |p: &GroupedMatmulProblem| {
+        if manual { cmma_pipelined_manual_supported::<R, f16>(client, p) } else { cmma_pipelined_supported::<R, f16>(client, p) }
+    };
+    for (block_k, stages, wide) in PIPELINED_CONFIGS {
+        let strategy = GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual };
         for transpose in [true, false] {
             let p = GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose };
             let res = check(client, &[37, 0, 26], 136, 200, transpose, Storage::F16, strategy);
-            if cmma_pipelined_supported::<R, f16>(client, &p) {
+            if supported(&p) {
                 assert_eq!(res.unwrap(), strategy);
             } else {
                 let err = res.unwrap_err();
@@ -199,15 +226,12 @@ fn pipelined_cases<R: Runtime>(client: &ComputeClient<R>) {
             }
         }
         let res = check_weight_grad(client, &[37, 0, 26], 136, 200, Storage::F16, strategy);
-        if cmma_pipelined_supported::<R, f16>(client, &GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose: false }) {
+        if supported(&GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose: false }) {
             assert_eq!(res.unwrap(), strategy);
         } else {
             assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
         }
     }
-    let bad = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 3, wide: false };
-    let err = check(client, &[8], 16, 16, true, Storage::F16, bad).unwrap_err();
-    assert!(matches!(err, KernelError::Unsupported(_)) && err.to_string().contains("block_k 48"), "{err}");
 }
 
 #[test]
@@ -324,6 +348,21 @@ fn grouped_matmul_kernels_match_reference_on_cuda() {
     weight_grad_cases(&client);
 }
 
+/// Only the manual-MMA pipelined kernels (`ldmatrix` + `mma.sync`) on CUDA at the ragged sizes of
+/// [`pipelined_configs`] (also part of the test above; separate so that `manual_mma` selects them).
+#[cfg(feature = "cuda")]
+#[test]
+fn manual_mma_pipelined_grouped_matmul_matches_reference_on_cuda() {
+    let client = cubecl::cuda::CudaRuntime::client(&Default::default());
+    let p = GroupedMatmulProblem { rows: 63, m: 136, k: 200, num_experts: 3, transpose: true };
+    println!(
+        "manual MMA supported on this device: {} (wmma pipelined: {})",
+        cmma_pipelined_manual_supported::<_, f16>(&client, &p),
+        cmma_pipelined_supported::<_, f16>(&client, &p)
+    );
+    pipelined_configs(&client, true);
+}
+
 /// The strategy names a benchmark or user passes (`moe_bench --pipelined`), and the checks on a
 /// process-wide pipelined default: a bad configuration is refused before anything changes.
 #[test]
@@ -331,19 +370,21 @@ fn strategy_names_parse_and_bad_pipelined_defaults_are_refused() {
     let parse = |s: &str| s.parse::<GroupedMatmulStrategy>();
     assert_eq!(parse("auto").unwrap(), GroupedMatmulStrategy::Auto);
     assert_eq!(parse("tiled").unwrap(), GroupedMatmulStrategy::Tiled);
-    assert_eq!(parse("64x2").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: false });
-    assert_eq!(parse("32x4w").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true });
-    for name in ["auto", "naive", "tiled", "cmma", "64x2", "32x4w"] {
+    assert_eq!(parse("64x2").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: false, manual: false });
+    assert_eq!(parse("32x4w").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true, manual: false });
+    assert_eq!(parse("64x2wm").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true, manual: true });
+    assert_eq!(parse("32x4m").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: false, manual: true });
+    for name in ["auto", "naive", "tiled", "cmma", "64x2", "32x4w", "64x2wm", "32x4m"] {
         assert_eq!(parse(name).unwrap().to_string(), name, "Display reads back as FromStr's name");
     }
-    for bad in ["48x2", "64x5", "64", "x2", "64x2ww", "fast"] {
+    for bad in ["48x2", "64x5", "64", "x2", "64x2ww", "64x2mw", "64x2mm", "48x2wm", "m", "fast"] {
         assert!(matches!(parse(bad), Err(KernelError::Unsupported(_))), "{bad} parsed");
     }
     let before = pipelined_defaults();
     assert_eq!(before, (CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT));
     let err = set_pipelined_defaults(Some((GroupedMatmulStrategy::Tiled, CMMA_PIPELINED_DEFAULT))).unwrap_err();
     assert!(err.to_string().contains("not a CmmaPipelined"), "{err}");
-    let odd = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 2, wide: true };
+    let odd = GroupedMatmulStrategy::CmmaPipelined { block_k: 48, stages: 2, wide: true, manual: false };
     assert!(set_pipelined_defaults(Some((CMMA_PIPELINED_DEFAULT, odd))).is_err());
     assert_eq!(pipelined_defaults(), before, "a refused choice must leave the defaults as they were");
 }

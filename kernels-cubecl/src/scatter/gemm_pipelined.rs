@@ -22,12 +22,28 @@
 //! Requirements (checked by the launcher, which otherwise runs the single-stage kernels): f16/bf16
 //! with cmma, 8-element (16-byte) vectors (`k`, and `m` where `w` is `[E, k, m]`, multiples of 8),
 //! and a runtime with cube-level barriers and async copies (CUDA).
+//!
+//! `manual` (an experiment, selected explicitly, never by default): the same pipeline, but the
+//! tensor-core work of a step is `ldmatrix` fragment loads and `mma.sync.m16n8k16` on register
+//! arrays ([`mma_step_manual`]) instead of CubeCL's wmma-class `cmma::load` / `cmma::execute`
+//! ([`mma_step`]), with the f32 accumulators as plain registers. Why: the wmma path tops out at
+//! ~235–250 TFLOP/s bf16 on an H200 at Mixtral shapes (cuBLAS ~800). With `mma.sync` the kernel
+//! chooses the fragment loads itself — one `ldmatrix.x4` per 16 × 16 operand, free of bank
+//! conflicts with the padded strides — and their order, as hand-written Ampere-style kernels do,
+//! instead of leaving them to ptxas' lowering of `wmma.load`; the experiment is whether that
+//! matters on Hopper (whose full rate needs `wgmma`, which neither path uses). Needs the runtime's
+//! manual MMA (m16n8k16, f16/bf16 → f32) and `ldmatrix` (CUDA sm_80+), checked by the launcher.
 
 use cubecl::cmma;
 use cubecl::prelude::barrier::{Barrier, copy_async_checked};
 use cubecl::prelude::*;
 
 use super::gemm::{CMMA_BLOCK_M, CMMA_BLOCK_N, CMMA_PLANE};
+
+/// One lane's registers of an `mma.sync` operand or accumulator: 32-bit registers as 2-element
+/// vectors (2 × f16/bf16 for A and B, as `ldmatrix` and `mma` pack them; 2 × f32 for C/D, the two
+/// adjacent columns a lane holds). See [`mma_step_manual`].
+pub(crate) type MmaRegs<E> = Array<Vector<E, Const<2>>>;
 
 /// How a cube's planes share its 128 × 128 tile (see [`plane_layout`]).
 #[derive(Debug, Clone, Copy)]
@@ -60,7 +76,8 @@ pub(crate) const fn plane_layout(wide: bool) -> PlaneLayout {
 const _: () = assert!(CMMA_BLOCK_M == CMMA_BLOCK_N);
 
 /// `out = x[seg e] · w[e]ᵀ` (`transpose`, `w: [E, m, k]`) or `x[seg e] · w[e]` (`w: [E, k, m]`), one
-/// 128 × 128 tile per cube, `block_k` (32 or 64) deep per step, `stages` (2–4) steps in flight.
+/// 128 × 128 tile per cube, `block_k` (32 or 64) deep per step, `stages` (2–4) steps in flight;
+/// `manual`: the tensor-core work by `ldmatrix` + `mma.sync` ([`mma_step_manual`]).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
@@ -76,6 +93,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
     #[comptime] wide: bool,
+    #[comptime] manual: bool,
 ) {
     let nv = N::value();
     let units = comptime!(plane_layout(wide).units);
@@ -102,9 +120,10 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     let bar2 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let bar3 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
+    // The accumulators of one path; the other path's sequence stays empty (no registers).
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..comptime!(4 * frags_n) {
+    for _ in 0..comptime!(if manual { 0 } else { 4 * frags_n }) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -114,6 +133,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
             0.0,
         ));
     }
+    let mut mma_accs = mma_accumulators(comptime!(if manual { 8 * frags_n } else { 0 }));
 
     let steps = (k + block_k - 1) / block_k;
     #[unroll]
@@ -155,7 +175,11 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
             );
             commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
         }
-        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k, frags_n);
+        if manual {
+            mma_step_manual::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &mut mma_accs, false, !transpose, block_k, frags_n);
+        } else {
+            mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, false, !transpose, block_k, frags_n);
+        }
         c += 1;
     }
 
@@ -166,12 +190,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
     for i in 0..4usize {
         #[unroll]
         for j in 0..frags_n {
-            cmma::store(
-                &mut stage.slice_mut(stage_start, stage_start + 256),
-                &accs[i * frags_n + j],
-                16u32,
-                cmma::MatrixLayout::RowMajor,
-            );
+            stage_accumulator(&mut stage, stage_start, lane, &accs, &mma_accs, comptime!(i * frags_n + j), manual);
             sync_plane();
             #[unroll]
             for t in 0..8usize {
@@ -189,7 +208,7 @@ pub fn grouped_matmul_cmma_pipelined_kernel<F: Float, N: Size>(
 
 /// `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]`, one 128 × 128 tile of `dw[e]` per cube
 /// (grid `(m tiles, k tiles, E)`), `block_k` segment rows per step, `stages` steps in flight; an
-/// expert without rows writes zeros.
+/// expert without rows writes zeros. `manual` as for [`grouped_matmul_cmma_pipelined_kernel`].
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
@@ -203,6 +222,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     #[comptime] block_k: usize,
     #[comptime] stages: usize,
     #[comptime] wide: bool,
+    #[comptime] manual: bool,
 ) {
     let nv = N::value();
     let units = comptime!(plane_layout(wide).units);
@@ -229,9 +249,10 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     let bar2 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
     let bar3 = Barrier::shared(CUBE_DIM, UNIT_POS == 0);
 
+    // The accumulators of one path; the other path's sequence stays empty (no registers).
     let mut accs = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
-    for _ in 0..comptime!(4 * frags_n) {
+    for _ in 0..comptime!(if manual { 0 } else { 4 * frags_n }) {
         accs.push(cmma::Matrix::<f32>::from_value(
             cmma::MatrixIdent::Accumulator,
             16usize,
@@ -241,6 +262,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
             0.0,
         ));
     }
+    let mut mma_accs = mma_accumulators(comptime!(if manual { 8 * frags_n } else { 0 }));
 
     let steps = (end - start + block_k - 1) / block_k;
     #[unroll]
@@ -277,7 +299,11 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
             );
             commit_and_arrive(sn, &bar0, &bar1, &bar2, &bar3);
         }
-        mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k, frags_n);
+        if manual {
+            mma_step_manual::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &mut mma_accs, true, true, block_k, frags_n);
+        } else {
+            mma_step::<F, N>(&a_s, &b_s, s * a_len, s * b_len, plane_row, plane_col, &accs, true, true, block_k, frags_n);
+        }
         c += 1;
     }
 
@@ -288,12 +314,7 @@ pub fn grouped_matmul_weight_grad_cmma_pipelined_kernel<F: Float, N: Size>(
     for r in 0..4usize {
         #[unroll]
         for cc in 0..frags_n {
-            cmma::store(
-                &mut stage.slice_mut(stage_start, stage_start + 256),
-                &accs[r * frags_n + cc],
-                16u32,
-                cmma::MatrixLayout::RowMajor,
-            );
+            stage_accumulator(&mut stage, stage_start, lane, &accs, &mma_accs, comptime!(r * frags_n + cc), manual);
             sync_plane();
             #[unroll]
             for t in 0..8usize {
@@ -613,4 +634,163 @@ pub(crate) fn mma_step<F: Float, N: Size>(
             }
         }
     }
+}
+
+/// Zeroed accumulator registers for [`mma_step_manual`]: `count` 16 × 8 f32 tiles (two per 16 × 16
+/// fragment of [`mma_step`], the left one first).
+#[cube]
+fn mma_accumulators(#[comptime] count: usize) -> Sequence<MmaRegs<f32>> {
+    let mut accs = Sequence::<MmaRegs<f32>>::new();
+    #[unroll]
+    for _ in 0..count {
+        let mut regs = MmaRegs::<f32>::new(2usize);
+        regs[0] = Vector::<f32, Const<2>>::new(0.0);
+        regs[1] = Vector::<f32, Const<2>>::new(0.0);
+        accs.push(regs);
+    }
+    accs
+}
+
+/// [`mma_step`] by hand: the same products on the same staged tiles (same padded strides, same
+/// `a_kmajor` / `b_kmajor` orientations), each plane's 64 × `16 · frags_n` block as 4 × `2 · frags_n`
+/// `mma.sync.m16n8k16` tiles (f16/bf16 → f32) whose accumulators stay in registers (`accs`, from
+/// [`mma_accumulators`]: tile `(i, n8)` at `i · 2 · frags_n + n8`). Per 16-deep slice a plane issues
+/// 4 `ldmatrix.x4` for A (one 16 × 16 fragment each) and `frags_n` for B (two 16 × 8 tiles each).
+///
+/// Register layouts, from the CUDA code CubeCL 0.10 generates (cubecl-cpp `cuda/ptx/mma.rs`,
+/// `cuda/mma/ptx_wmma_compiler.rs`, `cuda/processors.rs`) and the PTX ISA fragment tables for
+/// `mma.m16n8k16` (g = lane / 4, t = lane % 4; "x..x+1" = one 32-bit register, lower column first):
+///
+/// - `load_matrix(row, _, 4, trans)` is `ldmatrix.sync.aligned.m8n8.x4[.trans].shared::cta.b16
+///   {r0, r1, r2, r3}, [row]` into `regs[0..4]` (each a 2 × 16-bit vector). Lane L passes the
+///   address of row L % 8 of 8 × 8 matrix q = L / 8 (16 contiguous bytes). Without `.trans` lane
+///   L's `r_q` is matrix q's row g, columns 2t, 2t + 1; with `.trans` it is the stored rows 2t and
+///   2t + 1 of column g (the row g of the transposed matrix).
+/// - `execute_inplace(a, b, c)` is `mma.sync.aligned.m16n8k16.row.col.f32.{bf16|f16}...f32` on
+///   `a[0..4]`, `b[0..2]` (as u32) and `c` (as 4 f32, in and out):
+///   A (16 × 16, row): a0 = A[g][2t..2t+1], a1 = A[g+8][2t..], a2 = A[g][2t+8..], a3 = A[g+8][2t+8..];
+///   B (16 × 8, k × n): b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g];
+///   C/D (16 × 8 f32): c[0] = (C[g][2t], C[g][2t+1]), c[1] = (C[g+8][2t], C[g+8][2t+1]).
+///
+/// Hence matrix q of an A load must be the 8 × 8 block at (rows 8·(q%2), k 8·(q/2)), and matrix q of
+/// a B load (k × 16 columns) the block at (k 8·(q%2), columns 8·(q/2)): registers 0, 1 are then
+/// b0, b1 of the left 16 × 8 tile and 2, 3 those of the right one. The row each lane addresses
+/// (q = lane / 8, r = lane % 8; element offsets in the 16 × 16 block, `stride` = padded row stride):
+///
+/// | staged      | lane's 16-byte row                    | `.trans` |
+/// |-------------|---------------------------------------|----------|
+/// | A `[row][k]` | `(8·(q%2) + r) · stride + 8·(q/2)`   | no       |
+/// | A `[k][row]` | `(8·(q/2) + r) · stride + 8·(q%2)`   | yes      |
+/// | B `[col][k]` | `(8·(q/2) + r) · stride + 8·(q%2)`   | no       |
+/// | B `[k][col]` | `(8·(q%2) + r) · stride + 8·(q/2)`   | yes      |
+///
+/// Checked by hand for lane 13 (q = 1, r = 5, g = 3, t = 1), which must end with a1 = A[11][2..3]
+/// and b1 = B[10..11][3] of the left tile: A `[row][k]`: lane 13 addresses A row 13, k 0; its r1 is
+/// matrix 1's row 3 (addressed by lane 11: A row 11), columns 2, 3 → A[11][2..3]. A `[k][row]`:
+/// lane 13 addresses k 5, rows 8..15; its r1 with `.trans` is matrix 1's stored rows 2, 3 (k 2, 3)
+/// at column 3 (row 8 + 3) → A[11][2..3]. B `[col][k]`: lane 13 addresses column 5, k 8..15; r1 is
+/// matrix 1's row 3 (column 3), k 8 + 2, 8 + 3 → B[10..11][3]. B `[k][col]`: lane 13 addresses k 13,
+/// columns 0..7; r1 with `.trans` is matrix 1's stored rows 2, 3 (k 10, 11) at column 3 → B[10..11][3].
+///
+/// Every addressed row starts on a multiple of 8 elements (16 bytes, as `ldmatrix` needs; the stage
+/// buffers are 128-byte aligned), and with the strides padded by 8 elements (80, 144 or 272 bytes)
+/// the 8 rows of one matrix fall on distinct 4-bank groups: the loads are free of bank conflicts.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn mma_step_manual<F: Float, N: Size>(
+    a_s: &SharedMemory<Vector<F, N>>,
+    b_s: &SharedMemory<Vector<F, N>>,
+    a_at: usize,
+    b_at: usize,
+    plane_row: usize,
+    plane_col: usize,
+    accs: &mut Sequence<MmaRegs<f32>>,
+    #[comptime] a_kmajor: bool,
+    #[comptime] b_kmajor: bool,
+    #[comptime] block_k: usize,
+    #[comptime] frags_n: usize,
+) {
+    let nv = N::value();
+    let a_stride = comptime!(if a_kmajor { CMMA_BLOCK_M + 8 } else { block_k + 8 });
+    let b_stride = comptime!(if b_kmajor { CMMA_BLOCK_N + 8 } else { block_k + 8 });
+    let def = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+    // The lane in the plane, as the kernels lay planes out (32 consecutive units of a 1-D cube);
+    // not `UNIT_POS_PLANE`, which CUDA computes as `% warpSize`, a runtime value.
+    let lane = UNIT_POS as usize % CMMA_PLANE as usize;
+    let q = lane / 8;
+    let r = lane % 8;
+    // The lane's row in each 16 × 16 block (table above), the same for every block of the step.
+    let a_lane = if a_kmajor { (8 * (q / 2) + r) * a_stride + 8 * (q % 2) } else { (8 * (q % 2) + r) * a_stride + 8 * (q / 2) };
+    let b_lane = if b_kmajor { (8 * (q % 2) + r) * b_stride + 8 * (q / 2) } else { (8 * (q / 2) + r) * b_stride + 8 * (q % 2) };
+    #[unroll]
+    for ks in 0..comptime!(block_k / 16) {
+        let mut a_frags = Sequence::<MmaRegs<F>>::new();
+        #[unroll]
+        for i in 0..4usize {
+            let first = if a_kmajor { ks * 16 * a_stride + plane_row + i * 16 } else { (plane_row + i * 16) * a_stride + ks * 16 };
+            let start = a_at + (first + a_lane) / nv;
+            a_frags.push(def.load_matrix::<Vector<F, N>, Const<2>>(&a_s.slice(start, start + 1), cmma::MatrixIdent::A, 4usize, a_kmajor));
+        }
+        #[unroll]
+        for j in 0..frags_n {
+            let first = if b_kmajor { ks * 16 * b_stride + plane_col + j * 16 } else { (plane_col + j * 16) * b_stride + ks * 16 };
+            let start = b_at + (first + b_lane) / nv;
+            let b = def.load_matrix::<Vector<F, N>, Const<2>>(&b_s.slice(start, start + 1), cmma::MatrixIdent::B, 4usize, b_kmajor);
+            // The mma takes B as 2 registers per 16 × 8 tile (copies between registers: free).
+            let mut left = MmaRegs::<F>::new(2usize);
+            let mut right = MmaRegs::<F>::new(2usize);
+            left[0] = b[0];
+            left[1] = b[1];
+            right[0] = b[2];
+            right[1] = b[3];
+            #[unroll]
+            for i in 0..4usize {
+                let at = comptime!(2 * (i * frags_n + j));
+                def.execute_inplace(&a_frags[i], &left, accs.index_mut(at));
+                def.execute_inplace(&a_frags[i], &right, accs.index_mut(at + 1));
+            }
+        }
+    }
+}
+
+/// Writes 16 × 16 accumulator tile `tile` (of [`mma_step`]'s `accs`, or with `manual` of
+/// [`mma_step_manual`]'s `mma_accs`) row-major into `stage[at .. at + 256]`: the epilogue of both
+/// pipelined kernels copies it from there to global memory with its bounds checks.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_accumulator(
+    stage: &mut SharedMemory<f32>,
+    at: usize,
+    lane: usize,
+    accs: &Sequence<cmma::Matrix<f32>>,
+    mma_accs: &Sequence<MmaRegs<f32>>,
+    #[comptime] tile: usize,
+    #[comptime] manual: bool,
+) {
+    if manual {
+        stage_mma_tile(stage, at, lane, &mma_accs[comptime!(2 * tile)], &mma_accs[comptime!(2 * tile + 1)]);
+    } else {
+        cmma::store(&mut stage.slice_mut(at, at + 256), &accs[tile], 16u32, cmma::MatrixLayout::RowMajor);
+    }
+}
+
+/// Writes one 16 × 16 accumulator tile of [`mma_step_manual`] (its 16 × 8 halves `left` and
+/// `right`) row-major into `stage[at .. at + 256]`, as [`cmma::store`] does for the wmma path, so
+/// the epilogue's bounded copy to global memory is shared by both paths.
+#[cube]
+fn stage_mma_tile(stage: &mut SharedMemory<f32>, at: usize, lane: usize, left: &MmaRegs<f32>, right: &MmaRegs<f32>) {
+    // C/D fragment: registers 0 = row g, columns 2t and 2t + 1; registers 1 = row g + 8, the same.
+    let top = at + (lane / 4) * 16 + (lane % 4) * 2;
+    let lt = left[0];
+    let lb = left[1];
+    let rt = right[0];
+    let rb = right[1];
+    stage[top] = lt[0];
+    stage[top + 1] = lt[1];
+    stage[top + 8] = rt[0];
+    stage[top + 9] = rt[1];
+    stage[top + 128] = lb[0];
+    stage[top + 129] = lb[1];
+    stage[top + 136] = rb[0];
+    stage[top + 137] = rb[1];
 }

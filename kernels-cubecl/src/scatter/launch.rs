@@ -55,19 +55,26 @@ pub enum GroupedMatmulStrategy {
         /// Four planes of 64 × 64 outputs per cube (128 units) instead of eight of 64 × 32 (256
         /// units): twice the tensor-core products per shared-memory fragment load.
         wide: bool,
+        /// The tensor-core work by hand: `ldmatrix` fragment loads and `mma.sync` m16n8k16 with the
+        /// accumulators in registers, instead of CubeCL's wmma-class `cmma` fragments (see
+        /// [`cmma_pipelined_manual_supported`] for where it runs; elsewhere `Auto` runs the same
+        /// configuration without it).
+        manual: bool,
     },
 }
 
 /// The pipelined tensor-core configuration [`GroupedMatmulStrategy::Auto`] picks for the grouped
 /// matmul where it can run: the fastest on an H200 at Mixtral shapes (`moe_bench --gemm`,
-/// 2026-11-29: wide 64 × 2 242–247 TFLOP/s up projection and 209 down, against 194–203 / 183 for
-/// the default plane layout at 64 × 2 and 100–105 for the single-stage kernel).
-pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true };
+/// 2026-11-29, T=16384: wide 64 × 2 with manual MMA 336 TFLOP/s up projection and 355 down, against
+/// 251 / 233 for the same tiles through CubeCL's `cmma` fragments and 100–105 for the single-stage
+/// kernel). Where manual MMA is not available (anything but CUDA sm_80+) `Auto` runs the same tiles
+/// through `cmma`.
+pub const CMMA_PIPELINED_DEFAULT: GroupedMatmulStrategy = GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true, manual: true };
 
 /// The same for the weight gradient, whose best configuration differs (same measurement: wide
-/// 32 × 4 203 TFLOP/s, wide 64 × 2 198, default layout 32 × 4 161, 64 × 2 125, single-stage 153).
+/// 32 × 4 with manual MMA 368 TFLOP/s, 64 × 2 358; through `cmma` 235 / 221).
 pub const CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT: GroupedMatmulStrategy =
-    GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true };
+    GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true, manual: true };
 
 /// What `Auto` resolves to where the pipelined kernels run: `(grouped matmul, weight gradient)`.
 /// `None` = the compiled-in defaults above.
@@ -75,6 +82,9 @@ static PIPELINED_CHOICE: std::sync::RwLock<Option<(GroupedMatmulStrategy, Groupe
 
 /// Replaces the pipelined configurations that [`GroupedMatmulStrategy::Auto`] picks, for the whole
 /// process (`None` restores [`CMMA_PIPELINED_DEFAULT`] / [`CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT`]).
+/// A `manual` configuration (as the defaults are) is what `Auto` runs where
+/// [`cmma_pipelined_manual_supported`] holds; elsewhere `Auto` runs the same configuration on the
+/// wmma path.
 ///
 /// Why a process-wide setting: the layer above (burn-moe-backend) launches through `Auto`, and the
 /// best configuration depends on the card and the shapes; this lets a benchmark or a user tune it
@@ -142,7 +152,9 @@ impl std::fmt::Display for GroupedMatmulStrategy {
             Self::Naive => f.write_str("naive"),
             Self::Tiled => f.write_str("tiled"),
             Self::Cmma => f.write_str("cmma"),
-            Self::CmmaPipelined { block_k, stages, wide } => write!(f, "{block_k}x{stages}{}", if *wide { "w" } else { "" }),
+            Self::CmmaPipelined { block_k, stages, wide, manual } => {
+                write!(f, "{block_k}x{stages}{}{}", if *wide { "w" } else { "" }, if *manual { "m" } else { "" })
+            }
         }
     }
 }
@@ -151,15 +163,24 @@ impl std::str::FromStr for GroupedMatmulStrategy {
     type Err = KernelError;
 
     /// `auto`, `naive`, `tiled`, `cmma`, or a pipelined configuration `<block_k>x<stages>` with a
-    /// trailing `w` for the wide plane layout (e.g. `64x2`, `32x4w`).
+    /// trailing `w` for the wide plane layout and then `m` for manual MMA (e.g. `64x2`, `32x4w`,
+    /// `64x2wm`, `32x4m`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || KernelError::Unsupported(format!("grouped matmul strategy `{s}`: expected auto, naive, tiled, cmma or <block_k>x<stages>[w] (e.g. 64x2, 32x4w)"));
+        let bad = || {
+            KernelError::Unsupported(format!(
+                "grouped matmul strategy `{s}`: expected auto, naive, tiled, cmma or <block_k>x<stages>[w][m] (e.g. 64x2, 32x4w, 64x2wm)"
+            ))
+        };
         Ok(match s.trim() {
             "auto" => Self::Auto,
             "naive" => Self::Naive,
             "tiled" => Self::Tiled,
             "cmma" => Self::Cmma,
             other => {
+                let (other, manual) = match other.strip_suffix('m') {
+                    Some(b) => (b, true),
+                    None => (other, false),
+                };
                 let (body, wide) = match other.strip_suffix('w') {
                     Some(b) => (b, true),
                     None => (other, false),
@@ -168,7 +189,7 @@ impl std::str::FromStr for GroupedMatmulStrategy {
                 let block_k = bk.parse().map_err(|_| bad())?;
                 let stages = st.parse().map_err(|_| bad())?;
                 check_pipeline(block_k, stages)?;
-                Self::CmmaPipelined { block_k, stages, wide }
+                Self::CmmaPipelined { block_k, stages, wide, manual }
             }
         })
     }
@@ -268,6 +289,17 @@ pub fn cmma_pipelined_supported<R: Runtime, F: Float + CubeElement>(client: &Com
         && cmma_vector_size::<R, F>(client, problem) == 8
 }
 
+/// Whether [`GroupedMatmulStrategy::CmmaPipelined`] with `manual` can run `problem` for element
+/// type `F` here: what [`cmma_pipelined_supported`] asks, plus the runtime's manual MMA for
+/// m16n8k16 (`F`, `F` → f32, `mma.sync`) and `ldmatrix` for `F`; CubeCL 0.10 offers both only on CUDA
+/// (sm_80+), whose register layouts the kernel assumes.
+pub fn cmma_pipelined_manual_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, problem: &GroupedMatmulProblem) -> bool {
+    let ty = storage_type::<F>();
+    let matmul = &client.properties().features.matmul;
+    let config = MmaConfig { a_type: ty, b_type: ty, cd_type: ElemType::Float(FloatKind::F32).into(), m: 16, n: 8, k: 16 };
+    cmma_pipelined_supported::<R, F>(client, problem) && matmul.mma.contains(&config) && matmul.ldmatrix.contains(&ty)
+}
+
 /// Checks a pipelined configuration's numbers.
 pub(crate) fn check_pipeline(block_k: usize, stages: usize) -> Result<(), KernelError> {
     if !(block_k == 32 || block_k == 64) || !(2..=4).contains(&stages) {
@@ -339,8 +371,9 @@ pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
 }
 
 /// What `strategy` means on this device: `Auto` is the `pipelined` tensor-core configuration where
-/// [`cmma_pipelined_supported`], else the single-stage tensor-core kernel where [`cmma_supported`],
-/// else the tiled one; asking for a tensor-core kernel where it cannot run is an error naming `what`.
+/// [`cmma_pipelined_supported`] (a `manual` one only where [`cmma_pipelined_manual_supported`], else
+/// its wmma twin), else the single-stage tensor-core kernel where [`cmma_supported`], else the tiled
+/// one; asking for a tensor-core kernel where it cannot run is an error naming `what`.
 fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     problem: &GroupedMatmulProblem,
@@ -349,17 +382,28 @@ fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
     what: &str,
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     match strategy {
-        GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => Ok(pipelined),
+        GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => match pipelined {
+            // Manual MMA only by an explicit `set_pipelined_defaults`, and only where it runs.
+            GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: true } if !cmma_pipelined_manual_supported::<R, F>(client, problem) => {
+                Ok(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: false })
+            }
+            other => Ok(other),
+        },
         GroupedMatmulStrategy::Auto if cmma_supported::<R, F>(client) => Ok(GroupedMatmulStrategy::Cmma),
-        GroupedMatmulStrategy::CmmaPipelined { block_k, stages, .. } => {
+        GroupedMatmulStrategy::CmmaPipelined { block_k, stages, manual, .. } => {
             check_pipeline(block_k, stages)?;
-            if cmma_pipelined_supported::<R, F>(client, problem) {
-                Ok(strategy)
-            } else {
+            if !cmma_pipelined_supported::<R, F>(client, problem) {
                 Err(KernelError::Unsupported(format!(
                     "pipelined tensor-core grouped {what} needs f16/bf16 cmma, cube barriers with async copies, and k{} a multiple of 8 on this device",
                     if problem.transpose { "" } else { " and m" }
                 )))
+            } else if manual && !cmma_pipelined_manual_supported::<R, F>(client, problem) {
+                Err(KernelError::Unsupported(format!(
+                    "pipelined tensor-core grouped {what} with manual MMA needs mma.sync m16n8k16 and ldmatrix for {:?} (CUDA sm_80+) on this device",
+                    storage_type::<F>()
+                )))
+            } else {
+                Ok(strategy)
             }
         }
         GroupedMatmulStrategy::Auto => Ok(GroupedMatmulStrategy::Tiled),
@@ -415,7 +459,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
             let tiles_len = tiles.len();
             let tiles = client.create_from_slice(u32::as_bytes(&tiles));
             let tiles_arg = unsafe { ArrayArg::from_raw_parts(tiles, tiles_len) };
-            if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } = strategy {
+            if let GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual } = strategy {
                 let group = tile_group_for(tiles_len / 2);
                 // SAFETY: as for the single-stage kernel below; the copies are bounds-checked too
                 // (out-of-range vectors are copied with source length zero, i.e. zero-filled).
@@ -437,6 +481,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
                         block_k,
                         stages,
                         wide,
+                        manual,
                     );
                 }
             } else if cmma {
@@ -556,7 +601,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                 );
             }
         }
-        GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide } => {
+        GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual } => {
             let CubeCount::Static(tm, tk, _) = grid(client, p.m.div_ceil(CMMA_BLOCK_M), p.k.div_ceil(CMMA_BLOCK_N))? else {
                 unreachable!("grid is static")
             };
@@ -577,6 +622,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
                     block_k,
                     stages,
                     wide,
+                    manual,
                 );
             }
         }

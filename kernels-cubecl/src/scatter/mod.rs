@@ -15,6 +15,6 @@ pub use gemm::{
 pub use gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_weight_grad_cmma_pipelined_kernel};
 pub use gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 pub use launch::{
-    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, cmma_pipelined_supported, cmma_supported, launch_combine, launch_grouped_matmul,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, cmma_pipelined_manual_supported, cmma_pipelined_supported, cmma_supported, launch_combine, launch_grouped_matmul,
     launch_grouped_matmul_weight_grad, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute, pipelined_defaults, set_pipelined_defaults, set_tile_group, tile_group, TILE_GROUP_DEFAULT,
 };
