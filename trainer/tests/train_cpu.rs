@@ -278,3 +278,70 @@ fn report_to_tensorboard_writes_the_logged_scalars() {
         assert_eq!(scalars["train/grad_norm"], norms[i].1 as f32, "step {step}");
     }
 }
+
+/// The weights a run saved at its last step (`checkpoint-<steps>/model.safetensors`), in visiting order.
+fn saved_weights(out: &std::path::Path, steps: usize) -> Vec<Vec<f32>> {
+    let ckpt = mixtral_burn::HfCheckpoint::open(out.join(format!("checkpoint-{steps}"))).unwrap();
+    let model = ckpt.load_model::<burn::backend::NdArray<f32>>(&Default::default(), burn_moe_backend::MoeKernel::Reference).unwrap();
+    weights_of(&model)
+}
+
+fn weights_of(model: &mixtral_burn::MixtralForCausalLM<burn::backend::NdArray<f32>>) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor<burn::backend::NdArray<f32>> for Collect {
+        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<burn::tensor::Tensor<burn::backend::NdArray<f32>, D>>) {
+            self.0.push(p.val().into_data().to_vec::<f32>().unwrap());
+        }
+    }
+    let mut c = Collect(Vec::new());
+    burn::module::Module::visit(model, &mut c);
+    c.0
+}
+
+/// The AdamW flags reach the update, end to end (one step from the same seeded weights, constant lr):
+/// `--weight-decay w` (decoupled, as torch's AdamW) moves every weight by exactly `-lr·w·θ0` more than
+/// without it; `--adam-epsilon` huge makes the first step vanish (`g / (|g| + eps)`); `--adam-beta1` and
+/// `--max-grad-norm` change the second step (the first Adam step does not depend on them).
+#[test]
+fn optimizer_flags_reach_the_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let lr = 0.01;
+    let run = |name: &str, steps: usize, extra: &[&str]| -> Vec<Vec<f32>> {
+        let out = dir.path().join(name);
+        let steps_s = steps.to_string();
+        let mut argv = vec![
+            "trainer", "--seed", "3", "--max-steps", &steps_s, "--per-device-train-batch-size", "4", "--learning-rate", "0.01",
+            "--lr-scheduler-type", "constant", "--save-strategy", "steps", "--save-steps", &steps_s,
+        ];
+        argv.extend_from_slice(extra);
+        let out_s = out.to_str().unwrap().to_owned();
+        argv.extend_from_slice(&["--output-dir", &out_s]);
+        train::<B>(&Args::try_parse_from(argv).unwrap(), &Default::default()).unwrap();
+        saved_weights(&out, steps)
+    };
+    let init = weights_of(&mixtral_burn::MixtralConfig::tiny().init_seeded(&Default::default(), 3));
+    let plain = run("plain", 1, &["--weight-decay", "0", "--max-grad-norm", "0"]);
+    let decayed = run("decayed", 1, &["--weight-decay", "0.5", "--max-grad-norm", "0"]);
+    let huge_eps = run("eps", 1, &["--weight-decay", "0", "--max-grad-norm", "0", "--adam-epsilon", "1e6"]);
+    let (mut worst_decay, mut worst_eps, mut moved) = (0f32, 0f32, Vec::new());
+    for ((t0, (a, b)), c) in init.iter().zip(plain.iter().zip(&decayed)).zip(&huge_eps) {
+        for i in 0..t0.len() {
+            worst_decay = worst_decay.max(((a[i] - b[i]) - lr * 0.5 * t0[i]).abs());
+            worst_eps = worst_eps.max((c[i] - t0[i]).abs());
+            moved.push((a[i] - t0[i]).abs());
+        }
+    }
+    moved.sort_by(f32::total_cmp);
+    let median = moved[moved.len() / 2];
+    assert!(median > 0.5 * lr, "one plain AdamW step should move a typical weight by about lr: median {median}");
+    assert!(worst_decay < 1e-6, "weight decay: (θ_plain − θ_decayed) − lr·w·θ0 reaches {worst_decay}");
+    assert!(worst_eps < 1e-3 * lr, "eps 1e6: a weight moved by {worst_eps}");
+    // Second steps: β1 and clipping now matter.
+    let two = run("two", 2, &[]);
+    let max_diff = |x: &[Vec<f32>], y: &[Vec<f32>]| x.iter().flatten().zip(y.iter().flatten()).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+    for (what, extra) in [("--adam-beta1 0.5", ["--adam-beta1", "0.5"]), ("--max-grad-norm 1e-3", ["--max-grad-norm", "1e-3"])] {
+        let other = run(what, 2, &extra);
+        let d = max_diff(&two, &other);
+        assert!(d > 1e-3 * lr, "{what} did not change the second step (max difference {d})");
+    }
+}
