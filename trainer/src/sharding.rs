@@ -656,11 +656,7 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
                 shape[0] = rows.len();
                 Some((rows.start * row..rows.end * row, shape))
             }
-            ParamPlacement::Flat { piece, .. } => {
-                let mut shape = vec![1; D];
-                shape[0] = piece.len();
-                Some((piece.clone(), shape))
-            }
+            ParamPlacement::Flat { piece, .. } => Some((piece.clone(), piece_dims::<D>(piece.len()).to_vec())),
             _ => None,
         };
         if let (true, Some((elements, shape))) = (lazy, &piece) {
@@ -688,11 +684,17 @@ fn wire_dtype(compute: Option<FloatDType>) -> FloatDType {
     compute.unwrap_or(FloatDType::F32)
 }
 
-/// `[n]` → `[n, 1, …]`: how a flat piece is stored in a rank-`D` parameter.
-fn piece_shape<B: burn::tensor::backend::Backend, const D: usize>(flat: Tensor<B, 1>) -> Tensor<B, D> {
+/// `[n, 1, …]`: the shape a flat piece of `n` elements is stored in, in a rank-`D` parameter.
+fn piece_dims<const D: usize>(n: usize) -> [usize; D] {
     let mut shape = [1usize; D];
-    shape[0] = flat.dims()[0];
-    flat.reshape(shape)
+    shape[0] = n;
+    shape
+}
+
+/// `[n]` → `[n, 1, …]` ([`piece_dims`]).
+fn piece_shape<B: burn::tensor::backend::Backend, const D: usize>(flat: Tensor<B, 1>) -> Tensor<B, D> {
+    let n = flat.dims()[0];
+    flat.reshape(piece_dims::<D>(n))
 }
 
 /// Concatenates 1-d parts (of dtype `dtype`) and pads with zeros to `len` elements.

@@ -356,17 +356,17 @@ where
     // Checkpoint weights are loaded lazily: nothing is read until the plan has said which piece of
     // each parameter this rank keeps (`Parallel::shard_lazy`), so no rank holds the whole model.
     let mut lazy = LazyWeights::default();
-    let mut model: MixtralForCausalLM<B> = match (&resume, &source.checkpoint) {
+    // The checkpoint to read: the one resumed from (its consolidated weights), else `--model-path`.
+    let resumed = match &resume {
+        Some((dir, _)) if !from_shards => Some(HfCheckpoint::open(dir)?),
+        _ => None,
+    };
+    let mut model: MixtralForCausalLM<B> = match (&resume, resumed.as_ref().or(source.checkpoint.as_ref())) {
         // Every value is overwritten from the shards: zeros, and with EP only this rank's experts.
         (Some(_), _) if from_shards => {
             config.init_zeros(device, parallel.expert_range().map_or(config.num_local_experts, |r| r.len()))
         }
-        (Some((dir, _)), _) => {
-            let (model, weights) = HfCheckpoint::open(dir)?.load_model_lazy(device, args.kernel(), local_experts)?;
-            lazy = weights;
-            model
-        }
-        (None, Some(ckpt)) => {
+        (_, Some(ckpt)) => {
             let (model, weights) = ckpt.load_model_lazy(device, args.kernel(), local_experts)?;
             lazy = weights;
             model
@@ -374,13 +374,13 @@ where
         // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
         // billions of weights), made identical on every rank by a broadcast from rank 0. On the CPU
         // the host RNG below keeps runs reproducible across rank counts.
-        (None, None) if args.model_config.is_some() && args.device == crate::cli::Device::Cuda => {
+        (_, None) if args.model_config.is_some() && args.device == crate::cli::Device::Cuda => {
             B::seed(device, args.seed);
             crate::parallel::broadcast_params::<B, _, C>(config.init(device), comm)?
         }
         // Weights from a host RNG: the backend's RNG is process-global, so concurrent runs (tests,
         // in-process ranks) would otherwise draw each other's numbers.
-        (None, None) => config.init_seeded(device, args.seed),
+        (_, None) => config.init_seeded(device, args.seed),
     };
     if let Some((targets, lora)) = args.lora() {
         lora.validate().map_err(|e| TrainError::Args(e.to_string()))?;

@@ -383,7 +383,7 @@ fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     match strategy {
         GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => match pipelined {
-            // Manual MMA only by an explicit `set_pipelined_defaults`, and only where it runs.
+            // Manual MMA (the default) only where it runs; elsewhere the same tiles through `cmma`.
             GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: true } if !cmma_pipelined_manual_supported::<R, F>(client, problem) => {
                 Ok(GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: false })
             }

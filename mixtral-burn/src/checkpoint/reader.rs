@@ -238,19 +238,10 @@ impl SafetensorsFiles {
 /// Bytes per element of `name`'s dtype, or the error naming tensor, file and dtype when the model
 /// cannot hold it.
 fn elem_size(name: &str, file: &MappedFile, info: &TensorInfo) -> Result<usize, CheckpointError> {
-    elem_bytes(info.dtype).ok_or_else(|| CheckpointError::Dtype {
-        name: name.to_string(),
-        file: file.path.display().to_string(),
-        dtype: format!("{:?}", info.dtype),
-    })
-}
-
-/// Bytes per element of the dtypes the model can hold; `None` for the others.
-fn elem_bytes(dtype: Dtype) -> Option<usize> {
-    match dtype {
-        Dtype::F32 => Some(4),
-        Dtype::BF16 | Dtype::F16 => Some(2),
-        _ => None,
+    match info.dtype {
+        Dtype::F32 => Ok(4),
+        Dtype::BF16 | Dtype::F16 => Ok(2),
+        other => Err(CheckpointError::Dtype { name: name.to_string(), file: file.path.display().to_string(), dtype: format!("{other:?}") }),
     }
 }
 
