@@ -20,5 +20,7 @@ timeout 60 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC 
 echo "timeout rc=$?"
 echo "=== bandwidth: burn-moe NCCL"
 timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29531 /tmp/nccl_check bench ${MAX_MIB:-1024}
+echo "=== bandwidth: burn-moe NCCL, output-buffer pool off (every output a fresh CubeCL buffer)"
+BURN_MOE_NCCL_POOL_BYTES=0 timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29541 /tmp/nccl_check bench ${MAX_MIB:-1024}
 echo "=== bandwidth: torch.distributed NCCL"
 timeout 180 python3 -m torch.distributed.run --nproc-per-node $NPROC --master-port 29551 bench/collectives_torch.py ${MAX_MIB:-1024}

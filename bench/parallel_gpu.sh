@@ -10,6 +10,8 @@
 # EQUIV_EXTRA adds flags to the equivalence runs (e.g. "--dtype bf16": then 1 GPU bf16 is also compared with
 # 1 GPU f32, and the plans with 1 GPU bf16). GEMM_RATE=1 first measures torch's bf16 8192^3 matmul rate on
 # this card (the denominator of the "40% of the card's bf16 GEMM rate" target).
+# Plans: fsdp2, fsdp1 (FSDP gathering one unit at a time, the default), fsdp2-step / fsdp1-step (the whole
+# model once per step), ddp, ep<N>+<fsdp2|fsdp1|ddp>.
 # The 8-GPU run of issue 8 is one call (the tiny model has 4 experts, hence EQUIV_PLANS):
 #   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep4+fsdp2" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
 #     LORAS="none attn-only all" LAYERS=<as many as fit> bash bench/parallel_gpu.sh

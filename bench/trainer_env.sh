@@ -10,6 +10,8 @@ flags() { # plan -> trainer flags
   case $1 in
     fsdp2) echo "--sharding fsdp2";;
     fsdp1) echo "--sharding fsdp1";;
+    fsdp2-step) echo "--sharding fsdp2 --fsdp-gather step";;
+    fsdp1-step) echo "--sharding fsdp1 --fsdp-gather step";;
     ddp) echo "--sharding ddp";;
     ep*+*) local ep=${1%%+*}; echo "--ep-size ${ep#ep} --sharding ${1#*+}";;
   esac

@@ -116,9 +116,10 @@ fn check(comm: &NcclComm<B>) -> Result<()> {
             let got = host(comm.reduce_scatter(tensor(&ins[rank], rs_shape, dtype, &dev), dim, ReduceOp::Sum)?);
             c.eq(&format!("reduce_scatter dim {dim} {tag}"), &got, &want);
         }
-        // all_to_all with uneven and zero-length splits: rank r sends (r + j) % 3 rows to rank j.
+        // all_to_all with uneven and zero-length splits: rank r sends (r + j + 1) % 3 rows to rank j
+        // (never nothing at all, which a world of one would otherwise send).
         let row = 5usize;
-        let splits = |r: usize| -> Vec<usize> { (0..n).map(|j| (r + j) % 3).collect() };
+        let splits = |r: usize| -> Vec<usize> { (0..n).map(|j| (r + j + 1) % 3).collect() };
         let ins: Vec<Vec<f32>> = (0..n).map(|r| input(r, case + 20, splits(r).iter().sum::<usize>() * row)).collect();
         let out_splits: Vec<usize> = (0..n).map(|j| splits(j)[rank]).collect();
         let mut want = Vec::new();
@@ -249,10 +250,18 @@ fn main() -> Result<()> {
     let env = DistEnv::from_env()?.context("RANK/WORLD_SIZE not set: start this under torchrun or `trainer --nproc-per-node`")?;
     let device = local_cuda_device(&env);
     let timeout = if mode == "timeout" { std::time::Duration::from_secs(5) } else { NcclConfig::default().timeout };
-    let comm = NcclComm::<B>::init(&env, device, NcclConfig { timeout })?;
+    // `BURN_MOE_NCCL_POOL_BYTES=0` turns the output-buffer pool off (for before/after timings).
+    let output_pool_bytes = NcclConfig::default().output_pool_bytes;
+    let comm = NcclComm::<B>::init(&env, device, NcclConfig { timeout, output_pool_bytes })?;
     match mode.as_str() {
         "check" => check(&comm),
-        "bench" => bench(&comm, max_mib),
+        "bench" => {
+            bench(&comm, max_mib)?;
+            if comm.rank() == 0 {
+                println!("{{\"impl\":\"burn-moe-nccl\",\"pool_bytes\":{output_pool_bytes},\"outputs_reused\":{}}}", comm.outputs_reused());
+            }
+            Ok(())
+        }
         "timeout" => timeout_check(&comm),
         other => bail!("unknown mode {other:?} (check | bench | timeout)"),
     }

@@ -259,6 +259,14 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = crate::sharding::Sharding::Ddp, help_heading = "Distributed")]
     pub sharding: crate::sharding::Sharding,
 
+    /// When FSDP (`fsdp1`/`fsdp2`) gathers the sharded parameters: `layer` gathers each unit (a
+    /// decoder layer, the embedding, the head) just before it runs and frees it after, in the
+    /// forward pass and again in the backward pass (which re-runs the layer's forward: at most one
+    /// layer is ever whole); `step` gathers the whole model once per optimizer step and keeps it
+    /// until the step's last backward pass (no recomputation, the whole model's memory).
+    #[arg(long, value_enum, default_value_t = crate::sharding::FsdpGather::Layer, help_heading = "Distributed")]
+    pub fsdp_gather: crate::sharding::FsdpGather,
+
     /// The original's switch for expert parallelism: `--ep-size <world size>` unless `--ep-size` is
     /// given.
     #[arg(long, help_heading = "Distributed")]
@@ -512,6 +520,10 @@ mod tests {
         assert_eq!(parse(&[]).unwrap().effective_ep_size(8), 1);
         assert_eq!(parse(&["--sharding", "fsdp1"]).unwrap().sharding, crate::sharding::Sharding::Fsdp1);
         assert!(parse(&["--sharding", "zero3"]).is_err());
+        use crate::sharding::FsdpGather;
+        assert_eq!(parse(&[]).unwrap().fsdp_gather, FsdpGather::Layer);
+        assert_eq!(parse(&["--fsdp-gather", "step"]).unwrap().fsdp_gather, FsdpGather::Step);
+        assert!(parse(&["--fsdp-gather", "param"]).is_err());
         use crate::precision::Dtype;
         assert_eq!(parse(&[]).unwrap().dtype, Dtype::F32);
         assert_eq!(parse(&["--torch-dtype", "bfloat16"]).unwrap().dtype, Dtype::Bf16);

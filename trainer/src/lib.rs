@@ -5,6 +5,7 @@ pub mod cli;
 pub mod checkpoint;
 pub mod data;
 pub mod launch;
+pub mod layerwise;
 pub mod parallel;
 pub mod precision;
 pub mod rank_shards;

@@ -179,7 +179,7 @@ fn run_cuda_rank(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Resul
     {
         use burn_moe_backend::dist::{NcclComm, NcclConfig};
         let device = burn::backend::cuda::CudaDevice { index: env.local_rank };
-        let comm = NcclComm::<I>::init(env, device.clone(), NcclConfig { timeout })
+        let comm = NcclComm::<I>::init(env, device.clone(), NcclConfig { timeout, ..NcclConfig::default() })
             .with_context(|| format!("rank {} joining the NCCL group", env.rank))?;
         train_with::<burn::backend::Autodiff<I, S>, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
     }

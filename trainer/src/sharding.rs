@@ -22,9 +22,15 @@
 //!   `use_orig_params=True`), so the optimizer and checkpoints keep per-parameter ids.
 //! - otherwise [`ParamPlacement::Replicated`]: gradients all-reduced over the world (DDP).
 //!
-//! What is not there yet: the gathers happen once per optimizer step for the whole model (not per
-//! layer with prefetch) and the gathered tensors live until the step's last backward pass, so the
-//! memory saved is the optimizer state and master weights, not the parameters during compute.
+//! When the sharded parameters are gathered ([`FsdpGather`]): by default per unit — the embedding,
+//! each decoder layer, the head (final norm + LM head) — just before the unit runs, freed after it
+//! ([`Parallel::live_part`]); the backward pass gathers each layer again, re-runs its forward and
+//! reduce-scatters its gradients at once ([`PartReducer`]); the schedule is driven by
+//! [`crate::layerwise`]. Burn's autodiff keeps every tensor an operation saved for its backward
+//! step until that step has run, and a layer's weights are such tensors: the only way to let them
+//! go after the forward pass is not to keep the layer's graph, hence the re-run (PyTorch's FSDP
+//! with activation checkpointing does the same work). `--fsdp-gather step` gathers the whole model
+//! once per optimizer step instead ([`Parallel::materialize`]) and keeps it through the step.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -53,6 +59,18 @@ pub enum Sharding {
     Fsdp1,
     /// FSDP2-style per-parameter `Shard(0)` on the FSDP group.
     Fsdp2,
+}
+
+/// When FSDP gathers sharded parameters (`--fsdp-gather`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsdpGather {
+    /// Per unit (embedding, each decoder layer, head), just before it runs, in the forward and
+    /// again in the backward pass; at most one unit is whole at a time.
+    #[default]
+    Layer,
+    /// The whole model once per optimizer step, kept until the step's last backward pass.
+    Step,
 }
 
 /// Where one parameter lives.
@@ -123,6 +141,8 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     /// Experts per MoE layer of the model this plan is for (EP: this rank's range of them is
     /// [`expert_range`](Self::expert_range)).
     num_experts: usize,
+    /// When FSDP gathers.
+    gather: FsdpGather,
 }
 
 /// The part of one parameter's global tensor a rank stores (see [`Parallel::local_piece`]).
@@ -161,7 +181,7 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, num_experts })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, num_experts, gather: FsdpGather::default() })
     }
 
     /// With expert parallelism, the experts this rank holds (the same range [`shard`](Self::shard)
@@ -179,6 +199,26 @@ where
         self
     }
 
+    /// When FSDP gathers (`--fsdp-gather`; default per layer).
+    #[must_use]
+    pub fn with_fsdp_gather(mut self, gather: FsdpGather) -> Self {
+        self.gather = gather;
+        self
+    }
+
+    /// Whether training and evaluation run the per-unit schedule of [`crate::layerwise`] (FSDP
+    /// with `--fsdp-gather layer`) instead of one forward pass over a [`materialize`]d model.
+    ///
+    /// [`materialize`]: Self::materialize
+    pub fn per_layer(&self) -> bool {
+        self.gather == FsdpGather::Layer && matches!(self.sharding, Sharding::Fsdp1 | Sharding::Fsdp2)
+    }
+
+    /// The compute dtype under mixed precision.
+    pub fn compute_dtype(&self) -> Option<FloatDType> {
+        self.compute
+    }
+
     /// The expert dispatcher every MoE layer uses.
     pub fn dispatcher(&self) -> &dyn TokenDispatcher<B> {
         match &self.dispatcher {
@@ -190,7 +230,8 @@ where
     /// Whether every rank must run every micro-batch's forward and backward (collectives inside the
     /// model), even on an empty slice of the batch.
     pub fn lockstep(&self) -> bool {
-        self.dispatcher.is_some()
+        // Per-layer gathers are collectives inside the forward pass too.
+        self.dispatcher.is_some() || (self.per_layer() && self.mesh.fsdp_group().size() > 1)
     }
 
     /// Whether parameters are sharded (checkpoints then hold per-rank weight shards and optimizer state).
@@ -385,11 +426,43 @@ where
             let chunk = pad_to(parts, unit.chunk, &device, wire);
             flats.push(world.all_gather(chunk, 0)?);
         }
-        let mut gather = Gather { placements: &self.placements, world, flats, compute, skip_frozen, error: None };
+        let mut gather = Gather { placements: &self.placements, world, flats, compute, skip_frozen, track: true, error: None };
         let full = model.clone().map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
             None => Ok(full),
+        }
+    }
+
+    /// `part` (a unit of `model`: its embedding, one decoder layer, or a module holding the final norm
+    /// and LM head) with its sharded parameters gathered, for the per-layer schedule: with `track`,
+    /// trainable parameters are fresh autodiff leaves keyed by the shard's id (their gradients go to
+    /// [`PartReducer::add`]); without, every parameter is untracked and the pass keeps no graph.
+    /// Under mixed precision every parameter comes in the compute dtype. FSDP1 gathers each flat
+    /// unit with members in `part` whole (the root unit's members lie in several parts), reading
+    /// this rank's pieces from `model`. Collective over the FSDP group: every rank passes the same
+    /// part.
+    ///
+    /// # Errors
+    /// A failed gather.
+    pub fn live_part<M: Module<B>>(&self, model: &MixtralForCausalLM<B>, part: M, track: bool) -> Result<M, ShardingError> {
+        let world = self.mesh.fsdp_group();
+        let wire = wire_dtype(self.compute);
+        let device = model.lm_head.weight.val().device();
+        let mut touched = UnitsOf { placements: &self.placements, units: std::collections::BTreeSet::new() };
+        part.visit(&mut touched);
+        let mut flats: Vec<Tensor<B::InnerBackend, 1>> = (0..self.units.len()).map(|_| Tensor::empty([0], &device)).collect();
+        for unit in touched.units {
+            let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire, only: Some(unit) };
+            model.visit(&mut pieces);
+            let chunk = pad_to(std::mem::take(&mut pieces.pieces[unit]), self.units[unit].chunk, &device, wire);
+            flats[unit] = world.all_gather(chunk, 0)?;
+        }
+        let mut gather = Gather { placements: &self.placements, world, flats, compute: self.compute, skip_frozen: false, track, error: None };
+        let live = part.map(&mut gather);
+        match gather.error {
+            Some(e) => Err(e),
+            None => Ok(live),
         }
     }
 
@@ -401,6 +474,9 @@ where
     ///
     /// # Errors
     /// A failed collective.
+    /// Under the per-layer schedule ([`per_layer`](Self::per_layer)) the sharded gradients were
+    /// reduce-scattered by [`PartReducer`] already; only replicated and expert gradients are
+    /// reduced here.
     pub fn sync_grads(&self, model: &MixtralForCausalLM<B>, grads: &mut GradientsParams) -> Result<(), ShardingError> {
         let world = self.mesh.fsdp_group();
         let mut sync = SyncGrads {
@@ -409,6 +485,7 @@ where
             expert_dp: self.mesh.expert_dp_group(),
             grads,
             flat: vec![Vec::new(); self.units.len()],
+            skip_sharded: self.per_layer(),
             error: None,
         };
         model.visit(&mut sync);
@@ -420,7 +497,7 @@ where
         let device = model.lm_head.weight.val().device();
         let mut chunks = Vec::with_capacity(self.units.len());
         for (unit, parts) in self.units.iter().zip(flat) {
-            if !unit.trainable {
+            if !unit.trainable || self.per_layer() {
                 chunks.push(None);
                 continue;
             }
@@ -739,6 +816,8 @@ struct Gather<'a, C, B: burn::tensor::backend::Backend> {
     compute: Option<FloatDType>,
     /// Leave frozen parameters as they are.
     skip_frozen: bool,
+    /// `false`: every parameter comes out untracked (a forward pass that keeps no graph).
+    track: bool,
     error: Option<ShardingError>,
 }
 
@@ -751,9 +830,14 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
             Some(ParamPlacement::Sharded { dims }) => (dims, None),
             Some(ParamPlacement::Flat { unit, dims, offset, .. }) => (dims, Some((*unit, *offset))),
             _ => {
-                let Some(c) = self.compute else { return param };
                 let (id, t, mapper) = param.consume();
-                return Param::from_mapped_value(id, crate::precision::compute_leaf(t, c), mapper);
+                let t = match (self.compute, self.track) {
+                    (None, true) => t,
+                    (Some(c), true) => crate::precision::compute_leaf(t, c),
+                    (None, false) => Tensor::from_inner(t.inner()),
+                    (Some(c), false) => Tensor::from_inner(crate::precision::cast(t.inner(), c)),
+                };
+                return Param::from_mapped_value(id, t, mapper);
             }
         };
         let (id, shard, mapper) = param.consume();
@@ -770,7 +854,7 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleMapper<B> for G
         match gathered {
             Ok(full) => {
                 let full = Tensor::<B, D>::from_inner(full);
-                let full = if trainable { full.require_grad() } else { full };
+                let full = if trainable && self.track { full.require_grad() } else { full };
                 Param::from_mapped_value(id, full, mapper)
             }
             Err(e) => {
@@ -941,6 +1025,8 @@ struct SyncGrads<'a, C, B: burn::tensor::backend::Backend> {
     grads: &'a mut GradientsParams,
     /// FSDP1: each unit's full gradients, flattened, in member order.
     flat: Vec<Vec<Tensor<B, 1>>>,
+    /// Leave sharded (FSDP2 and FSDP1) gradients alone: already reduced.
+    skip_sharded: bool,
     error: Option<ShardingError>,
 }
 
@@ -951,6 +1037,9 @@ impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleVisitor<B> for 
         }
         let id = param.id;
         let placement = self.placements.get(&id).cloned().unwrap_or(ParamPlacement::Replicated);
+        if self.skip_sharded && matches!(placement, ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. }) {
+            return;
+        }
         let device = param.val().device();
         let zeros = |dims: Vec<usize>| Tensor::<B::InnerBackend, D>::zeros(dims, &device);
         let result = match placement {
@@ -1025,7 +1114,7 @@ fn sum_of_squares<B: burn::tensor::backend::Backend, const D: usize>(g: Tensor<B
     }
 }
 
-/// Registers each FSDP1 piece's gradient, cut from its unit's reduce-scattered chunk.
+/// Adds each FSDP1 piece's gradient, cut from its unit's reduce-scattered chunk, to `grads`.
 struct RegisterPieces<'a, B: burn::tensor::backend::Backend> {
     placements: &'a HashMap<ParamId, ParamPlacement>,
     units: &'a [FlatUnit],
@@ -1045,7 +1134,179 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for RegisterPieces<'_, B::InnerBackend
         // The piece's place inside this rank's chunk of the unit buffer.
         let start = offset + piece.start - self.rank * self.units[*unit].chunk;
         let grad = chunk.clone().slice([start..start + piece.len()]);
-        self.grads.register::<B::InnerBackend, D>(param.id, piece_shape::<B::InnerBackend, D>(grad));
+        accumulate::<B::InnerBackend, D>(self.grads, param.id, piece_shape(grad));
+    }
+}
+
+/// `grads[id] += g` (registers `g` when there is none yet).
+fn accumulate<B: burn::tensor::backend::Backend, const D: usize>(grads: &mut GradientsParams, id: ParamId, g: Tensor<B, D>) {
+    let g = match grads.remove::<B, D>(id) {
+        Some(acc) => acc + g,
+        None => g,
+    };
+    grads.register::<B, D>(id, g);
+}
+
+/// The FSDP1 units with members in a module.
+struct UnitsOf<'a> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    units: std::collections::BTreeSet<usize>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for UnitsOf<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if let Some(ParamPlacement::Flat { unit, .. }) = self.placements.get(&param.id) {
+            self.units.insert(*unit);
+        }
+    }
+}
+
+/// Reduces the gradients of the per-layer schedule part by part, within one micro-batch: FSDP2
+/// shards are reduce-scattered as soon as their part's backward pass has run (so no more than one
+/// part's full gradients exist at a time), FSDP1 units once every member has been through its
+/// part (a layer's units at once; the root unit, whose members are the head and the embedding,
+/// after the embedding). Replicated and expert gradients are passed on unreduced:
+/// [`Parallel::sync_grads`] reduces them once per step. Every rank must add the same parts in the
+/// same order (the collectives follow it).
+pub struct PartReducer<'a, B, C>
+where
+    B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBackend>,
+    C: Communicator<B::InnerBackend>,
+{
+    parallel: &'a Parallel<B, C>,
+    /// FSDP1: members of each unit not yet through a part.
+    left: Vec<usize>,
+    /// FSDP1: full gradients of members whose unit is not complete yet.
+    pending: GradientsParams,
+}
+
+impl<'a, B, C> PartReducer<'a, B, C>
+where
+    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
+    C: Communicator<B::InnerBackend> + 'static,
+{
+    /// A reducer for one micro-batch.
+    pub fn new(parallel: &'a Parallel<B, C>) -> Self {
+        let mut left = vec![0; parallel.units.len()];
+        for p in parallel.placements.values() {
+            if let ParamPlacement::Flat { unit, .. } = p {
+                left[*unit] += 1;
+            }
+        }
+        Self { parallel, left, pending: GradientsParams::new() }
+    }
+
+    /// Takes the gradients `grads` of one part's backward pass (full tensors of the gathered
+    /// parameters, f32) and adds this rank's reduced shards, and the unreduced replicated and
+    /// expert gradients, to `into`. Collective over the FSDP group.
+    ///
+    /// # Errors
+    /// A failed reduce-scatter.
+    pub fn add<M: Module<B>>(
+        &mut self,
+        model: &MixtralForCausalLM<B>,
+        part: &M,
+        mut grads: GradientsParams,
+        into: &mut GradientsParams,
+    ) -> Result<(), ShardingError> {
+        let p = self.parallel;
+        let world = p.mesh.fsdp_group();
+        let mut visit = ReducePart {
+            placements: &p.placements,
+            world,
+            grads: &mut grads,
+            into: &mut *into,
+            pending: &mut self.pending,
+            left: &mut self.left,
+            complete: Vec::new(),
+            error: None,
+        };
+        part.visit(&mut visit);
+        let (complete, error) = (visit.complete, visit.error);
+        if let Some(e) = error {
+            return Err(e);
+        }
+        let device = model.lm_head.weight.val().device();
+        for unit in complete {
+            if !p.units[unit].trainable {
+                continue;
+            }
+            let mut members = UnitGrads { placements: &p.placements, unit, pending: &mut self.pending, device: &device, parts: Vec::new() };
+            model.visit(&mut members);
+            let full = pad_to(members.parts, p.units[unit].chunk * world.size(), &device, FloatDType::F32);
+            let mut chunks = vec![None; p.units.len()];
+            chunks[unit] = Some(world.reduce_scatter(full, 0, ReduceOp::Sum)?);
+            model.visit(&mut RegisterPieces { placements: &p.placements, units: &p.units, chunks, rank: world.rank(), grads: &mut *into });
+        }
+        Ok(())
+    }
+}
+
+/// One part's gradients through [`PartReducer::add`].
+struct ReducePart<'a, C> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    world: &'a C,
+    grads: &'a mut GradientsParams,
+    into: &'a mut GradientsParams,
+    pending: &'a mut GradientsParams,
+    left: &'a mut [usize],
+    /// FSDP1 units whose last member this part held.
+    complete: Vec<usize>,
+    error: Option<ShardingError>,
+}
+
+impl<B: AutodiffBackend, C: Communicator<B::InnerBackend>> ModuleVisitor<B> for ReducePart<'_, C> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let id = param.id;
+        match self.placements.get(&id) {
+            Some(ParamPlacement::Flat { unit, .. }) => {
+                if let Some(g) = self.grads.remove::<B::InnerBackend, D>(id) {
+                    self.pending.register::<B::InnerBackend, D>(id, g);
+                }
+                self.left[*unit] -= 1;
+                if self.left[*unit] == 0 {
+                    self.complete.push(*unit);
+                }
+            }
+            Some(ParamPlacement::Sharded { dims }) => {
+                if self.error.is_some() || !param.is_require_grad() {
+                    return;
+                }
+                // A trainable parameter without a gradient counts as zero: every rank joins the same
+                // reduce-scatters.
+                let full = self.grads.remove::<B::InnerBackend, D>(id).unwrap_or_else(|| Tensor::zeros(dims.clone(), &param.val().device()));
+                match reduce_scatter_shard(self.world, full, 0, ReduceOp::Sum) {
+                    Ok(shard) => accumulate::<B::InnerBackend, D>(self.into, id, shard),
+                    Err(e) => self.error = Some(e.into()),
+                }
+            }
+            _ => {
+                if let Some(g) = self.grads.remove::<B::InnerBackend, D>(id) {
+                    accumulate::<B::InnerBackend, D>(self.into, id, g);
+                }
+            }
+        }
+    }
+}
+
+/// The full gradients of one FSDP1 unit's members, flattened in member order (zeros for a member
+/// without one).
+struct UnitGrads<'a, B: burn::tensor::backend::Backend> {
+    placements: &'a HashMap<ParamId, ParamPlacement>,
+    unit: usize,
+    pending: &'a mut GradientsParams,
+    device: &'a B::Device,
+    parts: Vec<Tensor<B, 1>>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for UnitGrads<'_, B::InnerBackend> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        let Some(ParamPlacement::Flat { unit, dims, .. }) = self.placements.get(&param.id) else { return };
+        if *unit != self.unit {
+            return;
+        }
+        let full = self.pending.remove::<B::InnerBackend, D>(param.id).unwrap_or_else(|| Tensor::zeros(dims.clone(), self.device));
+        self.parts.push(full.flatten(0, D - 1));
     }
 }
 

@@ -200,7 +200,8 @@ where
     C: Communicator<B::InnerBackend> + 'static,
 {
     let (world, rank, per) = (comm.size(), comm.rank(), batch_size.max(1));
-    let live = parallel.materialize(model)?;
+    // Per-layer FSDP evaluates one gathered unit at a time too.
+    let live = if parallel.per_layer() { None } else { Some(parallel.materialize(model)?) };
     let indices: Vec<usize> = (0..dataset.len()).collect();
     let idle = Batch::idle();
     let (mut sum, mut n) = (0.0, 0usize);
@@ -214,8 +215,10 @@ where
         } else {
             continue;
         };
-        let out = plan_forward(parallel, &live, batch, device)?;
-        sum += scalar(out.lm_loss_sum);
+        sum += match &live {
+            Some(live) => scalar(plan_forward(parallel, live, batch, device)?.lm_loss_sum),
+            None => crate::layerwise::loss_sum(parallel, model, batch, device)?,
+        };
         n += batch.n_target_tokens;
     }
     let totals = all_reduce_scalars::<B::InnerBackend, C>(&[sum, n as f64], comm, device)?;
@@ -343,7 +346,9 @@ where
 
     let num_experts = config.num_local_experts;
     let ep_size = args.effective_ep_size(world);
-    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?.with_compute_dtype(compute);
+    let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?
+        .with_compute_dtype(compute)
+        .with_fsdp_gather(args.fsdp_gather);
     // Expert parallelism: each rank's model holds only its own experts. Not with adapters on the
     // experts: their A matrices come from one RNG stream over all experts, drawn before the cut, so
     // that every rank count trains the same adapters; the base experts are then held whole until the
@@ -497,64 +502,85 @@ where
         // all ranks), so the accumulated gradient is that of one big batch however it is split.
         let local_targets = micro.iter().map(|b| b.n_target_tokens).sum::<usize>() as f64;
         let step_targets = all_reduce_scalars::<B::InnerBackend, C>(&[local_targets], comm, device)?[0].max(1.0);
-        let mut accumulator = GradientsAccumulator::<MixtralForCausalLM<B>>::new();
         let (mut loss_value, mut lm_value, mut aux_value, mut step_tokens) = (0.0, 0.0, 0.0, 0.0);
         // Tokens routed to each expert of each layer this step (all ranks, padding excluded).
         let mut expert_load = vec![0.0f64; config.num_hidden_layers * num_experts];
-        // Sharded parameters gathered once per step; their gradients are reduce-scattered below.
         timers.mark("batch");
-        let live = parallel.materialize(&model)?;
-        timers.mark("materialize");
-        let idle = Batch::idle();
-        for batch in &micro {
-            step_tokens += batch.n_real_tokens() as f64;
-            let batch = if batch.batch > 0 {
-                batch
-            } else if parallel.lockstep() {
-                // Collectives inside the model: an empty slice still runs a forward and backward
-                // pass, on one padding token whose loss and statistics are exactly zero.
-                &idle
-            } else {
-                // This rank's slice of a short last batch is empty; it still joins the collectives.
-                if world > 1 {
-                    global_aux_share::<B, C>(&[], num_experts, comm, device)?;
-                }
-                continue;
-            };
-            let out = plan_forward(&parallel, &live, batch, device)?;
-            timers.mark("forward");
-            let lm = out.lm_loss_sum.div_scalar(step_targets);
-            for (layer, stats) in out.aux.iter().enumerate() {
-                let counts = stats.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
-                for (acc, c) in expert_load[layer * num_experts..].iter_mut().zip(counts) {
+        let mut grads = if parallel.per_layer() {
+            // FSDP, one unit gathered at a time (crate::layerwise); every rank runs every
+            // micro-batch, an empty slice as one padding token.
+            let mut grads = GradientsParams::new();
+            let idle = Batch::idle();
+            let scale = crate::layerwise::MicroScale { step_targets, micro_batches: micro.len(), aux_coef: model.router_aux_loss_coef };
+            for (m, batch) in micro.iter().enumerate() {
+                step_tokens += batch.n_real_tokens() as f64;
+                let batch = if batch.batch > 0 { batch } else { &idle };
+                let dropout_seed = args.lora().map(|_| args.seed.wrapping_add(step as u64).wrapping_mul(1_000_003).wrapping_add(m as u64));
+                let mut sample = || sample_memory(&mut mem_peak);
+                let out = crate::layerwise::micro_step(&parallel, &model, batch, scale, comm, device, dropout_seed, &mut grads, &mut sample)?;
+                for (acc, c) in expert_load.iter_mut().zip(&out.expert_counts) {
                     *acc += c;
                 }
+                (lm_value, aux_value, loss_value) = (lm_value + out.lm, aux_value + out.aux, loss_value + out.loss);
+                timers.mark("forward and backward, per layer");
             }
-            let aux = if world == 1 {
-                out.aux_loss
-            } else {
-                global_aux_share::<B, C>(&out.aux, num_experts, comm, device)?
+            grads
+        } else {
+            let mut accumulator = GradientsAccumulator::<MixtralForCausalLM<B>>::new();
+            // Sharded parameters gathered once per step; their gradients are reduce-scattered below.
+            let live = parallel.materialize(&model)?;
+            timers.mark("materialize");
+            let idle = Batch::idle();
+            for batch in &micro {
+                step_tokens += batch.n_real_tokens() as f64;
+                let batch = if batch.batch > 0 {
+                    batch
+                } else if parallel.lockstep() {
+                    // Collectives inside the model: an empty slice still runs a forward and backward
+                    // pass, on one padding token whose loss and statistics are exactly zero.
+                    &idle
+                } else {
+                    // This rank's slice of a short last batch is empty; it still joins the collectives.
+                    if world > 1 {
+                        global_aux_share::<B, C>(&[], num_experts, comm, device)?;
+                    }
+                    continue;
+                };
+                let out = plan_forward(&parallel, &live, batch, device)?;
+                timers.mark("forward");
+                let lm = out.lm_loss_sum.div_scalar(step_targets);
+                for (layer, stats) in out.aux.iter().enumerate() {
+                    let counts = stats.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
+                    for (acc, c) in expert_load[layer * num_experts..].iter_mut().zip(counts) {
+                        *acc += c;
+                    }
+                }
+                let aux = if world == 1 {
+                    out.aux_loss
+                } else {
+                    global_aux_share::<B, C>(&out.aux, num_experts, comm, device)?
+                }
+                .div_scalar(micro.len() as f64);
+                let loss = lm.clone() + aux.clone().mul_scalar(model.router_aux_loss_coef);
+                lm_value += scalar(lm);
+                aux_value += scalar(aux);
+                loss_value += scalar(loss.clone());
+                sample_memory(&mut mem_peak);
+                timers.mark("loss and statistics reads");
+                let grads = loss.backward();
+                parallel.check()?;
+                timers.mark("backward");
+                let mut grads = GradientsParams::from_grads(grads, &live);
+                if compute.is_some() {
+                    // Accumulated, reduced and applied in f32, as the masters.
+                    crate::precision::widen_grads(&live, &mut grads);
+                }
+                accumulator.accumulate(&live, grads);
+                timers.mark("gradients (widen, accumulate)");
             }
-            .div_scalar(micro.len() as f64);
-            let loss = lm.clone() + aux.clone().mul_scalar(model.router_aux_loss_coef);
-            lm_value += scalar(lm);
-            aux_value += scalar(aux);
-            loss_value += scalar(loss.clone());
-            sample_memory(&mut mem_peak);
-            timers.mark("loss and statistics reads");
-            let grads = loss.backward();
-            parallel.check()?;
-            timers.mark("backward");
-            let mut grads = GradientsParams::from_grads(grads, &live);
-            if compute.is_some() {
-                // Accumulated, reduced and applied in f32, as the masters.
-                crate::precision::widen_grads(&live, &mut grads);
-            }
-            accumulator.accumulate(&live, grads);
-            timers.mark("gradients (widen, accumulate)");
-        }
-        drop(live);
-        let mut grads = accumulator.grads();
+            drop(live);
+            accumulator.grads()
+        };
         parallel.sync_grads(&model, &mut grads)?;
         timers.mark("sync gradients");
         if world > 1 {

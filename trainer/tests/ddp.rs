@@ -141,6 +141,9 @@ fn expert_parallel_fsdp2_and_fsdp1_equal_one_device() {
             (2, &["--sharding", "fsdp1"]),
             (4, &["--sharding", "fsdp1"]),
             (4, &["--ep-size", "2", "--sharding", "fsdp1"]),
+            // The whole-model gather once per step instead of one unit at a time.
+            (2, &["--sharding", "fsdp2", "--fsdp-gather", "step"]),
+            (4, &["--ep-size", "2", "--sharding", "fsdp1", "--fsdp-gather", "step"]),
         ];
         for (n, plan) in plans {
             let name = format!("s{seed}-{n}{}", plan.join("").replace("--", "-"));

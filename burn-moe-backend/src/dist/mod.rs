@@ -12,6 +12,8 @@ mod host;
 mod mesh;
 #[cfg(feature = "nccl")]
 mod nccl;
+#[cfg(feature = "cube")]
+mod pool;
 mod thread;
 
 pub use comm::{CommError, Communicator, ReduceOp, check_splits};
@@ -20,6 +22,8 @@ pub use env::{DistEnv, rendezvous};
 pub use graph::{CollectiveBackend, GraphComm, all_to_all_rows};
 pub use host::reduce_host;
 pub use mesh::{DeviceMesh, MeshError, validate_mesh};
+#[cfg(feature = "cube")]
+pub use pool::OutputPool;
 #[cfg(feature = "nccl")]
 pub use nccl::{CudaTensorAccess, NcclComm, NcclConfig, local_cuda_device};
 pub use thread::{CommConfig, RankError, ThreadComm};

@@ -28,7 +28,7 @@ use cudarc::driver::{result as cu, sys as cusys};
 use cudarc::nccl::sys as nc;
 
 use super::env::{DistEnv, rendezvous};
-use super::{CommError, Communicator, ReduceOp, check_splits};
+use super::{CommError, Communicator, OutputPool, ReduceOp, check_splits};
 
 /// Backends whose float tensors live in burn-cuda buffers, so NCCL can read and write them.
 pub trait CudaTensorAccess: Backend {
@@ -106,11 +106,17 @@ where
 pub struct NcclConfig {
     /// How long a collective (or the start-up rendezvous) may wait for the other ranks.
     pub timeout: Duration,
+    /// Bytes of output buffers each communicator keeps for reuse once their tensors are dropped
+    /// (see [`OutputPool`]); `0` allocates every output afresh. Default: the environment variable
+    /// `BURN_MOE_NCCL_POOL_BYTES` (read like NCCL's own `NCCL_*` settings, so a launcher can set it
+    /// for every rank), else [`OutputPool::DEFAULT_BYTES`].
+    pub output_pool_bytes: u64,
 }
 
 impl Default for NcclConfig {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(600) }
+        let output_pool_bytes = std::env::var("BURN_MOE_NCCL_POOL_BYTES").ok().and_then(|v| v.trim().parse().ok());
+        Self { timeout: Duration::from_secs(600), output_pool_bytes: output_pool_bytes.unwrap_or(OutputPool::DEFAULT_BYTES) }
     }
 }
 
@@ -127,6 +133,8 @@ pub struct NcclComm<B: CudaTensorAccess> {
     timeout: Duration,
     watchdog: Watchdog,
     aborted: std::cell::Cell<bool>,
+    /// Output buffers for reuse.
+    pool: std::cell::RefCell<OutputPool>,
     _backend: PhantomData<B>,
 }
 
@@ -204,8 +212,14 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             timeout: config.timeout,
             watchdog: Watchdog::start(comm),
             aborted: std::cell::Cell::new(false),
+            pool: std::cell::RefCell::new(OutputPool::new(config.output_pool_bytes)),
             _backend: PhantomData,
         })
+    }
+
+    /// How many collective outputs reused a kept buffer so far (see [`OutputPool`]).
+    pub fn outputs_reused(&self) -> u64 {
+        self.pool.borrow().reused()
     }
 
     /// The Burn device this communicator's tensors live on.
@@ -232,9 +246,9 @@ impl<B: CudaTensorAccess> NcclComm<B> {
     }
 
     fn empty(&self, like: &CubeTensor<CudaRuntime>, shape: Shape, collective: &'static str) -> Result<Buf, CommError> {
-        let bytes = shape.num_elements() * like.dtype.size();
         // A zero-byte allocation is not a valid NCCL buffer; one element keeps pointers valid.
-        let handle = like.client.empty(bytes.max(like.dtype.size()));
+        let bytes = (shape.num_elements() * like.dtype.size()).max(like.dtype.size());
+        let handle = self.pool.borrow_mut().take(bytes as u64, || like.client.empty(bytes));
         let tensor = CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, like.dtype);
         self.buf(tensor, collective)
     }
@@ -534,6 +548,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             timeout: self.timeout,
             watchdog: Watchdog::start(comm),
             aborted: std::cell::Cell::new(false),
+            pool: std::cell::RefCell::new(OutputPool::new(self.pool.borrow().cap())),
             _backend: PhantomData,
         })
     }

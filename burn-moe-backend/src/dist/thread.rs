@@ -608,6 +608,11 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
         const C: &str = "all_reduce";
         let (mut meta, esize) = self.tensor_meta(C, &tensor);
         meta.op = Some(op);
+        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+            // Alone in the group: the result is the input. Skipping the host round trip matters on
+            // GPUs (a one-process FSDP run gathers and reduces every weight each step).
+            return Ok(tensor);
+        }
         let dtype = tensor.dtype();
         let data = esize.is_ok().then(|| tensor.into_data());
         let all = self.exchange(meta, data)?;
@@ -626,6 +631,9 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
         meta.dim = Some(dim);
         if dim >= D {
             meta.invalid = Some(format!("dim {dim} out of range for a {D}-d tensor"));
+        }
+        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+            return Ok(tensor);
         }
         let dtype = tensor.dtype();
         let data = meta.invalid.is_none().then(|| tensor.into_data());
@@ -658,6 +666,9 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
                 "length {} of dim {dim} is not divisible by the group size {size}",
                 meta.shape[dim]
             ));
+        }
+        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+            return Ok(tensor);
         }
         let dtype = tensor.dtype();
         let data = meta.invalid.is_none().then(|| tensor.into_data());
@@ -706,6 +717,9 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
                 other => other.to_string(),
             });
         }
+        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+            return Ok(tensor);
+        }
         let dtype = tensor.dtype();
         let data = meta.invalid.is_none().then(|| tensor.into_data());
         let all = self.exchange(meta, data)?;
@@ -748,12 +762,16 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
         root: usize,
     ) -> Result<Tensor<B, D>, CommError> {
         const C: &str = "broadcast";
-        let (mut meta, _) = self.tensor_meta(C, &tensor);
+        let (mut meta, esize) = self.tensor_meta(C, &tensor);
         meta.root = Some(root);
         let size = self.size_();
         if root >= size {
             meta.invalid = Some(format!("root {root} is not a rank of a group of {size}"));
         }
+        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+            return Ok(tensor);
+        }
+
         let dtype = tensor.dtype();
         // Only the root's values travel; the others' shape and dtype are still checked.
         let data = (meta.invalid.is_none() && self.rank == root).then(|| tensor.into_data());

@@ -1,0 +1,146 @@
+//! FSDP's per-unit schedule (`--fsdp-gather layer`) really is per unit: on 2 in-process ranks, one
+//! micro-batch all-gathers the embedding, each decoder layer, the head, then each layer but the
+//! last again (last first; the last layer's backward pass follows the head's at once, so it is
+//! kept, as torchtitan does) and the embedding again — one unit at a time, each just before it
+//! runs — and reduce-scatters each unit's gradients right after its backward pass, in that order.
+//! (That the resulting training equals one device is `ddp.rs`.)
+
+use std::sync::{Arc, Mutex};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::Tensor;
+use burn::tensor::backend::Backend;
+use burn_moe_backend::dist::{CommConfig, CommError, Communicator, ReduceOp, ThreadComm};
+use mixtral_burn::{MixtralConfig, MixtralForCausalLM};
+use trainer::Batch;
+use trainer::layerwise::{Head, MicroScale, micro_step};
+use trainer::sharding::{Parallel, Sharding};
+
+type Inner = burn::backend::NdArray<f32>;
+type B = burn::backend::Autodiff<Inner>;
+
+type Log = Arc<Mutex<Vec<(&'static str, usize)>>>;
+
+/// A communicator that records the element count of every all-gather's output and every
+/// reduce-scatter's input (the full tensors), in call order.
+struct Logged<C> {
+    inner: C,
+    log: Log,
+}
+
+impl<Bk: Backend, C: Communicator<Bk>> Communicator<Bk> for Logged<C> {
+    fn rank(&self) -> usize {
+        self.inner.rank()
+    }
+    fn size(&self) -> usize {
+        self.inner.size()
+    }
+    fn group_name(&self) -> &str {
+        self.inner.group_name()
+    }
+    fn global_ranks(&self) -> &[usize] {
+        self.inner.global_ranks()
+    }
+    fn all_reduce<const D: usize>(&self, t: Tensor<Bk, D>, op: ReduceOp) -> Result<Tensor<Bk, D>, CommError> {
+        self.inner.all_reduce(t, op)
+    }
+    fn all_gather<const D: usize>(&self, t: Tensor<Bk, D>, dim: usize) -> Result<Tensor<Bk, D>, CommError> {
+        let out = self.inner.all_gather(t, dim)?;
+        self.log.lock().unwrap().push(("all_gather", out.shape().num_elements()));
+        Ok(out)
+    }
+    fn reduce_scatter<const D: usize>(&self, t: Tensor<Bk, D>, dim: usize, op: ReduceOp) -> Result<Tensor<Bk, D>, CommError> {
+        self.log.lock().unwrap().push(("reduce_scatter", t.shape().num_elements()));
+        self.inner.reduce_scatter(t, dim, op)
+    }
+    fn all_to_all_single<const D: usize>(&self, t: Tensor<Bk, D>, send: &[usize], recv: &[usize]) -> Result<Tensor<Bk, D>, CommError> {
+        self.inner.all_to_all_single(t, send, recv)
+    }
+    fn broadcast<const D: usize>(&self, t: Tensor<Bk, D>, root: usize) -> Result<Tensor<Bk, D>, CommError> {
+        self.inner.broadcast(t, root)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.inner.barrier()
+    }
+    fn split(&self, color: usize, key: usize, name: &str) -> Result<Self, CommError> {
+        Ok(Self { inner: self.inner.split(color, key, name)?, log: self.log.clone() })
+    }
+}
+
+/// Element counts of a module's parameters, in visiting order.
+fn numels<M: Module<B>>(m: &M) -> Vec<usize> {
+    struct Count(Vec<usize>);
+    impl ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+            self.0.push(p.val().shape().num_elements());
+        }
+    }
+    let mut c = Count(Vec::new());
+    m.visit(&mut c);
+    c.0
+}
+
+fn batch() -> Batch {
+    // Two rows of 6 tokens, the second padded after 4; targets after the first position.
+    let input_ids = vec![1, 40, 41, 42, 43, 44, 1, 50, 51, 52, 0, 0];
+    let labels = vec![-100, 40, 41, 42, 43, 44, -100, 50, 51, 52, -100, -100];
+    let real = vec![true, true, true, true, true, true, true, true, true, true, false, false];
+    Batch { input_ids, labels, batch: 2, seq: 6, n_target_tokens: 8, real }
+}
+
+/// Runs one micro-batch on 2 ranks; returns rank 0's log, its plan's FSDP1 unit sizes (gathered,
+/// padded) and the full model.
+fn schedule(sharding: Sharding) -> (Vec<(&'static str, usize)>, Vec<usize>, MixtralForCausalLM<B>) {
+    // Even sizes everywhere, so that no shard is padded (the vocabulary of `tiny` is odd).
+    let config = MixtralConfig::new(260, 64, 128, 2, 4, 2, 4, 2).with_max_position_embeddings(512);
+    let results = ThreadComm::<Inner>::run_ranks(2, CommConfig::default(), |comm| {
+        let log: Log = Arc::default();
+        let comm = Logged { inner: comm, log: log.clone() };
+        let device = Default::default();
+        let mut plan = Parallel::<B, _>::new(&comm, sharding, 1, config.num_local_experts).unwrap();
+        let model = plan.shard(config.init_seeded::<B>(&device, 7));
+        assert!(plan.per_layer(), "--fsdp-gather layer is the default");
+        log.lock().unwrap().clear();
+        let scale = MicroScale { step_targets: 8.0, micro_batches: 1, aux_coef: 0.02 };
+        let mut grads = GradientsParams::new();
+        let out = micro_step(&plan, &model, &batch(), scale, &comm, &device, None, &mut grads, &mut || ()).unwrap();
+        assert!(out.loss.is_finite() && out.lm > 0.0 && out.aux > 0.0, "{out:?}");
+        let units = plan.units().iter().map(|u| u.chunk * 2).collect::<Vec<_>>();
+        let entries = log.lock().unwrap().clone();
+        (entries, units)
+    });
+    let (log, units) = results.into_iter().next().unwrap().unwrap();
+    (log, units, config.init_seeded::<B>(&Default::default(), 7))
+}
+
+fn of(log: &[(&'static str, usize)], op: &str) -> Vec<usize> {
+    log.iter().filter(|(o, _)| *o == op).map(|&(_, n)| n).collect()
+}
+
+#[test]
+fn fsdp2_gathers_and_reduces_one_unit_at_a_time() {
+    let (log, _, full) = schedule(Sharding::Fsdp2);
+    let embed = numels(&full.model.embed_tokens);
+    let layers: Vec<Vec<usize>> = full.model.layers.iter().map(numels).collect();
+    let head = numels(&Head { norm: full.model.norm.clone(), lm_head: full.lm_head.clone() });
+    // Forward: embedding, layer 0, layer 1, head; backward re-gathers layer 0 and the embedding.
+    let gathers = [embed.clone(), layers[0].clone(), layers[1].clone(), head.clone(), layers[0].clone(), embed.clone()].concat();
+    assert_eq!(of(&log, "all_gather"), gathers);
+    // Each unit's gradients right after its backward pass: head, layer 1, layer 0, embedding.
+    let reduces = [head, layers[1].clone(), layers[0].clone(), embed].concat();
+    assert_eq!(of(&log, "reduce_scatter"), reduces);
+    // And never all of the gathers before any reduction (the whole-model schedule).
+    let first_reduce = log.iter().position(|(o, _)| *o == "reduce_scatter").unwrap();
+    assert!(log[first_reduce..].iter().any(|(o, _)| *o == "all_gather"));
+}
+
+#[test]
+fn fsdp1_gathers_each_flat_unit_just_before_it_runs() {
+    let (log, units, _) = schedule(Sharding::Fsdp1);
+    // Units: root (embedding, final norm, LM head), layer0, layer1.
+    let [root, l0, l1] = units[..] else { panic!("units {units:?}") };
+    assert_eq!(of(&log, "all_gather"), vec![root, l0, l1, root, l0, root]);
+    // The root unit is reduced once its last member (the embedding) has had its backward pass.
+    assert_eq!(of(&log, "reduce_scatter"), vec![l1, l0, root]);
+}
