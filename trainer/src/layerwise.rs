@@ -229,9 +229,8 @@ where
     let mut backward = root.backward();
     parallel.check()?;
     let mut upstream = last.input.grad(&backward).map(Tensor::<B, 3>::from_inner);
-    for part in [&head as &dyn AddPart<B, C>, &last.live] {
-        part.reduce(parallel, model, &mut backward, &mut reducer, grads)?;
-    }
+    reduce_part(&head, parallel, model, &mut backward, &mut reducer, grads)?;
+    reduce_part(&last.live, parallel, model, &mut backward, &mut reducer, grads)?;
     drop((head, last.live));
 
     // The other decoder layers, last first.
@@ -250,7 +249,7 @@ where
         let mut backward = surrogate.backward();
         parallel.check()?;
         upstream = x.grad(&backward).map(Tensor::<B, 3>::from_inner);
-        live.reduce(parallel, model, &mut backward, &mut reducer, grads)?;
+        reduce_part(&live, parallel, model, &mut backward, &mut reducer, grads)?;
     }
 
     // The embedding (its gradient only when it is trained; the reducer still sees the unit).
@@ -258,7 +257,7 @@ where
     match upstream.filter(|_| embed.weight.is_require_grad()) {
         Some(dh) => {
             let mut backward = (embed.forward(ids) * dh).sum().backward();
-            embed.reduce(parallel, model, &mut backward, &mut reducer, grads)?;
+            reduce_part(&embed, parallel, model, &mut backward, &mut reducer, grads)?;
         }
         None => reducer.add(model, &embed, GradientsParams::new(), grads)?,
     }
@@ -266,44 +265,27 @@ where
     Ok(MicroOutcome { lm, aux, loss: lm + scale.aux_coef * aux, expert_counts: fwd.counts.concat() })
 }
 
-/// A gathered unit whose gradients a backward pass produced: taken out of it, widened to f32 under
-/// mixed precision, handed to the [`PartReducer`].
-trait AddPart<B, C>
-where
-    B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
-    C: Communicator<B::InnerBackend> + 'static,
-{
-    fn reduce(
-        &self,
-        parallel: &Parallel<B, C>,
-        model: &MixtralForCausalLM<B>,
-        backward: &mut B::Gradients,
-        reducer: &mut PartReducer<'_, B, C>,
-        into: &mut GradientsParams,
-    ) -> Result<(), TrainError>;
-}
-
-impl<B, C, M> AddPart<B, C> for M
+/// Takes the gradients of gathered unit `part` out of a backward pass, widens them to f32 under
+/// mixed precision and hands them to the [`PartReducer`].
+fn reduce_part<B, C, M>(
+    part: &M,
+    parallel: &Parallel<B, C>,
+    model: &MixtralForCausalLM<B>,
+    backward: &mut B::Gradients,
+    reducer: &mut PartReducer<'_, B, C>,
+    into: &mut GradientsParams,
+) -> Result<(), TrainError>
 where
     B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
     C: Communicator<B::InnerBackend> + 'static,
     M: burn::module::AutodiffModule<B>,
 {
-    fn reduce(
-        &self,
-        parallel: &Parallel<B, C>,
-        model: &MixtralForCausalLM<B>,
-        backward: &mut B::Gradients,
-        reducer: &mut PartReducer<'_, B, C>,
-        into: &mut GradientsParams,
-    ) -> Result<(), TrainError> {
-        let mut g = GradientsParams::from_module(backward, self);
-        if parallel.compute_dtype().is_some() {
-            crate::precision::widen_grads(self, &mut g);
-        }
-        reducer.add(model, self, g, into)?;
-        Ok(())
+    let mut g = GradientsParams::from_module(backward, part);
+    if parallel.compute_dtype().is_some() {
+        crate::precision::widen_grads(part, &mut g);
     }
+    reducer.add(model, part, g, into)?;
+    Ok(())
 }
 
 /// The token-loss sum of one batch under the per-unit schedule, without a graph (evaluation).
