@@ -245,10 +245,14 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         Ok(Buf { tensor, ptr })
     }
 
-    fn empty(&self, like: &CubeTensor<CudaRuntime>, shape: Shape, collective: &'static str) -> Result<Buf, CommError> {
+    /// An output buffer of `shape`: from the [`OutputPool`] when `pooled` (collectives whose sizes
+    /// repeat: gathers and reductions of parameters and gradients), else fresh (the token
+    /// all-to-all, whose sizes follow the routing and would fill the pool with buffers never asked
+    /// for again).
+    fn empty(&self, like: &CubeTensor<CudaRuntime>, shape: Shape, pooled: bool, collective: &'static str) -> Result<Buf, CommError> {
         // A zero-byte allocation is not a valid NCCL buffer; one element keeps pointers valid.
         let bytes = (shape.num_elements() * like.dtype.size()).max(like.dtype.size());
-        let handle = self.pool.borrow_mut().take(bytes as u64, || like.client.empty(bytes));
+        let handle = if pooled { self.pool.borrow_mut().take(bytes as u64, || like.client.empty(bytes)) } else { like.client.empty(bytes) };
         let tensor = CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, like.dtype);
         self.buf(tensor, collective)
     }
@@ -328,7 +332,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         let dims = input.tensor.meta.shape().clone();
         let mut out_shape = dims.clone();
         out_shape[0] *= self.size;
-        let out = self.empty(&input.tensor, out_shape, C)?;
+        let out = self.empty(&input.tensor, out_shape, true, C)?;
         let count = dims.num_elements();
         unsafe {
             nc::ncclAllGather(input.ptr as *const _, out.ptr as *mut _, count, dtype, self.comm, self.stream as _)
@@ -354,7 +358,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         let mut out_shape = dims.clone();
         out_shape[0] /= self.size;
         let count = out_shape.num_elements();
-        let out = self.empty(&input.tensor, out_shape, C)?;
+        let out = self.empty(&input.tensor, out_shape, true, C)?;
         unsafe {
             nc::ncclReduceScatter(input.ptr as *const _, out.ptr as *mut _, count, dtype, nccl_op(op), self.comm, self.stream as _)
         }
@@ -401,7 +405,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         let (input, dtype) = self.prepare(tensor, C)?;
         let shape = input.tensor.meta.shape().clone();
         let count = shape.num_elements();
-        let out = self.empty(&input.tensor, shape, C)?;
+        let out = self.empty(&input.tensor, shape, true, C)?;
         unsafe {
             nc::ncclAllReduce(input.ptr as *const _, out.ptr as *mut _, count, dtype, nccl_op(op), self.comm, self.stream as _)
         }
@@ -446,7 +450,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         let elem = input.tensor.dtype.size();
         let mut out_dims = dims;
         out_dims[0] = output_splits.iter().sum();
-        let out = self.empty(&input.tensor, Shape::from(out_dims.to_vec()), C)?;
+        let out = self.empty(&input.tensor, Shape::from(out_dims.to_vec()), false, C)?;
         // Grouped point-to-point calls: NCCL matches each send with the peer's recv and runs them
         // concurrently, which is how all-to-all-v is expressed in NCCL.
         let (mut send_off, mut recv_off) = (0usize, 0usize);
@@ -487,7 +491,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         let (input, dtype) = self.prepare(tensor, C)?;
         let shape = input.tensor.meta.shape().clone();
         let count = shape.num_elements();
-        let out = self.empty(&input.tensor, shape, C)?;
+        let out = self.empty(&input.tensor, shape, true, C)?;
         unsafe {
             nc::ncclBroadcast(input.ptr as *const _, out.ptr as *mut _, count, dtype, root as i32, self.comm, self.stream as _)
         }

@@ -3,9 +3,10 @@
 /// Output buffers of earlier collectives, kept for the next collective of the same byte size.
 ///
 /// Why: a fresh CubeCL buffer per collective cost 25-370 µs (irregular by size) on an H200, the
-/// whole gap to torch's bus bandwidth at 64-256 MiB (BENCHMARKS.md). Collectives of one training
-/// step repeat their sizes (every decoder layer gathers tensors of the same shapes), so keeping
-/// the buffers and handing them out again skips the allocator.
+/// whole gap to torch's bus bandwidth at 64-256 MiB (BENCHMARKS.md). Parameter and gradient
+/// collectives repeat their sizes (every decoder layer gathers tensors of the same shapes), so
+/// keeping the buffers and handing them out again skips the allocator. (The NCCL communicator
+/// does not pool the token all-to-all's outputs: their sizes follow the routing.)
 ///
 /// A buffer is handed out again only when no tensor holds it any more: the pool keeps a clone of
 /// each handle, and CubeCL counts handle clones (`can_mut` is true when, besides CubeCL's own
