@@ -20,6 +20,7 @@ pub mod kernel;
 pub mod lora;
 pub mod memory;
 pub mod ops;
+pub mod optim;
 pub mod reference;
 
 pub use aux::{MoeAuxStats, load_balancing_loss};
@@ -30,3 +31,4 @@ pub use kernel::MoeKernel;
 pub use memory::{DeviceMemory, MemoryBackend};
 pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError, freeze};
 pub use ops::MoeBackend;
+pub use optim::FusedAdamW;

@@ -31,6 +31,7 @@
 //! scatter family (one operand, or the output, in block storage); elsewhere on one-element kernels.
 
 pub mod blocksparse;
+pub mod optim;
 pub mod reference;
 pub mod routing;
 pub mod scatter;

@@ -132,8 +132,37 @@ fn trainer_f32_run_on_the_fusion_backend_matches_the_plain_run() {
     }
 }
 
+/// `--fused-adamw` on a CubeCL backend (the optimizer's fused kernel instead of burn-optim's tensor
+/// ops) trains step for step like burn-optim's AdamW.
+#[test]
+fn trainer_fused_adamw_trains_like_burn_optims_adamw() {
+    type B = Autodiff<Wgpu>;
+    let ops = trainer_losses::<B>("none", "f32");
+    let fused = trainer_losses_with::<B>("none", "f32", &["--fused-adamw"]);
+    assert_eq!(fused.len(), 4);
+    for (step, (a, b)) in ops.iter().zip(&fused).enumerate() {
+        let err = (a - b).abs() / a;
+        assert!(err < 1e-5, "step {}: --fused-adamw loss {b} vs {a} (rel {err:.2e})", step + 1);
+    }
+    // Step 1 is before any update; the later steps are where the optimizers act.
+    assert!(ops[3] < ops[0], "the run trains: {ops:?}");
+}
+
 /// Per-step losses of a 4-step tiny-model trainer run on `B` (scatter kernels).
 fn trainer_losses<B>(lora: &str, dtype: &str) -> Vec<f64>
+where
+    B: AutodiffBackend
+        + MoeBackend
+        + burn_moe_backend::MemoryBackend
+        + burn_moe_backend::dist::CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>
+        + trainer::recompute::Recompute,
+    B::InnerBackend: MoeBackend,
+{
+    trainer_losses_with::<B>(lora, dtype, &[])
+}
+
+/// [`trainer_losses`] with extra flags.
+fn trainer_losses_with<B>(lora: &str, dtype: &str, extra: &[&str]) -> Vec<f64>
 where
     B: AutodiffBackend
         + MoeBackend
@@ -159,7 +188,9 @@ where
         lora,
         "--dtype",
         dtype,
-    ])
+    ]
+    .into_iter()
+    .chain(extra.iter().copied()))
     .unwrap();
     trainer::train::train::<B>(&args, &Default::default()).unwrap();
     losses(dir.path())

@@ -105,6 +105,12 @@ pub struct Args {
     #[arg(long)]
     pub gradient_checkpointing: bool,
 
+    /// AdamW's update as one fused pass per parameter on CubeCL backends (CUDA, wgpu) instead of
+    /// burn-optim's dozen elementwise ops — the same algorithm and checkpoint state. Off by default
+    /// until measured on a GPU (tested against burn-optim on wgpu).
+    #[arg(long)]
+    pub fused_adamw: bool,
+
     /// Expert-computation path of the MoE layers: reference, scatter (alias scattermoe) or
     /// block-sparse (alias megablocks).
     #[arg(long, default_value = "reference")]
@@ -531,6 +537,7 @@ mod tests {
         assert!(parse(&["--dtype", "fp8"]).is_err());
         assert!(!parse(&[]).unwrap().gradient_checkpointing);
         assert!(parse(&["--gradient-checkpointing"]).unwrap().gradient_checkpointing);
+        assert!(!parse(&[]).unwrap().fused_adamw && parse(&["--fused-adamw"]).unwrap().fused_adamw);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::{AutodiffModule, ParamId};
-use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, backend::AutodiffBackend};
 use burn_moe_backend::dist::{CollectiveBackend, CommConfig, CommError, Communicator, ThreadComm};
@@ -439,12 +439,16 @@ where
         tracing::info!(plan = %parallel.describe(), world, "parallel plan");
     }
 
-    let mut optimizer = AdamWConfig::new()
-        .with_beta_1(args.adam_beta1 as f32)
-        .with_beta_2(args.adam_beta2 as f32)
-        .with_epsilon(args.adam_epsilon as f32)
-        .with_weight_decay(args.weight_decay as f32)
-        .init::<B, MixtralForCausalLM<B>>();
+    // burn-optim's AdamW (the same numbers and checkpoint state); with `--fused-adamw` the update is
+    // one pass per parameter on CubeCL backends.
+    let mut optimizer = burn_moe_backend::FusedAdamW {
+        beta_1: args.adam_beta1 as f32,
+        beta_2: args.adam_beta2 as f32,
+        epsilon: args.adam_epsilon as f32,
+        weight_decay: args.weight_decay as f32,
+        fused: args.fused_adamw,
+    }
+    .init::<B, MixtralForCausalLM<B>>();
     let (start_step, mut tokens, mut last_eval, metrics) = match &resume {
         Some((dir, state)) => {
             let ids = param_ids::<B, _>(&model);

@@ -121,6 +121,23 @@ pub trait MoeBackend: Backend {
         Self::moe_combine(y, slots, weights)
     }
 
+    /// One AdamW update of a parameter, elementwise (burn-optim's `AdamW` formula; see
+    /// [`crate::optim::FusedAdamW`]): returns the new parameter and first and second moments. The
+    /// default composes it from tensor ops in burn-optim's order (the same numbers as its `AdamW`);
+    /// CubeCL backends run one fused kernel.
+    ///
+    /// # Shapes
+    /// - `param`, `grad`, `m`, `v`: the same shape → three of that shape
+    fn moe_adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        hyper: &kernels_cubecl::optim::AdamWHyper,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        crate::optim::adamw_step_ops::<Self>(param, grad, m, v, hyper)
+    }
+
     /// SwiGLU activation of the expert layers: `silu(gate) · up`, elementwise.
     ///
     /// # Shapes

@@ -65,7 +65,11 @@ fn empty<R: CubeRuntime>(like: &CubeTensor<R>, shape: [usize; 2], dtype: DType) 
 /// A contiguous uninitialised tensor on `like`'s device (at least one element's bytes, so empty
 /// shapes still get a valid buffer).
 pub(super) fn empty_nd<R: CubeRuntime, const D: usize>(like: &CubeTensor<R>, shape: [usize; D], dtype: DType) -> CubeTensor<R> {
-    let shape = Shape::new(shape);
+    empty_shape(like, Shape::new(shape), dtype)
+}
+
+/// [`empty_nd`] for a shape of any rank.
+fn empty_shape<R: CubeRuntime>(like: &CubeTensor<R>, shape: Shape, dtype: DType) -> CubeTensor<R> {
     let bytes = (shape.num_elements() * dtype.size()).max(dtype.size());
     let handle = like.client.empty(bytes);
     CubeTensor::new_contiguous(like.client.clone(), like.device.clone(), shape, handle, dtype)
@@ -255,6 +259,27 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             &y.client, y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d, out.handle.clone()
         )));
         out
+    }
+
+    fn moe_adamw_step(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        m: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        hyper: &kernels_cubecl::optim::AdamWHyper,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (param, grad, m, v) = (into_contiguous(param), into_contiguous(grad), into_contiguous(m), into_contiguous(v));
+        check_same("AdamW", &[&param, &grad, &m, &v]);
+        let shape = param.meta.shape().clone();
+        let len = shape.num_elements();
+        let out = || empty_shape(&param, shape.clone(), param.dtype);
+        let (p_out, m_out, v_out) = (out(), out(), out());
+        with_float!(param.dtype, FE => kernels_cubecl::optim::launch_adamw::<R, FE>(
+            &param.client, len, hyper, param.handle.clone(), grad.handle.clone(), m.handle.clone(), v.handle.clone(),
+            p_out.handle.clone(), m_out.handle.clone(), v_out.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("AdamW: {e}"));
+        (p_out, m_out, v_out)
     }
 
     fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

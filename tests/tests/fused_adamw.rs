@@ -1,0 +1,92 @@
+//! `FusedAdamW` against burn-optim's `AdamW` (the same algorithm, one fused pass per parameter): on
+//! burn-ndarray (the tensor-op default) bit for bit, on wgpu (the CubeCL kernel, Mesa lavapipe in CI)
+//! to f32 rounding — over several steps, with weight decay, on parameters of rank 1, 2 and 3.
+
+use burn::backend::Autodiff;
+use burn::backend::wgpu::WgpuRuntime;
+use burn::module::{Module, Param};
+use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{Tensor, TensorData};
+use burn_cubecl::CubeBackend;
+use burn_moe_backend::{FusedAdamW, MoeBackend};
+use burn_moe_tests::{CpuAutodiff, pseudo_random, rel_l2};
+
+#[derive(Module, Debug)]
+struct Weights<B: burn::tensor::backend::Backend> {
+    a: Param<Tensor<B, 1>>,
+    b: Param<Tensor<B, 2>>,
+    c: Param<Tensor<B, 3>>,
+}
+
+fn weights<B: burn::tensor::backend::Backend>(device: &B::Device) -> Weights<B> {
+    let t = |n: usize, seed| TensorData::new(pseudo_random(n, seed, 0.5), [n]);
+    Weights {
+        a: Param::from_tensor(Tensor::from_data(t(7, 1), device)),
+        b: Param::from_tensor(Tensor::<B, 1>::from_data(t(24, 2), device).reshape([4, 6])),
+        c: Param::from_tensor(Tensor::<B, 1>::from_data(t(60, 3), device).reshape([3, 4, 5])),
+    }
+}
+
+/// A loss whose gradients change from step to step (not just in scale).
+fn loss<B: AutodiffBackend>(w: &Weights<B>) -> Tensor<B, 1> {
+    let a = w.a.val();
+    let b = w.b.val();
+    let c = w.c.val();
+    (a.clone() * a.clone() * a).sum() + (b.clone() * b.sin()).sum() + (c.clone() * c).sum().sqrt()
+}
+
+fn flat<B: burn::tensor::backend::Backend>(w: &Weights<B>) -> Vec<f32> {
+    let mut out = w.a.val().into_data().to_vec::<f32>().unwrap();
+    out.extend(w.b.val().into_data().to_vec::<f32>().unwrap());
+    out.extend(w.c.val().into_data().to_vec::<f32>().unwrap());
+    out
+}
+
+/// Four steps of each optimizer from the same weights; the weights after each step.
+fn run<B: AutodiffBackend>(device: &B::Device) -> (Vec<Vec<f32>>, Vec<Vec<f32>>)
+where
+    B::InnerBackend: MoeBackend,
+{
+    let (beta_1, beta_2, epsilon, weight_decay) = (0.8, 0.95, 1e-6, 0.1);
+    let mut burn_opt = AdamWConfig::new()
+        .with_beta_1(beta_1)
+        .with_beta_2(beta_2)
+        .with_epsilon(epsilon)
+        .with_weight_decay(weight_decay)
+        .init::<B, Weights<B>>();
+    let mut fused = FusedAdamW { beta_1, beta_2, epsilon, weight_decay, fused: true }.init::<B, Weights<B>>();
+    let (mut x, mut y) = (weights::<B>(device), weights::<B>(device));
+    let (mut xs, mut ys) = (Vec::new(), Vec::new());
+    for step in 0..4 {
+        let lr = 0.05 / (step + 1) as f64;
+        let gx = GradientsParams::from_grads(loss(&x).backward(), &x);
+        x = burn_opt.step(lr, x, gx);
+        let gy = GradientsParams::from_grads(loss(&y).backward(), &y);
+        y = fused.step(lr, y, gy);
+        xs.push(flat(&x));
+        ys.push(flat(&y));
+    }
+    (xs, ys)
+}
+
+#[test]
+fn the_default_path_is_burn_optims_adamw_bit_for_bit() {
+    let (burn, fused) = run::<CpuAutodiff>(&Default::default());
+    for (step, (a, b)) in burn.iter().zip(&fused).enumerate() {
+        assert_eq!(a, b, "step {}", step + 1);
+    }
+    // The weights did move (the comparison is not of untouched tensors).
+    assert!(rel_l2(&burn[3], &flat(&weights::<CpuAutodiff>(&Default::default()))) > 1e-2);
+}
+
+#[test]
+fn the_cubecl_kernel_matches_burn_optims_adamw() {
+    type Wgpu = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
+    let (burn, fused) = run::<Wgpu>(&Default::default());
+    for (step, (a, b)) in burn.iter().zip(&fused).enumerate() {
+        let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs() / x.abs().max(1e-3)).fold(0.0f32, f32::max);
+        assert!(worst <= 2e-6, "step {}: worst relative difference {worst:e}", step + 1);
+    }
+    assert!(rel_l2(&burn[3], &flat(&weights::<Wgpu>(&Default::default()))) > 1e-2);
+}
