@@ -105,7 +105,7 @@ fn losses(dir: &Path) -> Vec<f64> {
 fn trainer_f16_run_follows_the_f32_run() {
     type B = Autodiff<Wgpu>;
     for lora in ["none", "all"] {
-        let (full, half) = (trainer_losses::<B>(lora, "f32"), trainer_losses::<B>(lora, "float16"));
+        let (full, half) = (trainer_losses::<B>(lora, "f32", &[]), trainer_losses::<B>(lora, "float16", &[]));
         assert_eq!(full.len(), 4);
         for (step, (a, b)) in full.iter().zip(&half).enumerate() {
             let err = (a - b).abs() / a;
@@ -122,8 +122,8 @@ fn trainer_f16_run_follows_the_f32_run() {
 #[test]
 fn trainer_f32_run_on_the_fusion_backend_matches_the_plain_run() {
     for (lora, bound) in [("none", 1e-5), ("all", 1e-3)] {
-        let plain = trainer_losses::<Autodiff<Wgpu>>(lora, "f32");
-        let fused = trainer_losses::<Autodiff<burn::backend::Wgpu>>(lora, "f32");
+        let plain = trainer_losses::<Autodiff<Wgpu>>(lora, "f32", &[]);
+        let fused = trainer_losses::<Autodiff<burn::backend::Wgpu>>(lora, "f32", &[]);
         assert_eq!(fused.len(), 4);
         for (step, (a, b)) in plain.iter().zip(&fused).enumerate() {
             let err = (a - b).abs() / a;
@@ -137,8 +137,8 @@ fn trainer_f32_run_on_the_fusion_backend_matches_the_plain_run() {
 #[test]
 fn trainer_fused_adamw_trains_like_burn_optims_adamw() {
     type B = Autodiff<Wgpu>;
-    let ops = trainer_losses::<B>("none", "f32");
-    let fused = trainer_losses_with::<B>("none", "f32", &["--fused-adamw"]);
+    let ops = trainer_losses::<B>("none", "f32", &[]);
+    let fused = trainer_losses::<B>("none", "f32", &["--fused-adamw"]);
     assert_eq!(fused.len(), 4);
     for (step, (a, b)) in ops.iter().zip(&fused).enumerate() {
         let err = (a - b).abs() / a;
@@ -148,21 +148,8 @@ fn trainer_fused_adamw_trains_like_burn_optims_adamw() {
     assert!(ops[3] < ops[0], "the run trains: {ops:?}");
 }
 
-/// Per-step losses of a 4-step tiny-model trainer run on `B` (scatter kernels).
-fn trainer_losses<B>(lora: &str, dtype: &str) -> Vec<f64>
-where
-    B: AutodiffBackend
-        + MoeBackend
-        + burn_moe_backend::MemoryBackend
-        + burn_moe_backend::dist::CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>
-        + trainer::recompute::Recompute,
-    B::InnerBackend: MoeBackend,
-{
-    trainer_losses_with::<B>(lora, dtype, &[])
-}
-
-/// [`trainer_losses`] with extra flags.
-fn trainer_losses_with<B>(lora: &str, dtype: &str, extra: &[&str]) -> Vec<f64>
+/// Per-step losses of a 4-step tiny-model trainer run on `B` (scatter kernels), with `extra` flags.
+fn trainer_losses<B>(lora: &str, dtype: &str, extra: &[&str]) -> Vec<f64>
 where
     B: AutodiffBackend
         + MoeBackend
