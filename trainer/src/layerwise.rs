@@ -1,22 +1,24 @@
 //! FSDP's per-unit schedule (`--sharding fsdp1|fsdp2`, `--fsdp-gather layer`): no rank ever holds
-//! more than one gathered unit (the embedding, one decoder layer, or the head) at a time.
+//! more than one gathered unit (the embedding, one decoder layer, or the head) at a time — except
+//! the last layer and the head together, whose backward passes run back to back.
 //!
 //! One micro-batch:
-//! 1. Forward without a graph: gather the embedding, embed, free it; for each decoder layer gather
-//!    it, run it, free it, keeping only its input (the hidden states between layers) and its
-//!    routing statistics.
-//! 2. The head (final norm + LM head) gathered as autodiff leaves, the loss, its backward pass: the
-//!    head's gradients and the gradient of the last hidden states.
-//! 3. For each decoder layer from the last: gather it again (leaves), re-run its forward from the
-//!    kept input, back-propagate the gradient of its output (and its part of the load-balancing
-//!    loss), reduce-scatter its gradients at once ([`PartReducer`]) and free everything but the
+//! 1. Forward without a graph: gather the embedding, embed, free it; for each decoder layer but the
+//!    last gather it, run it, free it, keeping only its input (the hidden states between layers) and
+//!    its routing statistics. The last layer runs gathered as autodiff leaves, with its graph.
+//! 2. The head (final norm + LM head) gathered as leaves, the loss, one backward pass through the
+//!    head and the last layer: their gradients (reduce-scattered at once, [`PartReducer`]) and the
+//!    gradient of the last layer's input.
+//! 3. For each other decoder layer, last first: gather it again (leaves), re-run its forward from
+//!    the kept input, back-propagate the gradient of its output (and its part of the
+//!    load-balancing loss), reduce-scatter its gradients at once and free everything but the
 //!    gradient of its input.
 //! 4. The embedding, the same way.
 //!
 //! The model code is untouched: the units are the model's own modules, run one by one. The
 //! load-balancing loss couples the layers only through the token counts, which carry no gradient:
 //! with the counts of the whole micro-batch known after step 1, each layer's share is linear in its
-//! router probabilities, so step 3 adds `Σ_e w_e · prob_sum_e` with the weights `w` the whole-model
+//! router probabilities, so steps 2 and 3 add `Σ_e w_e · prob_sum_e` with the weights `w` the whole-model
 //! loss would give them. The gradients equal those of one forward and backward pass over the whole
 //! model (the CI tests compare both schedules with one device).
 
