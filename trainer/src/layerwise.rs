@@ -32,7 +32,7 @@ use mixtral_burn::MixtralForCausalLM;
 use mixtral_burn::model::{DecoderLayer, HfLinear, RmsNorm};
 
 use crate::data::Batch;
-use crate::parallel::all_reduce_scalars;
+use crate::parallel::global_expert_counts;
 use crate::sharding::{Parallel, PartReducer};
 use crate::train::TrainError;
 
@@ -191,14 +191,7 @@ where
 
     // The load-balancing loss over the whole micro-batch (all ranks): linear in each layer's
     // probability sums once the counts are known.
-    let mut local = vec![0.0f64; num_experts + 1];
-    for c in &fwd.counts {
-        for (acc, v) in local.iter_mut().zip(c) {
-            *acc += v;
-        }
-    }
-    local[num_experts] = fwd.rows as f64;
-    let global = all_reduce_scalars::<B::InnerBackend, C>(&local, comm, device)?;
+    let global = global_expert_counts::<B::InnerBackend, C>(&fwd.counts, fwd.rows, num_experts, comm, device)?;
     let n = global[num_experts];
     // d aux / d prob_sum_e (aux = E · Σ_e (count_e / n) (prob_e / n)), averaged over micro-batches.
     let weights: Vec<f64> = if n > 0.0 {

@@ -21,6 +21,34 @@ where
     Ok(sum.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default())
 }
 
+/// The routed pairs per expert summed over layers and ranks, followed by the number of rows the
+/// routing statistics ran over (likewise summed): `[C_0, …, C_{E−1}, N]`, the constants of the
+/// load-balancing loss of the global batch. `counts` holds this rank's per-layer counts (each `E`
+/// long), `rows` its rows summed over layers.
+///
+/// # Errors
+/// A failed all-reduce.
+pub fn global_expert_counts<B, C>(
+    counts: &[Vec<f64>],
+    rows: usize,
+    num_experts: usize,
+    comm: &C,
+    device: &burn::tensor::Device<B>,
+) -> Result<Vec<f64>, CommError>
+where
+    B: burn::tensor::backend::Backend,
+    C: Communicator<B>,
+{
+    let mut local = vec![0.0f64; num_experts + 1];
+    for layer in counts {
+        for (acc, c) in local.iter_mut().zip(layer) {
+            *acc += c;
+        }
+    }
+    local[num_experts] = rows as f64;
+    all_reduce_scalars(&local, comm, device)
+}
+
 /// Makes every rank's parameters equal to rank 0's (a broadcast per parameter, in module order):
 /// models drawn from a backend RNG, which is per process (or shared by in-process ranks), start
 /// identical on every rank.

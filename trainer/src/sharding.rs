@@ -392,17 +392,12 @@ where
     /// # Errors
     /// A failed gather.
     pub fn materialize(&self, model: &MixtralForCausalLM<B>) -> Result<MixtralForCausalLM<B>, ShardingError> {
-        self.gather(model, self.compute)
+        self.gather_where(model, self.compute, false)
     }
 
-    /// Sharded parameters gathered (FSDP2 shards and FSDP1 pieces cast to `compute`, or f32, first);
-    /// with `compute`, the other parameters rounded to it as fresh leaves.
-    fn gather(&self, model: &MixtralForCausalLM<B>, compute: Option<FloatDType>) -> Result<MixtralForCausalLM<B>, ShardingError> {
-        self.gather_where(model, compute, false)
-    }
-
-    /// [`gather`](Self::gather), leaving frozen parameters (and FSDP1's frozen units) sharded when
-    /// `skip_frozen`.
+    /// The whole model with its sharded parameters gathered ([`gather_part`](Self::gather_part)),
+    /// leaving frozen parameters (and FSDP1's frozen units) sharded when `skip_frozen`; a clone
+    /// (rounded to `compute`) when nothing is sharded.
     fn gather_where(&self, model: &MixtralForCausalLM<B>, compute: Option<FloatDType>, skip_frozen: bool) -> Result<MixtralForCausalLM<B>, ShardingError> {
         if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. })) {
             return Ok(match compute {
@@ -410,28 +405,7 @@ where
                 None => model.clone(),
             });
         }
-        let world = self.mesh.fsdp_group();
-        let wire = wire_dtype(compute);
-        // FSDP1: one all-gather per unit, of the rank's chunk reassembled from its pieces.
-        let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire, only: None };
-        model.visit(&mut pieces);
-        let device = model.lm_head.weight.val().device();
-        let mut flats = Vec::with_capacity(self.units.len());
-        for (unit, parts) in self.units.iter().zip(pieces.pieces) {
-            if skip_frozen && !unit.trainable {
-                // Every rank skips the same units: trainability is part of the plan.
-                flats.push(Tensor::empty([0], &device));
-                continue;
-            }
-            let chunk = pad_to(parts, unit.chunk, &device, wire);
-            flats.push(world.all_gather(chunk, 0)?);
-        }
-        let mut gather = Gather { placements: &self.placements, world, flats, compute, skip_frozen, track: true, error: None };
-        let full = model.clone().map(&mut gather);
-        match gather.error {
-            Some(e) => Err(e),
-            None => Ok(full),
-        }
+        self.gather_part(model, model.clone(), compute, skip_frozen, true)
     }
 
     /// `part` (a unit of `model`: its embedding, one decoder layer, or a module holding the final norm
@@ -446,19 +420,33 @@ where
     /// # Errors
     /// A failed gather.
     pub fn live_part<M: Module<B>>(&self, model: &MixtralForCausalLM<B>, part: M, track: bool) -> Result<M, ShardingError> {
+        self.gather_part(model, part, self.compute, false, track)
+    }
+
+    /// `part` of `model` with its sharded parameters gathered (FSDP2 shards cast to `compute`, or
+    /// f32, and all-gathered; each FSDP1 unit with members in `part` all-gathered whole, one
+    /// collective per unit in unit order, its pieces read from `model`); with `compute`, the other
+    /// parameters rounded to it. `skip_frozen` leaves frozen parameters (and frozen units) as they
+    /// are; `track` as in [`live_part`](Self::live_part).
+    fn gather_part<M: Module<B>>(
+        &self,
+        model: &MixtralForCausalLM<B>,
+        part: M,
+        compute: Option<FloatDType>,
+        skip_frozen: bool,
+        track: bool,
+    ) -> Result<M, ShardingError> {
         let world = self.mesh.fsdp_group();
-        let wire = wire_dtype(self.compute);
+        let wire = wire_dtype(compute);
         let device = model.lm_head.weight.val().device();
         let mut touched = UnitsOf { placements: &self.placements, units: std::collections::BTreeSet::new() };
         part.visit(&mut touched);
         let mut flats: Vec<Tensor<B::InnerBackend, 1>> = (0..self.units.len()).map(|_| Tensor::empty([0], &device)).collect();
-        for unit in touched.units {
-            let mut pieces = CollectPieces { placements: &self.placements, pieces: vec![Vec::new(); self.units.len()], wire, only: Some(unit) };
-            model.visit(&mut pieces);
-            let chunk = pad_to(std::mem::take(&mut pieces.pieces[unit]), self.units[unit].chunk, &device, wire);
-            flats[unit] = world.all_gather(chunk, 0)?;
+        // Every rank skips the same frozen units: trainability is part of the plan.
+        for unit in touched.units.into_iter().filter(|&u| !skip_frozen || self.units[u].trainable) {
+            flats[unit] = world.all_gather(self.unit_chunk(model, unit, wire), 0)?;
         }
-        let mut gather = Gather { placements: &self.placements, world, flats, compute: self.compute, skip_frozen: false, track, error: None };
+        let mut gather = Gather { placements: &self.placements, world, flats, compute, skip_frozen, track, error: None };
         let live = part.map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -474,6 +462,15 @@ where
     ///
     /// # Errors
     /// A failed collective.
+    /// This rank's chunk of FSDP1 unit `unit`'s flat buffer: its pieces, read from `model` in `wire`
+    /// dtype, concatenated and padded to the unit's chunk length (what the unit's all-gather sends).
+    fn unit_chunk(&self, model: &MixtralForCausalLM<B>, unit: usize, wire: FloatDType) -> Tensor<B::InnerBackend, 1> {
+        let mut pieces = CollectPieces { placements: &self.placements, unit, pieces: Vec::new(), wire };
+        model.visit(&mut pieces);
+        let device = model.lm_head.weight.val().device();
+        pad_to(pieces.pieces, self.units[unit].chunk, &device, wire)
+    }
+
     /// Under the per-layer schedule ([`per_layer`](Self::per_layer)) the sharded gradients were
     /// reduce-scattered by [`PartReducer`] already; only replicated and expert gradients are
     /// reduced here.
@@ -784,22 +781,21 @@ fn pad_to<B: burn::tensor::backend::Backend>(parts: Vec<Tensor<B, 1>>, len: usiz
     Tensor::cat(parts, 0)
 }
 
-/// This rank's FSDP1 pieces, per unit in member order (inner tensors).
+/// This rank's pieces of one FSDP1 unit, in member order (inner tensors).
 struct CollectPieces<'a, B: burn::tensor::backend::Backend> {
     placements: &'a HashMap<ParamId, ParamPlacement>,
-    pieces: Vec<Vec<Tensor<B, 1>>>,
+    unit: usize,
+    pieces: Vec<Tensor<B, 1>>,
     /// The dtype the pieces are gathered in.
     wire: FloatDType,
-    /// Only this unit's pieces (`None`: every unit).
-    only: Option<usize>,
 }
 
 impl<B: AutodiffBackend> ModuleVisitor<B> for CollectPieces<'_, B::InnerBackend> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(ParamPlacement::Flat { unit, piece, .. }) = self.placements.get(&param.id)
-            && self.only.is_none_or(|only| only == *unit)
+            && *unit == self.unit
         {
-            self.pieces[*unit].push(crate::precision::cast(param.val().inner().reshape([piece.len()]), self.wire));
+            self.pieces.push(crate::precision::cast(param.val().inner().reshape([piece.len()]), self.wire));
         }
     }
 }
@@ -904,10 +900,7 @@ where
                 if self.unit.as_ref().map(|(u, _)| *u) != Some(unit) {
                     // Every rank asks for the same parameters in the same order, so every rank
                     // gathers the same unit here.
-                    let mut pieces = CollectPieces { placements: &p.placements, pieces: vec![Vec::new(); p.units.len()], wire: FloatDType::F32, only: Some(unit) };
-                    self.model.visit(&mut pieces);
-                    let parts = std::mem::take(&mut pieces.pieces[unit]);
-                    let chunk = pad_to(parts, p.units[unit].chunk, &local.device(), FloatDType::F32);
+                    let chunk = p.unit_chunk(self.model, unit, FloatDType::F32);
                     self.unit = None; // the previous unit's buffer goes before the next is gathered
                     self.unit = Some((unit, world.all_gather(chunk, 0)?));
                 }

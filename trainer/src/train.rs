@@ -546,23 +546,27 @@ where
                 } else {
                     // This rank's slice of a short last batch is empty; it still joins the collectives.
                     if world > 1 {
-                        global_aux_share::<B, C>(&[], num_experts, comm, device)?;
+                        global_aux_share::<B, C>(&[], &[], num_experts, comm, device)?;
                     }
                     continue;
                 };
                 let out = plan_forward(&parallel, &live, batch, device)?;
                 timers.mark("forward");
                 let lm = out.lm_loss_sum.div_scalar(step_targets);
-                for (layer, stats) in out.aux.iter().enumerate() {
-                    let counts = stats.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
-                    for (acc, c) in expert_load[layer * num_experts..].iter_mut().zip(counts) {
-                        *acc += c;
-                    }
+                // Each layer's counts read from the device once: for the load statistics and the
+                // global load-balancing loss.
+                let counts: Vec<Vec<f64>> = out
+                    .aux
+                    .iter()
+                    .map(|stats| stats.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default())
+                    .collect();
+                for (acc, c) in expert_load.iter_mut().zip(counts.concat()) {
+                    *acc += c;
                 }
                 let aux = if world == 1 {
                     out.aux_loss
                 } else {
-                    global_aux_share::<B, C>(&out.aux, num_experts, comm, device)?
+                    global_aux_share::<B, C>(&out.aux, &counts, num_experts, comm, device)?
                 }
                 .div_scalar(micro.len() as f64);
                 let loss = lm.clone() + aux.clone().mul_scalar(model.router_aux_loss_coef);
@@ -768,8 +772,10 @@ where
 /// ranks (no gradient) and `p` this rank's router probabilities. The shares of all ranks add up to
 /// the single-device loss, and each share's gradient is exactly that loss's gradient with respect
 /// to this rank's router outputs.
+/// `counts` are `aux`'s token counts, already read to the host.
 fn global_aux_share<B, C>(
     aux: &[MoeAuxStats<B>],
+    counts: &[Vec<f64>],
     num_experts: usize,
     comm: &C,
     device: &B::Device,
@@ -778,22 +784,10 @@ where
     B: AutodiffBackend,
     C: Communicator<B::InnerBackend>,
 {
-    let mut local = vec![0.0f64; num_experts + 1];
-    let mut probs: Option<Tensor<B, 1>> = None;
-    for s in aux {
-        let counts = s.token_counts.clone().into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default();
-        for (acc, c) in local.iter_mut().zip(counts) {
-            *acc += c;
-        }
-        local[num_experts] += s.rows as f64;
-        probs = Some(match probs {
-            Some(p) => p + s.prob_sum.clone(),
-            None => s.prob_sum.clone(),
-        });
-    }
-    let global = all_reduce_scalars::<B::InnerBackend, C>(&local, comm, device)?;
+    let rows = aux.iter().map(|s| s.rows).sum();
+    let global = crate::parallel::global_expert_counts::<B::InnerBackend, C>(counts, rows, num_experts, comm, device)?;
     let n = global[num_experts];
-    let Some(probs) = probs else { return Ok(Tensor::zeros([1], device)) };
+    let Some(probs) = aux.iter().map(|s| s.prob_sum.clone()).reduce(|a, b| a + b) else { return Ok(Tensor::zeros([1], device)) };
     if n == 0.0 {
         return Ok(Tensor::zeros([1], device));
     }
