@@ -556,6 +556,13 @@ impl<B: Backend> ThreadComm<B> {
         }
         (meta, esize)
     }
+
+    /// Whether a valid call has no peer to exchange with: alone in its group, a collective's result
+    /// is its input. Skipping the host round trip matters on GPUs (a one-process FSDP run gathers
+    /// and reduces every weight each step).
+    fn alone(&self, meta: &Meta) -> bool {
+        self.size_() == 1 && meta.invalid.is_none()
+    }
 }
 
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
@@ -608,9 +615,7 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
         const C: &str = "all_reduce";
         let (mut meta, esize) = self.tensor_meta(C, &tensor);
         meta.op = Some(op);
-        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
-            // Alone in the group: the result is the input. Skipping the host round trip matters on
-            // GPUs (a one-process FSDP run gathers and reduces every weight each step).
+        if self.alone(&meta) {
             return Ok(tensor);
         }
         let dtype = tensor.dtype();
@@ -632,7 +637,7 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
         if dim >= D {
             meta.invalid = Some(format!("dim {dim} out of range for a {D}-d tensor"));
         }
-        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+        if self.alone(&meta) {
             return Ok(tensor);
         }
         let dtype = tensor.dtype();
@@ -667,7 +672,7 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
                 meta.shape[dim]
             ));
         }
-        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+        if self.alone(&meta) {
             return Ok(tensor);
         }
         let dtype = tensor.dtype();
@@ -717,7 +722,7 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
                 other => other.to_string(),
             });
         }
-        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+        if self.alone(&meta) {
             return Ok(tensor);
         }
         let dtype = tensor.dtype();
@@ -762,13 +767,13 @@ impl<B: Backend> Communicator<B> for ThreadComm<B> {
         root: usize,
     ) -> Result<Tensor<B, D>, CommError> {
         const C: &str = "broadcast";
-        let (mut meta, esize) = self.tensor_meta(C, &tensor);
+        let (mut meta, _) = self.tensor_meta(C, &tensor);
         meta.root = Some(root);
         let size = self.size_();
         if root >= size {
             meta.invalid = Some(format!("root {root} is not a rank of a group of {size}"));
         }
-        if self.size_() == 1 && meta.invalid.is_none() && esize.is_ok() {
+        if self.alone(&meta) {
             return Ok(tensor);
         }
 
