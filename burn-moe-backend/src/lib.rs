@@ -9,6 +9,7 @@
 //! This crate knows nothing about Mixtral: any Burn model can embed [`DMoe`]. It may depend on
 //! `burn` and `kernels-cubecl`.
 
+pub mod attention;
 pub mod aux;
 #[cfg(any(feature = "nccl", feature = "cublas"))]
 mod cuda;
@@ -23,6 +24,7 @@ pub mod ops;
 pub mod optim;
 pub mod reference;
 
+pub use attention::{CausalAttention, causal_attention};
 pub use aux::{MoeAuxStats, load_balancing_loss};
 pub use dispatch::{AllToAllDispatcher, LocalDispatcher, TokenDispatcher, experts_of_rank};
 pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};

@@ -20,6 +20,10 @@
 //! copies several depth steps ahead (`cp.async` + barriers, CUDA); `Auto` picks the most capable one
 //! the runtime supports (see [`scatter::GroupedMatmulStrategy`]).
 //!
+//! The causal-attention softmax ([`attention`]): a block of query rows' scores becomes probabilities
+//! and per-row log-sum-exps in one kernel (scale, causal and sliding-window mask, softmax), and the
+//! backward pass rebuilds the probabilities and forms the score gradients in one more.
+//!
 //! The MegaBlocks block-sparse family ([`blocksparse`]): sorted tokens are padded per expert to a
 //! multiple of the block size `bs`, and the expert layer becomes two block-sparse matrix products
 //! whose topology ([`BlockSparseTopology`], block-CSR plus its transpose) is built from the routing
@@ -30,6 +34,7 @@
 //! with f16/bf16 on CUDA the three products run on the pipelined tensor-core grouped GEMMs of the
 //! scatter family (one operand, or the output, in block storage); elsewhere on one-element kernels.
 
+pub mod attention;
 pub mod blocksparse;
 pub mod optim;
 pub mod reference;
@@ -37,5 +42,6 @@ pub mod routing;
 pub mod scatter;
 pub mod swiglu;
 
+pub use attention::SoftmaxBlock;
 pub use reference::blocksparse::{BlockSparseError, BlockSparseTopology};
 pub use reference::routing::{RoutingError, RoutingPlan};

@@ -72,6 +72,8 @@ mod common;
 // compiled into this binary too so that one carried executable runs everything. These modules also
 // bring their wgpu and host tests along: run this binary with the filters `mixtral on_cuda host_`
 // (as bench/kernel_tests_gpu.sh does) to run only the CUDA and host tests.
+#[path = "attention.rs"]
+mod small_attention;
 #[path = "blocksparse.rs"]
 mod small_blocksparse;
 #[path = "grouped_gemm.rs"]

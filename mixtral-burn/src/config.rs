@@ -4,6 +4,8 @@ use std::path::Path;
 
 use burn::config::Config;
 use burn_moe_backend::MoeKernel;
+
+use crate::model::AttentionKernel;
 use serde::Deserialize;
 
 /// Configuration of a Mixtral model. Field names follow the HF `config.json`.
@@ -56,6 +58,9 @@ pub struct MixtralConfig {
     /// Expert-computation path of the MoE layers (not part of HF configs).
     #[config(default = "MoeKernel::Reference")]
     pub moe_kernel: MoeKernel,
+    /// How the attention layers compute attention (not part of HF configs).
+    #[config(default = "AttentionKernel::Eager")]
+    pub attention_kernel: AttentionKernel,
 }
 
 /// A configuration that cannot describe a working model, or a `config.json` that cannot be read.
@@ -245,6 +250,7 @@ impl MixtralConfig {
             bos_token_id: hf.bos_token_id,
             eos_token_id: hf.eos_token_id,
             moe_kernel: MoeKernel::Reference,
+            attention_kernel: AttentionKernel::Eager,
         };
         config.validate(origin)?;
         Ok(config)

@@ -9,6 +9,7 @@ use burn_moe_backend::{MoeBackend, MoeKernel};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::checkpoint::{CheckpointError, FetchTensor, HfCheckpoint, hf_tensors};
+use crate::model::AttentionKernel;
 
 /// Reads the gradient of each parameter (zeros for a parameter that did not take part).
 pub struct FetchGrad<'a, B: AutodiffBackend> {
@@ -66,7 +67,23 @@ pub fn parity_outputs<B: AutodiffBackend + MoeBackend>(
     kernel: MoeKernel,
     device: &B::Device,
 ) -> Result<Vec<(String, TensorData)>, CheckpointError> {
-    let model = checkpoint.load_model::<B>(device, kernel)?;
+    parity_outputs_with_attention::<B>(checkpoint, input_ids, grads, kernel, (AttentionKernel::Eager, None), device)
+}
+
+/// [`parity_outputs`] with the attention layers computed by `attention` (kernel, queries per block
+/// of the chunked kernel).
+///
+/// # Errors
+/// [`CheckpointError`] from loading the checkpoint.
+pub fn parity_outputs_with_attention<B: AutodiffBackend + MoeBackend>(
+    checkpoint: &HfCheckpoint,
+    input_ids: TensorData,
+    grads: bool,
+    kernel: MoeKernel,
+    attention: (AttentionKernel, Option<usize>),
+    device: &B::Device,
+) -> Result<Vec<(String, TensorData)>, CheckpointError> {
+    let model = checkpoint.load_model::<B>(device, kernel)?.with_attention_kernel(attention.0, attention.1);
     let ids = Tensor::<B, 2, Int>::from_data(input_ids, device);
     let out = model.forward_with_labels(ids.clone(), ids);
     let scalar = |t: Tensor<B, 1>| TensorData::new(t.into_data().iter::<f32>().collect::<Vec<_>>(), Vec::<usize>::new());

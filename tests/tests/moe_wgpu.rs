@@ -1,6 +1,7 @@
 //! The dMoE layer's CubeCL kernels inside Burn, on wgpu (Mesa lavapipe in CI): forward and every
 //! gradient of `MoeKernel::Scatter` and `MoeKernel::BlockSparse` on `Autodiff<CubeBackend<Wgpu>>` against the reference path on
-//! `Autodiff<NdArray>`, the fusion-wrapped `Wgpu` backend, and HF parity of the whole model on wgpu.
+//! `Autodiff<NdArray>`, the fusion-wrapped `Wgpu` backend, and HF parity of the whole model on wgpu;
+//! the same for the chunked causal attention op.
 
 use burn::backend::Autodiff;
 use burn::backend::wgpu::WgpuRuntime;
@@ -8,8 +9,9 @@ use burn::tensor::{Tensor, TensorData, backend::AutodiffBackend};
 use burn_cubecl::CubeBackend;
 use burn_moe_backend::{DEFAULT_BLOCK_SIZE, DMoe, MoeBackend, MoeKernel};
 use burn_moe_tests::{CpuAutodiff, fixtures_dir, pseudo_random, read_f32_tensors, rel_l2};
-use mixtral_burn::HfCheckpoint;
-use mixtral_burn::parity::{parity_outputs, read_input_ids};
+use burn_moe_backend::{CausalAttention, causal_attention};
+use mixtral_burn::{AttentionKernel, HfCheckpoint};
+use mixtral_burn::parity::{parity_outputs_with_attention, read_input_ids};
 
 type Wgpu = CubeBackend<WgpuRuntime, f32, i32, u32>;
 
@@ -207,27 +209,56 @@ fn fusion_wrapper_runs_the_cubecl_kernels_not_the_standard_op_fallback() {
     }
 }
 
-/// The whole model on wgpu with `kernel` (default block size) against the transformers fixture.
-fn whole_model_on_wgpu(kernel: MoeKernel) {
+/// The whole model on wgpu with `kernel` (default block size) and `attention` (the chunked kernel in
+/// blocks of 3 queries) against the transformers fixture.
+fn whole_model_on_wgpu(kernel: MoeKernel, attention: AttentionKernel) {
     let case = fixtures_dir().join("gqa_swa");
     let checkpoint = HfCheckpoint::open(case.join("model")).unwrap();
     let ids = read_input_ids(&case.join("input_ids.safetensors"), checkpoint.config.vocab_size).unwrap();
-    let ours = parity_outputs::<Autodiff<Wgpu>>(&checkpoint, ids, true, kernel, &Default::default()).unwrap();
+    let block = (attention == AttentionKernel::Chunked).then_some(3);
+    let ours = parity_outputs_with_attention::<Autodiff<Wgpu>>(&checkpoint, ids, true, kernel, (attention, block), &Default::default()).unwrap();
     let expected = read_f32_tensors(&case.join("expected.safetensors"));
     for (key, data) in &ours {
         let got: Vec<f32> = data.iter::<f32>().collect();
         let err = rel_l2(&got, &expected[key].data);
         let tol = if key.starts_with("grad.") { 1e-4 } else { 1e-5 };
-        assert!(err <= tol, "{kernel} {key}: rel err {err:e} > {tol:e}");
+        assert!(err <= tol, "{kernel} {attention} {key}: rel err {err:e} > {tol:e}");
     }
 }
 
 #[test]
-fn whole_model_matches_transformers_on_wgpu_with_scatter_kernels() {
-    whole_model_on_wgpu(MoeKernel::Scatter);
+fn whole_model_matches_transformers_on_wgpu_with_scatter_kernels_and_chunked_attention() {
+    whole_model_on_wgpu(MoeKernel::Scatter, AttentionKernel::Chunked);
 }
 
 #[test]
 fn whole_model_matches_transformers_on_wgpu_with_block_sparse_kernels() {
-    whole_model_on_wgpu(MoeKernel::BlockSparse);
+    whole_model_on_wgpu(MoeKernel::BlockSparse, AttentionKernel::Eager);
+}
+
+/// Output and q, k, v gradients of `sum(attention · probe)` (grouped-query heads, a window, blocks
+/// of 4 queries over 11).
+fn chunked_attention<B: AutodiffBackend + MoeBackend>(device: &B::Device) -> Vec<Vec<f32>> {
+    let ([b, h, kv, s, hd], window) = ([2, 4, 2, 11, 8], Some(6));
+    let t = |heads: usize, seed| Tensor::<B, 4>::from_data(TensorData::new(pseudo_random(b * heads * s * hd, seed, 1.0), [b, heads, s, hd]), device);
+    let (q, k, v) = (t(h, 1).require_grad(), t(kv, 2).require_grad(), t(kv, 3).require_grad());
+    let spec = CausalAttention::new(hd).with_window(window).with_query_block(Some(4));
+    let out = causal_attention(q.clone(), k.clone(), v.clone(), &spec);
+    let host = |t: Tensor<B::InnerBackend, 4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
+    let y = out.clone().into_data().iter::<f32>().collect();
+    let g = (out * t(h, 4)).sum().backward();
+    vec![y, host(q.grad(&g).unwrap()), host(k.grad(&g).unwrap()), host(v.grad(&g).unwrap())]
+}
+
+#[test]
+fn chunked_attention_on_wgpu_and_fused_wgpu_matches_cpu() {
+    let want = chunked_attention::<CpuAutodiff>(&Default::default());
+    let plain = chunked_attention::<Autodiff<Wgpu>>(&Default::default());
+    let fused = chunked_attention::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&Default::default());
+    for (backend, got) in [("wgpu", plain), ("fused wgpu", fused)] {
+        for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
+            let err = rel_l2(a, b);
+            assert!(err < 1e-5, "{backend}: {name} rel err {err:e}");
+        }
+    }
 }

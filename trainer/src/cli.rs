@@ -111,6 +111,13 @@ pub struct Args {
     #[arg(long)]
     pub fused_adamw: bool,
 
+    /// How attention is computed: eager (HF's: the full score matrix per head is materialised and
+    /// kept for the backward pass) or chunked (blocks of queries; the backward pass recomputes the
+    /// scores from a per-query log-sum-exp, so a layer keeps O(seq) per head instead of O(seq²)).
+    /// Same numbers up to rounding.
+    #[arg(long, default_value = "eager")]
+    pub attention: mixtral_burn::AttentionKernel,
+
     /// Expert-computation path of the MoE layers: reference, scatter (alias scattermoe) or
     /// block-sparse (alias megablocks).
     #[arg(long, default_value = "reference")]

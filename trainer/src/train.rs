@@ -387,6 +387,7 @@ where
         // in-process ranks) would otherwise draw each other's numbers.
         (_, None) => config.init_seeded(device, args.seed),
     };
+    model = model.with_attention_kernel(args.attention, None);
     if let Some((targets, lora)) = args.lora() {
         lora.validate().map_err(|e| TrainError::Args(e.to_string()))?;
         model = model.with_lora(&lora, targets, args.seed);
@@ -407,6 +408,7 @@ where
         total_steps,
         warmup,
         moe_kernel = %args.kernel(),
+        attention = %args.attention,
         grouped_gemm = %args.grouped_gemm,
         "training {}",
         args.model_path.as_ref().map_or_else(|| "tiny Mixtral".to_owned(), |p| p.display().to_string())

@@ -156,6 +156,26 @@ fn expert_parallel_fsdp2_and_fsdp1_equal_one_device() {
     }
 }
 
+/// `--attention chunked` (blocked attention with its own backward pass) trains like the eager
+/// attention: on one device, and on 2 ranks with EP and FSDP2's one-layer-at-a-time schedule, which
+/// re-runs each layer's forward inside its backward pass.
+#[test]
+fn chunked_attention_trains_like_eager_attention() {
+    let tmp = tempfile::tempdir().unwrap();
+    let common = ["--max-steps", "3", "--seed", "1", "--gradient-accumulation-steps", "2", "--save-steps", "3"];
+    let eager = tmp.path().join("eager");
+    train::<B>(&args(&eager, 4, &common), &Default::default()).unwrap();
+    let mut flags = common.to_vec();
+    flags.extend_from_slice(&["--attention", "chunked"]);
+    let chunked = tmp.path().join("chunked");
+    train::<B>(&args(&chunked, 4, &flags), &Default::default()).unwrap();
+    assert_same_run(&eager, &chunked, 3, "one device, chunked attention");
+    flags.extend_from_slice(&["--ep-size", "2", "--sharding", "fsdp2"]);
+    let sharded = tmp.path().join("sharded");
+    run_ranks(2, &args(&sharded, 2, &flags));
+    assert_same_run(&eager, &sharded, 3, "2 ranks, EP=2 + FSDP2, chunked attention");
+}
+
 #[test]
 fn expert_parallel_ranks_with_empty_slices_and_lora_on_experts() {
     // 6 examples, global batch 4: the second batch has 2 examples, so ranks 2 and 3 of 4 run an

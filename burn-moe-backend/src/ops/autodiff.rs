@@ -12,6 +12,7 @@
 //! | `sdd(x, w, no ᵀ)` | `dsd(dy, w, ᵀ)` | `dstd(dy, x, out ᵀ)` |
 //! | `dsd(s, w, ᵀ)` | `sdd(dy, w, no ᵀ)` | `dstd(s, dy, out ᵀ)` |
 //! | `dsd(s, w, no ᵀ)` | `sdd(dy, w, ᵀ)` | `dstd(s, dy)` |
+//! | `attention(q, k, v)` | `attention_backward(q, k, v, out, lse, dout)` (q, k and v) | — |
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -24,6 +25,7 @@ use burn::tensor::{Int, Tensor, TensorMetadata, TensorPrimitive, backend::Backen
 use kernels_cubecl::BlockSparseTopology;
 
 use super::backend::{HostIndex, MoeBackend};
+use crate::attention::CausalAttention;
 use super::scatter_add::{scatter_add_rows, scatter_add_rows_host};
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -194,6 +196,61 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
         // Used inside backward passes only; second derivatives are not needed.
         <FloatTensor<Self>>::new(B::moe_dstd(s.primitive, d.primitive, topology, transpose_out))
+    }
+
+    fn moe_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: &CausalAttention,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct AttentionBackward;
+
+        impl<B: MoeBackend> Backward<B, 3> for AttentionBackward {
+            // q, k, v, output, log-sum-exp: O(S) per head, where the composed attention keeps O(S²).
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, CausalAttention);
+
+            fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_q, node_k, node_v] = ops.parents;
+                let dout = grads.consume::<B>(&ops.node);
+                let (q, k, v, out, lse, spec) = ops.state;
+                let (dq, dk, dv) = B::moe_attention_backward(q, k, v, out, lse, dout, &spec);
+                for (node, grad) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+                    if let Some(node) = node {
+                        grads.register::<B>(node.id, grad);
+                    }
+                }
+            }
+        }
+
+        match AttentionBackward.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (out, lse) = B::moe_attention(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), spec);
+                let out = prep.finish((q.primitive, k.primitive, v.primitive, out.clone(), lse.clone(), *spec), out);
+                // The log-sum-exp is bookkeeping for the backward pass, not differentiated.
+                (out, <FloatTensor<Self>>::new(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, lse) = B::moe_attention(q.primitive, k.primitive, v.primitive, spec);
+                (prep.finish(out), <FloatTensor<Self>>::new(lse))
+            }
+        }
+    }
+
+    fn moe_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        spec: &CausalAttention,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        // Used inside backward passes only; second derivatives are not needed.
+        let (dq, dk, dv) =
+            B::moe_attention_backward(q.primitive, k.primitive, v.primitive, out.primitive, lse.primitive, dout.primitive, spec);
+        (<FloatTensor<Self>>::new(dq), <FloatTensor<Self>>::new(dk), <FloatTensor<Self>>::new(dv))
     }
 }
 

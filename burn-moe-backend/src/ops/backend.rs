@@ -138,6 +138,84 @@ pub trait MoeBackend: Backend {
         crate::optim::adamw_step_ops::<Self>(param, grad, m, v, hyper)
     }
 
+    /// Causal attention ([`CausalAttention`](crate::attention::CausalAttention)): the output and each
+    /// query's f32 log-sum-exp of its scores. The default works through the queries a block at a
+    /// time with tensor ops ([`attention_forward`](crate::attention::attention_forward)); under
+    /// `Autodiff` the backward pass is [`moe_attention_backward`](Self::moe_attention_backward), which
+    /// recomputes the scores instead of keeping them.
+    ///
+    /// # Shapes
+    /// - `q`: `[B, H, S, hd]`, `k`, `v`: `[B, KV, S, hd]` (`KV` divides `H`) → `[B, H, S, hd]` and `[B, H, S]`
+    fn moe_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        spec: &crate::attention::CausalAttention,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, lse) = crate::attention::attention_forward::<Self>(float(q), float(k), float(v), spec);
+        (out.into_primitive().tensor(), lse.into_primitive().tensor())
+    }
+
+    /// Gradients `(dq, dk, dv)` of [`moe_attention`](Self::moe_attention) for the output gradient
+    /// `dout`, from its inputs, output and log-sum-exp
+    /// ([`attention_backward`](crate::attention::attention_backward)).
+    ///
+    /// # Shapes
+    /// - as [`moe_attention`](Self::moe_attention); `out`, `dout`: `[B, H, S, hd]`, `lse`: `[B, H, S]`
+    ///   → `[B, H, S, hd]`, `[B, KV, S, hd]`, `[B, KV, S, hd]`
+    #[allow(clippy::too_many_arguments)]
+    fn moe_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+        spec: &crate::attention::CausalAttention,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) =
+            crate::attention::attention_backward::<Self>(float(q), float(k), float(v), float(out), float(lse), float(dout), spec);
+        (dq.into_primitive().tensor(), dk.into_primitive().tensor(), dv.into_primitive().tensor())
+    }
+
+    /// Softmax of one block of raw causal-attention scores (what [`moe_attention`](Self::moe_attention)
+    /// runs per block of queries): scale, mask by [`SoftmaxBlock`](crate::attention::SoftmaxBlock),
+    /// softmax over each row's visible keys. Returns the probabilities in the scores' dtype and each
+    /// row's log-sum-exp (f32; f64 for f64 scores). The default is made of tensor ops
+    /// ([`attention_softmax_ops`](crate::attention::attention_softmax_ops)); CubeCL backends run one
+    /// kernel.
+    ///
+    /// # Shapes
+    /// - `scores`: `[rows, keys]` → `[rows, keys]` and `[rows]`
+    fn moe_attention_softmax(
+        scores: FloatTensor<Self>,
+        block: &crate::attention::SoftmaxBlock,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (probs, lse) = crate::attention::attention_softmax_ops::<Self>(float(scores), block);
+        (probs.into_primitive().tensor(), lse.into_primitive().tensor())
+    }
+
+    /// The backward pass of [`moe_attention_softmax`](Self::moe_attention_softmax) for the
+    /// probability gradients `dprobs`: the probabilities rebuilt from the log-sum-exps `lse`, and the
+    /// score gradients `scale · p · (dprobs − correction)` (`correction` per row: `Σ p · dprobs`), both
+    /// in the scores' dtype. Default from tensor ops
+    /// ([`attention_softmax_backward_ops`](crate::attention::attention_softmax_backward_ops)); one
+    /// kernel on CubeCL backends.
+    ///
+    /// # Shapes
+    /// - `scores`, `dprobs`: `[rows, keys]`, `lse`, `correction`: `[rows]` → two `[rows, keys]`
+    fn moe_attention_softmax_backward(
+        scores: FloatTensor<Self>,
+        dprobs: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        correction: FloatTensor<Self>,
+        block: &crate::attention::SoftmaxBlock,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (probs, d_scores) =
+            crate::attention::attention_softmax_backward_ops::<Self>(float(scores), float(dprobs), float(lse), float(correction), block);
+        (probs.into_primitive().tensor(), d_scores.into_primitive().tensor())
+    }
+
     /// SwiGLU activation of the expert layers: `silu(gate) · up`, elementwise.
     ///
     /// # Shapes

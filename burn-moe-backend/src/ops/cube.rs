@@ -7,7 +7,8 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use kernels_cubecl::BlockSparseTopology;
+use kernels_cubecl::attention::{launch_attention_softmax, launch_attention_softmax_backward};
+use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
 use kernels_cubecl::scatter::{
@@ -280,6 +281,53 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         ))
         .unwrap_or_else(|e| panic!("AdamW: {e}"));
         (p_out, m_out, v_out)
+    }
+
+    fn moe_attention_softmax(scores: FloatTensor<Self>, block: &SoftmaxBlock) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let scores = into_contiguous(scores);
+        assert_eq!(
+            (scores.meta.shape()[0], scores.meta.shape()[1]),
+            (block.rows, block.keys),
+            "attention softmax: scores {:?} vs block {block:?}",
+            scores.meta.shape()
+        );
+        let probs = empty(&scores, [block.rows, block.keys], scores.dtype);
+        let lse = empty_nd::<R, 1>(&scores, [block.rows], DType::F32);
+        with_float!(scores.dtype, FE => launch_attention_softmax::<R, FE>(
+            &scores.client, block, scores.handle.clone(), probs.handle.clone(), lse.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("attention softmax: {e}"));
+        (probs, lse)
+    }
+
+    fn moe_attention_softmax_backward(
+        scores: FloatTensor<Self>,
+        dprobs: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        correction: FloatTensor<Self>,
+        block: &SoftmaxBlock,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (scores, dprobs) = (into_contiguous(scores), into_contiguous(dprobs));
+        // The statistics are f32 whatever the scores' dtype (the kernel reads them as f32).
+        let stats = |t: CubeTensor<R>| into_contiguous(if t.dtype == DType::F32 { t } else { burn_cubecl::kernel::cast(t, DType::F32) });
+        let (lse, correction) = (stats(lse), stats(correction));
+        check_same("attention softmax backward", &[&scores, &dprobs]);
+        assert_eq!(
+            (scores.meta.shape()[0], scores.meta.shape()[1], lse.meta.shape().num_elements(), correction.meta.shape().num_elements()),
+            (block.rows, block.keys, block.rows, block.rows),
+            "attention softmax backward: scores {:?}, lse {:?}, correction {:?} vs block {block:?}",
+            scores.meta.shape(),
+            lse.meta.shape(),
+            correction.meta.shape()
+        );
+        let probs = empty(&scores, [block.rows, block.keys], scores.dtype);
+        let d_scores = empty(&scores, [block.rows, block.keys], scores.dtype);
+        with_float!(scores.dtype, FE => launch_attention_softmax_backward::<R, FE>(
+            &scores.client, block, scores.handle.clone(), dprobs.handle.clone(), lse.handle.clone(), correction.handle.clone(),
+            probs.handle.clone(), d_scores.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("attention softmax backward: {e}"));
+        (probs, d_scores)
     }
 
     fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

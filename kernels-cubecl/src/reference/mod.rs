@@ -1,5 +1,6 @@
 //! Plain-Rust references for the MoE kernels.
 
+pub mod attention;
 pub mod blocksparse;
 pub mod routing;
 pub mod scatter;

@@ -146,6 +146,8 @@ impl HfCheckpoint {
                 head_dim: hd,
                 rope_theta: c.rope_theta,
                 sliding_window: c.sliding_window,
+                kernel: c.attention_kernel,
+                query_block: None,
             };
             // Each expert weight is `[el, rows, cols]`: one segment per local expert.
             let (gate, w1, w3, w2) = match self.layout {

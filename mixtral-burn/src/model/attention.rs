@@ -1,10 +1,58 @@
 use burn::module::Module;
 use burn::tensor::{Bool, DType, Tensor, TensorData, activation::softmax, backend::Backend};
+use burn_moe_backend::{CausalAttention, MoeBackend, causal_attention};
+use serde::{Deserialize, Serialize};
 
 use super::linear::HfLinear;
 use super::rope::RotaryEmbedding;
 
-/// Causal self-attention with RoPE and grouped-query heads (HF `MixtralAttention`, eager path).
+/// How [`MixtralAttention`] computes `softmax(q·kᵀ/√hd + mask)·v` (both give the same numbers up to
+/// rounding; they differ in what a training step keeps for its backward pass).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttentionKernel {
+    /// HF's eager attention from tensor ops: the `[B, H, S, S]` scores, mask and probabilities are
+    /// materialised, and kept by autodiff until the backward pass.
+    #[default]
+    Eager,
+    /// [`burn_moe_backend::causal_attention`]: blocks of queries at a time, keys never repeated for
+    /// grouped-query heads, a backward pass that recomputes the scores from a per-query log-sum-exp
+    /// — `O(S)` memory per head kept for backward instead of `O(S²)`.
+    Chunked,
+}
+
+impl AttentionKernel {
+    /// Every kernel, for tests and command-line help.
+    pub const ALL: [AttentionKernel; 2] = [AttentionKernel::Eager, AttentionKernel::Chunked];
+
+    /// The name used on command lines and in configs.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::Eager => "eager",
+            AttentionKernel::Chunked => "chunked",
+        }
+    }
+}
+
+impl std::fmt::Display for AttentionKernel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttentionKernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+            format!("unknown attention kernel '{s}' (expected one of: {})", names.join(", "))
+        })
+    }
+}
+
+/// Causal self-attention with RoPE and grouped-query heads (HF `MixtralAttention`), computed by
+/// [`AttentionKernel`].
 ///
 /// # Shapes
 /// - `q_proj`: `[H·hd, D]`, `k_proj`/`v_proj`: `[KV·hd, D]`, `o_proj`: `[D, H·hd]`
@@ -30,9 +78,15 @@ pub struct MixtralAttention<B: Backend> {
     /// Sliding window, if any.
     #[module(skip)]
     pub sliding_window: Option<usize>,
+    /// How the attention itself is computed.
+    #[module(skip)]
+    pub kernel: AttentionKernel,
+    /// Queries per block of [`AttentionKernel::Chunked`]; `None` sizes blocks automatically.
+    #[module(skip)]
+    pub query_block: Option<usize>,
 }
 
-impl<B: Backend> MixtralAttention<B> {
+impl<B: MoeBackend> MixtralAttention<B> {
     /// Attention over the whole sequence (training / prefill; no KV cache).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, s, _] = x.dims();
@@ -47,6 +101,12 @@ impl<B: Backend> MixtralAttention<B> {
         let (cos, sin) = rope.tables::<B>(s, &device, q.dtype());
         let q = rope.apply(q, cos.clone(), sin.clone());
         let k = rope.apply(k, cos, sin);
+
+        if self.kernel == AttentionKernel::Chunked {
+            let spec = CausalAttention::new(hd).with_window(self.sliding_window).with_query_block(self.query_block);
+            let out = causal_attention(q, k, v, &spec).swap_dims(1, 2).reshape([b, s, h * hd]);
+            return self.o_proj.forward(out);
+        }
 
         // Grouped-query attention: query head i reads key/value head i / (H / KV).
         let repeat = |t: Tensor<B, 4>| {

@@ -3,7 +3,7 @@ use burn::nn::Embedding;
 use burn::tensor::{Distribution, Int, Tensor, TensorData, backend::Backend};
 use burn_moe_backend::{DMoe, LocalDispatcher, MoeAuxStats, MoeBackend, TokenDispatcher, TokenMask, load_balancing_loss};
 
-use super::attention::MixtralAttention;
+use super::attention::{AttentionKernel, MixtralAttention};
 use super::decoder::DecoderLayer;
 use super::linear::HfLinear;
 use super::loss::causal_lm_loss;
@@ -125,6 +125,8 @@ impl MixtralConfig {
                 head_dim: hd,
                 rope_theta: self.rope_theta,
                 sliding_window: self.sliding_window,
+                kernel: self.attention_kernel,
+                query_block: None,
             };
             let gate = matrix(e, d);
             let w1 = matrix(held * f, d).reshape([held, f, d]);
@@ -262,6 +264,16 @@ impl<B: MoeBackend> MixtralForCausalLM<B> {
 }
 
 impl<B: Backend> MixtralForCausalLM<B> {
+    /// The model with every attention layer computing attention by `kernel`; `query_block` is the
+    /// chunked kernel's queries per block (`None`: sized automatically). Weights are untouched.
+    pub fn with_attention_kernel(mut self, kernel: AttentionKernel, query_block: Option<usize>) -> Self {
+        for layer in &mut self.model.layers {
+            layer.self_attn.kernel = kernel;
+            layer.self_attn.query_block = query_block;
+        }
+        self
+    }
+
     /// Number of trainable scalars.
     pub fn num_parameters(&self) -> usize {
         // From the shapes: Burn's `num_params` takes every value, which would read a lazily loaded

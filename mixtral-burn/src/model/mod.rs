@@ -9,7 +9,7 @@ mod loss;
 mod rms_norm;
 mod rope;
 
-pub use attention::MixtralAttention;
+pub use attention::{AttentionKernel, MixtralAttention};
 pub use causal_lm::{CausalLmOutput, MixtralForCausalLM, MixtralModel, ModelOutput};
 pub use decoder::DecoderLayer;
 pub use linear::{HfLinear, LinearLora};
