@@ -6,8 +6,11 @@
 //! about 4 GiB per layer and row in bf16, more than a layer's weights. This op keeps only its inputs,
 //! its output and one f32 log-sum-exp per query (`[B, H, S]`), the flash-attention bookkeeping, and
 //! works through the queries a block at a time, so no more than one block's scores exist at once.
-//! The default implementation (every backend) is made of Burn tensor ops; a backend may override the
-//! pair with kernels.
+//! Per block, the products are Burn matmuls and the softmax (scale, causal/window mask, softmax, and
+//! in the backward pass the rebuilt probabilities and score gradients) is
+//! [`MoeBackend::moe_attention_softmax`] / [`MoeBackend::moe_attention_softmax_backward`]: one CubeCL
+//! kernel each on CubeCL backends ([`kernels_cubecl::attention`]), tensor ops elsewhere. A backend may
+//! also override the whole pair ([`MoeBackend::moe_attention`], [`MoeBackend::moe_attention_backward`]).
 //!
 //! Grouped-query heads are handled inside: keys and values come with their own (fewer) heads, and a
 //! block's queries of one key/value group are multiplied as one matrix, so keys are never repeated
