@@ -27,3 +27,10 @@ fn unknown_grouped_gemm_library_is_named() {
     assert!(!ok);
     assert!(err.contains("unknown grouped GEMM library `cutlass`") && err.contains("cublas"), "{err}");
 }
+
+#[test]
+fn unknown_attention_kernel_is_named_with_the_choices() {
+    let (ok, err) = trainer(&["--attention", "flash", "--max-steps", "1"]);
+    assert!(!ok);
+    assert!(err.contains("unknown attention kernel 'flash'") && err.contains("eager, chunked"), "{err}");
+}

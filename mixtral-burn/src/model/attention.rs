@@ -146,3 +146,18 @@ pub fn attention_mask<B: Backend>(seq: usize, window: Option<usize>, device: &B:
     }
     Tensor::from_data(TensorData::new(mask, [seq, seq]), device)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn attention_kernel_names_round_trip() {
+        for k in AttentionKernel::ALL {
+            assert_eq!(k.name().parse::<AttentionKernel>(), Ok(k));
+            assert_eq!(serde_json::to_string(&k).unwrap(), format!("\"{}\"", k.name()));
+        }
+        let err = "flash".parse::<AttentionKernel>().unwrap_err();
+        assert!(err.contains("'flash'") && err.contains("eager, chunked"), "{err}");
+    }
+}
