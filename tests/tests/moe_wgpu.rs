@@ -169,6 +169,41 @@ fn fusion_wrapper_runs_the_cubecl_kernels_not_the_standard_op_fallback() {
     same("moe_swiglu_backward", &|| fused_backward(false), host(pg));
     same("moe_swiglu_backward", &|| fused_backward(true), host(pu));
 
+    // The attention softmax and its backward on a block of 2 heads × 3 queries with a window.
+    let block = burn_moe_backend::attention::SoftmaxBlock {
+        rows: 6,
+        keys: 9,
+        queries: 3,
+        first_query: 7,
+        first_key: 1,
+        scale: 0.4,
+        window: Some(5),
+    };
+    let (sc, dp) = (data(vec![6, 9], 60, 2.0), data(vec![6, 9], 61, 1.0));
+    let (lse, corr) = (TensorData::new(pseudo_random(6, 62, 1.0), [6]), TensorData::new(pseudo_random(6, 63, 1.0), [6]));
+    let p1 = |d: &TensorData| Tensor::<Wgpu, 1>::from_data(d.clone(), &device).into_primitive().tensor();
+    let f1 = |d: &TensorData| Tensor::<Fused, 1>::from_data(d.clone(), &device).into_primitive().tensor();
+    let host1 = |t| Tensor::<Wgpu, 1>::from_primitive(TensorPrimitive::Float(t)).into_data();
+    let (pp, pl) = Wgpu::moe_attention_softmax(p2(&sc).into_primitive().tensor(), &block);
+    let fused_softmax = |pick_lse: bool| {
+        let (probs, lse) = Fused::moe_attention_softmax(f2(&sc).into_primitive().tensor(), &block);
+        if pick_lse {
+            Tensor::<Fused, 1>::from_primitive(TensorPrimitive::Float(lse)).into_data()
+        } else {
+            Tensor::<Fused, 2>::from_primitive(TensorPrimitive::Float(probs)).into_data()
+        }
+    };
+    same("moe_attention_softmax", &|| fused_softmax(false), host(pp));
+    same("moe_attention_softmax", &|| fused_softmax(true), host1(pl));
+    let (bp, bd) = Wgpu::moe_attention_softmax_backward(p2(&sc).into_primitive().tensor(), p2(&dp).into_primitive().tensor(), p1(&lse), p1(&corr), &block);
+    let fused_softmax_backward = |pick_grad: bool| {
+        let (probs, d_scores) =
+            Fused::moe_attention_softmax_backward(f2(&sc).into_primitive().tensor(), f2(&dp).into_primitive().tensor(), f1(&lse), f1(&corr), &block);
+        Tensor::<Fused, 2>::from_primitive(TensorPrimitive::Float(if pick_grad { d_scores } else { probs })).into_data()
+    };
+    same("moe_attention_softmax_backward", &|| fused_softmax_backward(false), host(bp));
+    same("moe_attention_softmax_backward", &|| fused_softmax_backward(true), host(bd));
+
     // Scatter ops: permute, grouped matmul (both layouts), weight gradient, combine; an empty segment.
     let (n, k, m, e) = (45, 72, 40, 3);
     let offsets = [0usize, 17, 17, 45];

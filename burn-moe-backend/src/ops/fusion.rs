@@ -17,7 +17,7 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use burn_fusion::stream::{Operation, OperationStreams};
 use burn_fusion::{Fusion, FusionBackend, FusionRuntime, FusionTensor};
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
-use kernels_cubecl::BlockSparseTopology;
+use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 
 use super::backend::MoeBackend;
 
@@ -35,10 +35,12 @@ enum MoeOp {
     Sdd { topology: Arc<BlockSparseTopology>, transpose: bool },
     Dsd { topology: Arc<BlockSparseTopology>, transpose: bool },
     Dstd { topology: Arc<BlockSparseTopology>, transpose_out: bool },
+    AttentionSoftmax { block: SoftmaxBlock },
+    AttentionSoftmaxBackward { block: SoftmaxBlock },
 }
 
 /// The ops' ids, in [`MoeOp::index`] order.
-const OP_NAMES: [&str; 9] = [
+const OP_NAMES: [&str; 11] = [
     "moe_permute",
     "moe_grouped_matmul",
     "moe_grouped_matmul_weight_grad",
@@ -48,10 +50,12 @@ const OP_NAMES: [&str; 9] = [
     "moe_sdd",
     "moe_dsd",
     "moe_dstd",
+    "moe_attention_softmax",
+    "moe_attention_softmax_backward",
 ];
 
 /// How many times each op has run on the inner backend through the fusion stream, process-wide.
-static EXECUTED: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+static EXECUTED: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
 
 /// How many times the MoE op `name` (`"moe_grouped_matmul"`, `"moe_sdd"`, ... — the [`MoeBackend`]
 /// method names) has executed as a fusion custom op on the inner backend in this process; `None`
@@ -73,6 +77,8 @@ impl MoeOp {
             MoeOp::Sdd { .. } => 6,
             MoeOp::Dsd { .. } => 7,
             MoeOp::Dstd { .. } => 8,
+            MoeOp::AttentionSoftmax { .. } => 9,
+            MoeOp::AttentionSoftmaxBackward { .. } => 10,
         }
     }
 
@@ -136,6 +142,18 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustomOp<
             MoeOp::Dstd { topology, transpose_out } => {
                 let (s, d) = (float(0, handles), float(1, handles));
                 B::moe_dstd(s, d, topology, *transpose_out)
+            }
+            MoeOp::AttentionSoftmax { block } => {
+                let (probs, lse) = B::moe_attention_softmax(float(0, handles), block);
+                handles.register_float_tensor::<B>(&outs[1].id, lse);
+                probs
+            }
+            MoeOp::AttentionSoftmaxBackward { block } => {
+                let (scores, dprobs) = (float(0, handles), float(1, handles));
+                let (lse, correction) = (float(2, handles), float(3, handles));
+                let (probs, d_scores) = B::moe_attention_softmax_backward(scores, dprobs, lse, correction, block);
+                handles.register_float_tensor::<B>(&outs[1].id, d_scores);
+                probs
             }
         };
         handles.register_float_tensor::<B>(&outs[0].id, out);
@@ -211,6 +229,28 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
         let out = (Shape::new([topology.rows(), m]), s.dtype);
         let op = MoeOp::Dsd { topology: Arc::new(topology.clone()), transpose };
         one(register::<B>(op, vec![s, w], vec![out]))
+    }
+
+    fn moe_attention_softmax(scores: FloatTensor<Self>, block: &SoftmaxBlock) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // The log-sum-exps are f32 whatever the scores' dtype (the CubeCL kernel's output).
+        let outputs = vec![(Shape::new([block.rows, block.keys]), scores.dtype), (Shape::new([block.rows]), DType::F32)];
+        let mut out = register::<B>(MoeOp::AttentionSoftmax { block: *block }, vec![scores], outputs);
+        let lse = out.pop().expect("two outputs registered");
+        (out.pop().expect("two outputs registered"), lse)
+    }
+
+    fn moe_attention_softmax_backward(
+        scores: FloatTensor<Self>,
+        dprobs: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        correction: FloatTensor<Self>,
+        block: &SoftmaxBlock,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let out = (Shape::new([block.rows, block.keys]), scores.dtype);
+        let op = MoeOp::AttentionSoftmaxBackward { block: *block };
+        let mut grads = register::<B>(op, vec![scores, dprobs, lse, correction], vec![out.clone(), out]);
+        let d_scores = grads.pop().expect("two outputs registered");
+        (grads.pop().expect("two outputs registered"), d_scores)
     }
 
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
