@@ -87,7 +87,7 @@ struct Dims {
     kv_heads: usize,
     seq: usize,
     head_dim: usize,
-    /// f32 for half-precision and f32 inputs (as HF's eager attention), f64 for f64 inputs.
+    /// [`stats_dtype`] of the inputs.
     stats: DType,
 }
 
@@ -100,8 +100,7 @@ impl Dims {
             "causal attention: keys {kd:?} and values {vd:?} must be [{batch}, KV, {seq}, {head_dim}] with KV dividing the {heads} query heads (queries {:?})",
             q.dims()
         );
-        let stats = if q.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
-        Self { batch, heads, kv_heads, seq, head_dim, stats }
+        Self { batch, heads, kv_heads, seq, head_dim, stats: stats_dtype(q.dtype()) }
     }
 
     fn group(&self) -> usize {
@@ -120,13 +119,14 @@ impl Dims {
         t.clone().slice([0..self.batch, 0..self.kv_heads, keys.clone(), 0..self.head_dim])
     }
 
-    /// A block's raw scores `q·kᵀ` in the inputs' dtype, one row per (batch, head, query) —
-    /// `[B·KV·G·rows, keys]` — and what the softmax kernels need to know of them.
+    /// A block's raw scores `q_c·k_cᵀ` in the inputs' dtype (`q_c` the block's [`grouped`](Self::grouped)
+    /// queries, `k_c` its [`keys`](Self::keys)), one row per (batch, head, query) — `[B·KV·G·rows, keys]`
+    /// — and what the softmax kernels need to know of them.
     fn scores<B: Backend>(
         &self,
         spec: &CausalAttention,
-        q: &Tensor<B, 4>,
-        k: &Tensor<B, 4>,
+        q_c: Tensor<B, 4>,
+        k_c: Tensor<B, 4>,
         rows: &Range<usize>,
         keys: &Range<usize>,
     ) -> (Tensor<B, 2>, SoftmaxBlock) {
@@ -139,7 +139,7 @@ impl Dims {
             scale: spec.scale,
             window: spec.window,
         };
-        let raw = self.grouped(q, rows).matmul(self.keys(k, keys).swap_dims(2, 3));
+        let raw = q_c.matmul(k_c.swap_dims(2, 3));
         (raw.reshape([block.rows, block.keys]), block)
     }
 }
@@ -159,7 +159,7 @@ pub fn attention_forward<B: MoeBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Ten
     let mut lses = Vec::new();
     for (rows, keys) in spec.blocks(b, h, dims.seq) {
         let (c, kv, g) = (rows.len(), dims.kv_heads, dims.group());
-        let (scores, block) = dims.scores(spec, &q, &k, &rows, &keys);
+        let (scores, block) = dims.scores(spec, dims.grouped(&q, &rows), dims.keys(&k, &keys), &rows, &keys);
         let (probs, lse) = B::moe_attention_softmax(prim(scores), &block);
         let probs = float::<B, 2>(probs).reshape([b, kv, g * c, keys.len()]);
         outs.push(probs.matmul(dims.keys(&v, &keys)).reshape([b, h, c, hd]));
@@ -195,20 +195,21 @@ pub fn attention_backward<B: MoeBackend>(
     let mut dv = Tensor::<B, 4>::zeros([b, kv, s, hd], (&device, dims.stats));
     for (rows, keys) in spec.blocks(b, h, s) {
         let (c, n) = (rows.len(), keys.len());
-        let (scores, block) = dims.scores(spec, &q, &k, &rows, &keys);
+        // The block's queries and keys serve the recomputed scores and the gradients alike.
+        let (q_c, k_c, v_c) = (dims.grouped(&q, &rows), dims.keys(&k, &keys), dims.keys(&v, &keys));
+        let (scores, block) = dims.scores(spec, q_c.clone(), k_c.clone(), &rows, &keys);
         let lse_c = lse.clone().slice([0..b, 0..h, rows.clone()]).reshape([block.rows]);
         let d_o = dims.grouped(&dout, &rows);
         let o = dims.grouped(&out, &rows);
         // rowsum(dO ⊙ O) = Σ_j P_ij · dP_ij, the softmax's correction term.
         let correction = (d_o.clone().cast(dims.stats) * o.cast(dims.stats)).sum_dim(3).reshape([block.rows]);
-        let (k_c, v_c) = (dims.keys(&k, &keys), dims.keys(&v, &keys));
         let d_probs = d_o.clone().matmul(v_c.swap_dims(2, 3)).reshape([block.rows, n]);
         let (probs, d_scores) =
             B::moe_attention_softmax_backward(prim(scores), prim(d_probs), prim(lse_c), prim(correction), &block);
         let probs = float::<B, 2>(probs).reshape([b, kv, g * c, n]);
         let d_scores = float::<B, 2>(d_scores).reshape([b, kv, g * c, n]);
         let dv_c = probs.swap_dims(2, 3).matmul(d_o);
-        let dk_c = d_scores.clone().swap_dims(2, 3).matmul(dims.grouped(&q, &rows));
+        let dk_c = d_scores.clone().swap_dims(2, 3).matmul(q_c);
         dq.push(d_scores.matmul(k_c).reshape([b, h, c, hd]));
         let range = [0..b, 0..kv, keys.clone(), 0..hd];
         // The sums are formed before the assignment so the accumulator is not shared when it is
@@ -260,10 +261,9 @@ pub fn attention_softmax_backward_ops<B: Backend>(
     block: &SoftmaxBlock,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
     let dtype = scores.dtype();
-    let heads = block.rows / block.queries.max(1);
-    let per_row = |t: Tensor<B, 1>| t.reshape([heads, block.queries, 1]);
     let scores = masked_scores(scores, block);
-    let stats = scores.dtype();
+    let ([heads, _, _], stats) = (scores.dims(), scores.dtype());
+    let per_row = |t: Tensor<B, 1>| t.reshape([heads, block.queries, 1]);
     let probs = (scores - per_row(lse)).exp();
     let dprobs = dprobs.reshape([heads, block.queries, block.keys]).cast(stats);
     let d_scores = (probs.clone() * (dprobs - per_row(correction))).mul_scalar(block.scale);
@@ -274,11 +274,17 @@ pub fn attention_softmax_backward_ops<B: Backend>(
 /// A block's scores scaled, in the statistics dtype (f32, f64 for f64), `−∞` where the query does not
 /// see the key: `[rows / queries, queries, keys]`.
 fn masked_scores<B: Backend>(scores: Tensor<B, 2>, block: &SoftmaxBlock) -> Tensor<B, 3> {
-    let stats = if scores.dtype() == DType::F64 { DType::F64 } else { DType::F32 };
+    let stats = stats_dtype(scores.dtype());
     let heads = block.rows / block.queries.max(1);
     let shape = [heads, block.queries, block.keys];
     let mask = block_mask::<B>(block, &scores.device()).reshape([1, block.queries, block.keys]).expand(shape);
     scores.reshape(shape).cast(stats).mul_scalar(block.scale).mask_fill(mask, f32::NEG_INFINITY)
+}
+
+/// The dtype of softmax statistics and gradient sums for activations of `dtype`: f32 for half
+/// precision and f32 (as HF's eager attention), f64 for f64.
+fn stats_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 { DType::F64 } else { DType::F32 }
 }
 
 /// `true` where a query of the block must not see a key: `[queries, keys]`, built on the device.
