@@ -1,29 +1,49 @@
 #!/usr/bin/env bash
-# One device call (one GPU): the trainer's attention kernels side by side at Mixtral-8x7B layer shapes —
-# `--attention eager` (HF's materialised scores) then `--attention chunked` (blocked, fused softmax
-# kernels, scores recomputed in the backward pass) — on the same card in the same call, through
-# bench/parallel_gpu.sh's table (LAYERS layers, packed rows of SEQ tokens, STEPS steps, bf16, scatter
-# kernels; LORAS as there). Before timing, each attention's losses on the tiny model are compared with
-# the eager run (f32). Expects .dev/bin/trainer.xz; writes $OUT/eager, $OUT/chunked and the log.
+# One device call (one GPU): the trainer's attention kernels (and optimizer) side by side at
+# Mixtral-8x7B layer shapes, on the same card in the same call, through bench/parallel_gpu.sh's table
+# (LAYERS layers, packed rows of SEQ tokens, STEPS steps, bf16, scatter kernels; LORAS as there).
+# VARIANTS lists the rows: `eager` / `chunked` (`--attention`), with `+fused` adding `--fused-adamw`
+# (default "eager chunked chunked+fused"). Before timing, each variant's losses on the tiny model are
+# compared with the eager run (f32). TIMERS=1 adds one run of the last variant with
+# BURN_MOE_STEP_TIMERS=1 (phases of each step, device synced at each boundary). Expects
+# .dev/bin/trainer.xz; writes $OUT/<variant> and the log.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 exec > >(tee -a "$OUT/attention_gpu.log") 2>&1
 source bench/trainer_env.sh
-for att in eager chunked; do
+VARIANTS=${VARIANTS:-"eager chunked chunked+fused"}
+variant_flags() { # eager | chunked, optionally +fused -> trainer flags
+  local f="--attention ${1%%+*}"
+  [[ $1 == *+fused ]] && f="$f --fused-adamw"
+  echo "$f"
+}
+for v in eager $VARIANTS; do
+  [ -d "$OUT/tiny-$v" ] && continue
   timeout 120 /tmp/trainer --device cuda --max-steps 3 --seed 1 --per-device-train-batch-size 4 \
-    --attention $att --output-dir $OUT/tiny-$att >/dev/null || echo "tiny $att: rc=$?"
+    $(variant_flags $v) --output-dir $OUT/tiny-$v >/dev/null || echo "tiny $v: rc=$?"
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" $VARIANTS <<'PY'
 import json, sys, os
-out = sys.argv[1]
+out, variants = sys.argv[1], sys.argv[2:]
 load = lambda d: [json.loads(l) for l in open(os.path.join(out, d, "metrics.jsonl"))]
-a, b = load("tiny-eager"), load("tiny-chunked")
-worst = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in ["loss", "lm_loss", "grad_norm"])
-print(f"tiny f32, chunked vs eager attention: {len(b)} steps, max rel diff (loss, lm_loss, grad_norm) = {worst:.2e}")
+a = load("tiny-eager")
+for v in variants:
+    b = load("tiny-" + v)
+    worst = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in ["loss", "lm_loss", "grad_norm"])
+    print(f"tiny f32, {v} vs eager: {len(b)} steps, max rel diff (loss, lm_loss, grad_norm) = {worst:.2e}")
 PY
-for att in eager chunked; do
-  echo "##### --attention $att"
-  OUT=$OUT/$att NPROC=1 PLANS=ddp EQUIV=0 \
-    EXTRA="--dtype bf16 --moe-kernel scatter --attention $att ${EXTRA:-}" bash bench/parallel_gpu.sh
+for v in $VARIANTS; do
+  echo "##### $v: $(variant_flags $v)"
+  OUT=$OUT/$v NPROC=1 PLANS=ddp EQUIV=0 \
+    EXTRA="--dtype bf16 --moe-kernel scatter $(variant_flags $v) ${EXTRA:-}" bash bench/parallel_gpu.sh
 done
+if [ "${TIMERS:-0}" = 1 ]; then
+  v=${VARIANTS##* }
+  echo "##### step phases, $v (BURN_MOE_STEP_TIMERS=1)"
+  python3 bench/mixtral_config.py "$OUT/timers_config.json" "${LAYERS:-2}"
+  BURN_MOE_STEP_TIMERS=1 RUST_LOG=info timeout 150 /tmp/trainer --device cuda --model-config "$OUT/timers_config.json" \
+    --per-device-train-batch-size 1 --packing --max-seq-length ${SEQ:-4096} --max-steps ${STEPS:-4} --logging-steps 1 \
+    --learning-rate 1e-5 --use-lora none --sharding ddp --dtype bf16 --moe-kernel scatter $(variant_flags $v) ${EXTRA:-} \
+    --output-dir $OUT/timers 2>&1 | grep -E "step phases|rror" | sed -E 's/^.*(step=[0-9]+)/\1/'
+fi

@@ -10,8 +10,10 @@
 # EQUIV_EXTRA adds flags to the equivalence runs (e.g. "--dtype bf16": then 1 GPU bf16 is also compared with
 # 1 GPU f32, and the plans with 1 GPU bf16). GEMM_RATE=1 first measures torch's bf16 8192^3 matmul rate on
 # this card (the denominator of the "40% of the card's bf16 GEMM rate" target).
-# Plans: fsdp2, fsdp1 (FSDP gathering one unit at a time, the default), fsdp2-step / fsdp1-step (the whole
-# model once per step), ddp, ep<N>+<fsdp2|fsdp1|ddp>.
+# Plans: fsdp2, fsdp1 (the trainer's default --fsdp-gather: one unit at a time, the next one's gathers
+# overlapped), fsdp2-layer / fsdp1-layer (one unit at a time, no overlap), fsdp2-step / fsdp1-step (the
+# whole model once per step), fsdp2-prefetch / fsdp1-prefetch, ddp, ep<N>+<fsdp2|fsdp1|ddp>, and
+# ep<N>+<fsdp2|fsdp1>-<layer|step|prefetch>.
 # The 8-GPU run of issue 8 is one call (the tiny model has 4 experts, hence EQUIV_PLANS):
 #   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep4+fsdp2" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
 #     LORAS="none attn-only all" LAYERS=<as many as fit> bash bench/parallel_gpu.sh
@@ -62,6 +64,8 @@ for p in plans:
         got = load(p)
     except OSError as e:
         print(p, "missing:", e); continue
+    if not got:
+        print(f"{p:>12}: no step logged (the run failed; see above)"); continue
     worst = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(ref, got) for k in ["loss", "lm_loss", "aux_loss", "grad_norm"])
     print(f"{p:>12}: {len(got)} steps, max rel diff vs 1 GPU (loss, lm, aux, grad_norm) = {worst:.2e}")
 PY

@@ -5,14 +5,17 @@ python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.x
 chmod +x /tmp/trainer
 source "$(dirname "${BASH_SOURCE[0]}")/cuda_libs.sh"
 export RUST_LOG=warn
-# A plan name of the GPU scripts (fsdp2, fsdp1, ddp, ep<N>+<sharding>) -> trainer flags.
+# A plan name of the GPU scripts (fsdp2, fsdp1, ddp, ep<N>+<sharding>; an FSDP plan may end in -step,
+# -layer or -prefetch for that --fsdp-gather, else the trainer's default) -> trainer flags.
 flags() { # plan -> trainer flags
-  case $1 in
-    fsdp2) echo "--sharding fsdp2";;
-    fsdp1) echo "--sharding fsdp1";;
-    fsdp2-step) echo "--sharding fsdp2 --fsdp-gather step";;
-    fsdp1-step) echo "--sharding fsdp1 --fsdp-gather step";;
-    ddp) echo "--sharding ddp";;
-    ep*+*) local ep=${1%%+*}; echo "--ep-size ${ep#ep} --sharding ${1#*+}";;
+  local plan=$1 gather=""
+  case $plan in
+    *-step) gather="--fsdp-gather step"; plan=${plan%-step};;
+    *-prefetch) gather="--fsdp-gather prefetch"; plan=${plan%-prefetch};;
+    *-layer) gather="--fsdp-gather layer"; plan=${plan%-layer};;
+  esac
+  case $plan in
+    fsdp2|fsdp1|ddp) echo "--sharding $plan $gather";;
+    ep*+*) local ep=${plan%%+*}; echo "--ep-size ${ep#ep} --sharding ${plan#*+} $gather";;
   esac
 }

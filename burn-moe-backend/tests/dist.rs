@@ -688,6 +688,42 @@ fn dtensor_on_a_2x2_mesh_nests_shards_in_mesh_order() {
 }
 
 #[test]
+fn dtensor_full_tensor_in_two_halves_pads_then_cuts_to_the_same_result() {
+    // 10 rows over 4 ranks: shards 3, 3, 3, 1 padded to 3 each, so the gather holds 12 rows.
+    let full = values(5, 10 * 2, 2);
+    let out = run(4, |comm| {
+        let groups = [&comm];
+        comm.defer_gathers(true);
+        let d = DTensor::distribute(tensor(full.clone(), [10, 2]), &groups, &[Placement::Shard(0)]).unwrap();
+        let padded = d.full_tensor_padded(&groups).unwrap();
+        comm.defer_gathers(false);
+        comm.wait_gathers().unwrap();
+        (padded.dims(), host(padded.clone()), host(d.unpad(padded)))
+    });
+    for (r, (dims, padded, cut)) in out.into_iter().enumerate() {
+        assert_eq!(dims, [12, 2], "rank {r}");
+        // Rank 3's one row, then its two zero rows.
+        assert_eq!(padded[18..20], full[18..20]);
+        assert_eq!(padded[20..], [0.0; 4]);
+        assert_eq!(cut, full);
+    }
+    // Two sharded mesh dimensions: the inner gather is cut before the outer one runs.
+    let full = values(3, 5 * 3, 1);
+    let out = run(4, |comm| {
+        let mesh = DeviceMesh::new::<B>(comm, 2, 2).unwrap();
+        let groups = mesh.dim_groups();
+        let d = DTensor::distribute(tensor(full.clone(), [5, 3]), &groups, &[Placement::Shard(0), Placement::Shard(1)]).unwrap();
+        let padded = d.full_tensor_padded(&groups).unwrap();
+        (padded.dims(), host(d.unpad(padded)))
+    });
+    for (dims, cut) in out {
+        // Rows 5 over 2 -> padded to 3 each; columns already gathered whole.
+        assert_eq!(dims, [6, 3]);
+        assert_eq!(cut, full);
+    }
+}
+
+#[test]
 fn dtensor_redistribute_between_placements() {
     let (r_total, c_total) = (7, 5);
     let full = values(1, r_total * c_total, 2);

@@ -137,6 +137,34 @@ fn check(comm: &NcclComm<B>) -> Result<()> {
     }
     comm.barrier()?;
 
+    // Deferred all-gathers (FSDP's prefetch): queued, then Burn computes (allocating and freeing
+    // buffers) while they run, then the wait; the outputs must be every rank's input, and a
+    // blocking collective in between must complete them too.
+    let big = 1usize << 22;
+    let parts: Vec<Vec<f32>> = (0..n).map(|r| input(r, 40, big)).collect();
+    let want: Vec<f32> = parts.concat();
+    comm.defer_gathers(true);
+    let first = comm.all_gather(tensor(&parts[rank], [big], DType::F32, &dev), 0)?;
+    let second = comm.all_gather(tensor(&parts[rank], [big / 2, 2], DType::BF16, &dev), 0)?;
+    comm.defer_gathers(false);
+    // 0.5 everywhere is a fixed point of m ↦ sqrt(m·m / 2048), exactly in f32.
+    let mut m = Tensor::<B, 2>::full([2048, 2048], 0.5, &dev);
+    for _ in 0..8 {
+        m = (m.clone().matmul(m) / 2048.0).sqrt();
+    }
+    comm.wait_gathers()?;
+    c.eq("deferred all_gather f32", &host(first), &want);
+    let want_bf16: Vec<f32> = want.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    c.eq("deferred all_gather bf16", &host(second), &want_bf16);
+    c.eq("compute beside deferred gathers", &host(m.slice([0..1, 0..4])), &[0.5; 4]);
+    comm.defer_gathers(true);
+    let third = comm.all_gather(tensor(&parts[rank], [big], DType::F32, &dev), 0)?;
+    comm.defer_gathers(false);
+    let sum = host(comm.all_reduce(tensor(&[1.0], [1], DType::F32, &dev), ReduceOp::Sum)?);
+    c.eq("all_reduce after a deferred gather", &sum, &[n as f32]);
+    c.eq("deferred all_gather completed by a blocking collective", &host(third), &want);
+    comm.wait_gathers()?;
+
     // Sub-groups: even and odd ranks, ordered by descending parent rank (key = n - rank).
     let sub = comm.split(rank % 2, n - rank, if rank % 2 == 0 { "even" } else { "odd" })?;
     let members: Vec<usize> = (0..n).filter(|r| r % 2 == rank % 2).rev().collect();

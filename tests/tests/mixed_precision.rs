@@ -132,13 +132,13 @@ fn trainer_f32_run_on_the_fusion_backend_matches_the_plain_run() {
     }
 }
 
-/// `--fused-adamw` on a CubeCL backend (the optimizer's fused kernel instead of burn-optim's tensor
-/// ops) trains step for step like burn-optim's AdamW.
+/// `--fused-adamw` (the default) on a CubeCL backend — the optimizer's fused kernel instead of
+/// burn-optim's tensor ops (`--fused-adamw false`) — trains step for step like burn-optim's AdamW.
 #[test]
 fn trainer_fused_adamw_trains_like_burn_optims_adamw() {
     type B = Autodiff<Wgpu>;
-    let ops = trainer_losses::<B>("none", "f32", &[]);
-    let fused = trainer_losses::<B>("none", "f32", &["--fused-adamw"]);
+    let ops = trainer_losses::<B>("none", "f32", &["--fused-adamw", "false"]);
+    let fused = trainer_losses::<B>("none", "f32", &[]);
     assert_eq!(fused.len(), 4);
     for (step, (a, b)) in ops.iter().zip(&fused).enumerate() {
         let err = (a - b).abs() / a;

@@ -1,6 +1,7 @@
-//! FSDP's per-unit schedule (`--sharding fsdp1|fsdp2`, `--fsdp-gather layer`): no rank ever holds
-//! more than one gathered unit (the embedding, one decoder layer, or the head) at a time — except
-//! the last layer and the head together, whose backward passes run back to back.
+//! FSDP's per-unit schedule (`--sharding fsdp1|fsdp2`, `--fsdp-gather layer|prefetch`): with
+//! `layer` no rank ever holds more than one gathered unit (the embedding, one decoder layer, or the
+//! head) at a time — except the last layer and the head together, whose backward passes run back
+//! to back; `prefetch` (the default) holds one more, the unit being fetched.
 //!
 //! One micro-batch:
 //! 1. Forward without a graph: gather the embedding, embed, free it; for each decoder layer but the
@@ -14,6 +15,13 @@
 //!    load-balancing loss), reduce-scatter its gradients at once and free everything but the
 //!    gradient of its input.
 //! 4. The embedding, the same way.
+//!
+//! Under `--fsdp-gather prefetch` each unit's all-gathers are queued before the unit before it
+//! runs (the next layer's during this one's forward; in the backward pass the layer below during
+//! this one's), waited for only when it is its turn, so the transfers overlap compute on NCCL:
+//! then two units are whole at a time (three while the head's and the last layer's backward passes
+//! run, the layer below being fetched). The gathers come in the same order either way; in the
+//! backward pass each one now precedes the reduce-scatters of the unit above it.
 //!
 //! The model code is untouched: the units are the model's own modules, run one by one. The
 //! load-balancing loss couples the layers only through the token counts, which carry no gradient:
@@ -33,7 +41,7 @@ use mixtral_burn::model::{DecoderLayer, HfLinear, RmsNorm};
 
 use crate::data::Batch;
 use crate::parallel::global_expert_counts;
-use crate::sharding::{Parallel, PartReducer};
+use crate::sharding::{Gathering, Parallel, PartReducer};
 use crate::train::TrainError;
 
 /// The last unit: final norm and LM head.
@@ -90,8 +98,17 @@ struct LastLayer<B: Backend> {
     prob_sum: Tensor<B, 1>,
 }
 
+/// The unit whose gathers are queued next ([`Parallel::prefetch_part`]). The schedule always
+/// queues the unit it runs next, so the fallbacks that gather a unit on the spot never run; they
+/// keep a mismatch from being a panic.
+enum Next<B: AutodiffBackend> {
+    Layer(Gathering<B, DecoderLayer<B>>),
+    Head(Gathering<B, Head<B>>),
+    Embedding(Gathering<B, burn::nn::Embedding<B>>),
+}
+
 /// The kept results of the forward pass.
-struct Forward<B: Backend> {
+struct Forward<B: AutodiffBackend> {
     /// Each decoder layer's input (empty when not kept; without the last layer's when that one is
     /// [`LastLayer`]).
     inputs: Vec<Tensor<B, 3>>,
@@ -105,6 +122,8 @@ struct Forward<B: Backend> {
     counts: Vec<Vec<f64>>,
     /// Tokens the statistics run over, all layers together.
     rows: usize,
+    /// The head, its gathers queued during the last layer's forward pass.
+    head: Gathering<B, Head<B>>,
 }
 
 /// Seeds the backend RNG for layer `layer` (adapter dropout), the same in the forward pass and its
@@ -116,7 +135,9 @@ fn seed_layer<B: Backend>(seed: Option<u64>, layer: usize, device: &B::Device) {
 }
 
 /// The forward pass: every layer graph-free, keeping their inputs when `train` — and then the last
-/// layer with its graph ([`LastLayer`]).
+/// layer with its graph ([`LastLayer`]). Each unit's gathers are queued before the unit before it
+/// runs ([`Parallel::prefetch_part`]: overlapped under `--fsdp-gather prefetch`), the head's
+/// (tracked when `train`) during the last layer.
 fn forward<B, C>(
     parallel: &Parallel<B, C>,
     model: &MixtralForCausalLM<B>,
@@ -130,31 +151,53 @@ where
     C: Communicator<B::InnerBackend> + 'static,
 {
     let device = ids.device();
-    let embed = parallel.live_part(model, model.model.embed_tokens.clone(), false)?;
+    let layers = &model.model.layers;
+    let tracked = |l: usize| train && l + 1 == layers.len();
+    let embed = parallel.prefetch_part(model, model.model.embed_tokens.clone(), false)?;
+    let embed = parallel.wait_part(model, embed)?;
+    crate::timers::sync_check::<B>(&device, || "gathering the embedding".to_string())?;
+    // The unit after the one about to run: a layer, or the head after the last layer.
+    let queue = |l: usize| -> Result<Next<B>, TrainError> {
+        Ok(match layers.get(l) {
+            Some(layer) => Next::Layer(parallel.prefetch_part(model, layer.clone(), tracked(l))?),
+            None => Next::Head(parallel.prefetch_part(model, Head::of(model), train)?),
+        })
+    };
+    let mut next = queue(0)?;
     let mut h = embed.forward(ids);
+    crate::timers::sync_check::<B>(&device, || "the embedding's forward pass".to_string())?;
     drop(embed);
-    let layers = model.model.layers.len();
-    let mut out = Forward { inputs: Vec::with_capacity(layers), last: None, hidden: h.clone(), prob_sums: Vec::new(), counts: Vec::new(), rows: 0 };
-    for (l, layer) in model.model.layers.iter().enumerate() {
-        let tracked = train && l + 1 == layers;
-        let live = parallel.live_part(model, layer.clone(), tracked)?;
-        let x = if tracked { h.require_grad() } else { h };
-        if train && !tracked {
-            out.inputs.push(x.clone());
+    let mut inputs = Vec::with_capacity(layers.len());
+    let (mut last, mut prob_sums, mut counts, mut rows) = (None, Vec::new(), Vec::new(), 0);
+    for (l, layer) in layers.iter().enumerate() {
+        // Waited for before the next unit is queued: the wait covers everything queued so far.
+        let live = match next {
+            Next::Layer(pending) => parallel.wait_part(model, pending)?,
+            _ => parallel.live_part(model, layer.clone(), tracked(l))?,
+        };
+        next = queue(l + 1)?;
+        crate::timers::sync_check::<B>(&device, || format!("gathering layer {l}"))?;
+        let x = if tracked(l) { h.require_grad() } else { h };
+        if train && !tracked(l) {
+            inputs.push(x.clone());
         }
         seed_layer::<B>(seed, l, &device);
-        let (next, stats) = live.forward_dispatched(x.clone(), Some(mask), parallel.dispatcher());
+        let (out, stats) = live.forward_dispatched(x.clone(), Some(mask), parallel.dispatcher());
+        crate::timers::sync_check::<B>(&device, || format!("layer {l}'s forward pass"))?;
         parallel.check()?;
-        h = next;
-        out.counts.push(stats.token_counts.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default());
-        out.prob_sums.push(stats.prob_sum.clone().detach());
-        out.rows += stats.rows;
-        if tracked {
-            out.last = Some(LastLayer { live, input: x, prob_sum: stats.prob_sum });
+        h = out;
+        counts.push(stats.token_counts.into_data().convert::<f64>().to_vec::<f64>().unwrap_or_default());
+        prob_sums.push(stats.prob_sum.clone().detach());
+        rows += stats.rows;
+        if tracked(l) {
+            last = Some(LastLayer { live, input: x, prob_sum: stats.prob_sum });
         }
     }
-    out.hidden = h;
-    Ok(out)
+    let head = match next {
+        Next::Head(pending) => pending,
+        _ => parallel.prefetch_part(model, Head::of(model), train)?,
+    };
+    Ok(Forward { inputs, last, hidden: h, prob_sums, counts, rows, head })
 }
 
 /// One micro-batch of the per-unit schedule (see the module documentation): adds this rank's
@@ -213,46 +256,71 @@ where
 
     let mut reducer = PartReducer::new(parallel);
 
-    // The head, the loss and the last layer (whose graph the forward pass kept) in one backward pass.
-    let head = parallel.live_part(model, Head::of(model), true)?;
+    // The head, the loss and the last layer (whose graph the forward pass kept) in one backward
+    // pass, during which the layer below is gathered again (or the embedding, with one layer).
+    let head = parallel.wait_part(model, fwd.head)?;
+    crate::timers::sync_check::<B>(device, || "gathering the head".to_string())?;
     let last = fwd.last.expect("the forward pass keeps the last layer's graph when training");
+    let below_last = model.model.layers.len().saturating_sub(1);
+    // The unit below layer `l` (the embedding below layer 0), queued before layer `l` runs.
+    let queue_below = |l: usize| -> Result<Next<B>, TrainError> {
+        Ok(match l.checked_sub(1) {
+            Some(below) => Next::Layer(parallel.prefetch_part(model, model.model.layers[below].clone(), true)?),
+            None => Next::Embedding(parallel.prefetch_part(model, model.model.embed_tokens.clone(), true)?),
+        })
+    };
+    let mut next = queue_below(below_last)?;
     let (lm_sum, _) = mixtral_burn::causal_lm_loss(head.forward(fwd.hidden), labels);
     let lm_loss = lm_sum.div_scalar(scale.step_targets);
     let lm = lm_loss.clone().into_data().iter::<f64>().next().unwrap_or(f64::NAN);
     sample_memory();
     let root = lm_loss + (last.prob_sum * aux_weights.clone()).sum();
     let mut backward = root.backward();
+    crate::timers::sync_check::<B>(device, || "the head's and the last layer's backward pass".to_string())?;
     parallel.check()?;
     let mut upstream = last.input.grad(&backward).map(Tensor::<B, 3>::from_inner);
     reduce_part(&head, parallel, model, &mut backward, &mut reducer, grads)?;
     reduce_part(&last.live, parallel, model, &mut backward, &mut reducer, grads)?;
+    crate::timers::sync_check::<B>(device, || "reducing the head's and the last layer's gradients".to_string())?;
     drop((head, last.live));
 
-    // The other decoder layers, last first.
+    // The other decoder layers, last first; each one's backward pass overlaps the next unit's
+    // gathers.
     let mut inputs = fwd.inputs;
-    let below_last = model.model.layers.len().saturating_sub(1);
     for (l, layer) in model.model.layers.iter().enumerate().take(below_last).rev() {
-        let live = parallel.live_part(model, layer.clone(), true)?;
+        let live = match next {
+            Next::Layer(pending) => parallel.wait_part(model, pending)?,
+            _ => parallel.live_part(model, layer.clone(), true)?,
+        };
+        next = queue_below(l)?;
+        crate::timers::sync_check::<B>(device, || format!("gathering layer {l} again"))?;
         let x = inputs.pop().expect("one kept input per layer").require_grad();
         seed_layer::<B>(dropout_seed, l, device);
         let (y, stats) = live.forward_dispatched(x.clone(), Some(&mask), parallel.dispatcher());
+        crate::timers::sync_check::<B>(device, || format!("re-running layer {l}'s forward pass"))?;
         parallel.check()?;
         sample_memory();
         let dy = upstream.take().unwrap_or_else(|| y.zeros_like());
         // `Σ y·dy` back-propagates `dy` into the layer.
         let surrogate = crate::precision::cast((y * dy).sum(), FloatDType::F32) + (stats.prob_sum * aux_weights.clone()).sum();
         let mut backward = surrogate.backward();
+        crate::timers::sync_check::<B>(device, || format!("layer {l}'s backward pass"))?;
         parallel.check()?;
         upstream = x.grad(&backward).map(Tensor::<B, 3>::from_inner);
         reduce_part(&live, parallel, model, &mut backward, &mut reducer, grads)?;
+        crate::timers::sync_check::<B>(device, || format!("reducing layer {l}'s gradients"))?;
     }
 
     // The embedding (its gradient only when it is trained; the reducer still sees the unit).
-    let embed = parallel.live_part(model, model.model.embed_tokens.clone(), true)?;
+    let embed = match next {
+        Next::Embedding(pending) => parallel.wait_part(model, pending)?,
+        _ => parallel.live_part(model, model.model.embed_tokens.clone(), true)?,
+    };
     match upstream.filter(|_| embed.weight.is_require_grad()) {
         Some(dh) => {
             let mut backward = (embed.forward(ids) * dh).sum().backward();
             reduce_part(&embed, parallel, model, &mut backward, &mut reducer, grads)?;
+            crate::timers::sync_check::<B>(device, || "the embedding's backward pass and reduction".to_string())?;
         }
         None => reducer.add(model, &embed, GradientsParams::new(), grads)?,
     }
@@ -295,7 +363,7 @@ where
 {
     let mask = TokenMask::from_flags(&batch.real_tokens(), device);
     let fwd = forward(parallel, model, batch.input_ids_tensor::<B>(device), &mask, false, None)?;
-    let head = parallel.live_part(model, Head::of(model), false)?;
+    let head = parallel.wait_part(model, fwd.head)?;
     let (sum, _) = mixtral_burn::causal_lm_loss(head.forward(fwd.hidden), batch.labels_tensor::<B>(device));
     Ok(sum.into_data().iter::<f64>().next().unwrap_or(f64::NAN))
 }

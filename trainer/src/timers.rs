@@ -1,6 +1,7 @@
 //! Per-phase step timers for finding where a training step's time goes, on when
 //! `BURN_MOE_STEP_TIMERS=1`: at each phase boundary the device is synced, so a phase's wall time
 //! includes the GPU work it queued. Off (the default), a mark costs nothing and syncs nothing.
+//! Also [`sync_check`] (`BURN_MOE_SYNC_CHECK=1`), which finds where a kernel failed.
 
 use std::time::Instant;
 
@@ -32,7 +33,9 @@ impl<'a, B: Backend> StepTimers<'a, B> {
     /// Ends phase `name` (added to its earlier time in this step).
     pub fn mark(&mut self, name: &'static str) {
         let Some(last) = self.last else { return };
-        let _ = B::sync(self.device);
+        if let Err(e) = B::sync(self.device) {
+            tracing::error!(phase = name, "the device reported an error during this phase: {e:?}");
+        }
         let now = Instant::now();
         let secs = (now - last).as_secs_f64();
         match self.phases.iter_mut().find(|p| p.0 == name) {
@@ -51,4 +54,21 @@ impl<'a, B: Backend> StepTimers<'a, B> {
         let total: f64 = self.phases.iter().map(|p| p.1).sum();
         tracing::info!(step, "step phases (ms): {} | total {:.1}", line.join(", "), total * 1e3);
     }
+}
+
+/// With `BURN_MOE_SYNC_CHECK=1`: syncs the device and turns an error it reports into
+/// [`TrainError::Device`](crate::train::TrainError::Device) naming `after()`, the work just queued.
+/// Why: a kernel that fails to launch on CUDA is reported by CubeCL only at the next sync — in
+/// training usually a collective far from the cause — so a failure names the wrong place; with the
+/// check on, each unit of the per-layer schedule syncs and names itself. Off (the default):
+/// nothing.
+///
+/// # Errors
+/// The device's error, with the place.
+pub fn sync_check<B: Backend>(device: &B::Device, after: impl FnOnce() -> String) -> Result<(), crate::train::TrainError> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("BURN_MOE_SYNC_CHECK").is_ok_and(|v| v == "1")) {
+        return Ok(());
+    }
+    B::sync(device).map_err(|e| crate::train::TrainError::Device { after: after(), detail: format!("{e:?}") })
 }

@@ -58,6 +58,15 @@ pub enum TrainError {
     /// Flags that contradict each other.
     #[error("invalid arguments: {0}")]
     Args(String),
+    /// The device reported a failed kernel (with `BURN_MOE_SYNC_CHECK=1`, named by the place it
+    /// was found: [`crate::timers::sync_check`]).
+    #[error("device error after {after}: {detail}")]
+    Device {
+        /// The last piece of work queued before the failure was found.
+        after: String,
+        /// What the device said.
+        detail: String,
+    },
     /// The loss stopped being a finite number.
     #[error("loss became {value} at step {step}; lower --learning-rate or check the data")]
     NonFiniteLoss {

@@ -144,6 +144,9 @@ fn expert_parallel_fsdp2_and_fsdp1_equal_one_device() {
             // The whole-model gather once per step instead of one unit at a time.
             (2, &["--sharding", "fsdp2", "--fsdp-gather", "step"]),
             (4, &["--ep-size", "2", "--sharding", "fsdp1", "--fsdp-gather", "step"]),
+            // Each unit's gathers queued while the unit before it runs.
+            (2, &["--ep-size", "2", "--sharding", "fsdp2", "--fsdp-gather", "prefetch"]),
+            (2, &["--sharding", "fsdp1", "--fsdp-gather", "prefetch"]),
         ];
         for (n, plan) in plans {
             let name = format!("s{seed}-{n}{}", plan.join("").replace("--", "-"));
@@ -164,7 +167,8 @@ fn chunked_attention_trains_like_eager_attention() {
     let tmp = tempfile::tempdir().unwrap();
     let common = ["--max-steps", "3", "--seed", "1", "--gradient-accumulation-steps", "2", "--save-steps", "3"];
     let eager = tmp.path().join("eager");
-    train::<B>(&args(&eager, 4, &common), &Default::default()).unwrap();
+    let eager_flags = [&common[..], &["--attention", "eager"]].concat();
+    train::<B>(&args(&eager, 4, &eager_flags), &Default::default()).unwrap();
     let mut flags = common.to_vec();
     flags.extend_from_slice(&["--attention", "chunked"]);
     let chunked = tmp.path().join("chunked");

@@ -3,7 +3,8 @@
 //! last again (last first; the last layer's backward pass follows the head's at once, so it is
 //! kept, as torchtitan does) and the embedding again — one unit at a time, each just before it
 //! runs — and reduce-scatters each unit's gradients right after its backward pass, in that order.
-//! (That the resulting training equals one device is `ddp.rs`.)
+//! With `--fsdp-gather prefetch` the same gathers are queued deferred, each unit's before the unit
+//! before it runs. (That the resulting training equals one device is `ddp.rs`.)
 
 use std::sync::{Arc, Mutex};
 
@@ -15,7 +16,7 @@ use burn_moe_backend::dist::{CommConfig, CommError, Communicator, ReduceOp, Thre
 use mixtral_burn::{MixtralConfig, MixtralForCausalLM};
 use trainer::Batch;
 use trainer::layerwise::{Head, MicroScale, micro_step};
-use trainer::sharding::{Parallel, Sharding};
+use trainer::sharding::{FsdpGather, Parallel, Sharding};
 
 type Inner = burn::backend::NdArray<f32>;
 type B = burn::backend::Autodiff<Inner>;
@@ -23,7 +24,8 @@ type B = burn::backend::Autodiff<Inner>;
 type Log = Arc<Mutex<Vec<(&'static str, usize)>>>;
 
 /// A communicator that records the element count of every all-gather's output and every
-/// reduce-scatter's input (the full tensors), in call order.
+/// reduce-scatter's input (the full tensors), and every switch of deferral (`defer`, 1 = on) and
+/// wait for deferred gathers (`wait`), in call order.
 struct Logged<C> {
     inner: C,
     log: Log,
@@ -63,6 +65,14 @@ impl<Bk: Backend, C: Communicator<Bk>> Communicator<Bk> for Logged<C> {
     fn barrier(&self) -> Result<(), CommError> {
         self.inner.barrier()
     }
+    fn defer_gathers(&self, on: bool) {
+        self.log.lock().unwrap().push(("defer", usize::from(on)));
+        self.inner.defer_gathers(on);
+    }
+    fn wait_gathers(&self) -> Result<(), CommError> {
+        self.log.lock().unwrap().push(("wait", 0));
+        self.inner.wait_gathers()
+    }
     fn split(&self, color: usize, key: usize, name: &str) -> Result<Self, CommError> {
         Ok(Self { inner: self.inner.split(color, key, name)?, log: self.log.clone() })
     }
@@ -91,16 +101,17 @@ fn batch() -> Batch {
 
 /// Runs one micro-batch on 2 ranks; returns rank 0's log, its plan's FSDP1 unit sizes (gathered,
 /// padded) and the full model.
-fn schedule(sharding: Sharding) -> (Vec<(&'static str, usize)>, Vec<usize>, MixtralForCausalLM<B>) {
+fn schedule(sharding: Sharding, gather: FsdpGather) -> (Vec<(&'static str, usize)>, Vec<usize>, MixtralForCausalLM<B>) {
     // Even sizes everywhere, so that no shard is padded (the vocabulary of `tiny` is odd).
     let config = MixtralConfig::new(260, 64, 128, 2, 4, 2, 4, 2).with_max_position_embeddings(512);
     let results = ThreadComm::<Inner>::run_ranks(2, CommConfig::default(), |comm| {
         let log: Log = Arc::default();
         let comm = Logged { inner: comm, log: log.clone() };
         let device = Default::default();
-        let mut plan = Parallel::<B, _>::new(&comm, sharding, 1, config.num_local_experts).unwrap();
+        let plan = Parallel::<B, _>::new(&comm, sharding, 1, config.num_local_experts).unwrap();
+        assert!(plan.per_layer(), "a per-unit schedule is the default");
+        let mut plan = plan.with_fsdp_gather(gather);
         let model = plan.shard(config.init_seeded::<B>(&device, 7));
-        assert!(plan.per_layer(), "--fsdp-gather layer is the default");
         log.lock().unwrap().clear();
         let scale = MicroScale { step_targets: 8.0, micro_batches: 1, aux_coef: 0.02 };
         let mut grads = GradientsParams::new();
@@ -118,9 +129,29 @@ fn of(log: &[(&'static str, usize)], op: &str) -> Vec<usize> {
     log.iter().filter(|(o, _)| *o == op).map(|&(_, n)| n).collect()
 }
 
+/// For each all-gather, whether deferral was on when it was called.
+fn deferred(log: &[(&'static str, usize)]) -> Vec<bool> {
+    let mut on = false;
+    let mut out = Vec::new();
+    for &(op, n) in log {
+        match op {
+            "defer" => on = n == 1,
+            "all_gather" => out.push(on),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// How many all-gathers were called before the `i`-th reduce-scatter.
+fn gathers_before_reduce(log: &[(&'static str, usize)], i: usize) -> usize {
+    let at = log.iter().enumerate().filter(|(_, (o, _))| *o == "reduce_scatter").nth(i).unwrap().0;
+    log[..at].iter().filter(|(o, _)| *o == "all_gather").count()
+}
+
 #[test]
 fn fsdp2_gathers_and_reduces_one_unit_at_a_time() {
-    let (log, _, full) = schedule(Sharding::Fsdp2);
+    let (log, _, full) = schedule(Sharding::Fsdp2, FsdpGather::Layer);
     let embed = numels(&full.model.embed_tokens);
     let layers: Vec<Vec<usize>> = full.model.layers.iter().map(numels).collect();
     let head = numels(&Head { norm: full.model.norm.clone(), lm_head: full.lm_head.clone() });
@@ -133,11 +164,35 @@ fn fsdp2_gathers_and_reduces_one_unit_at_a_time() {
     // And never all of the gathers before any reduction (the whole-model schedule).
     let first_reduce = log.iter().position(|(o, _)| *o == "reduce_scatter").unwrap();
     assert!(log[first_reduce..].iter().any(|(o, _)| *o == "all_gather"));
+    assert!(deferred(&log).iter().all(|d| !d), "`layer` defers nothing");
+}
+
+#[test]
+fn fsdp2_prefetch_queues_each_unit_before_the_unit_before_it_runs() {
+    let (log, _, full) = schedule(Sharding::Fsdp2, FsdpGather::Prefetch);
+    let (layer_log, _, _) = schedule(Sharding::Fsdp2, FsdpGather::Layer);
+    let embed = numels(&full.model.embed_tokens).len();
+    let layer = numels(&full.model.layers[0]).len();
+    let head = numels(&Head { norm: full.model.norm.clone(), lm_head: full.lm_head.clone() }).len();
+    // The same gathers and reduce-scatters, every gather deferred.
+    assert_eq!(of(&log, "all_gather"), of(&layer_log, "all_gather"));
+    assert_eq!(of(&log, "reduce_scatter"), of(&layer_log, "reduce_scatter"));
+    assert!(deferred(&log).iter().all(|&d| d), "{log:?}");
+    // Layer 0 is queued again before the head's and layer 1's gradients are reduced (during their
+    // backward pass), the embedding before layer 0's are; without prefetch each unit's gathers
+    // wait for the reductions above it.
+    assert_eq!(gathers_before_reduce(&log, 0), embed + 3 * layer + head);
+    assert_eq!(gathers_before_reduce(&log, head + layer), 2 * embed + 3 * layer + head);
+    assert_eq!(gathers_before_reduce(&layer_log, 0), embed + 2 * layer + head);
+    assert_eq!(gathers_before_reduce(&layer_log, head + layer), embed + 3 * layer + head);
+    // Every queued unit is waited for before it runs: one wait per gathered unit (embedding,
+    // layers 0 and 1, head; layer 0 and the embedding again).
+    assert_eq!(of(&log, "wait").len(), 6);
 }
 
 #[test]
 fn fsdp1_gathers_each_flat_unit_just_before_it_runs() {
-    let (log, units, _) = schedule(Sharding::Fsdp1);
+    let (log, units, _) = schedule(Sharding::Fsdp1, FsdpGather::Layer);
     // Units: root (embedding, final norm, LM head), layer0, layer1.
     let [root, l0, l1] = units[..] else { panic!("units {units:?}") };
     assert_eq!(of(&log, "all_gather"), vec![root, l0, l1, root, l0, root]);

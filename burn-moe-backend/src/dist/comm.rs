@@ -136,6 +136,26 @@ pub trait Communicator<B: Backend>: Send + Sized {
     /// Returns once every member has called it.
     fn barrier(&self) -> Result<(), CommError>;
 
+    /// While `on`, an [`all_gather`](Self::all_gather) along dim 0 may return before its output is
+    /// complete: it is queued on the transport (its input is final, as for every collective) and
+    /// this rank goes on, so the transfer overlaps whatever the caller queues next — FSDP's
+    /// prefetch of the next unit's parameters. The output must not be read (by any kernel) until
+    /// [`wait_gathers`](Self::wait_gathers) has returned, and the caller may not turn it into
+    /// another tensor by an operation that runs a kernel before then (views are fine). Other
+    /// collectives stay blocking and also complete every gather queued before them.
+    /// Implementations whose collectives are always complete on return (the in-process one)
+    /// ignore it; the default does.
+    fn defer_gathers(&self, on: bool) {
+        let _ = on;
+    }
+
+    /// Waits for every all-gather queued under [`defer_gathers`](Self::defer_gathers); afterwards
+    /// their outputs may be read. A peer that never joins surfaces here as
+    /// [`CommError::Timeout`]. The default has nothing to wait for.
+    fn wait_gathers(&self) -> Result<(), CommError> {
+        Ok(())
+    }
+
     /// Splits the group like `MPI_Comm_split` / `ncclCommSplit`: members passing the same `color`
     /// form a new group, ordered by `(key, parent rank)`. Every member of this group must call it.
     /// `name` names the new group in errors and logs.

@@ -395,20 +395,54 @@ impl<B: Backend, const D: usize> DTensor<B, D> {
         groups: &[&C],
         from: usize,
     ) -> Result<Tensor<B, D>, DTensorError> {
+        let padded = self.gather_padded_from(local, groups, from)?;
+        Ok(self.unpad_from(padded, from))
+    }
+
+    /// The all-gathers of [`gather_from`](Self::gather_from) without its last cut: the outermost
+    /// sharded mesh dimension's gather is returned as the collective wrote it.
+    fn gather_padded_from<C: Communicator<B>>(
+        &self,
+        local: Tensor<B, D>,
+        groups: &[&C],
+        from: usize,
+    ) -> Result<Tensor<B, D>, DTensorError> {
         let mut local = local;
+        let mut pending: Option<(usize, usize, usize)> = None;
         for i in (from..self.placements.len()).rev() {
             if let Placement::Shard(d) = self.placements[i] {
+                if let Some((j, dj, parent)) = pending.take() {
+                    // A deferred gather's output may be read only after its wait, and the cut can
+                    // be a copy kernel.
+                    groups[j].wait_gathers()?;
+                    local = slice_dim(local, dj, 0..parent);
+                }
                 // Length of `d` before mesh dim `i` split it.
                 let parent =
                     ranges_upto(self.global_shape, &self.groups, &self.placements, i)[d].len();
                 let size = groups[i].size();
                 let chunk = parent.div_ceil(size);
                 let padded = pad_dim(local, d, chunk);
-                let gathered = groups[i].all_gather(padded, d)?;
-                local = slice_dim(gathered, d, 0..parent);
+                local = groups[i].all_gather(padded, d)?;
+                pending = Some((i, d, parent));
             }
         }
         Ok(local)
+    }
+
+    /// The last cut of [`gather_from`](Self::gather_from): the padding of the outermost sharded
+    /// mesh dimension at or after `from` removed.
+    fn unpad_from(&self, padded: Tensor<B, D>, from: usize) -> Tensor<B, D> {
+        match (from..self.placements.len()).find_map(|i| match self.placements[i] {
+            Placement::Shard(d) => Some((i, d)),
+            Placement::Replicate => None,
+        }) {
+            Some((i, d)) => {
+                let parent = ranges_upto(self.global_shape, &self.groups, &self.placements, i)[d].len();
+                slice_dim(padded, d, 0..parent)
+            }
+            None => padded,
+        }
     }
 
     /// The whole tensor on every rank (all-gathers over every sharded mesh dimension).
@@ -421,6 +455,30 @@ impl<B: Backend, const D: usize> DTensor<B, D> {
     ) -> Result<Tensor<B, D>, DTensorError> {
         self.check_groups(groups)?;
         self.gather_from(self.local.clone(), groups, 0)
+    }
+
+    /// [`full_tensor`](Self::full_tensor) in two halves, for a prefetch: the all-gathers, the
+    /// outermost one's output returned as the collective wrote it (every rank's shard padded to
+    /// the same length), so that no kernel touches it and the gather may be deferred
+    /// ([`Communicator::defer_gathers`]); once the group's
+    /// [`wait_gathers`](Communicator::wait_gathers) has returned, [`unpad`](Self::unpad) turns it
+    /// into `full_tensor`'s result. (Gathers over inner mesh dimensions are waited for here, as
+    /// their outputs are cut before the next gather.)
+    ///
+    /// # Errors
+    /// Wrong groups; collective errors.
+    pub fn full_tensor_padded<C: Communicator<B>>(
+        &self,
+        groups: &[&C],
+    ) -> Result<Tensor<B, D>, DTensorError> {
+        self.check_groups(groups)?;
+        self.gather_padded_from(self.local.clone(), groups, 0)
+    }
+
+    /// The second half of [`full_tensor_padded`](Self::full_tensor_padded): its result without
+    /// the padding.
+    pub fn unpad(&self, padded: Tensor<B, D>) -> Tensor<B, D> {
+        self.unpad_from(padded, 0)
     }
 
     /// Changes the placements. Mesh dimensions before the first changed one keep their shards;

@@ -14,6 +14,14 @@
 //! reuse their memory. The price is that communication never overlaps Burn's compute inside one
 //! collective; overlapping needs a hook into CubeCL's stream that 0.10 does not offer.
 //!
+//! The one exception is a deferred all-gather ([`Communicator::defer_gathers`], FSDP's prefetch):
+//! steps 1 and 2 as above, step 3 postponed to [`Communicator::wait_gathers`] (or to the next
+//! blocking collective, whose wait covers everything queued before it). Meanwhile Burn queues
+//! compute on its own stream, which runs beside the gather; the gather's input and output are held
+//! by the communicator until the wait, so neither CubeCL's allocator nor the output pool can hand
+//! their memory out while NCCL reads or writes it, and the caller reads the output only after the
+//! wait.
+//!
 //! # Which peer is missing
 //! NCCL cannot tell which rank failed to join a collective; a timeout error therefore lists no
 //! ranks. The launcher, which watches the worker processes, names the rank that died.
@@ -135,6 +143,11 @@ pub struct NcclComm<B: CudaTensorAccess> {
     aborted: std::cell::Cell<bool>,
     /// Output buffers for reuse.
     pool: std::cell::RefCell<OutputPool>,
+    /// [`Communicator::defer_gathers`] is on.
+    defer: std::cell::Cell<bool>,
+    /// Inputs and outputs of the all-gathers queued but not yet waited for: held so that neither
+    /// CubeCL nor the pool hands their memory to anyone while NCCL still reads or writes it.
+    in_flight: std::cell::RefCell<Vec<CubeTensor<CudaRuntime>>>,
     _backend: PhantomData<B>,
 }
 
@@ -213,6 +226,8 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             watchdog: Watchdog::start(comm),
             aborted: std::cell::Cell::new(false),
             pool: std::cell::RefCell::new(OutputPool::new(config.output_pool_bytes)),
+            defer: std::cell::Cell::new(false),
+            in_flight: std::cell::RefCell::new(Vec::new()),
             _backend: PhantomData,
         })
     }
@@ -299,6 +314,8 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             self.abort();
             return Err(nccl_err(collective, &self.name, async_err));
         }
+        // Our stream ran everything queued before this wait, deferred gathers included.
+        self.in_flight.borrow_mut().clear();
         Ok(())
     }
 
@@ -339,6 +356,12 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         }
         .result()
         .map_err(|e| nccl_err(C, &self.name, e))?;
+        if self.defer.get() {
+            // Step 3 comes later (`wait_gathers`): `prepare` synced Burn, so the input is final;
+            // both buffers stay referenced until our stream has run the gather.
+            self.in_flight.borrow_mut().extend([input.tensor, out.tensor.clone()]);
+            return Ok(self.finish(out));
+        }
         self.wait(C)?;
         drop(input);
         Ok(self.finish(out))
@@ -422,9 +445,12 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             return self.all_gather0(tensor);
         }
         // Concatenation along `dim` = concatenation along 0 of the tensors with `dim` moved to the
-        // front; the swap back restores the layout (and costs one copy each way).
-        let gathered = self.all_gather0(tensor.swap_dims(0, dim))?;
-        Ok(gathered.swap_dims(0, dim))
+        // front; the swap back restores the layout (and costs one copy each way). Not deferred:
+        // the layout a caller gets back is not NCCL's output buffer as written.
+        let defer = self.defer.replace(false);
+        let gathered = self.all_gather0(tensor.swap_dims(0, dim));
+        self.defer.set(defer);
+        Ok(gathered?.swap_dims(0, dim))
     }
 
     fn reduce_scatter<const D: usize>(&self, tensor: Tensor<B, D>, dim: usize, op: ReduceOp) -> Result<Tensor<B, D>, CommError> {
@@ -502,6 +528,17 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         Ok(self.finish(out))
     }
 
+    fn defer_gathers(&self, on: bool) {
+        self.defer.set(on);
+    }
+
+    fn wait_gathers(&self) -> Result<(), CommError> {
+        if self.in_flight.borrow().is_empty() {
+            return Ok(());
+        }
+        self.wait("all_gather (deferred)")
+    }
+
     fn barrier(&self) -> Result<(), CommError> {
         let one = Tensor::<B, 1>::ones([1], &self.device);
         let sum = self.all_reduce(one, ReduceOp::Sum)?;
@@ -553,6 +590,8 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             watchdog: Watchdog::start(comm),
             aborted: std::cell::Cell::new(false),
             pool: std::cell::RefCell::new(OutputPool::new(self.pool.borrow().cap())),
+            defer: std::cell::Cell::new(false),
+            in_flight: std::cell::RefCell::new(Vec::new()),
             _backend: PhantomData,
         })
     }
