@@ -812,7 +812,13 @@ impl<B: AutodiffBackend> ModuleMapper<B> for PlanMapper<'_> {
             (false, Some((elements, shape))) => {
                 let trainable = tensor.is_require_grad();
                 let flat: Tensor<B, 1> = tensor.detach().flatten(0, D - 1);
-                let piece = burn_moe_backend::dist::owned_copy(flat.slice([elements])).reshape(Shape::from(shape));
+                // Nothing of this parameter on this rank: an empty tensor, made without a kernel
+                // (CUDA rejects a launch over nothing, and an unaligned empty slice is a copy).
+                let piece = if elements.is_empty() {
+                    Tensor::empty(Shape::from(shape), (&flat.device(), flat.dtype()))
+                } else {
+                    burn_moe_backend::dist::owned_copy(flat.slice([elements])).reshape(Shape::from(shape))
+                };
                 piece.set_require_grad(trainable)
             }
         };

@@ -158,7 +158,7 @@ fn ranges_upto<const D: usize>(
 }
 
 /// `tensor[.., range, ..]` along `dim`; empty ranges give a zero-length tensor (Burn's `narrow`
-/// refuses length 0).
+/// refuses length 0), made without a kernel ([`owned_copy`] says why).
 fn slice_dim<B: Backend, const D: usize>(
     tensor: Tensor<B, D>,
     dim: usize,
@@ -171,7 +171,7 @@ fn slice_dim<B: Backend, const D: usize>(
     if range.is_empty() {
         let mut shape = dims;
         shape[dim] = 0;
-        return Tensor::zeros(shape, (&tensor.device(), tensor.dtype()));
+        return Tensor::empty(shape, (&tensor.device(), tensor.dtype()));
     }
     let ranges: [Range<usize>; D] =
         std::array::from_fn(|d| if d == dim { range.clone() } else { 0..dims[d] });
@@ -186,9 +186,15 @@ fn slice_dim<B: Backend, const D: usize>(
 /// alive and sharding would save no memory. Writing the view into a fresh tensor (one copy, at
 /// setup) lets the full tensor be freed. The final `detach`: burn-autodiff marks a `slice_assign`
 /// result as "gradient in backward" even when neither input is tracked, and such a tensor refuses
-/// `require_grad`.
+/// `require_grad`. An empty part (an FSDP1 rank's piece of a parameter outside its chunk, the last
+/// shard of a short dimension) becomes a fresh empty tensor without any kernel: CUDA rejects a launch
+/// over nothing (`CUDA_ERROR_INVALID_VALUE`), and CubeCL reports that only at a later sync — on 2
+/// GPUs, FSDP1 failed a few steps after start-up with the error attributed to a collective.
 pub fn owned_copy<B: Backend, const D: usize>(part: Tensor<B, D>) -> Tensor<B, D> {
     let dims = part.dims();
+    if part.shape().num_elements() == 0 {
+        return Tensor::empty(dims, (&part.device(), part.dtype()));
+    }
     let ranges: [Range<usize>; D] = std::array::from_fn(|d| 0..dims[d]);
     Tensor::zeros(dims, (&part.device(), part.dtype())).slice_assign(ranges, part.detach()).detach()
 }
@@ -560,5 +566,17 @@ mod owned_copy_tests {
         assert!(leaf.is_require_grad());
         let grads = (leaf.clone() * 2.0).sum().backward();
         leaf.grad(&grads).unwrap().into_data().assert_eq(&TensorData::new(vec![2.0f32; 6], [2, 3]), true);
+    }
+
+    /// An empty part (an FSDP1 piece outside the rank's chunk) comes back empty, in the part's shape
+    /// and dtype, untracked and able to become a leaf — made without a kernel (on CUDA a launch over
+    /// nothing fails; that is checked on the GPU by `bench/parallel_gpu.sh`'s FSDP1 runs).
+    #[test]
+    fn owned_copy_of_an_empty_part_is_empty() {
+        let device = Default::default();
+        let part = Tensor::<B, 2>::empty([0, 3], &device);
+        let copy = owned_copy(part.clone());
+        assert_eq!((copy.dims(), copy.dtype()), ([0, 3], part.dtype()));
+        assert!(!copy.is_require_grad() && copy.set_require_grad(true).is_require_grad());
     }
 }
