@@ -251,19 +251,27 @@ fn bench(comm: &NcclComm<B>, max_mib: usize) -> Result<()> {
             run()?;
             let iters = if mib >= 256 { 5 } else { 20 };
             comm.barrier()?;
-            let t0 = Instant::now();
+            // Each call timed on its own (each is blocking): the mean, and the median, which one
+            // slow call (a proxy-thread wake-up, a rank arriving late) cannot move.
+            let mut calls = Vec::with_capacity(iters);
             for _ in 0..iters {
+                let t0 = Instant::now();
                 run()?;
+                calls.push(t0.elapsed().as_secs_f64());
             }
-            let secs = t0.elapsed().as_secs_f64() / iters as f64;
+            let secs = calls.iter().sum::<f64>() / iters as f64;
+            calls.sort_by(f64::total_cmp);
+            let median = calls[(iters - 1) / 2];
             let algbw = size_bytes / secs / 1e9;
             let factor = if name == "all_reduce" { 2.0 * (n as f64 - 1.0) / n as f64 } else { (n as f64 - 1.0) / n as f64 };
             if comm.rank() == 0 {
                 println!(
-                    "{{\"impl\":\"burn-moe-nccl\",\"collective\":\"{name}\",\"bytes\":{},\"world\":{n},\"time_us\":{:.1},\"algbw_gbs\":{algbw:.2},\"busbw_gbs\":{:.2}}}",
+                    "{{\"impl\":\"burn-moe-nccl\",\"collective\":\"{name}\",\"bytes\":{},\"world\":{n},\"time_us\":{:.1},\"algbw_gbs\":{algbw:.2},\"busbw_gbs\":{:.2},\"median_us\":{:.1},\"median_busbw_gbs\":{:.2}}}",
                     size_bytes as u64,
                     secs * 1e6,
-                    algbw * factor
+                    algbw * factor,
+                    median * 1e6,
+                    size_bytes / median / 1e9 * factor
                 );
             }
         }

@@ -108,7 +108,7 @@ pub struct Args {
     /// AdamW's update as one fused pass per parameter on CubeCL backends (CUDA, wgpu) instead of
     /// burn-optim's dozen elementwise ops — the same algorithm and checkpoint state (tested against
     /// burn-optim). On by default (an H200 step of a 2-layer Mixtral-shaped model: optimizer 25 ms
-    /// instead of 70); `--fused-adamw false` runs burn-optim's.
+    /// instead of about 75); `--fused-adamw false` runs burn-optim's.
     #[arg(long, num_args = 0..=1, default_value_t = true, default_missing_value = "true", action = clap::ArgAction::Set, value_name = "BOOL")]
     pub fused_adamw: bool,
 
