@@ -23,16 +23,8 @@ for v in eager $VARIANTS; do
   timeout 120 /tmp/trainer --device cuda --max-steps 3 --seed 1 --per-device-train-batch-size 4 \
     $(variant_flags $v) --output-dir $OUT/tiny-$v >/dev/null || echo "tiny $v: rc=$?"
 done
-python3 - "$OUT" $VARIANTS <<'PY'
-import json, sys, os
-out, variants = sys.argv[1], sys.argv[2:]
-load = lambda d: [json.loads(l) for l in open(os.path.join(out, d, "metrics.jsonl"))]
-a = load("tiny-eager")
-for v in variants:
-    b = load("tiny-" + v)
-    worst = max(abs(x[k] - y[k]) / max(abs(x[k]), 1e-12) for x, y in zip(a, b) for k in ["loss", "lm_loss", "grad_norm"])
-    print(f"tiny f32, {v} vs eager: {len(b)} steps, max rel diff (loss, lm_loss, grad_norm) = {worst:.2e}")
-PY
+echo "tiny model, f32:"
+python3 bench/compare_metrics.py "$OUT/tiny-eager" loss,lm_loss,grad_norm "vs eager" $(for v in $VARIANTS; do echo "$OUT/tiny-$v"; done)
 for v in $VARIANTS; do
   echo "##### $v: $(variant_flags $v)"
   OUT=$OUT/$v NPROC=1 PLANS=ddp EQUIV=0 \

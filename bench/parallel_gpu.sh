@@ -54,21 +54,8 @@ if [ "${EQUIV:-1}" = 1 ]; then
     timeout 120 /tmp/trainer $COMMON --per-device-train-batch-size $PER --nproc-per-node $NPROC $(flags $plan) \
       --output-dir $OUT/eq/$plan >/dev/null || echo "$plan: rc=$?"
   done
-  python3 - "$OUT/eq" $EQUIV_PLANS <<'PY'
-import json, sys, os
-out, plans = sys.argv[1], sys.argv[2:]
-load = lambda d: [json.loads(l) for l in open(os.path.join(out, d, "metrics.jsonl"))]
-ref = load("single")
-for p in plans:
-    try:
-        got = load(p)
-    except OSError as e:
-        print(p, "missing:", e); continue
-    if not got:
-        print(f"{p:>12}: no step logged (the run failed; see above)"); continue
-    worst = max(abs(a[k] - b[k]) / max(abs(a[k]), 1e-12) for a, b in zip(ref, got) for k in ["loss", "lm_loss", "aux_loss", "grad_norm"])
-    print(f"{p:>12}: {len(got)} steps, max rel diff vs 1 GPU (loss, lm, aux, grad_norm) = {worst:.2e}")
-PY
+  python3 bench/compare_metrics.py "$OUT/eq/single" loss,lm_loss,aux_loss,grad_norm "vs 1 GPU" \
+    $(for p in $EQUIV_PLANS; do echo "$OUT/eq/$p"; done)
 fi
 
 LAYERS=${LAYERS:-2}; SEQ=${SEQ:-4096}; STEPS=${STEPS:-4}

@@ -180,6 +180,12 @@ fn one<T>(mut tensors: Vec<T>) -> T {
     tensors.remove(0)
 }
 
+/// The two outputs of an op registered with two.
+fn two<T>(mut tensors: Vec<T>) -> (T, T) {
+    let second = tensors.pop().expect("two outputs registered");
+    (tensors.pop().expect("two outputs registered"), second)
+}
+
 impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
         let out = (Shape::new([rows.shape[0], x.shape[1]]), x.dtype);
@@ -212,9 +218,7 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
 
     fn moe_swiglu_backward(gate: FloatTensor<Self>, up: FloatTensor<Self>, dh: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let out = (gate.shape.clone(), gate.dtype);
-        let mut grads = register::<B>(MoeOp::SwigluBackward, vec![gate, up, dh], vec![out.clone(), out]);
-        let d_up = grads.pop().expect("two outputs registered");
-        (grads.pop().expect("two outputs registered"), d_up)
+        two(register::<B>(MoeOp::SwigluBackward, vec![gate, up, dh], vec![out.clone(), out]))
     }
 
     fn moe_sdd(x: FloatTensor<Self>, w: FloatTensor<Self>, topology: &BlockSparseTopology, transpose: bool) -> FloatTensor<Self> {
@@ -234,9 +238,7 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_attention_softmax(scores: FloatTensor<Self>, block: &SoftmaxBlock) -> (FloatTensor<Self>, FloatTensor<Self>) {
         // The log-sum-exps are f32 whatever the scores' dtype (the CubeCL kernel's output).
         let outputs = vec![(Shape::new([block.rows, block.keys]), scores.dtype), (Shape::new([block.rows]), DType::F32)];
-        let mut out = register::<B>(MoeOp::AttentionSoftmax { block: *block }, vec![scores], outputs);
-        let lse = out.pop().expect("two outputs registered");
-        (out.pop().expect("two outputs registered"), lse)
+        two(register::<B>(MoeOp::AttentionSoftmax { block: *block }, vec![scores], outputs))
     }
 
     fn moe_attention_softmax_backward(
@@ -248,9 +250,7 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let out = (Shape::new([block.rows, block.keys]), scores.dtype);
         let op = MoeOp::AttentionSoftmaxBackward { block: *block };
-        let mut grads = register::<B>(op, vec![scores, dprobs, lse, correction], vec![out.clone(), out]);
-        let d_scores = grads.pop().expect("two outputs registered");
-        (grads.pop().expect("two outputs registered"), d_scores)
+        two(register::<B>(op, vec![scores, dprobs, lse, correction], vec![out.clone(), out]))
     }
 
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
