@@ -1,7 +1,7 @@
 # Sourced by the GPU scripts that run the trainer (ddp_gpu.sh, parallel_gpu.sh, resume_gpu.sh): unpacks the
-# carried binary (.dev/bin/trainer.xz: release, --features cuda, stripped, xz) to /tmp/trainer and puts the
-# pip wheels' libnccl.so.2 and libcublas on the library path (bench/cuda_libs.sh).
-python3 -c 'import lzma,shutil; shutil.copyfileobj(lzma.open(".dev/bin/trainer.xz"), open("/tmp/trainer","wb"))'
+# carried binary (TRAINER_XZ, default .dev/bin/trainer.xz: release, --features cuda, stripped, xz) to
+# /tmp/trainer and puts the pip wheels' libnccl.so.2 and libcublas on the library path (bench/cuda_libs.sh).
+python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open("/tmp/trainer","wb"))' "${TRAINER_XZ:-.dev/bin/trainer.xz}"
 chmod +x /tmp/trainer
 source "$(dirname "${BASH_SOURCE[0]}")/cuda_libs.sh"
 export RUST_LOG=warn

@@ -6,8 +6,11 @@
 //! about 4 GiB per layer and row in bf16, more than a layer's weights. This op keeps only its inputs,
 //! its output and one f32 log-sum-exp per query (`[B, H, S]`), the flash-attention bookkeeping, and
 //! works through the queries a block at a time, so no more than one block's scores exist at once.
-//! Per block, the products are Burn matmuls and the softmax (scale, causal/window mask, softmax, and
-//! in the backward pass the rebuilt probabilities and score gradients) is
+//! Per block, the products are, in half precision, grouped GEMMs ([`MoeBackend::moe_grouped_matmul`]
+//! and its weight gradient, one segment per key/value group: the experts' tensor-core kernels on
+//! CubeCL backends, Burn matmuls elsewhere), in f32/f64 batched Burn matmuls; and the softmax
+//! (scale, causal/window mask, softmax, and in the backward pass the rebuilt probabilities and score
+//! gradients) is
 //! [`MoeBackend::moe_attention_softmax`] / [`MoeBackend::moe_attention_softmax_backward`]: one CubeCL
 //! kernel each on CubeCL backends ([`kernels_cubecl::attention`]), tensor ops elsewhere. A backend may
 //! also override the whole pair ([`MoeBackend::moe_attention`], [`MoeBackend::moe_attention_backward`]).
@@ -25,6 +28,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive, backend::Backend};
 pub use kernels_cubecl::SoftmaxBlock;
 
 use crate::MoeBackend;
+use crate::ops::moe_grouped_matmul;
 
 /// Score elements (f32) one query block may hold: 2²⁶ = 256 MiB; 512 queries at 32 heads × 4096 keys.
 const BLOCK_SCORE_ELEMENTS: usize = 1 << 26;
@@ -89,6 +93,11 @@ struct Dims {
     head_dim: usize,
     /// [`stats_dtype`] of the inputs.
     stats: DType,
+    /// Whether the products run as grouped GEMMs (half precision: the tensor-core kernels on CubeCL
+    /// backends) rather than batched Burn matmuls (f32/f64, whose CUDA matmul uses TF32 tensor
+    /// cores; the grouped kernels have none for f32, so mixing them would change results with the
+    /// problem size).
+    grouped_gemm: bool,
 }
 
 impl Dims {
@@ -100,7 +109,8 @@ impl Dims {
             "causal attention: keys {kd:?} and values {vd:?} must be [{batch}, KV, {seq}, {head_dim}] with KV dividing the {heads} query heads (queries {:?})",
             q.dims()
         );
-        Self { batch, heads, kv_heads, seq, head_dim, stats: stats_dtype(q.dtype()) }
+        let grouped_gemm = matches!(q.dtype(), DType::F16 | DType::BF16);
+        Self { batch, heads, kv_heads, seq, head_dim, stats: stats_dtype(q.dtype()), grouped_gemm }
     }
 
     fn group(&self) -> usize {
@@ -122,7 +132,7 @@ impl Dims {
     /// A block's raw scores `q_c·k_cᵀ` in the inputs' dtype (`q_c` the block's [`grouped`](Self::grouped)
     /// queries, `k_c` its [`keys`](Self::keys)), one row per (batch, head, query) — `[B·KV·G·rows, keys]`
     /// — and what the softmax kernels need to know of them.
-    fn scores<B: Backend>(
+    fn scores<B: MoeBackend>(
         &self,
         spec: &CausalAttention,
         q_c: Tensor<B, 4>,
@@ -139,8 +149,59 @@ impl Dims {
             scale: spec.scale,
             window: spec.window,
         };
-        let raw = q_c.matmul(k_c.swap_dims(2, 3));
-        (raw.reshape([block.rows, block.keys]), block)
+        (self.nt(q_c, k_c), block)
+    }
+
+    /// `a · bᵀ` per key/value group: `a` `[B, KV, G·rows, hd]` (grouped queries or output
+    /// gradients), `b` `[B, KV, keys, hd]` → one row per score, `[B·KV·G·rows, keys]`.
+    fn nt<B: MoeBackend>(&self, a: Tensor<B, 4>, b: Tensor<B, 4>) -> Tensor<B, 2> {
+        let [_, _, n, hd] = a.dims();
+        let keys = b.dims()[2];
+        if self.grouped_gemm {
+            return moe_grouped_matmul(a.reshape([self.groups() * n, hd]), self.per_group(b), &self.offsets(n), true);
+        }
+        a.matmul(b.swap_dims(2, 3)).reshape([self.groups() * n, keys])
+    }
+
+    /// `p · b` per key/value group: `p` `[B·KV·G·rows, keys]`, `b` `[B, KV, keys, hd]` →
+    /// `[B, KV, G·rows, hd]`.
+    fn nn<B: MoeBackend>(&self, p: Tensor<B, 2>, b: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [rows, keys] = p.dims();
+        let n = rows / self.groups();
+        let hd = b.dims()[3];
+        if self.grouped_gemm {
+            return moe_grouped_matmul(p, self.per_group(b), &self.offsets(n), false).reshape([self.batch, self.kv_heads, n, hd]);
+        }
+        p.reshape([self.batch, self.kv_heads, n, keys]).matmul(b)
+    }
+
+    /// `pᵀ · a` per key/value group, summed over the group's heads (the key and value gradients):
+    /// `p` `[B·KV·G·rows, keys]`, `a` `[B, KV, G·rows, hd]` → `[B, KV, keys, hd]`.
+    fn tn<B: MoeBackend>(&self, p: Tensor<B, 2>, a: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [rows, keys] = p.dims();
+        let [_, _, n, hd] = a.dims();
+        if self.grouped_gemm {
+            let a = a.reshape([rows, hd]).into_primitive().tensor();
+            let out = B::moe_grouped_matmul_weight_grad(p.into_primitive().tensor(), a, &self.offsets(n));
+            return float::<B, 3>(out).reshape([self.batch, self.kv_heads, keys, hd]);
+        }
+        p.reshape([self.batch, self.kv_heads, n, keys]).swap_dims(2, 3).matmul(a)
+    }
+
+    /// Key/value groups of the call, `B·KV`: the segments of the grouped GEMMs.
+    fn groups(&self) -> usize {
+        self.batch * self.kv_heads
+    }
+
+    /// A `[B, KV, keys, hd]` block of keys or values as one matrix per group, `[B·KV, keys, hd]`.
+    fn per_group<B: Backend>(&self, t: Tensor<B, 4>) -> Tensor<B, 3> {
+        let [_, _, n, hd] = t.dims();
+        t.reshape([self.groups(), n, hd])
+    }
+
+    /// Row offsets of the groups when each holds `n` rows (its `G` heads' queries of the block).
+    fn offsets(&self, n: usize) -> Vec<usize> {
+        (0..=self.groups()).map(|i| i * n).collect()
     }
 }
 
@@ -158,11 +219,10 @@ pub fn attention_forward<B: MoeBackend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Ten
     let mut outs = Vec::new();
     let mut lses = Vec::new();
     for (rows, keys) in spec.blocks(b, h, dims.seq) {
-        let (c, kv, g) = (rows.len(), dims.kv_heads, dims.group());
+        let c = rows.len();
         let (scores, block) = dims.scores(spec, dims.grouped(&q, &rows), dims.keys(&k, &keys), &rows, &keys);
         let (probs, lse) = B::moe_attention_softmax(prim(scores), &block);
-        let probs = float::<B, 2>(probs).reshape([b, kv, g * c, keys.len()]);
-        outs.push(probs.matmul(dims.keys(&v, &keys)).reshape([b, h, c, hd]));
+        outs.push(dims.nn(float::<B, 2>(probs), dims.keys(&v, &keys)).reshape([b, h, c, hd]));
         lses.push(float::<B, 1>(lse).reshape([b, h, c]));
     }
     (Tensor::cat(outs, 2), Tensor::cat(lses, 2))
@@ -187,14 +247,14 @@ pub fn attention_backward<B: MoeBackend>(
     spec: &CausalAttention,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
     let dims = Dims::of(&q, &k, &v);
-    let (b, h, kv, g, hd, s) = (dims.batch, dims.heads, dims.kv_heads, dims.group(), dims.head_dim, dims.seq);
+    let (b, h, kv, hd, s) = (dims.batch, dims.heads, dims.kv_heads, dims.head_dim, dims.seq);
     let dtype = q.dtype();
     let device = q.device();
     let mut dq = Vec::new();
     let mut dk = Tensor::<B, 4>::zeros([b, kv, s, hd], (&device, dims.stats));
     let mut dv = Tensor::<B, 4>::zeros([b, kv, s, hd], (&device, dims.stats));
     for (rows, keys) in spec.blocks(b, h, s) {
-        let (c, n) = (rows.len(), keys.len());
+        let c = rows.len();
         // The block's queries and keys serve the recomputed scores and the gradients alike.
         let (q_c, k_c, v_c) = (dims.grouped(&q, &rows), dims.keys(&k, &keys), dims.keys(&v, &keys));
         let (scores, block) = dims.scores(spec, q_c.clone(), k_c.clone(), &rows, &keys);
@@ -203,14 +263,13 @@ pub fn attention_backward<B: MoeBackend>(
         let o = dims.grouped(&out, &rows);
         // rowsum(dO ⊙ O) = Σ_j P_ij · dP_ij, the softmax's correction term.
         let correction = (d_o.clone().cast(dims.stats) * o.cast(dims.stats)).sum_dim(3).reshape([block.rows]);
-        let d_probs = d_o.clone().matmul(v_c.swap_dims(2, 3)).reshape([block.rows, n]);
+        let d_probs = dims.nt(d_o.clone(), v_c);
         let (probs, d_scores) =
             B::moe_attention_softmax_backward(prim(scores), prim(d_probs), prim(lse_c), prim(correction), &block);
-        let probs = float::<B, 2>(probs).reshape([b, kv, g * c, n]);
-        let d_scores = float::<B, 2>(d_scores).reshape([b, kv, g * c, n]);
-        let dv_c = probs.swap_dims(2, 3).matmul(d_o);
-        let dk_c = d_scores.clone().swap_dims(2, 3).matmul(q_c);
-        dq.push(d_scores.matmul(k_c).reshape([b, h, c, hd]));
+        let dv_c = dims.tn(float::<B, 2>(probs), d_o);
+        let d_scores = float::<B, 2>(d_scores);
+        let dk_c = dims.tn(d_scores.clone(), q_c);
+        dq.push(dims.nn(d_scores, k_c).reshape([b, h, c, hd]));
         let range = [0..b, 0..kv, keys.clone(), 0..hd];
         // The sums are formed before the assignment so the accumulator is not shared when it is
         // written (shared, the backends would copy all of it for every block).

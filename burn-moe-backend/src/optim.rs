@@ -5,7 +5,11 @@
 //! Mixtral-shaped model on an H200, BENCHMARKS.md). [`FusedAdamW`] is the same algorithm — same
 //! formula and order of operations, same state type ([`AdamWState`]), so checkpoints of either
 //! load into the other — with the update delegated to the backend: one kernel on CubeCL backends,
-//! burn-optim's tensor ops (bit for bit the same numbers as its `AdamW`) elsewhere.
+//! burn-optim's tensor ops (bit for bit the same numbers as its `AdamW`) elsewhere. Gradient clipping
+//! can ride along ([`GradScale`]): the factor multiplies each gradient inside the same pass.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use burn::module::AutodiffModule;
 use burn::optim::adaptor::OptimizerAdaptor;
@@ -17,8 +21,33 @@ use kernels_cubecl::optim::AdamWHyper;
 
 use crate::MoeBackend;
 
+/// A factor that every following update applies to each gradient before using it — gradient
+/// clipping folded into the update pass (instead of a separate pass that rewrites every gradient).
+/// Shared: the training loop sets it after computing the gradient norm; the optimizer it was given
+/// to reads it in [`SimpleOptimizer::step`]. Starts at 1 (gradients as they are).
+#[derive(Debug, Clone)]
+pub struct GradScale(Arc<AtomicU32>);
+
+impl GradScale {
+    /// Sets the factor of the next updates.
+    pub fn set(&self, factor: f32) {
+        self.0.store(factor.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The current factor.
+    pub fn get(&self) -> f32 {
+        f32::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+impl Default for GradScale {
+    fn default() -> Self {
+        Self(Arc::new(AtomicU32::new(1.0f32.to_bits())))
+    }
+}
+
 /// AdamW (decoupled weight decay, no AMSGrad), updated by one fused pass per parameter.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct FusedAdamW {
     /// β₁ (burn-optim's default 0.9).
     pub beta_1: f32,
@@ -31,12 +60,14 @@ pub struct FusedAdamW {
     /// Whether the backend's [`MoeBackend::moe_adamw_step`] runs (one kernel on CubeCL backends);
     /// `false` runs burn-optim's tensor ops ([`adamw_step_ops`]) on every backend.
     pub fused: bool,
+    /// Factor on every gradient (gradient clipping; see [`GradScale`]).
+    pub grad_scale: GradScale,
 }
 
 impl Default for FusedAdamW {
-    /// burn-optim's `AdamWConfig` defaults.
+    /// burn-optim's `AdamWConfig` defaults, gradients unscaled.
     fn default() -> Self {
-        Self { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-5, weight_decay: 1e-4, fused: true }
+        Self { beta_1: 0.9, beta_2: 0.999, epsilon: 1e-5, weight_decay: 1e-4, fused: true, grad_scale: GradScale::default() }
     }
 }
 
@@ -77,6 +108,7 @@ impl<B: MoeBackend> SimpleOptimizer<B> for FusedAdamW {
             // burn-optim computes the decay factor in f64 (`1 − lr·λ`), then scales in the element type.
             keep: (1.0 - lr * f64::from(self.weight_decay)) as f32,
             time: i32::try_from(time).unwrap_or(i32::MAX),
+            grad_scale: self.grad_scale.get(),
         };
         let prim = |t: Tensor<B, D>| t.into_primitive().tensor();
         let (p, m, v) = if self.fused {
@@ -105,12 +137,14 @@ pub fn adamw_step_ops<B: Backend>(
     hyper: &AdamWHyper,
 ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
     use burn::tensor::TensorMetadata;
-    let [b1, f1, b2, f2, c1, c2, eps, lr, keep] = hyper.packed();
+    let [b1, f1, b2, f2, c1, c2, eps, lr, keep, scale] = hyper.packed();
     // Elementwise: flattened to 1-d and back, whatever the parameter's rank.
     let shape = param.shape();
     let n = shape.num_elements();
     let flat = |t: FloatTensor<B>| float1::<B>(B::float_reshape(t, burn::tensor::Shape::new([n])));
     let (p, g, m, v) = (flat(param), flat(grad), flat(m), flat(v));
+    // Clipping as a separate `g · factor` pass would round the same way (one f32 product).
+    let g = if scale == 1.0 { g } else { g.mul_scalar(scale) };
     let m = m.mul_scalar(b1).add(g.clone().mul_scalar(f1));
     let v = v.mul_scalar(b2).add(g.square().mul_scalar(f2));
     let delta = m.clone().div_scalar(c1).div(v.clone().div_scalar(c2).sqrt().add_scalar(eps));
@@ -122,4 +156,24 @@ pub fn adamw_step_ops<B: Backend>(
 
 fn float1<B: Backend>(t: FloatTensor<B>) -> Tensor<B, 1> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// `Σ x²` from tensor ops, in f32 (f64 for f64 tensors): the default of
+/// [`MoeBackend::moe_sum_squares`]. Summed in rows of up to 4096 first: burn-cubecl reduces a whole
+/// tensor to one value with a handful of cubes (4.5 ms for a Mixtral layer's 1.4 G expert gradients
+/// on an H200), while a row-wise sum spreads over the whole GPU.
+///
+/// # Shapes
+/// - `x`: any shape → `[1]`
+pub fn sum_squares_ops<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    use burn::tensor::{DType, TensorMetadata};
+    let n = x.shape().num_elements();
+    let flat = float1::<B>(B::float_reshape(x, burn::tensor::Shape::new([n])));
+    let flat = if matches!(flat.dtype(), DType::F32 | DType::F64) { flat } else { flat.cast(DType::F32) };
+    let sq = flat.clone() * flat;
+    let total = match [4096usize, 1024, 256, 64].into_iter().find(|&c| n > c && n.is_multiple_of(c)) {
+        Some(c) => sq.reshape([n / c, c]).sum_dim(1).sum(),
+        None => sq.sum(),
+    };
+    total.into_primitive().tensor()
 }

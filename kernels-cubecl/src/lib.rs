@@ -37,6 +37,7 @@
 pub mod attention;
 pub mod blocksparse;
 pub mod optim;
+mod reduce;
 pub mod reference;
 pub mod routing;
 pub mod scatter;

@@ -55,7 +55,7 @@ where
         .with_epsilon(epsilon)
         .with_weight_decay(weight_decay)
         .init::<B, Weights<B>>();
-    let mut fused = FusedAdamW { beta_1, beta_2, epsilon, weight_decay, fused: true }.init::<B, Weights<B>>();
+    let mut fused = FusedAdamW { beta_1, beta_2, epsilon, weight_decay, fused: true, ..Default::default() }.init::<B, Weights<B>>();
     let (mut x, mut y) = (weights::<B>(device), weights::<B>(device));
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
     for step in 0..4 {
@@ -89,4 +89,40 @@ fn the_cubecl_kernel_matches_burn_optims_adamw() {
         assert!(worst <= 2e-6, "step {}: worst relative difference {worst:e}", step + 1);
     }
     assert!(rel_l2(&burn[3], &flat(&weights::<Wgpu>(&Default::default()))) > 1e-2);
+}
+
+/// Four steps of `FusedAdamW` (`fused` as given, ε large enough that the gradients' scale shows in
+/// the update) with its gradient scale at `scale`, on `loss · loss_factor`; the weights after each.
+fn run_scaled<B: AutodiffBackend>(device: &B::Device, fused: bool, scale: f32, loss_factor: f32) -> Vec<Vec<f32>>
+where
+    B::InnerBackend: MoeBackend,
+{
+    let opt = FusedAdamW { epsilon: 0.1, weight_decay: 0.1, fused, ..Default::default() };
+    opt.grad_scale.set(scale);
+    let mut opt = opt.init::<B, Weights<B>>();
+    let mut w = weights::<B>(device);
+    let mut out = Vec::new();
+    for step in 0..4 {
+        let g = GradientsParams::from_grads(loss(&w).mul_scalar(loss_factor).backward(), &w);
+        w = opt.step(0.05 / (step + 1) as f64, w, g);
+        out.push(flat(&w));
+    }
+    out
+}
+
+/// Gradient clipping folded into the update (`GradScale`) gives exactly what scaled gradients give:
+/// a factor of ¼ on the gradients against the loss scaled by ¼ (a power of two, so the gradients
+/// are exactly ¼ of the unscaled ones), on the tensor-op path (ndarray) and the kernel (wgpu). The
+/// unscaled run differs, so the factor is not ignored.
+#[test]
+fn a_gradient_scale_equals_scaled_gradients() {
+    type Wgpu = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
+    for fused in [false, true] {
+        let folded = run_scaled::<CpuAutodiff>(&Default::default(), fused, 0.25, 1.0);
+        assert_eq!(folded, run_scaled::<CpuAutodiff>(&Default::default(), fused, 1.0, 0.25), "ndarray, fused {fused}");
+        let unscaled = run_scaled::<CpuAutodiff>(&Default::default(), fused, 1.0, 1.0);
+        assert!(rel_l2(&folded[3], &unscaled[3]) > 1e-4, "the scale must change the update");
+    }
+    let folded = run_scaled::<Wgpu>(&Default::default(), true, 0.25, 1.0);
+    assert_eq!(folded, run_scaled::<Wgpu>(&Default::default(), true, 1.0, 0.25), "wgpu kernel");
 }

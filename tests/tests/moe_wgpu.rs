@@ -273,27 +273,80 @@ fn whole_model_matches_transformers_on_wgpu_with_block_sparse_kernels() {
 
 /// Output and q, k, v gradients of `sum(attention · probe)` (grouped-query heads, a window, blocks
 /// of 4 queries over 11).
-fn chunked_attention<B: AutodiffBackend + MoeBackend>(device: &B::Device) -> Vec<Vec<f32>> {
+fn chunked_attention<B: AutodiffBackend + MoeBackend>(device: &B::Device, half: bool) -> Vec<Vec<f32>> {
     let ([b, h, kv, s, hd], window) = ([2, 4, 2, 11, 8], Some(6));
-    let t = |heads: usize, seed| Tensor::<B, 4>::from_data(TensorData::new(pseudo_random(b * heads * s * hd, seed, 1.0), [b, heads, s, hd]), device);
+    // Values that f16 holds exactly, so the f16 run and the f32 reference start from the same inputs.
+    let t = |heads: usize, seed| {
+        let v = pseudo_random(b * heads * s * hd, seed, 1.0).into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect::<Vec<_>>();
+        Tensor::<B, 4>::from_data(TensorData::new(v, [b, heads, s, hd]), device)
+    };
     let (q, k, v) = (t(h, 1).require_grad(), t(kv, 2).require_grad(), t(kv, 3).require_grad());
+    let cast = |t: Tensor<B, 4>| if half { t.cast(burn::tensor::DType::F16) } else { t };
     let spec = CausalAttention::new(hd).with_window(window).with_query_block(Some(4));
-    let out = causal_attention(q.clone(), k.clone(), v.clone(), &spec);
-    let host = |t: Tensor<B::InnerBackend, 4>| t.into_data().iter::<f32>().collect::<Vec<_>>();
-    let y = out.clone().into_data().iter::<f32>().collect();
+    let out = causal_attention(cast(q.clone()), cast(k.clone()), cast(v.clone()), &spec).cast(burn::tensor::DType::F32);
+    let host = |t: Tensor<B::InnerBackend, 4>| t.into_data().convert::<f32>().iter::<f32>().collect::<Vec<_>>();
+    let y = out.clone().into_data().convert::<f32>().iter::<f32>().collect();
     let g = (out * t(h, 4)).sum().backward();
     vec![y, host(q.grad(&g).unwrap()), host(k.grad(&g).unwrap()), host(v.grad(&g).unwrap())]
 }
 
 #[test]
 fn chunked_attention_on_wgpu_and_fused_wgpu_matches_cpu() {
-    let want = chunked_attention::<CpuAutodiff>(&Default::default());
-    let plain = chunked_attention::<Autodiff<Wgpu>>(&Default::default());
-    let fused = chunked_attention::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&Default::default());
-    for (backend, got) in [("wgpu", plain), ("fused wgpu", fused)] {
+    let want = chunked_attention::<CpuAutodiff>(&Default::default(), false);
+    let plain = chunked_attention::<Autodiff<Wgpu>>(&Default::default(), false);
+    let fused = chunked_attention::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&Default::default(), false);
+    // In f16 the block products are grouped GEMMs (one segment per key/value group): f16 rounding of
+    // the probabilities, outputs and gradients against the f32 reference.
+    let half = chunked_attention::<Autodiff<Wgpu>>(&Default::default(), true);
+    for (backend, got, bound) in [("wgpu", plain, 1e-5), ("fused wgpu", fused, 1e-5), ("wgpu f16", half, 3e-3)] {
         for (name, (a, b)) in ["output", "dq", "dk", "dv"].iter().zip(got.iter().zip(&want)) {
             let err = rel_l2(a, b);
-            assert!(err < 1e-5, "{backend}: {name} rel err {err:e}");
+            assert!(err < bound, "{backend}: {name} rel err {err:e}");
         }
     }
+}
+
+/// `moe_linear` and its gradients, and `moe_sum_squares`, on backend `B`: output, `dx`, `dw` of
+/// `sum(x·wᵀ ⊙ probe)` (inputs rounded to f16 on the host; in f16 on the device when `half`, where
+/// `moe_linear` is a one-segment grouped GEMM), then `Σ x²`. `use_matmul` takes Burn's matmul instead.
+fn dense_linear<B: AutodiffBackend + MoeBackend>(device: &B::Device, use_matmul: bool, half: bool) -> Vec<Vec<f32>>
+where
+    B::InnerBackend: MoeBackend,
+{
+    let (n, k, m) = (37, 29, 45); // ragged against every tile size
+    let f16_values = |len, seed| pseudo_random(len, seed, 1.0).into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>();
+    let t2 = |r: usize, c: usize, seed| Tensor::<B, 2>::from_data(TensorData::new(f16_values(r * c, seed), [r, c]), device);
+    let (x, w, probe) = (t2(n, k, 31).require_grad(), t2(m, k, 32).require_grad(), t2(n, m, 33));
+    let cast = |t: Tensor<B, 2>| if half { t.cast(burn::tensor::DType::F16) } else { t };
+    let out = if use_matmul {
+        cast(x.clone()).matmul(cast(w.clone()).transpose())
+    } else {
+        burn_moe_backend::ops::moe_linear(cast(x.clone()), cast(w.clone()))
+    }
+    .cast(burn::tensor::DType::F32);
+    let host = |t: Tensor<B::InnerBackend, 2>| t.into_data().convert::<f32>().iter::<f32>().collect::<Vec<_>>();
+    let y = out.clone().into_data().convert::<f32>().iter::<f32>().collect();
+    let g = (out * probe).sum().backward();
+    let sq = burn_moe_backend::ops::moe_sum_squares(x.clone().inner()).into_data().iter::<f32>().collect();
+    vec![y, host(x.grad(&g).unwrap()), host(w.grad(&g).unwrap()), sq]
+}
+
+#[test]
+fn dense_linear_and_sum_of_squares_on_wgpu_match_matmul_on_cpu() {
+    let want = dense_linear::<CpuAutodiff>(&Default::default(), true, false);
+    // The ops' CPU default, f32 on wgpu (Burn's matmul), and f16 on wgpu (the grouped GEMM kernels,
+    // against f32 products of the same f16 inputs: f16 rounding of outputs and gradients).
+    for (backend, got, bound) in [
+        ("ndarray", dense_linear::<CpuAutodiff>(&Default::default(), false, false), 1e-5),
+        ("wgpu f32", dense_linear::<Autodiff<Wgpu>>(&Default::default(), false, false), 1e-5),
+        ("wgpu f16", dense_linear::<Autodiff<Wgpu>>(&Default::default(), false, true), 2e-3),
+    ] {
+        for (what, (a, b)) in ["output", "dx", "dw", "sum of squares"].iter().zip(got.iter().zip(&want)) {
+            let err = rel_l2(a, b);
+            assert!(err < bound, "{backend} {what}: rel L2 {err:e}");
+        }
+    }
+    let x: Vec<f64> = pseudo_random(37 * 29, 31, 1.0).into_iter().map(|v| f64::from(half::f16::from_f32(v).to_f32())).collect();
+    let host: f64 = x.iter().map(|v| v * v).sum();
+    assert!((f64::from(want[3][0]) - host).abs() / host < 1e-5, "sum of squares {} vs host {host}", want[3][0]);
 }

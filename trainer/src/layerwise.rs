@@ -57,7 +57,9 @@ impl<B: Backend> Head<B> {
     fn of(model: &MixtralForCausalLM<B>) -> Self {
         Self { norm: model.model.norm.clone(), lm_head: model.lm_head.clone() }
     }
+}
 
+impl<B: MoeBackend> Head<B> {
     fn forward(&self, h: Tensor<B, 3>) -> Tensor<B, 3> {
         self.lm_head.forward(self.norm.forward(h))
     }

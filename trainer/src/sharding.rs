@@ -575,19 +575,16 @@ where
     }
 
     /// Global L2 norm of the gradients over all ranks (each element counted once: replicated
-    /// parameters are divided by the world size, experts by the expert-dp size), scaling them to
-    /// `max_norm` when exceeded, as `clip_grad_norm_` does on the unsharded model. Returns the norm
-    /// before clipping.
+    /// parameters are divided by the world size, experts by the expert-dp size), as `clip_grad_norm_`
+    /// computes it on the unsharded model. The clipping factor ([`clip_factor`]) is applied by the
+    /// optimizer's update pass ([`burn_moe_backend::GradScale`]), not here.
     ///
     /// # Errors
     /// A failed all-reduce.
-    pub fn clip_grad_norm(
-        &self,
-        model: &MixtralForCausalLM<B>,
-        grads: &mut GradientsParams,
-        max_norm: Option<f64>,
-        device: &B::Device,
-    ) -> Result<f64, CommError> {
+    pub fn grad_norm(&self, model: &MixtralForCausalLM<B>, grads: &GradientsParams, device: &B::Device) -> Result<f64, CommError>
+    where
+        B::InnerBackend: MoeBackend,
+    {
         let world = self.mesh.fsdp_group();
         let (world_size, dp) = (world.size() as f64, self.mesh.dp_size() as f64);
         let mut sum = SumSquares::<B::InnerBackend> { grads, placements: &self.placements, world_size, dp, total: None };
@@ -600,13 +597,7 @@ where
         } else {
             total
         };
-        let norm = total.sqrt();
-        if let Some(max) = max_norm
-            && norm > max
-        {
-            model.visit(&mut Scale { grads, factor: max / (norm + 1e-6) });
-        }
-        Ok(norm)
+        Ok(total.sqrt())
     }
 
     /// The full model on every rank (sharded parameters gathered, experts gathered over the EP group),
@@ -1207,7 +1198,10 @@ struct SumSquares<'a, B: burn::tensor::backend::Backend> {
     total: Option<Tensor<B, 1>>,
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_, B::InnerBackend> {
+impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_, B::InnerBackend>
+where
+    B::InnerBackend: MoeBackend,
+{
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) else { return };
         // Each element of the global model counted once over all ranks.
@@ -1216,24 +1210,11 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for SumSquares<'_, B::InnerBackend> {
             Some(ParamPlacement::Expert) => 1.0 / self.dp,
             _ => 1.0 / self.world_size,
         };
-        let sq = sum_of_squares(g).mul_scalar(weight);
+        let sq = burn_moe_backend::ops::moe_sum_squares(g).mul_scalar(weight);
         self.total = Some(match self.total.take() {
             Some(t) => t + sq,
             None => sq,
         });
-    }
-}
-
-/// `Σ g²` as a one-element tensor. Summed in rows of up to 4096 first: burn-cubecl reduces a whole
-/// tensor to one value with a handful of cubes (4.5 ms for a Mixtral layer's 1.4 G expert gradients
-/// on an H200), while a row-wise sum spreads over the whole GPU.
-fn sum_of_squares<B: burn::tensor::backend::Backend, const D: usize>(g: Tensor<B, D>) -> Tensor<B, 1> {
-    let n = g.shape().num_elements();
-    let flat = g.reshape([n]);
-    let sq = flat.clone() * flat;
-    match [4096usize, 1024, 256, 64].into_iter().find(|&c| n > c && n.is_multiple_of(c)) {
-        Some(c) => sq.reshape([n / c, c]).sum_dim(1).sum(),
-        None => sq.sum(),
     }
 }
 
@@ -1433,15 +1414,24 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for UnitGrads<'_, B::InnerBackend> {
     }
 }
 
-struct Scale<'a> {
-    grads: &'a mut GradientsParams,
-    factor: f64,
+/// The factor `clip_grad_norm_` scales the gradients by: `max / (norm + 1e-6)` when the norm
+/// exceeds `max`, else 1 (also without clipping).
+pub fn clip_factor(norm: f64, max_norm: Option<f64>) -> f64 {
+    match max_norm {
+        Some(max) if norm > max => max / (norm + 1e-6),
+        _ => 1.0,
+    }
 }
 
-impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-            self.grads.register::<B::InnerBackend, D>(param.id, g.mul_scalar(self.factor));
-        }
+#[cfg(test)]
+mod clip_tests {
+    use super::clip_factor;
+
+    #[test]
+    fn clip_factor_scales_only_above_the_maximum() {
+        assert_eq!(clip_factor(0.5, Some(1.0)), 1.0);
+        assert_eq!(clip_factor(4.0, None), 1.0);
+        let f = clip_factor(4.0, Some(1.0));
+        assert!((f - 1.0 / (4.0 + 1e-6)).abs() < 1e-15, "{f}");
     }
 }

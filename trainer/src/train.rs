@@ -452,12 +452,14 @@ where
 
     // burn-optim's AdamW (the same numbers and checkpoint state); with `--fused-adamw` the update is
     // one pass per parameter on CubeCL backends.
+    let grad_scale = burn_moe_backend::GradScale::default();
     let mut optimizer = burn_moe_backend::FusedAdamW {
         beta_1: args.adam_beta1 as f32,
         beta_2: args.adam_beta2 as f32,
         epsilon: args.adam_epsilon as f32,
         weight_decay: args.weight_decay as f32,
         fused: args.fused_adamw,
+        grad_scale: grad_scale.clone(),
     }
     .init::<B, MixtralForCausalLM<B>>();
     let (start_step, mut tokens, mut last_eval, metrics) = match &resume {
@@ -612,7 +614,10 @@ where
             progress.abandon();
             return Err(TrainError::NonFiniteLoss { step: step + 1, value: loss_value });
         }
-        let grad_norm = parallel.clip_grad_norm(&model, &mut grads, args.clip_grad_norm(), device)?;
+        let grad_norm = parallel.grad_norm(&model, &grads, device)?;
+        // Clipping rides in the optimizer's update pass (one f32 product per gradient, as a
+        // separate scaling pass would round it).
+        grad_scale.set(crate::sharding::clip_factor(grad_norm, args.clip_grad_norm()) as f32);
         timers.mark("grad norm");
         model = optimizer.step(lr, model, grads);
         sample_memory(&mut mem_peak);

@@ -93,6 +93,11 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         combine::<B, C>(y, slots, None, weights)
     }
 
+    fn moe_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        // A statistic (the gradient norm), not differentiated: the inner backend's op, untracked.
+        <FloatTensor<Self>>::new(B::moe_sum_squares(x.primitive))
+    }
+
     fn moe_combine_host(y: FloatTensor<Self>, slots: IntTensor<Self>, slots_host: &HostIndex, weights: FloatTensor<Self>) -> FloatTensor<Self> {
         combine::<B, C>(y, slots, Some(slots_host.clone()), weights)
     }

@@ -138,6 +138,17 @@ pub trait MoeBackend: Backend {
         crate::optim::adamw_step_ops::<Self>(param, grad, m, v, hyper)
     }
 
+    /// `Σ x²` over every element, in f32 (f64 for f64 tensors), as a one-element tensor: the
+    /// gradient norm's sum of squares. The default is tensor ops
+    /// ([`sum_squares_ops`](crate::optim::sum_squares_ops)); CubeCL backends read the tensor once
+    /// (partial sums per cube, then their sum). A statistic, not differentiated.
+    ///
+    /// # Shapes
+    /// - `x`: any shape → `[1]`
+    fn moe_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        crate::optim::sum_squares_ops::<Self>(x)
+    }
+
     /// Causal attention ([`CausalAttention`](crate::attention::CausalAttention)): the output and each
     /// query's f32 log-sum-exp of its scores. The default works through the queries a block at a
     /// time with tensor ops ([`attention_forward`](crate::attention::attention_forward)); under
@@ -287,6 +298,31 @@ pub fn moe_permute_host<B: MoeBackend>(x: Tensor<B, 2>, rows: &HostIndex) -> Ten
 /// [`MoeBackend::moe_grouped_matmul`] on tensors.
 pub fn moe_grouped_matmul<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, offsets: &[usize], transpose: bool) -> Tensor<B, 2> {
     float(B::moe_grouped_matmul(x.into_primitive().tensor(), w.into_primitive().tensor(), offsets, transpose))
+}
+
+/// `x · wᵀ` for a weight in PyTorch's `[out, in]` layout. In half precision (f16/bf16) a dense layer
+/// as a one-segment [`MoeBackend::moe_grouped_matmul`]: on CubeCL backends the dense layers
+/// (attention projections, the LM head) then run on the experts' tensor-core GEMMs and differentiate
+/// through the grouped op's adjoint pair (`dx = dy · w`, `dw = dyᵀ · x`); on an H200, Burn 0.21's
+/// own bf16 matmul ran the LM head's product at 47 TFLOP/s and a `[T·k, d]×[d, ffn]` one at 94, the
+/// grouped GEMMs at 330–370 (BENCHMARKS.md). In f32/f64 it is Burn's matmul: on CUDA that one uses
+/// TF32 tensor cores, which the grouped kernels lack for f32, and letting the problem size pick
+/// between the two (as the grouped op does) would change results with the batch size.
+///
+/// # Shapes
+/// - `x`: `[N, in]`, `w`: `[out, in]` → `[N, out]`
+pub fn moe_linear<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
+    if !matches!(x.dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16) {
+        return x.matmul(w.transpose());
+    }
+    let [n, _] = x.dims();
+    let [m, k] = w.dims();
+    moe_grouped_matmul(x, w.reshape([1, m, k]), &[0, n], true)
+}
+
+/// [`MoeBackend::moe_sum_squares`] on tensors: `Σ x²` in f32 (f64 for f64), shape `[1]`.
+pub fn moe_sum_squares<B: MoeBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
+    float(B::moe_sum_squares(x.into_primitive().tensor()))
 }
 
 /// [`MoeBackend::moe_combine`] on tensors.

@@ -8,6 +8,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::attention::{launch_attention_softmax, launch_attention_softmax_backward};
+use kernels_cubecl::optim::{launch_sum_squares, sum_squares_cubes};
 use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
@@ -281,6 +282,19 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         ))
         .unwrap_or_else(|e| panic!("AdamW: {e}"));
         (p_out, m_out, v_out)
+    }
+
+    fn moe_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let len = x.meta.shape().num_elements();
+        if len == 0 || !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return crate::optim::sum_squares_ops::<Self>(x);
+        }
+        let x = into_contiguous(x);
+        let partials = empty_nd::<R, 1>(&x, [sum_squares_cubes(len)], DType::F32);
+        with_float!(x.dtype, FE => launch_sum_squares::<R, FE>(&x.client, len, x.handle.clone(), partials.handle.clone()))
+            .unwrap_or_else(|e| panic!("sum of squares: {e}"));
+        // The partials (at most a thousand) summed by Burn's reduction.
+        float::<Self, 1>(partials).sum().into_primitive().tensor()
     }
 
     fn moe_attention_softmax(scores: FloatTensor<Self>, block: &SoftmaxBlock) -> (FloatTensor<Self>, FloatTensor<Self>) {

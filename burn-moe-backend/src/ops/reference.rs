@@ -25,10 +25,12 @@ pub fn reference_grouped_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 3>, of
         let we = if transpose { we.transpose() } else { we };
         parts.push(x.clone().slice([start..end]).matmul(we));
     }
-    if parts.is_empty() {
-        return Tensor::zeros([0, m], (&x.device(), x.dtype()));
+    match parts.len() {
+        0 => Tensor::zeros([0, m], (&x.device(), x.dtype())),
+        // One segment of all the rows (a dense layer, `moe_linear`): no concatenation copy.
+        1 if offsets.first() == Some(&0) => parts.pop().expect("one part"),
+        _ => Tensor::cat(parts, 0),
     }
-    Tensor::cat(parts, 0)
 }
 
 /// `dw[e] = dy[seg e]ᵀ · x[seg e]` (zeros for empty segments).
@@ -50,6 +52,10 @@ pub fn reference_grouped_matmul_weight_grad<B: Backend>(dy: Tensor<B, 2>, x: Ten
             }
         })
         .collect();
+    if parts.len() == 1 {
+        // One expert (a dense layer's weight gradient): no concatenation copy.
+        return parts.into_iter().next().expect("one part");
+    }
     Tensor::cat(parts, 0)
 }
 

@@ -4,8 +4,10 @@
 
 use cubecl::prelude::*;
 
-/// Units per cube of [`attention_softmax_kernel`] (a power of two: the reductions halve it).
-pub const SOFTMAX_UNITS: u32 = 256;
+use crate::reduce::{REDUCE_UNITS, cube_reduce};
+
+/// Units per cube of [`attention_softmax_kernel`] (the cube-wide reductions' size).
+pub const SOFTMAX_UNITS: u32 = REDUCE_UNITS;
 
 /// The columns `[lo, hi)` of a row's keys that its query sees: keys `first_key + col` with
 /// `query − window < key ≤ query` (`window == 0`: no window).
@@ -18,33 +20,6 @@ fn visible_columns(query: usize, keys: usize, first_key: usize, window: usize) -
         lo = query + 1 - window - first_key;
     }
     (lo, hi)
-}
-
-/// Reduces `value` over the units of the cube through `shared` ([`SOFTMAX_UNITS`] entries): the
-/// maximum when `take_max`, else the sum. Every unit gets the result.
-#[cube]
-fn cube_reduce(shared: &mut SharedMemory<f32>, value: f32, #[comptime] take_max: bool) -> f32 {
-    let u = UNIT_POS as usize;
-    shared[u] = value;
-    sync_cube();
-    // Pairs at growing distances (a literal start: cubecl cannot mutate a variable initialised from
-    // a constant expression).
-    let mut stride = 1usize;
-    while stride < SOFTMAX_UNITS as usize {
-        if u % (2 * stride) == 0 {
-            if take_max {
-                shared[u] = max(shared[u], shared[u + stride]);
-            } else {
-                shared[u] += shared[u + stride];
-            }
-        }
-        sync_cube();
-        stride *= 2;
-    }
-    let total = shared[0];
-    // Nobody may overwrite `shared[0]` (the next reduction) before every unit has read it.
-    sync_cube();
-    total
 }
 
 /// Row `r` of `scores` (`keys` values, contiguous rows) belongs to query `first_query + r % queries`;

@@ -1,7 +1,8 @@
 use burn::module::{Module, Param};
 use burn::nn::{Dropout, DropoutConfig};
 use burn::tensor::{Tensor, backend::Backend};
-use burn_moe_backend::LoraConfig;
+use burn_moe_backend::ops::moe_linear;
+use burn_moe_backend::{LoraConfig, MoeBackend};
 
 /// A bias-free linear layer that stores its weight as PyTorch does, `[out, in]`, so checkpoints map
 /// one to one (Burn's own `Linear` stores `[in, out]`), with an optional LoRA adapter.
@@ -85,14 +86,18 @@ impl<B: Backend> HfLinear<B> {
             }
         }
     }
+}
 
-    /// `x · Wᵀ (+ s · dropout(x) · Aᵀ · Bᵀ)` on the last dimension.
+impl<B: MoeBackend> HfLinear<B> {
+    /// `x · Wᵀ (+ s · dropout(x) · Aᵀ · Bᵀ)` on the last dimension. The base product goes through
+    /// [`moe_linear`] (the tensor-core grouped GEMMs on CubeCL backends); the adapter's thin
+    /// products stay Burn matmuls.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let dims = x.dims();
         let d_in = dims[D - 1];
         let rows = x.shape().num_elements() / d_in.max(1);
         let x = x.reshape([rows, d_in]);
-        let mut out = x.clone().matmul(self.weight.val().transpose());
+        let mut out = moe_linear(x.clone(), self.weight.val());
         if let Some(l) = &self.lora {
             let low = l.dropout.forward(x).matmul(l.a.val().transpose());
             out = out + low.matmul(l.b.val().transpose()) * l.scaling;
