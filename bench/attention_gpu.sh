@@ -34,8 +34,7 @@ if [ "${TIMERS:-0}" = 1 ]; then
   v=${VARIANTS##* }
   echo "##### step phases, $v (BURN_MOE_STEP_TIMERS=1)"
   python3 bench/mixtral_config.py "$OUT/timers_config.json" "${LAYERS:-2}"
-  BURN_MOE_STEP_TIMERS=1 RUST_LOG=info timeout 150 /tmp/trainer --device cuda --model-config "$OUT/timers_config.json" \
-    --per-device-train-batch-size 1 --packing --max-seq-length ${SEQ:-4096} --max-steps ${STEPS:-4} --logging-steps 1 \
-    --learning-rate 1e-5 --use-lora none --sharding ddp --dtype bf16 --moe-kernel scatter $(variant_flags $v) ${EXTRA:-} \
+  BURN_MOE_STEP_TIMERS=1 RUST_LOG=info timeout 150 /tmp/trainer --device cuda $(mixtral_row "$OUT/timers_config.json") \
+    --use-lora none --sharding ddp --dtype bf16 --moe-kernel scatter $(variant_flags $v) ${EXTRA:-} \
     --output-dir $OUT/timers 2>&1 | grep -E "step phases|rror" | sed -E 's/^.*(step=[0-9]+)/\1/'
 fi

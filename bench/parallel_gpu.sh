@@ -69,9 +69,8 @@ for lora in $LORAS; do
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 200 > $OUT/mem-$name.csv &
     SMI=$!
     echo "=== $name: $(flags $plan) --use-lora $lora"
-    timeout ${RUN_TIMEOUT:-150} /tmp/trainer --device cuda --model-config $OUT/mixtral_${LAYERS}l.json --nproc-per-node $NPROC \
-      --per-device-train-batch-size 1 --packing --max-seq-length $SEQ --max-steps $STEPS --logging-steps 1 \
-      --learning-rate 1e-5 --use-lora $lora $(flags $plan) ${EXTRA:-} --output-dir $OUT/$name 2>&1 | grep -vE "^\s*$" | tail -4
+    timeout ${RUN_TIMEOUT:-150} /tmp/trainer --device cuda $(mixtral_row $OUT/mixtral_${LAYERS}l.json) --nproc-per-node $NPROC \
+      --use-lora $lora $(flags $plan) ${EXTRA:-} --output-dir $OUT/$name 2>&1 | grep -vE "^\s*$" | tail -4
     echo "rc=${PIPESTATUS[0]}"
     kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
     ROWS="$ROWS $name"

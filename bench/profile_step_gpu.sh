@@ -16,9 +16,8 @@ python3 bench/mixtral_config.py /tmp/profile_config.json "$LAYERS"
 echo "=== CubeCL profile: $LAYERS layers, seq $SEQ, $STEPS steps, ${EXTRA:-}"
 rm -f /tmp/cubecl_profile.log  # CubeCL appends to its log file
 CUBECL_DEBUG_LOG=/tmp/cubecl_profile.log CUBECL_DEBUG_OPTION=${PROFILE_LEVEL:-profile-full} BURN_MOE_STEP_TIMERS=1 RUST_LOG=info \
-  timeout ${PROFILE_TIMEOUT:-300} /tmp/trainer --device cuda --model-config /tmp/profile_config.json \
-  --per-device-train-batch-size 1 --packing --max-seq-length $SEQ --max-steps $STEPS --logging-steps 1 \
-  --learning-rate 1e-5 --use-lora none --dtype bf16 --moe-kernel scatter ${EXTRA:-} \
+  timeout ${PROFILE_TIMEOUT:-300} /tmp/trainer --device cuda $(mixtral_row /tmp/profile_config.json) \
+  --use-lora none --dtype bf16 --moe-kernel scatter ${EXTRA:-} \
   --output-dir /tmp/profile_run > /tmp/profile_stdout.txt 2>&1
 echo "trainer exit $?"
 grep -E "step phases|rror" /tmp/profile_stdout.txt | sed -E 's/^.*(step=[0-9]+)/\1/'

@@ -6,9 +6,10 @@
 //! about 4 GiB per layer and row in bf16, more than a layer's weights. This op keeps only its inputs,
 //! its output and one f32 log-sum-exp per query (`[B, H, S]`), the flash-attention bookkeeping, and
 //! works through the queries a block at a time, so no more than one block's scores exist at once.
-//! Per block, the products are, in half precision, grouped GEMMs ([`MoeBackend::moe_grouped_matmul`]
-//! and its weight gradient, one segment per key/value group: the experts' tensor-core kernels on
-//! CubeCL backends, Burn matmuls elsewhere), in f32/f64 batched Burn matmuls; and the softmax
+//! Per block, the products are, in half precision ([`uses_grouped_gemm`]), grouped GEMMs
+//! ([`MoeBackend::moe_grouped_matmul`] and its weight gradient, one segment per key/value group: the
+//! experts' tensor-core kernels on CubeCL backends, Burn matmuls elsewhere), in f32/f64 batched Burn
+//! matmuls; and the softmax
 //! (scale, causal/window mask, softmax, and in the backward pass the rebuilt probabilities and score
 //! gradients) is
 //! [`MoeBackend::moe_attention_softmax`] / [`MoeBackend::moe_attention_softmax_backward`]: one CubeCL
@@ -28,7 +29,7 @@ use burn::tensor::{Bool, DType, Int, Tensor, TensorPrimitive, backend::Backend};
 pub use kernels_cubecl::SoftmaxBlock;
 
 use crate::MoeBackend;
-use crate::ops::moe_grouped_matmul;
+use crate::ops::{moe_grouped_matmul, uses_grouped_gemm};
 
 /// Score elements (f32) one query block may hold: 2²⁶ = 256 MiB; 512 queries at 32 heads × 4096 keys.
 const BLOCK_SCORE_ELEMENTS: usize = 1 << 26;
@@ -93,10 +94,8 @@ struct Dims {
     head_dim: usize,
     /// [`stats_dtype`] of the inputs.
     stats: DType,
-    /// Whether the products run as grouped GEMMs (half precision: the tensor-core kernels on CubeCL
-    /// backends) rather than batched Burn matmuls (f32/f64, whose CUDA matmul uses TF32 tensor
-    /// cores; the grouped kernels have none for f32, so mixing them would change results with the
-    /// problem size).
+    /// Whether the products run as grouped GEMMs rather than batched Burn matmuls
+    /// ([`uses_grouped_gemm`] of the inputs' dtype).
     grouped_gemm: bool,
 }
 
@@ -109,8 +108,7 @@ impl Dims {
             "causal attention: keys {kd:?} and values {vd:?} must be [{batch}, KV, {seq}, {head_dim}] with KV dividing the {heads} query heads (queries {:?})",
             q.dims()
         );
-        let grouped_gemm = matches!(q.dtype(), DType::F16 | DType::BF16);
-        Self { batch, heads, kv_heads, seq, head_dim, stats: stats_dtype(q.dtype()), grouped_gemm }
+        Self { batch, heads, kv_heads, seq, head_dim, stats: stats_dtype(q.dtype()), grouped_gemm: uses_grouped_gemm(q.dtype()) }
     }
 
     fn group(&self) -> usize {

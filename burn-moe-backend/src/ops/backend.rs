@@ -300,19 +300,25 @@ pub fn moe_grouped_matmul<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 3>, offse
     float(B::moe_grouped_matmul(x.into_primitive().tensor(), w.into_primitive().tensor(), offsets, transpose))
 }
 
-/// `x · wᵀ` for a weight in PyTorch's `[out, in]` layout. In half precision (f16/bf16) a dense layer
-/// as a one-segment [`MoeBackend::moe_grouped_matmul`]: on CubeCL backends the dense layers
-/// (attention projections, the LM head) then run on the experts' tensor-core GEMMs and differentiate
-/// through the grouped op's adjoint pair (`dx = dy · w`, `dw = dyᵀ · x`); on an H200, Burn 0.21's
-/// own bf16 matmul ran the LM head's product at 47 TFLOP/s and a `[T·k, d]×[d, ffn]` one at 94, the
-/// grouped GEMMs at 330–370 (BENCHMARKS.md). In f32/f64 it is Burn's matmul: on CUDA that one uses
-/// TF32 tensor cores, which the grouped kernels lack for f32, and letting the problem size pick
-/// between the two (as the grouped op does) would change results with the batch size.
+/// Whether dense products of `dtype` tensors go through the grouped GEMMs ([`moe_linear`], the
+/// chunked attention's block products): in half precision (f16/bf16) only. Why: on CubeCL backends
+/// that puts them on the experts' tensor-core kernels — on an H200, Burn 0.21's own bf16 matmul ran
+/// the LM head's product at 47 TFLOP/s and a `[T·k, d]×[d, ffn]` one at 94, the grouped GEMMs at
+/// 330–370 (BENCHMARKS.md). In f32/f64 Burn's matmul stays: on CUDA it uses TF32 tensor cores, which
+/// the grouped kernels lack for f32, and the grouped op picking between its exact kernel and Burn's
+/// by problem size would change results with the batch size.
+pub fn uses_grouped_gemm(dtype: burn::tensor::DType) -> bool {
+    matches!(dtype, burn::tensor::DType::F16 | burn::tensor::DType::BF16)
+}
+
+/// `x · wᵀ` for a weight in PyTorch's `[out, in]` layout: where [`uses_grouped_gemm`], a dense layer
+/// as a one-segment [`MoeBackend::moe_grouped_matmul`], differentiated through the grouped op's
+/// adjoint pair (`dx = dy · w`, `dw = dyᵀ · x`); else Burn's matmul.
 ///
 /// # Shapes
 /// - `x`: `[N, in]`, `w`: `[out, in]` → `[N, out]`
 pub fn moe_linear<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
-    if !matches!(x.dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16) {
+    if !uses_grouped_gemm(x.dtype()) {
         return x.matmul(w.transpose());
     }
     let [n, _] = x.dims();

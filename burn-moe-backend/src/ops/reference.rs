@@ -27,8 +27,8 @@ pub fn reference_grouped_matmul<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 3>, of
     }
     match parts.len() {
         0 => Tensor::zeros([0, m], (&x.device(), x.dtype())),
-        // One segment of all the rows (a dense layer, `moe_linear`): no concatenation copy.
-        1 if offsets.first() == Some(&0) => parts.pop().expect("one part"),
+        // One non-empty segment (a dense layer, `moe_linear`): no concatenation copy.
+        1 => parts.pop().expect("one part"),
         _ => Tensor::cat(parts, 0),
     }
 }
