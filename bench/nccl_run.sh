@@ -20,6 +20,15 @@ timeout 60 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC 
 echo "timeout rc=$?"
 echo "=== bandwidth: burn-moe NCCL"
 timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29531 /tmp/nccl_check bench ${MAX_MIB:-1024}
+echo "=== bandwidth: burn-moe NCCL with per-phase profile"
+# Median host time of each phase of a call and the NCCL kernels' device time (burn-moe-profile
+# lines, ranks 0 and 1), for the sizes where we trail torch (16-256 MiB).
+PROFILE_MIB=$(( ${MAX_MIB:-1024} < 256 ? ${MAX_MIB:-1024} : 256 ))
+BURN_MOE_NCCL_PROFILE=1 timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29536 /tmp/nccl_check bench $PROFILE_MIB
+# The default wait keeps CubeCL's device thread awake (WaitMode::Warm); BURN_MOE_NCCL_WAIT=block sleeps in
+# cuStreamSynchronize, and the next call's device-pointer lookup pays the thread's wake-up (2026-11-30).
+echo "=== bandwidth: burn-moe NCCL, BURN_MOE_NCCL_WAIT=block (a blocking wait), with per-phase profile"
+BURN_MOE_NCCL_WAIT=block BURN_MOE_NCCL_PROFILE=1 timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29538 /tmp/nccl_check bench $PROFILE_MIB
 echo "=== bandwidth: burn-moe NCCL, output-buffer pool off (every output a fresh CubeCL buffer)"
 BURN_MOE_NCCL_POOL_BYTES=0 timeout 180 python3 -m torch.distributed.run --no-python --nproc-per-node $NPROC --master-port 29541 /tmp/nccl_check bench ${MAX_MIB:-1024}
 echo "=== bandwidth: torch.distributed NCCL"

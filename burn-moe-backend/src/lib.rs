@@ -20,6 +20,7 @@ pub mod gemm;
 pub mod kernel;
 pub mod lora;
 pub mod memory;
+pub mod norm;
 pub mod ops;
 pub mod optim;
 pub mod reference;

@@ -13,7 +13,10 @@
 //! sub-groups, the Autodiff and Fusion wrappers) and compares each rank's result with the value
 //! computed on the host from every rank's (seeded, reproducible) input. `bench` reports algorithm
 //! and bus bandwidth (nccl-tests definitions) of all-gather, reduce-scatter, all-reduce and
-//! all-to-all for 1 MiB … 1 GiB, one JSON line per size and collective, from rank 0.
+//! all-to-all for 1 MiB … 1 GiB, one JSON line per size and collective, from rank 0. With
+//! `BURN_MOE_NCCL_PROFILE=1` it adds, per size and collective, the median time of each phase of a
+//! call (`burn-moe-profile` lines, from ranks 0 and 1: a rank arriving late shows up as the other
+//! rank's long wait).
 
 use std::time::Instant;
 
@@ -251,6 +254,8 @@ fn bench(comm: &NcclComm<B>, max_mib: usize) -> Result<()> {
             run()?;
             let iters = if mib >= 256 { 5 } else { 20 };
             comm.barrier()?;
+            // Only the timed calls' profiles (not the warm-up's or the barrier's).
+            drop(comm.take_profile());
             // Each call timed on its own (each is blocking): the mean, and the median, which one
             // slow call (a proxy-thread wake-up, a rank arriving late) cannot move.
             let mut calls = Vec::with_capacity(iters);
@@ -274,10 +279,50 @@ fn bench(comm: &NcclComm<B>, max_mib: usize) -> Result<()> {
                     size_bytes / median / 1e9 * factor
                 );
             }
+            if comm.profiling() && comm.rank() < 2 {
+                let calls = comm.take_profile();
+                if let Some(last) = calls.last() {
+                    let phases: [(&str, Vec<Option<f64>>); 8] = [
+                        ("prepare_us", calls.iter().map(|c| Some(c.prepare_us)).collect()),
+                        ("contiguous_us", calls.iter().map(|c| Some(c.contiguous_us)).collect()),
+                        ("sync_us", calls.iter().map(|c| Some(c.sync_us)).collect()),
+                        ("alloc_us", calls.iter().map(|c| Some(c.alloc_us)).collect()),
+                        ("enqueue_us", calls.iter().map(|c| Some(c.enqueue_us)).collect()),
+                        ("wait_us", calls.iter().map(|c| Some(c.wait_us)).collect()),
+                        ("device_us", calls.iter().map(|c| c.device_us).collect()),
+                        ("total_us", calls.iter().map(|c| Some(c.total_us)).collect()),
+                    ];
+                    let last = [
+                        ("in_bytes", last.in_bytes),
+                        ("out_bytes", last.out_bytes),
+                        ("in_ptr_align", last.in_ptr_align),
+                        ("out_ptr_align", last.out_ptr_align),
+                    ];
+                    print_profile(name, size_bytes as u64, n, comm.rank(), calls.len(), &phases, &last);
+                }
+            }
         }
         mib *= 4;
     }
     Ok(())
+}
+
+/// One `burn-moe-profile` JSON line: the median of each phase's microseconds over a loop's calls
+/// (`null` where no call has the value), and `last` (`"in_bytes"` …) as given.
+fn print_profile(name: &str, bytes: u64, world: usize, rank: usize, calls: usize, phases: &[(&str, Vec<Option<f64>>)], last: &[(&str, u64)]) {
+    let mut line = format!("{{\"impl\":\"burn-moe-profile\",\"rank\":{rank},\"collective\":\"{name}\",\"bytes\":{bytes},\"world\":{world},\"calls\":{calls}");
+    for (key, values) in phases {
+        let mut v: Vec<f64> = values.iter().flatten().copied().collect();
+        v.sort_by(f64::total_cmp);
+        match v.get(v.len().saturating_sub(1) / 2) {
+            Some(m) => line += &format!(",\"{key}\":{m:.1}"),
+            None => line += &format!(",\"{key}\":null"),
+        }
+    }
+    for (key, value) in last {
+        line += &format!(",\"{key}\":{value}");
+    }
+    println!("{line}}}");
 }
 
 fn main() -> Result<()> {
@@ -288,7 +333,7 @@ fn main() -> Result<()> {
     let timeout = if mode == "timeout" { std::time::Duration::from_secs(5) } else { NcclConfig::default().timeout };
     // `BURN_MOE_NCCL_POOL_BYTES=0` turns the output-buffer pool off (for before/after timings).
     let output_pool_bytes = NcclConfig::default().output_pool_bytes;
-    let comm = NcclComm::<B>::init(&env, device, NcclConfig { timeout, output_pool_bytes })?;
+    let comm = NcclComm::<B>::init(&env, device, NcclConfig { timeout, output_pool_bytes, ..NcclConfig::default() })?;
     match mode.as_str() {
         "check" => check(&comm),
         "bench" => {

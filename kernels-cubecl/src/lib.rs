@@ -20,6 +20,9 @@
 //! copies several depth steps ahead (`cp.async` + barriers, CUDA); `Auto` picks the most capable one
 //! the runtime supports (see [`scatter::GroupedMatmulStrategy`]).
 //!
+//! RMSNorm ([`rmsnorm`]): the forward pass and the input gradient one cube per row, the weight gradient
+//! by column in row chunks.
+//!
 //! The causal-attention softmax ([`attention`]): a block of query rows' scores becomes probabilities
 //! and per-row log-sum-exps in one kernel (scale, causal and sliding-window mask, softmax), and the
 //! backward pass rebuilds the probabilities and forms the score gradients in one more.
@@ -39,10 +42,12 @@ pub mod blocksparse;
 pub mod optim;
 mod reduce;
 pub mod reference;
+pub mod rmsnorm;
 pub mod routing;
 pub mod scatter;
 pub mod swiglu;
 
 pub use attention::SoftmaxBlock;
+pub use rmsnorm::RmsNormProblem;
 pub use reference::blocksparse::{BlockSparseError, BlockSparseTopology};
 pub use reference::routing::{RoutingError, RoutingPlan};

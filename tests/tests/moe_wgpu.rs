@@ -350,3 +350,74 @@ fn dense_linear_and_sum_of_squares_on_wgpu_match_matmul_on_cpu() {
     let host: f64 = x.iter().map(|v| v * v).sum();
     assert!((f64::from(want[3][0]) - host).abs() / host < 1e-5, "sum of squares {} vs host {host}", want[3][0]);
 }
+
+/// RMSNorm on backend `B`: output, `dx` and `dw` of `sum(y ⊙ probe)` for a `[2, 5, 300]` input (rows
+/// of different scales, 300 values: more than a cube's units). `composed`: the norm written out in
+/// Burn tensor ops and differentiated by Burn's autodiff (the model's norm before it became one op;
+/// the independent reference); else the op (`moe_rms_norm`) with its own backward pass. Inputs are
+/// rounded to f16 on the host; in f16 on the device when `half`.
+fn rms_norm_case<B: AutodiffBackend + MoeBackend>(device: &B::Device, composed: bool, half: bool) -> Vec<Vec<f32>> {
+    use burn::tensor::DType;
+    let (shape, eps) = ([2, 5, 300], 1e-5);
+    let len = shape.iter().product::<usize>();
+    let f16_values = |v: Vec<f32>| v.into_iter().map(|v| half::f16::from_f32(v).to_f32()).collect::<Vec<_>>();
+    let x: Vec<f32> = pseudo_random(len, 41, 1.0).into_iter().enumerate().map(|(i, v)| v * (1 + i / 300 % 4) as f32).collect();
+    let x = Tensor::<B, 3>::from_data(TensorData::new(f16_values(x), shape), device).require_grad();
+    let w = pseudo_random(300, 42, 0.5).into_iter().map(|v| v + 1.0).collect();
+    let w = Tensor::<B, 1>::from_data(TensorData::new(f16_values(w), [300]), device).require_grad();
+    let probe = Tensor::<B, 3>::from_data(TensorData::new(pseudo_random(len, 43, 1.0), shape), device);
+    let cast = |t: Tensor<B, 3>| if half { t.cast(DType::F16) } else { t };
+    let w_in = if half { w.clone().cast(DType::F16) } else { w.clone() };
+    let y = if composed {
+        let (xin, dtype) = (cast(x.clone()), if half { DType::F16 } else { DType::F32 });
+        let xf = xin.cast(DType::F32);
+        let rstd = xf.clone().powi_scalar(2).mean_dim(2).add_scalar(eps).sqrt().recip();
+        (xf * rstd).cast(dtype) * w_in.reshape([1, 1, 300])
+    } else {
+        burn_moe_backend::ops::moe_rms_norm(cast(x.clone()), w_in, eps)
+    }
+    .cast(DType::F32);
+    let host = |t: Tensor<B::InnerBackend, 3>| t.into_data().convert::<f32>().iter::<f32>().collect::<Vec<_>>();
+    let out = y.clone().into_data().convert::<f32>().iter::<f32>().collect();
+    let g = (y * probe).sum().backward();
+    let dw = w.grad(&g).unwrap().into_data().convert::<f32>().iter::<f32>().collect();
+    vec![out, host(x.grad(&g).unwrap()), dw]
+}
+
+#[test]
+fn rms_norm_op_matches_the_composed_norm_on_cpu_wgpu_and_fused_wgpu() {
+    let want = rms_norm_case::<CpuAutodiff>(&Default::default(), true, false);
+    let before = burn_moe_backend::ops::fused_moe_op_count("moe_rms_norm_backward").unwrap();
+    // The op's tensor-op default (CPU), the CubeCL kernels in f32 (plain and fusion-wrapped wgpu),
+    // and in f16 against the f32 reference (f16 rounding of outputs and gradients).
+    for (backend, got, bound) in [
+        ("ndarray", rms_norm_case::<CpuAutodiff>(&Default::default(), false, false), 1e-5),
+        ("wgpu f32", rms_norm_case::<Autodiff<Wgpu>>(&Default::default(), false, false), 1e-5),
+        ("fused wgpu f32", rms_norm_case::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&Default::default(), false, false), 1e-5),
+        ("wgpu f16", rms_norm_case::<Autodiff<Wgpu>>(&Default::default(), false, true), 2e-3),
+    ] {
+        for (what, (a, b)) in ["output", "dx", "dw"].iter().zip(got.iter().zip(&want)) {
+            let err = rel_l2(a, b);
+            assert!(err < bound, "{backend} RMSNorm {what}: rel L2 {err:e}");
+        }
+    }
+    // The f16 kernel against the f16 composed norm (same roundings, up to the order of the sums).
+    let (a, b) = (rms_norm_case::<Autodiff<Wgpu>>(&Default::default(), false, true), rms_norm_case::<Autodiff<Wgpu>>(&Default::default(), true, true));
+    assert!(rel_l2(&a[0], &b[0]) < 1e-3, "f16 output vs composed f16: {:e}", rel_l2(&a[0], &b[0]));
+    assert!(burn_moe_backend::ops::fused_moe_op_count("moe_rms_norm_backward").unwrap() > before, "fused wgpu did not reach the kernel");
+}
+
+/// A frozen scale (LoRA) gets no gradient and the input gradient is unchanged.
+#[test]
+fn rms_norm_with_a_frozen_scale_skips_its_gradient() {
+    type B = Autodiff<Wgpu>;
+    let device = Default::default();
+    let x = Tensor::<B, 2>::from_data(TensorData::new(pseudo_random(3 * 40, 51, 1.0), [3, 40]), &device).require_grad();
+    let w = Tensor::<B, 1>::from_data(TensorData::new(pseudo_random(40, 52, 1.0), [40]), &device);
+    let wt = w.clone().require_grad();
+    let g_frozen = burn_moe_backend::ops::moe_rms_norm(x.clone(), w, 1e-6).sum().backward();
+    let g_free = burn_moe_backend::ops::moe_rms_norm(x.clone(), wt.clone(), 1e-6).sum().backward();
+    let dx = |g| x.grad(g).unwrap().into_data().iter::<f32>().collect::<Vec<_>>();
+    assert_eq!(dx(&g_frozen), dx(&g_free));
+    assert!(wt.grad(&g_free).is_some());
+}

@@ -25,5 +25,5 @@ pub use mesh::{DeviceMesh, MeshError, validate_mesh};
 #[cfg(feature = "cube")]
 pub use pool::OutputPool;
 #[cfg(feature = "nccl")]
-pub use nccl::{CudaTensorAccess, NcclComm, NcclConfig, local_cuda_device};
+pub use nccl::{CallProfile, CudaTensorAccess, NcclComm, NcclConfig, WaitMode, local_cuda_device};
 pub use thread::{CommConfig, RankError, ThreadComm};

@@ -7,7 +7,8 @@
 //!    has finished, so the input buffers hold their final values;
 //! 2. the NCCL call(s) are queued on our stream, reading the inputs' device pointers and writing
 //!    into a freshly allocated output buffer that Burn has not handed to anyone else;
-//! 3. we wait for our stream, polling, so that a peer that never arrives turns into
+//! 3. we wait for our stream (polling it while keeping CubeCL's device thread awake, see
+//!    [`WaitMode`]), watched by a watchdog thread, so that a peer that never arrives turns into
 //!    [`CommError::Timeout`] (the communicator is then aborted) instead of a hang.
 //!
 //! When the call returns, the output is complete and the inputs are no longer read, so Burn may
@@ -21,6 +22,12 @@
 //! by the communicator until the wait, so neither CubeCL's allocator nor the output pool can hand
 //! their memory out while NCCL reads or writes it, and the caller reads the output only after the
 //! wait.
+//!
+//! # Profiling
+//! With `BURN_MOE_NCCL_PROFILE=1` in the environment at [`NcclComm::init`] (sub-communicators
+//! from `split` inherit it), every collective leaves a [`CallProfile`]: host time of each step
+//! above and device time of the NCCL kernels, to tell where a collective slower than torch's
+//! spends the difference. [`NcclComm::take_profile`] drains them. Off, nothing is timed.
 //!
 //! # Which peer is missing
 //! NCCL cannot tell which rank failed to join a collective; a timeout error therefore lists no
@@ -119,12 +126,45 @@ pub struct NcclConfig {
     /// `BURN_MOE_NCCL_POOL_BYTES` (read like NCCL's own `NCCL_*` settings, so a launcher can set it
     /// for every rank), else [`OutputPool::DEFAULT_BYTES`].
     pub output_pool_bytes: u64,
+    /// How step 3 waits for our stream (see [`WaitMode`]). Default: the environment variable
+    /// `BURN_MOE_NCCL_WAIT` (`warm` or `block`), else [`WaitMode::Warm`].
+    pub wait: WaitMode,
+}
+
+/// How a collective waits for its NCCL kernels (step 3 of the module's synchronisation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitMode {
+    /// One blocking `cuStreamSynchronize` (the thread sleeps until the stream is done).
+    Block,
+    /// Poll our stream, and between polls hand CubeCL's device thread a `B::sync` (an empty round
+    /// trip), so that thread is awake when the next collective (or Burn op) reaches it. Why: a
+    /// per-call profile on 2 × H200 found the input's device-pointer lookup — a round trip to
+    /// CubeCL's device thread — taking 30–200 µs after blocking waits of ≥ 150 µs and ~9 µs after
+    /// short ones: that thread's wake-up from sleep, the whole gap to torch's bus bandwidth at
+    /// 64–256 MiB. Kept awake, every lookup took 7–9 µs and the collectives reached 96–113% of
+    /// torch's; the 2-GPU FSDP2 step went from 0.30 to 0.26 s (BENCHMARKS.md, NCCL section). The
+    /// default; it keeps one core busy while a collective runs.
+    Warm,
+}
+
+impl WaitMode {
+    /// `BURN_MOE_NCCL_WAIT` (`warm` | `block`), [`WaitMode::Warm`] when unset or unknown.
+    fn from_env() -> Self {
+        match std::env::var("BURN_MOE_NCCL_WAIT").ok().as_deref().map(str::trim) {
+            Some("block") => WaitMode::Block,
+            _ => WaitMode::Warm,
+        }
+    }
 }
 
 impl Default for NcclConfig {
     fn default() -> Self {
         let output_pool_bytes = std::env::var("BURN_MOE_NCCL_POOL_BYTES").ok().and_then(|v| v.trim().parse().ok());
-        Self { timeout: Duration::from_secs(600), output_pool_bytes: output_pool_bytes.unwrap_or(OutputPool::DEFAULT_BYTES) }
+        Self {
+            timeout: Duration::from_secs(600),
+            output_pool_bytes: output_pool_bytes.unwrap_or(OutputPool::DEFAULT_BYTES),
+            wait: WaitMode::from_env(),
+        }
     }
 }
 
@@ -148,6 +188,10 @@ pub struct NcclComm<B: CudaTensorAccess> {
     /// Inputs and outputs of the all-gathers queued but not yet waited for: held so that neither
     /// CubeCL nor the pool hands their memory to anyone while NCCL still reads or writes it.
     in_flight: std::cell::RefCell<Vec<CubeTensor<CudaRuntime>>>,
+    /// `Some` when profiling is on (`BURN_MOE_NCCL_PROFILE=1`).
+    profile: Option<Profiler>,
+    /// How step 3 waits.
+    wait_mode: WaitMode,
     _backend: PhantomData<B>,
 }
 
@@ -189,6 +233,121 @@ struct Buf {
     ptr: u64,
 }
 
+impl Buf {
+    /// Bytes of the tensor (not of the allocation, which a zero-length output pads).
+    fn bytes(&self) -> u64 {
+        (self.tensor.meta.shape().num_elements() * self.tensor.dtype.size()) as u64
+    }
+}
+
+/// Where one collective's time went (see the module's "Profiling"): host microseconds of each
+/// step, so a gap to another NCCL user can be pinned on Burn's sync, the output allocation, the
+/// enqueue or the wait, and the device time of the NCCL kernels themselves.
+#[derive(Debug, Clone, Default)]
+pub struct CallProfile {
+    /// `all_gather`, `reduce_scatter`, `all_reduce`, `all_to_all_single`, `broadcast`, or
+    /// `wait_gathers` (the wait for deferred all-gathers, only `wait_us` and `total_us` set).
+    pub collective: &'static str,
+    /// Bytes of the input tensor.
+    pub in_bytes: u64,
+    /// Bytes of the output tensor.
+    pub out_bytes: u64,
+    /// All of step 1 (unwrapping, the two parts below, making the context current).
+    pub prepare_us: f64,
+    /// Part of `prepare_us`: making the input contiguous and looking up its device pointer.
+    pub contiguous_us: f64,
+    /// Part of `prepare_us`: `B::sync`, i.e. waiting for the Burn work that produced the input.
+    pub sync_us: f64,
+    /// From the end of step 1 to the NCCL call: mostly the output buffer (pool or CubeCL).
+    pub alloc_us: f64,
+    /// Step 2: queueing the NCCL call(s), group start/end included.
+    pub enqueue_us: f64,
+    /// Step 3: waiting for our stream (0 for a deferred all-gather, which waits later).
+    pub wait_us: f64,
+    /// GPU time between CUDA events recorded on our stream around the NCCL call(s); includes
+    /// waiting inside NCCL's kernels for a late peer. `None` for deferred all-gathers.
+    pub device_us: Option<f64>,
+    /// The whole call, from entry to the output in hand.
+    pub total_us: f64,
+    /// Largest power of two (up to 4096) dividing the input's device pointer: NCCL's kernels
+    /// take slower paths for poorly aligned buffers.
+    pub in_ptr_align: u64,
+    /// The same for the output's device pointer.
+    pub out_ptr_align: u64,
+}
+
+/// Largest power of two, capped at 4096, dividing `ptr`.
+fn ptr_align(ptr: u64) -> u64 {
+    1 << ptr.trailing_zeros().min(12)
+}
+
+/// A communicator's profiling state: two timing events reused by every call, and the records.
+struct Profiler {
+    start: cusys::CUevent,
+    end: cusys::CUevent,
+    calls: std::cell::RefCell<Vec<CallProfile>>,
+}
+
+impl Profiler {
+    /// On when `BURN_MOE_NCCL_PROFILE=1`; the events belong to the current CUDA context.
+    fn from_env() -> Result<Option<Self>, String> {
+        if !std::env::var("BURN_MOE_NCCL_PROFILE").is_ok_and(|v| v.trim() == "1") {
+            return Ok(None);
+        }
+        Self::new().map(Some)
+    }
+
+    fn new() -> Result<Self, String> {
+        let event = || cu::event::create(cusys::CUevent_flags::CU_EVENT_DEFAULT).map_err(|e| format!("creating a timing event: {e:?}"));
+        let start = event()?;
+        let end = match event() {
+            Ok(end) => end,
+            Err(e) => {
+                unsafe { cu::event::destroy(start) }.ok();
+                return Err(e);
+            }
+        };
+        Ok(Self { start, end, calls: std::cell::RefCell::new(Vec::new()) })
+    }
+
+    /// Destroys the events (the communicator's context is current).
+    fn destroy(&self) {
+        unsafe {
+            let _ = cu::event::destroy(self.start);
+            let _ = cu::event::destroy(self.end);
+        }
+    }
+}
+
+/// One collective being profiled: its record so far and the host clock of its phases.
+struct Rec {
+    start: Instant,
+    last: Instant,
+    /// Both events were recorded around the NCCL call(s).
+    events: bool,
+    p: CallProfile,
+}
+
+impl Rec {
+    fn new(collective: &'static str) -> Self {
+        let now = Instant::now();
+        Self { start: now, last: now, events: false, p: CallProfile { collective, ..CallProfile::default() } }
+    }
+
+    /// Microseconds since the previous lap (or the start); starts the next one.
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let us = (now - self.last).as_secs_f64() * 1e6;
+        self.last = now;
+        us
+    }
+
+    /// Microseconds from the start to the latest lap.
+    fn elapsed_us(&self) -> f64 {
+        (self.last - self.start).as_secs_f64() * 1e6
+    }
+}
+
 impl<B: CudaTensorAccess> NcclComm<B> {
     /// Starts the world group described by `env` on `device` (normally `LOCAL_RANK`'s GPU):
     /// rank 0 creates NCCL's unique id and hands it out through the TCP rendezvous, then every
@@ -209,6 +368,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         let ctx = Self::activate(&device)?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking)
             .map_err(|e| CommError::Setup(format!("creating the NCCL stream: {e:?}")))?;
+        let profile = Profiler::from_env().map_err(CommError::Setup)?;
         let mut comm = std::ptr::null_mut();
         unsafe { nc::ncclCommInitRank(&mut comm, env.world_size as i32, unique, env.rank as i32) }
             .result()
@@ -228,8 +388,21 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             pool: std::cell::RefCell::new(OutputPool::new(config.output_pool_bytes)),
             defer: std::cell::Cell::new(false),
             in_flight: std::cell::RefCell::new(Vec::new()),
+            profile,
+            wait_mode: config.wait,
             _backend: PhantomData,
         })
+    }
+
+    /// Whether collectives are profiled (`BURN_MOE_NCCL_PROFILE=1` at `init`).
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+
+    /// The [`CallProfile`]s recorded since the last call, oldest first (empty when profiling is
+    /// off); draining keeps a long run's records from piling up.
+    pub fn take_profile(&self) -> Vec<CallProfile> {
+        self.profile.as_ref().map(|p| std::mem::take(&mut *p.calls.borrow_mut())).unwrap_or_default()
     }
 
     /// How many collective outputs reused a kept buffer so far (see [`OutputPool`]).
@@ -272,8 +445,18 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         self.buf(tensor, collective)
     }
 
+    /// Starts the profile of a collective; `None` (and nothing timed) when profiling is off.
+    fn rec(&self, collective: &'static str) -> Option<Rec> {
+        self.profile.as_ref().map(|_| Rec::new(collective))
+    }
+
     /// Step 1 of every collective: Burn's queued work is done and the input is a raw buffer.
-    fn prepare<const D: usize>(&self, tensor: Tensor<B, D>, collective: &'static str) -> Result<(Buf, nc::ncclDataType_t), CommError> {
+    fn prepare<const D: usize>(
+        &self,
+        tensor: Tensor<B, D>,
+        collective: &'static str,
+        rec: &mut Option<Rec>,
+    ) -> Result<(Buf, nc::ncclDataType_t), CommError> {
         if self.aborted.get() {
             return Err(CommError::PeerFailed {
                 collective,
@@ -288,20 +471,76 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             group: self.name.clone(),
             detail: format!("dtype {:?} has no NCCL type", cube.dtype),
         })?;
+        if let Some(r) = rec.as_mut() {
+            r.lap();
+        }
         let input = self.buf(cube, collective)?;
+        if let Some(r) = rec.as_mut() {
+            r.p.contiguous_us = r.lap();
+        }
         B::sync(&self.device).map_err(|e| cuda_err(collective, &self.name, e))?;
+        if let Some(r) = rec.as_mut() {
+            r.p.sync_us = r.lap();
+        }
         unsafe { cu::ctx::set_current(self.ctx) }.map_err(|e| cuda_err(collective, &self.name, e))?;
+        if let Some(r) = rec.as_mut() {
+            r.lap();
+            r.p.prepare_us = r.elapsed_us();
+        }
         Ok((input, dtype))
+    }
+
+    /// Step 2: `call` queues the NCCL call(s) on our stream; when profiled, between the two
+    /// timing events, and the time since step 1 counts as the output's allocation.
+    fn enqueue<T>(
+        &self,
+        rec: &mut Option<Rec>,
+        input: &Buf,
+        out: &Buf,
+        call: impl FnOnce() -> Result<T, CommError>,
+    ) -> Result<T, CommError> {
+        let (Some(r), Some(prof)) = (rec.as_mut(), self.profile.as_ref()) else { return call() };
+        r.p.alloc_us = r.lap();
+        (r.p.in_bytes, r.p.out_bytes) = (input.bytes(), out.bytes());
+        (r.p.in_ptr_align, r.p.out_ptr_align) = (ptr_align(input.ptr), ptr_align(out.ptr));
+        // A failed event only costs the device time, never the collective.
+        r.events = unsafe { cu::event::record(prof.start, self.stream) }.is_ok();
+        let queued = call()?;
+        r.events &= unsafe { cu::event::record(prof.end, self.stream) }.is_ok();
+        r.p.enqueue_us = r.lap();
+        Ok(queued)
+    }
+
+    /// Ends a profiled collective: the time since step 2 is the wait when `waited` (the caller
+    /// has just returned from `wait`), and the events hold the device time.
+    fn record(&self, rec: Option<Rec>, waited: bool) {
+        let (Some(mut r), Some(prof)) = (rec, self.profile.as_ref()) else { return };
+        if waited {
+            r.p.wait_us = r.lap();
+            if r.events {
+                r.p.device_us = unsafe { cu::event::elapsed(prof.start, prof.end) }.ok().map(|ms| ms as f64 * 1e3);
+            }
+        } else {
+            r.lap();
+        }
+        r.p.total_us = r.elapsed_us();
+        prof.calls.borrow_mut().push(r.p);
     }
 
     /// Step 3: waits for our stream; on timeout the watchdog aborts the communicator, which makes
     /// NCCL's kernels return, so the wait ends with [`CommError::Timeout`] instead of a hang.
     ///
-    /// A blocking `cuStreamSynchronize` watched by a second thread is what torch's NCCL watchdog
-    /// does too; polling `cuStreamQuery` from this thread measured 10-20% slower at 64-256 MiB.
+    /// A wait watched by a second thread is what torch's NCCL watchdog does too. How this thread
+    /// waits is [`WaitMode`] (polling without keeping CubeCL's device thread awake measured 10-20%
+    /// slower at 64-256 MiB than blocking; polling with it, faster than both).
     fn wait(&self, collective: &'static str) -> Result<(), CommError> {
         self.watchdog.arm(Instant::now() + self.timeout);
-        let synced = unsafe { cu::stream::synchronize(self.stream) };
+        // With deferred gathers in flight Burn may have compute queued, which a ping would wait for
+        // (and the overlap would be lost): those waits block.
+        let synced = match self.wait_mode {
+            WaitMode::Warm if self.in_flight.borrow().is_empty() => self.poll_warm(),
+            _ => unsafe { cu::stream::synchronize(self.stream) },
+        };
         let fired = self.watchdog.disarm();
         if fired {
             self.aborted.set(true);
@@ -317,6 +556,20 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         // Our stream ran everything queued before this wait, deferred gathers included.
         self.in_flight.borrow_mut().clear();
         Ok(())
+    }
+
+    /// [`WaitMode::Warm`]: polls our stream until it is done, pinging CubeCL's device thread in
+    /// between (no deferred gather is in flight, so no Burn work is queued and the sync is empty). The
+    /// watchdog still bounds the wait: its abort makes NCCL's kernels return and the stream finish.
+    fn poll_warm(&self) -> Result<(), cudarc::driver::DriverError> {
+        loop {
+            match unsafe { cusys::cuStreamQuery(self.stream) } {
+                cusys::CUresult::CUDA_ERROR_NOT_READY => {
+                    let _ = B::sync(&self.device);
+                }
+                other => return other.result(),
+            }
+        }
     }
 
     fn abort(&self) {
@@ -345,31 +598,35 @@ impl<B: CudaTensorAccess> NcclComm<B> {
     /// All-gather along dim 0 of a contiguous tensor (NCCL's native layout).
     fn all_gather0<const D: usize>(&self, tensor: Tensor<B, D>) -> Result<Tensor<B, D>, CommError> {
         const C: &str = "all_gather";
-        let (input, dtype) = self.prepare(tensor, C)?;
+        let mut rec = self.rec(C);
+        let (input, dtype) = self.prepare(tensor, C, &mut rec)?;
         let dims = input.tensor.meta.shape().clone();
         let mut out_shape = dims.clone();
         out_shape[0] *= self.size;
         let out = self.empty(&input.tensor, out_shape, true, C)?;
         let count = dims.num_elements();
-        unsafe {
-            nc::ncclAllGather(input.ptr as *const _, out.ptr as *mut _, count, dtype, self.comm, self.stream as _)
-        }
-        .result()
-        .map_err(|e| nccl_err(C, &self.name, e))?;
+        self.enqueue(&mut rec, &input, &out, || {
+            unsafe { nc::ncclAllGather(input.ptr as *const _, out.ptr as *mut _, count, dtype, self.comm, self.stream as _) }
+                .result()
+                .map_err(|e| nccl_err(C, &self.name, e))
+        })?;
         if self.defer.get() {
             // Step 3 comes later (`wait_gathers`): `prepare` synced Burn, so the input is final;
             // both buffers stay referenced until our stream has run the gather.
             self.in_flight.borrow_mut().extend([input.tensor, out.tensor.clone()]);
+            self.record(rec, false);
             return Ok(self.finish(out));
         }
         self.wait(C)?;
+        self.record(rec, true);
         drop(input);
         Ok(self.finish(out))
     }
 
     fn reduce_scatter0<const D: usize>(&self, tensor: Tensor<B, D>, op: ReduceOp) -> Result<Tensor<B, D>, CommError> {
         const C: &str = "reduce_scatter";
-        let (input, dtype) = self.prepare(tensor, C)?;
+        let mut rec = self.rec(C);
+        let (input, dtype) = self.prepare(tensor, C, &mut rec)?;
         let dims = input.tensor.meta.shape().clone();
         if dims[0] % self.size != 0 {
             return Err(CommError::InvalidArgument {
@@ -382,12 +639,15 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         out_shape[0] /= self.size;
         let count = out_shape.num_elements();
         let out = self.empty(&input.tensor, out_shape, true, C)?;
-        unsafe {
-            nc::ncclReduceScatter(input.ptr as *const _, out.ptr as *mut _, count, dtype, nccl_op(op), self.comm, self.stream as _)
-        }
-        .result()
-        .map_err(|e| nccl_err(C, &self.name, e))?;
+        self.enqueue(&mut rec, &input, &out, || {
+            unsafe {
+                nc::ncclReduceScatter(input.ptr as *const _, out.ptr as *mut _, count, dtype, nccl_op(op), self.comm, self.stream as _)
+            }
+            .result()
+            .map_err(|e| nccl_err(C, &self.name, e))
+        })?;
         self.wait(C)?;
+        self.record(rec, true);
         drop(input);
         Ok(self.finish(out))
     }
@@ -400,6 +660,9 @@ impl<B: CudaTensorAccess> Drop for NcclComm<B> {
             self.watchdog.stop();
             if !self.aborted.get() && !self.watchdog.fired() {
                 nc::ncclCommDestroy(self.comm);
+            }
+            if let Some(p) = &self.profile {
+                p.destroy();
             }
             let _ = cu::stream::destroy(self.stream);
         }
@@ -425,16 +688,20 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
 
     fn all_reduce<const D: usize>(&self, tensor: Tensor<B, D>, op: ReduceOp) -> Result<Tensor<B, D>, CommError> {
         const C: &str = "all_reduce";
-        let (input, dtype) = self.prepare(tensor, C)?;
+        let mut rec = self.rec(C);
+        let (input, dtype) = self.prepare(tensor, C, &mut rec)?;
         let shape = input.tensor.meta.shape().clone();
         let count = shape.num_elements();
         let out = self.empty(&input.tensor, shape, true, C)?;
-        unsafe {
-            nc::ncclAllReduce(input.ptr as *const _, out.ptr as *mut _, count, dtype, nccl_op(op), self.comm, self.stream as _)
-        }
-        .result()
-        .map_err(|e| nccl_err(C, &self.name, e))?;
+        self.enqueue(&mut rec, &input, &out, || {
+            unsafe {
+                nc::ncclAllReduce(input.ptr as *const _, out.ptr as *mut _, count, dtype, nccl_op(op), self.comm, self.stream as _)
+            }
+            .result()
+            .map_err(|e| nccl_err(C, &self.name, e))
+        })?;
         self.wait(C)?;
+        self.record(rec, true);
         drop(input);
         Ok(self.finish(out))
     }
@@ -469,9 +736,10 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         output_splits: &[usize],
     ) -> Result<Tensor<B, D>, CommError> {
         const C: &str = "all_to_all_single";
+        let mut rec = self.rec(C);
         let dims = tensor.dims();
         check_splits(&self.name, self.size, dims[0], input_splits, output_splits)?;
-        let (input, dtype) = self.prepare(tensor, C)?;
+        let (input, dtype) = self.prepare(tensor, C, &mut rec)?;
         let row: usize = dims[1..].iter().product();
         let elem = input.tensor.dtype.size();
         let mut out_dims = dims;
@@ -479,28 +747,31 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         let out = self.empty(&input.tensor, Shape::from(out_dims.to_vec()), false, C)?;
         // Grouped point-to-point calls: NCCL matches each send with the peer's recv and runs them
         // concurrently, which is how all-to-all-v is expressed in NCCL.
-        let (mut send_off, mut recv_off) = (0usize, 0usize);
-        let result = (|| {
-            nc_ok(unsafe { nc::ncclGroupStart() })?;
-            for peer in 0..self.size {
-                let (ns, nr) = (input_splits[peer] * row, output_splits[peer] * row);
-                if ns > 0 {
-                    nc_ok(unsafe {
-                        nc::ncclSend((input.ptr + (send_off * elem) as u64) as *const _, ns, dtype, peer as i32, self.comm, self.stream as _)
-                    })?;
+        self.enqueue(&mut rec, &input, &out, || {
+            let (mut send_off, mut recv_off) = (0usize, 0usize);
+            let result = (|| {
+                nc_ok(unsafe { nc::ncclGroupStart() })?;
+                for peer in 0..self.size {
+                    let (ns, nr) = (input_splits[peer] * row, output_splits[peer] * row);
+                    if ns > 0 {
+                        nc_ok(unsafe {
+                            nc::ncclSend((input.ptr + (send_off * elem) as u64) as *const _, ns, dtype, peer as i32, self.comm, self.stream as _)
+                        })?;
+                    }
+                    if nr > 0 {
+                        nc_ok(unsafe {
+                            nc::ncclRecv((out.ptr + (recv_off * elem) as u64) as *mut _, nr, dtype, peer as i32, self.comm, self.stream as _)
+                        })?;
+                    }
+                    send_off += ns;
+                    recv_off += nr;
                 }
-                if nr > 0 {
-                    nc_ok(unsafe {
-                        nc::ncclRecv((out.ptr + (recv_off * elem) as u64) as *mut _, nr, dtype, peer as i32, self.comm, self.stream as _)
-                    })?;
-                }
-                send_off += ns;
-                recv_off += nr;
-            }
-            nc_ok(unsafe { nc::ncclGroupEnd() })
-        })();
-        result.map_err(|e| nccl_err(C, &self.name, e))?;
+                nc_ok(unsafe { nc::ncclGroupEnd() })
+            })();
+            result.map_err(|e| nccl_err(C, &self.name, e))
+        })?;
         self.wait(C)?;
+        self.record(rec, true);
         drop(input);
         Ok(self.finish(out))
     }
@@ -514,16 +785,20 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
                 detail: format!("root {root} is not a rank of a group of {}", self.size),
             });
         }
-        let (input, dtype) = self.prepare(tensor, C)?;
+        let mut rec = self.rec(C);
+        let (input, dtype) = self.prepare(tensor, C, &mut rec)?;
         let shape = input.tensor.meta.shape().clone();
         let count = shape.num_elements();
         let out = self.empty(&input.tensor, shape, true, C)?;
-        unsafe {
-            nc::ncclBroadcast(input.ptr as *const _, out.ptr as *mut _, count, dtype, root as i32, self.comm, self.stream as _)
-        }
-        .result()
-        .map_err(|e| nccl_err(C, &self.name, e))?;
+        self.enqueue(&mut rec, &input, &out, || {
+            unsafe {
+                nc::ncclBroadcast(input.ptr as *const _, out.ptr as *mut _, count, dtype, root as i32, self.comm, self.stream as _)
+            }
+            .result()
+            .map_err(|e| nccl_err(C, &self.name, e))
+        })?;
         self.wait(C)?;
+        self.record(rec, true);
         drop(input);
         Ok(self.finish(out))
     }
@@ -536,7 +811,11 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         if self.in_flight.borrow().is_empty() {
             return Ok(());
         }
-        self.wait("all_gather (deferred)")
+        // No events: the gathers' NCCL calls were timed (host only) when queued.
+        let rec = self.rec("wait_gathers");
+        self.wait("all_gather (deferred)")?;
+        self.record(rec, true);
+        Ok(())
     }
 
     fn barrier(&self) -> Result<(), CommError> {
@@ -573,6 +852,10 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
 
         unsafe { cu::ctx::set_current(self.ctx) }.map_err(|e| cuda_err(C, &self.name, e))?;
         let stream = cu::stream::create(cu::stream::StreamKind::NonBlocking).map_err(|e| cuda_err(C, &self.name, e))?;
+        let profile = match self.profile {
+            Some(_) => Some(Profiler::new().map_err(|e| cuda_err(C, &self.name, e))?),
+            None => None,
+        };
         let mut comm = std::ptr::null_mut();
         unsafe { nc::ncclCommSplit(self.comm, color as i32, key as i32, &mut comm, std::ptr::null_mut()) }
             .result()
@@ -592,6 +875,8 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             pool: std::cell::RefCell::new(OutputPool::new(self.pool.borrow().cap())),
             defer: std::cell::Cell::new(false),
             in_flight: std::cell::RefCell::new(Vec::new()),
+            profile,
+            wait_mode: self.wait_mode,
             _backend: PhantomData,
         })
     }

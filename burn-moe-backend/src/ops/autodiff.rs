@@ -12,6 +12,7 @@
 //! | `sdd(x, w, no ᵀ)` | `dsd(dy, w, ᵀ)` | `dstd(dy, x, out ᵀ)` |
 //! | `dsd(s, w, ᵀ)` | `sdd(dy, w, no ᵀ)` | `dstd(s, dy, out ᵀ)` |
 //! | `dsd(s, w, no ᵀ)` | `sdd(dy, w, ᵀ)` | `dstd(s, dy)` |
+//! | `rms_norm(x, w)` | `rms_norm_backward(x, w, rstd, dy)` | the same call (skipped when `w` is frozen) |
 //! | `attention(q, k, v)` | `attention_backward(q, k, v, out, lse, dout)` (q, k and v) | — |
 
 use burn::backend::autodiff::{
@@ -201,6 +202,54 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {
         // Used inside backward passes only; second derivatives are not needed.
         <FloatTensor<Self>>::new(B::moe_dstd(s.primitive, d.primitive, topology, transpose_out))
+    }
+
+    fn moe_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct RmsNormBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for RmsNormBackward {
+            // x, the scale and the per-row rstd: the composed norm kept an f32 copy of x and more.
+            type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_x, node_w] = ops.parents;
+                let dy = grads.consume::<B>(&ops.node);
+                let (x, weight, rstd) = ops.state;
+                let (dx, dw) = B::moe_rms_norm_backward(x, weight, rstd, dy, node_w.is_some());
+                if let (Some(node), Some(dw)) = (node_w, dw) {
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_x {
+                    grads.register::<B>(node.id, dx);
+                }
+            }
+        }
+
+        match RmsNormBackward.prepare::<C>([x.node.clone(), weight.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (y, rstd) = B::moe_rms_norm(x.primitive.clone(), weight.primitive.clone(), eps);
+                let y = prep.finish((x.primitive, weight.primitive, rstd.clone()), y);
+                // rstd is bookkeeping for the backward pass, not differentiated.
+                (y, <FloatTensor<Self>>::new(rstd))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (y, rstd) = B::moe_rms_norm(x.primitive, weight.primitive, eps);
+                (prep.finish(y), <FloatTensor<Self>>::new(rstd))
+            }
+        }
+    }
+
+    fn moe_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        // Used inside backward passes only; second derivatives are not needed.
+        let (dx, dw) = B::moe_rms_norm_backward(x.primitive, weight.primitive, rstd.primitive, dy.primitive, weight_grad);
+        (<FloatTensor<Self>>::new(dx), dw.map(<FloatTensor<Self>>::new))
     }
 
     fn moe_attention(

@@ -149,6 +149,38 @@ pub trait MoeBackend: Backend {
         crate::optim::sum_squares_ops::<Self>(x)
     }
 
+    /// RMSNorm of each row: `y = (x · rstd) · weight` with `rstd = 1 / sqrt(mean(x²) + eps)` in f32
+    /// and the normalised row rounded to `x`'s dtype before the scale (Hugging Face's
+    /// `MixtralRMSNorm`); returns `y` and `rstd` (f32), which the backward pass reuses. The default is
+    /// tensor ops ([`rms_norm_ops`](crate::norm::rms_norm_ops)); CubeCL backends run one kernel, a
+    /// cube per row. Under `Autodiff` the backward pass is
+    /// [`moe_rms_norm_backward`](Self::moe_rms_norm_backward).
+    ///
+    /// # Shapes
+    /// - `x`: `[N, D]`, `weight`: `[D]` → `[N, D]` and `[N]`
+    fn moe_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, rstd) = crate::norm::rms_norm_ops::<Self>(float(x), float(weight), eps);
+        (y.into_primitive().tensor(), rstd.into_primitive().tensor())
+    }
+
+    /// Gradients of [`moe_rms_norm`](Self::moe_rms_norm) for the output gradient `dy`: `dx`, and `dw`
+    /// when `weight_grad` (a frozen scale, as under LoRA, skips it). Default from tensor ops
+    /// ([`rms_norm_backward_ops`](crate::norm::rms_norm_backward_ops)); on CubeCL backends a cube per
+    /// row for `dx` and a column reduction in row chunks for `dw`.
+    ///
+    /// # Shapes
+    /// - `x`, `dy`: `[N, D]`, `weight`: `[D]`, `rstd`: `[N]` → `[N, D]` and `[D]`
+    fn moe_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let (dx, dw) = crate::norm::rms_norm_backward_ops::<Self>(float(x), float(weight), float(rstd), float(dy), weight_grad);
+        (dx.into_primitive().tensor(), dw.map(|t| t.into_primitive().tensor()))
+    }
+
     /// Causal attention ([`CausalAttention`](crate::attention::CausalAttention)): the output and each
     /// query's f32 log-sum-exp of its scores. The default works through the queries a block at a
     /// time with tensor ops ([`attention_forward`](crate::attention::attention_forward)); under
@@ -329,6 +361,19 @@ pub fn moe_linear<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 
 /// [`MoeBackend::moe_sum_squares`] on tensors: `Σ x²` in f32 (f64 for f64), shape `[1]`.
 pub fn moe_sum_squares<B: MoeBackend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, 1> {
     float(B::moe_sum_squares(x.into_primitive().tensor()))
+}
+
+/// [`MoeBackend::moe_rms_norm`] on tensors of any rank: RMSNorm over the last dimension (the other
+/// dimensions are rows), differentiable through the op's own backward pass.
+///
+/// # Shapes
+/// - `x`: `[..., D]`, `weight`: `[D]` → `[..., D]`
+pub fn moe_rms_norm<B: MoeBackend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    let dims = x.dims();
+    let d = dims[D - 1];
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let (y, _) = B::moe_rms_norm(x.reshape([rows, d]).into_primitive().tensor(), weight.into_primitive().tensor(), eps);
+    float::<B, 2>(y).reshape(dims)
 }
 
 /// [`MoeBackend::moe_combine`] on tensors.

@@ -9,6 +9,8 @@ use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElemen
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::attention::{launch_attention_softmax, launch_attention_softmax_backward};
 use kernels_cubecl::optim::{launch_sum_squares, sum_squares_cubes};
+use kernels_cubecl::rmsnorm::{launch_rms_norm, launch_rms_norm_backward, launch_rms_norm_weight_grad};
+use kernels_cubecl::RmsNormProblem;
 use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
@@ -210,6 +212,23 @@ fn grouped_matmul_weight_grad_cubecl<R: CubeRuntime, F: FloatElement, I: IntElem
     dw
 }
 
+/// The norm's scale, contiguous and in the activations' dtype `dtype` (the kernels read both as one
+/// type; a scale kept in another precision is cast, `[D]` values).
+fn norm_scale<R: CubeRuntime>(weight: CubeTensor<R>, dtype: &DType) -> CubeTensor<R> {
+    into_contiguous(if weight.dtype == *dtype { weight } else { burn_cubecl::kernel::cast(weight, *dtype) })
+}
+
+/// The kernels' problem for `x: [N, D]` and a scale of `D` values; panics naming the shapes otherwise
+/// (a shape bug of the caller, as Burn's own ops do).
+fn rms_norm_problem<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>, eps: f64) -> RmsNormProblem {
+    let (xs, ws) = (x.meta.shape(), weight.meta.shape());
+    assert!(
+        xs.num_dims() == 2 && ws.num_elements() == xs[1],
+        "RMSNorm: input {xs:?} and scale {ws:?} (want [N, D] and [D])"
+    );
+    RmsNormProblem { rows: xs[0], dim: xs[1], eps: eps as f32 }
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
     fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
         let x = into_contiguous(x);
@@ -342,6 +361,58 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         ))
         .unwrap_or_else(|e| panic!("attention softmax backward: {e}"));
         (probs, d_scores)
+    }
+
+    fn moe_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            let (y, rstd) = crate::norm::rms_norm_ops::<Self>(float(x), float(weight), eps);
+            return (y.into_primitive().tensor(), rstd.into_primitive().tensor());
+        }
+        let x = into_contiguous(x);
+        let weight = norm_scale(weight, &x.dtype);
+        let problem = rms_norm_problem(&x, &weight, eps);
+        let y = empty(&x, [problem.rows, problem.dim], x.dtype);
+        let rstd = empty_nd::<R, 1>(&x, [problem.rows], DType::F32);
+        with_float!(x.dtype, FE => launch_rms_norm::<R, FE>(
+            &x.client, &problem, x.handle.clone(), weight.handle.clone(), y.handle.clone(), rstd.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("RMSNorm: {e}"));
+        (y, rstd)
+    }
+
+    fn moe_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        if !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            let (dx, dw) = crate::norm::rms_norm_backward_ops::<Self>(float(x), float(weight), float(rstd), float(dy), weight_grad);
+            return (dx.into_primitive().tensor(), dw.map(|t| t.into_primitive().tensor()));
+        }
+        let weight_dtype = weight.dtype;
+        let (x, dy) = (into_contiguous(x), into_contiguous(dy));
+        let weight = norm_scale(weight, &x.dtype);
+        let rstd = into_contiguous(if rstd.dtype == DType::F32 { rstd } else { burn_cubecl::kernel::cast(rstd, DType::F32) });
+        check_same("RMSNorm backward", &[&x, &dy]);
+        let problem = rms_norm_problem(&x, &weight, 0.0);
+        assert_eq!(rstd.meta.shape().num_elements(), problem.rows, "RMSNorm backward: rstd {:?} for {} rows", rstd.meta.shape(), problem.rows);
+        let dx = empty(&x, [problem.rows, problem.dim], x.dtype);
+        with_float!(x.dtype, FE => launch_rms_norm_backward::<R, FE>(
+            &x.client, &problem, x.handle.clone(), weight.handle.clone(), rstd.handle.clone(), dy.handle.clone(), dx.handle.clone()
+        ))
+        .unwrap_or_else(|e| panic!("RMSNorm backward: {e}"));
+        let dw = weight_grad.then(|| {
+            let dw = empty_nd::<R, 1>(&x, [problem.dim], x.dtype);
+            with_float!(x.dtype, FE => launch_rms_norm_weight_grad::<R, FE>(
+                &x.client, &problem, x.handle.clone(), rstd.handle.clone(), dy.handle.clone(), dw.handle.clone()
+            ))
+            .unwrap_or_else(|e| panic!("RMSNorm weight gradient: {e}"));
+            // The gradient in the scale's own dtype (the kernels ran in the activations').
+            if dw.dtype == weight_dtype { dw } else { burn_cubecl::kernel::cast(dw, weight_dtype) }
+        });
+        (dx, dw)
     }
 
     fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -37,10 +37,12 @@ enum MoeOp {
     Dstd { topology: Arc<BlockSparseTopology>, transpose_out: bool },
     AttentionSoftmax { block: SoftmaxBlock },
     AttentionSoftmaxBackward { block: SoftmaxBlock },
+    RmsNorm { eps: f64 },
+    RmsNormBackward { weight_grad: bool },
 }
 
 /// The ops' ids, in [`MoeOp::index`] order.
-const OP_NAMES: [&str; 11] = [
+const OP_NAMES: [&str; 13] = [
     "moe_permute",
     "moe_grouped_matmul",
     "moe_grouped_matmul_weight_grad",
@@ -52,10 +54,12 @@ const OP_NAMES: [&str; 11] = [
     "moe_dstd",
     "moe_attention_softmax",
     "moe_attention_softmax_backward",
+    "moe_rms_norm",
+    "moe_rms_norm_backward",
 ];
 
 /// How many times each op has run on the inner backend through the fusion stream, process-wide.
-static EXECUTED: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+static EXECUTED: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
 
 /// How many times the MoE op `name` (`"moe_grouped_matmul"`, `"moe_sdd"`, ... — the [`MoeBackend`]
 /// method names) has executed as a fusion custom op on the inner backend in this process; `None`
@@ -79,6 +83,8 @@ impl MoeOp {
             MoeOp::Dstd { .. } => 8,
             MoeOp::AttentionSoftmax { .. } => 9,
             MoeOp::AttentionSoftmaxBackward { .. } => 10,
+            MoeOp::RmsNorm { .. } => 11,
+            MoeOp::RmsNormBackward { .. } => 12,
         }
     }
 
@@ -154,6 +160,19 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustomOp<
                 let (probs, d_scores) = B::moe_attention_softmax_backward(scores, dprobs, lse, correction, block);
                 handles.register_float_tensor::<B>(&outs[1].id, d_scores);
                 probs
+            }
+            MoeOp::RmsNorm { eps } => {
+                let (y, rstd) = B::moe_rms_norm(float(0, handles), float(1, handles), *eps);
+                handles.register_float_tensor::<B>(&outs[1].id, rstd);
+                y
+            }
+            MoeOp::RmsNormBackward { weight_grad } => {
+                let (x, weight, rstd, dy) = (float(0, handles), float(1, handles), float(2, handles), float(3, handles));
+                let (dx, dw) = B::moe_rms_norm_backward(x, weight, rstd, dy, *weight_grad);
+                if let Some(dw) = dw {
+                    handles.register_float_tensor::<B>(&outs[1].id, dw);
+                }
+                dx
             }
         };
         handles.register_float_tensor::<B>(&outs[0].id, out);
@@ -251,6 +270,28 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
         let out = (Shape::new([block.rows, block.keys]), scores.dtype);
         let op = MoeOp::AttentionSoftmaxBackward { block: *block };
         two(register::<B>(op, vec![scores, dprobs, lse, correction], vec![out.clone(), out]))
+    }
+
+    fn moe_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // rstd is f32 whatever the activations' dtype (the CubeCL kernel's output).
+        let outputs = vec![(x.shape.clone(), x.dtype), (Shape::new([x.shape[0]]), DType::F32)];
+        two(register::<B>(MoeOp::RmsNorm { eps }, vec![x, weight], outputs))
+    }
+
+    fn moe_rms_norm_backward(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        rstd: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+        weight_grad: bool,
+    ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let mut outputs = vec![(x.shape.clone(), x.dtype)];
+        if weight_grad {
+            outputs.push((weight.shape.clone(), weight.dtype));
+        }
+        let mut out = register::<B>(MoeOp::RmsNormBackward { weight_grad }, vec![x, weight, rstd, dy], outputs);
+        let dw = weight_grad.then(|| out.pop().expect("two outputs registered"));
+        (one(out), dw)
     }
 
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {

@@ -1,5 +1,6 @@
 use burn::module::{Module, Param};
-use burn::tensor::{DType, Tensor, backend::Backend};
+use burn::tensor::{Tensor, backend::Backend};
+use burn_moe_backend::MoeBackend;
 
 /// Root-mean-square layer norm as in HF Mixtral: `weight · x / sqrt(mean(x²) + eps)`.
 ///
@@ -28,16 +29,14 @@ impl<B: Backend> RmsNorm<B> {
     pub fn from_param(weight: Param<Tensor<B, 1>>, eps: f64) -> Self {
         Self { weight, eps }
     }
+}
 
+impl<B: MoeBackend> RmsNorm<B> {
     /// Normalises the last dimension, in f32 whatever the input's dtype (as HF), rounding back to it
-    /// before the scale.
+    /// before the scale. One backend op with its own backward pass
+    /// ([`moe_rms_norm`](burn_moe_backend::ops::moe_rms_norm)): a fused kernel on CubeCL backends,
+    /// the same tensor ops as before elsewhere.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let variance = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let normed = (x * variance.add_scalar(self.eps).sqrt().recip()).cast(dtype);
-        let mut shape = [1usize; D];
-        shape[D - 1] = self.weight.dims()[0];
-        normed * self.weight.val().reshape(shape)
+        burn_moe_backend::ops::moe_rms_norm(x, self.weight.val(), self.eps)
     }
 }
