@@ -562,13 +562,11 @@ impl<B: CudaTensorAccess> NcclComm<B> {
     /// between (no deferred gather is in flight, so no Burn work is queued and the sync is empty). The
     /// watchdog still bounds the wait: its abort makes NCCL's kernels return and the stream finish.
     fn poll_warm(&self) -> Result<(), cudarc::driver::DriverError> {
-        loop {
-            match unsafe { cusys::cuStreamQuery(self.stream) } {
-                cusys::CUresult::CUDA_ERROR_NOT_READY => {
-                    let _ = B::sync(&self.device);
-                }
-                other => return other.result(),
-            }
+        // SAFETY: our stream, created with the communicator; its context is current (`prepare`).
+        unsafe {
+            crate::cuda::wait_stream_warm(self.stream, || {
+                let _ = B::sync(&self.device);
+            })
         }
     }
 

@@ -7,9 +7,12 @@
 //! # Synchronisation
 //! As for the NCCL collectives (`dist::nccl`): CubeCL 0.10 does not expose its CUDA stream, so each
 //! grouped GEMM syncs the Burn device (its inputs are final), runs on a stream of our own, and waits
-//! for that stream before returning (its output is final before Burn can read it). The host blocks
-//! once per grouped GEMM — 9 times per layer forward+backward, against milliseconds of GEMM each at
-//! Mixtral shapes.
+//! for that stream before returning (its output is final before Burn can read it), polling it so
+//! that CubeCL's device thread stays awake ([`crate::cuda::wait_stream_warm`]). The host waits once
+//! per grouped GEMM: 9 times per layer forward+backward for the experts, against milliseconds of
+//! GEMM each at Mixtral shapes — but the dense layers and the attention products take the grouped
+//! op too (`ops::moe_linear`), and in the trainer those waits outweigh cuBLAS's faster GEMMs
+//! (BENCHMARKS.md).
 //!
 //! # Layouts
 //! Burn tensors are row-major; cuBLAS is column-major. A row-major `[r, c]` buffer is the
@@ -162,8 +165,15 @@ fn run(like: &CubeTensor<CudaRuntime>, dtype: DType, zero: &[(u64, usize)], gemm
             }
             .map_err(|e| format!("cublasGemmEx (m={}, n={}, k={}): {e:?}", g.m, g.n, g.k))?;
         }
-        // SAFETY: our stream, created in `create`.
-        unsafe { cu::stream::synchronize(blas.stream) }.map_err(|e| format!("waiting for the cuBLAS stream: {e:?}"))
+        // Polling with an empty Burn sync in between keeps CubeCL's device thread awake for the
+        // next Burn call (see `crate::cuda::wait_stream_warm`).
+        // SAFETY: our stream, created in `create`; its context was made current by `with_blas`.
+        unsafe {
+            crate::cuda::wait_stream_warm(blas.stream, || {
+                let _ = <CubeBackend<CudaRuntime, f32, i32, u8> as Backend>::sync(&like.device);
+            })
+        }
+        .map_err(|e| format!("waiting for the cuBLAS stream: {e:?}"))
     })
 }
 
