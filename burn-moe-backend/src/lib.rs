@@ -19,6 +19,7 @@ pub mod dmoe;
 pub mod gemm;
 pub mod kernel;
 pub mod lora;
+pub mod loss;
 pub mod memory;
 pub mod norm;
 pub mod ops;

@@ -21,7 +21,8 @@
 //! the runtime supports (see [`scatter::GroupedMatmulStrategy`]).
 //!
 //! RMSNorm ([`rmsnorm`]): the forward pass and the input gradient one cube per row, the weight gradient
-//! by column in row chunks.
+//! by column in row chunks. The language-model loss ([`xent`]): cross-entropy over the vocabulary, a
+//! cube per row forward, a unit per logit backward.
 //!
 //! The causal-attention softmax ([`attention`]): a block of query rows' scores becomes probabilities
 //! and per-row log-sum-exps in one kernel (scale, causal and sliding-window mask, softmax), and the
@@ -46,8 +47,10 @@ pub mod rmsnorm;
 pub mod routing;
 pub mod scatter;
 pub mod swiglu;
+pub mod xent;
 
 pub use attention::SoftmaxBlock;
 pub use rmsnorm::RmsNormProblem;
+pub use xent::CrossEntropyProblem;
 pub use reference::blocksparse::{BlockSparseError, BlockSparseTopology};
 pub use reference::routing::{RoutingError, RoutingPlan};

@@ -1,10 +1,21 @@
 //! Cube-wide reductions shared by the kernels that reduce through shared memory (the attention
-//! softmax's row statistics, the sum of squares of the gradient norm).
+//! softmax's row statistics, the sum of squares of the gradient norm, RMSNorm, the cross-entropy),
+//! and the grid of the kernels that give each row a cube.
 
 use cubecl::prelude::*;
 
 /// Units per cube of the kernels that call [`cube_reduce`] (a power of two: the reduction halves it).
 pub const REDUCE_UNITS: u32 = 256;
+
+/// Cubes along x per grid row: every runtime allows 65 535 (wgpu's limit), so more go to y.
+pub(crate) const MAX_CUBES_X: usize = 65_535;
+
+/// A grid of `rows` cubes (x first, then y rows of [`MAX_CUBES_X`]); the kernels number their cube
+/// linearly (`CUBE_POS`) and return at once past the last row.
+pub(crate) fn row_grid(rows: usize) -> CubeCount {
+    let x = rows.clamp(1, MAX_CUBES_X);
+    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
 
 /// Reduces `value` over the units of the cube (of [`REDUCE_UNITS`] units) through `shared` (as many
 /// entries): the maximum when `take_max`, else the sum. Every unit gets the result.

@@ -421,3 +421,53 @@ fn rms_norm_with_a_frozen_scale_skips_its_gradient() {
     assert_eq!(dx(&g_frozen), dx(&g_free));
     assert!(wt.grad(&g_free).is_some());
 }
+
+/// The LM loss on backend `B`: per-row negative log-likelihoods and the logits' gradient of
+/// `Σ nll ⊙ probe` for `[37, 300]` logits (more words than a cube's units) with ordinary targets, the
+/// first and last word and the ignore index. `composed`: the loss written out in Burn tensor ops
+/// (`log_softmax`, gather, mask; the model's loss before it became one op) under Burn's autodiff;
+/// else the op (`moe_cross_entropy`). Logits rounded to f16 on the host; in f16 on the device when
+/// `half`.
+fn cross_entropy_case<B: AutodiffBackend + MoeBackend>(device: &B::Device, composed: bool, half: bool) -> Vec<Vec<f32>> {
+    use burn::tensor::{DType, Int, activation::log_softmax};
+    let (n, v) = (37, 300);
+    let logits: Vec<f32> = pseudo_random(n * v, 61, 6.0).into_iter().map(|x| half::f16::from_f32(x).to_f32()).collect();
+    let logits = Tensor::<B, 2>::from_data(TensorData::new(logits, [n, v]), device).require_grad();
+    let t: Vec<i64> = (0..n as i64).map(|r| match r % 5 { 0 => 0, 1 => v as i64 - 1, 2 => -100, _ => r * 13 % v as i64 }).collect();
+    let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(t, [n]), device);
+    let probe = Tensor::<B, 1>::from_data(TensorData::new(pseudo_random(n, 62, 1.0), [n]), device);
+    let input = if half { logits.clone().cast(DType::F16) } else { logits.clone() };
+    let nll = if composed {
+        let ignored = targets.clone().equal_elem(-100);
+        let safe = targets.clone().mask_fill(ignored.clone(), 0);
+        log_softmax(input.cast(DType::F32), 1).gather(1, safe.reshape([n, 1])).reshape([n]).neg().mask_fill(ignored, 0.0)
+    } else {
+        burn_moe_backend::ops::moe_cross_entropy(input, targets)
+    };
+    let out = nll.clone().into_data().convert::<f32>().iter::<f32>().collect();
+    let g = (nll * probe).sum().backward();
+    vec![out, logits.grad(&g).unwrap().into_data().convert::<f32>().iter::<f32>().collect()]
+}
+
+#[test]
+fn cross_entropy_op_matches_the_composed_loss_on_cpu_wgpu_and_fused_wgpu() {
+    let want = cross_entropy_case::<CpuAutodiff>(&Default::default(), true, false);
+    let before = burn_moe_backend::ops::fused_moe_op_count("moe_cross_entropy_backward").unwrap();
+    for (backend, got, bound) in [
+        ("ndarray", cross_entropy_case::<CpuAutodiff>(&Default::default(), false, false), 1e-5),
+        ("wgpu f32", cross_entropy_case::<Autodiff<Wgpu>>(&Default::default(), false, false), 1e-5),
+        ("fused wgpu f32", cross_entropy_case::<Autodiff<burn::backend::Wgpu<f32, i32>>>(&Default::default(), false, false), 1e-5),
+        // f16 logits (exact on the host) read as f16: the same losses; the gradient rounded to f16.
+        ("wgpu f16", cross_entropy_case::<Autodiff<Wgpu>>(&Default::default(), false, true), 2e-3),
+    ] {
+        for (what, (a, b)) in ["nll", "dlogits"].iter().zip(got.iter().zip(&want)) {
+            let err = rel_l2(a, b);
+            assert!(err < bound, "{backend} cross-entropy {what}: rel L2 {err:e}");
+        }
+    }
+    // Ignored rows: zero loss, zero gradient.
+    let got = cross_entropy_case::<Autodiff<Wgpu>>(&Default::default(), false, false);
+    assert_eq!(got[0][2], 0.0);
+    assert!(got[1][2 * 300..3 * 300].iter().all(|&d| d == 0.0));
+    assert!(burn_moe_backend::ops::fused_moe_op_count("moe_cross_entropy_backward").unwrap() > before, "fused wgpu did not reach the kernel");
+}

@@ -13,6 +13,7 @@
 //! | `dsd(s, w, ᵀ)` | `sdd(dy, w, no ᵀ)` | `dstd(s, dy, out ᵀ)` |
 //! | `dsd(s, w, no ᵀ)` | `sdd(dy, w, ᵀ)` | `dstd(s, dy)` |
 //! | `rms_norm(x, w)` | `rms_norm_backward(x, w, rstd, dy)` | the same call (skipped when `w` is frozen) |
+//! | `cross_entropy(logits, targets)` | `cross_entropy_backward(logits, targets, lse, dnll)` | — |
 //! | `attention(q, k, v)` | `attention_backward(q, k, v, out, lse, dout)` (q, k and v) | — |
 
 use burn::backend::autodiff::{
@@ -250,6 +251,49 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         // Used inside backward passes only; second derivatives are not needed.
         let (dx, dw) = B::moe_rms_norm_backward(x.primitive, weight.primitive, rstd.primitive, dy.primitive, weight_grad);
         (<FloatTensor<Self>>::new(dx), dw.map(<FloatTensor<Self>>::new))
+    }
+
+    fn moe_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        #[derive(Debug)]
+        struct CrossEntropyBackward;
+
+        impl<B: MoeBackend> Backward<B, 1> for CrossEntropyBackward {
+            // The logits, targets and per-row log-sum-exp: the composed loss kept an f32 copy of
+            // the logits and their log-softmax.
+            type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node] = ops.parents;
+                let dnll = grads.consume::<B>(&ops.node);
+                let (logits, targets, lse) = ops.state;
+                if let Some(node) = node {
+                    grads.register::<B>(node.id, B::moe_cross_entropy_backward(logits, targets, lse, dnll));
+                }
+            }
+        }
+
+        match CrossEntropyBackward.prepare::<C>([logits.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (nll, lse) = B::moe_cross_entropy(logits.primitive.clone(), targets.clone());
+                let nll = prep.finish((logits.primitive, targets, lse.clone()), nll);
+                // lse is bookkeeping for the backward pass, not differentiated.
+                (nll, <FloatTensor<Self>>::new(lse))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (nll, lse) = B::moe_cross_entropy(logits.primitive, targets);
+                (prep.finish(nll), <FloatTensor<Self>>::new(lse))
+            }
+        }
+    }
+
+    fn moe_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dnll: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        // Used inside backward passes only; second derivatives are not needed.
+        <FloatTensor<Self>>::new(B::moe_cross_entropy_backward(logits.primitive, targets, lse.primitive, dnll.primitive))
     }
 
     fn moe_attention(

@@ -181,6 +181,38 @@ pub trait MoeBackend: Backend {
         (dx.into_primitive().tensor(), dw.map(|t| t.into_primitive().tensor()))
     }
 
+    /// Cross-entropy of each row of `logits` against its target: the negative log-likelihood `nll`
+    /// and the log-sum-exp `lse` (both f32 whatever the logits' dtype; `lse` is what the backward pass
+    /// reuses). A target outside `0..V` (the ignore index −100) gives 0. The default is tensor ops
+    /// ([`cross_entropy_ops`](crate::loss::cross_entropy_ops)); CubeCL backends run one kernel, a cube
+    /// per row, reading the logits in their own dtype. Under `Autodiff` the backward pass is
+    /// [`moe_cross_entropy_backward`](Self::moe_cross_entropy_backward).
+    ///
+    /// # Shapes
+    /// - `logits`: `[N, V]`, `targets`: `[N]` → `[N]` and `[N]`
+    fn moe_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (nll, lse) = crate::loss::cross_entropy_ops::<Self>(float(logits), Tensor::from_primitive(targets));
+        (nll.into_primitive().tensor(), lse.into_primitive().tensor())
+    }
+
+    /// The logits' gradient of [`moe_cross_entropy`](Self::moe_cross_entropy) for the losses' gradient
+    /// `dnll`: `dnll · (softmax − onehot(target))`, in the logits' dtype. Default from tensor ops
+    /// ([`cross_entropy_backward_ops`](crate::loss::cross_entropy_backward_ops)); one kernel on CubeCL
+    /// backends.
+    ///
+    /// # Shapes
+    /// - `logits`: `[N, V]`, `targets`, `lse`, `dnll`: `[N]` → `[N, V]`
+    fn moe_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dnll: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        crate::loss::cross_entropy_backward_ops::<Self>(float(logits), Tensor::from_primitive(targets), float(lse), float(dnll))
+            .into_primitive()
+            .tensor()
+    }
+
     /// Causal attention ([`CausalAttention`](crate::attention::CausalAttention)): the output and each
     /// query's f32 log-sum-exp of its scores. The default works through the queries a block at a
     /// time with tensor ops ([`attention_forward`](crate::attention::attention_forward)); under
@@ -374,6 +406,17 @@ pub fn moe_rms_norm<B: MoeBackend, const D: usize>(x: Tensor<B, D>, weight: Tens
     let rows = dims[..D - 1].iter().product::<usize>();
     let (y, _) = B::moe_rms_norm(x.reshape([rows, d]).into_primitive().tensor(), weight.into_primitive().tensor(), eps);
     float::<B, 2>(y).reshape(dims)
+}
+
+/// [`MoeBackend::moe_cross_entropy`] on tensors: each row's negative log-likelihood of its target
+/// (f32; 0 for a target outside `0..V`, such as the ignore index −100), differentiable in the logits
+/// through the op's own backward pass.
+///
+/// # Shapes
+/// - `logits`: `[N, V]`, `targets`: `[N]` → `[N]`
+pub fn moe_cross_entropy<B: MoeBackend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    let (nll, _) = B::moe_cross_entropy(logits.into_primitive().tensor(), targets.into_primitive());
+    float(nll)
 }
 
 /// [`MoeBackend::moe_combine`] on tensors.

@@ -10,7 +10,8 @@ use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::attention::{launch_attention_softmax, launch_attention_softmax_backward};
 use kernels_cubecl::optim::{launch_sum_squares, sum_squares_cubes};
 use kernels_cubecl::rmsnorm::{launch_rms_norm, launch_rms_norm_backward, launch_rms_norm_weight_grad};
-use kernels_cubecl::RmsNormProblem;
+use kernels_cubecl::xent::{launch_cross_entropy, launch_cross_entropy_backward};
+use kernels_cubecl::{CrossEntropyProblem, RmsNormProblem};
 use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
@@ -229,6 +230,17 @@ fn rms_norm_problem<R: CubeRuntime>(x: &CubeTensor<R>, weight: &CubeTensor<R>, e
     RmsNormProblem { rows: xs[0], dim: xs[1], eps: eps as f32 }
 }
 
+/// The kernels' problem for `logits: [N, V]` and `N` targets; panics naming the shapes otherwise (a
+/// shape bug of the caller, as Burn's own ops do).
+fn cross_entropy_problem<R: CubeRuntime>(logits: &CubeTensor<R>, targets: &CubeTensor<R>) -> CrossEntropyProblem {
+    let (ls, ts) = (logits.meta.shape(), targets.meta.shape());
+    assert!(
+        ls.num_dims() == 2 && ts.num_elements() == ls[0],
+        "cross-entropy: logits {ls:?} and targets {ts:?} (want [N, V] and [N])"
+    );
+    CrossEntropyProblem { rows: ls[0], vocab: ls[1] }
+}
+
 impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend for CubeBackend<R, F, I, BT> {
     fn moe_permute(x: FloatTensor<Self>, rows: IntTensor<Self>) -> FloatTensor<Self> {
         let x = into_contiguous(x);
@@ -413,6 +425,60 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             if dw.dtype == weight_dtype { dw } else { burn_cubecl::kernel::cast(dw, weight_dtype) }
         });
         (dx, dw)
+    }
+
+    fn moe_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        if !matches!(logits.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            let (nll, lse) = crate::loss::cross_entropy_ops::<Self>(float(logits), burn::tensor::Tensor::from_primitive(targets));
+            return (nll.into_primitive().tensor(), lse.into_primitive().tensor());
+        }
+        let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
+        let problem = cross_entropy_problem(&logits, &targets);
+        let nll = empty_nd::<R, 1>(&logits, [problem.rows], DType::F32);
+        let lse = empty_nd::<R, 1>(&logits, [problem.rows], DType::F32);
+        with_float!(logits.dtype, FE => with_int!(targets.dtype, IE => launch_cross_entropy::<R, FE, IE>(
+            &logits.client, &problem, logits.handle.clone(), targets.handle.clone(), nll.handle.clone(), lse.handle.clone()
+        )))
+        .unwrap_or_else(|e| panic!("cross-entropy: {e}"));
+        (nll, lse)
+    }
+
+    fn moe_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dnll: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        if !matches!(logits.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return crate::loss::cross_entropy_backward_ops::<Self>(
+                float(logits),
+                burn::tensor::Tensor::from_primitive(targets),
+                float(lse),
+                float(dnll),
+            )
+            .into_primitive()
+            .tensor();
+        }
+        let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
+        // The per-row values are f32 whatever the logits' dtype (the kernel reads them as f32).
+        let stats = |t: CubeTensor<R>| into_contiguous(if t.dtype == DType::F32 { t } else { burn_cubecl::kernel::cast(t, DType::F32) });
+        let (lse, dnll) = (stats(lse), stats(dnll));
+        let problem = cross_entropy_problem(&logits, &targets);
+        assert_eq!(
+            (lse.meta.shape().num_elements(), dnll.meta.shape().num_elements()),
+            (problem.rows, problem.rows),
+            "cross-entropy backward: lse {:?}, dnll {:?} for {} rows",
+            lse.meta.shape(),
+            dnll.meta.shape(),
+            problem.rows
+        );
+        let dlogits = empty(&logits, [problem.rows, problem.vocab], logits.dtype);
+        with_float!(logits.dtype, FE => with_int!(targets.dtype, IE => launch_cross_entropy_backward::<R, FE, IE>(
+            &logits.client, &problem, logits.handle.clone(), targets.handle.clone(), lse.handle.clone(), dnll.handle.clone(),
+            dlogits.handle.clone()
+        )))
+        .unwrap_or_else(|e| panic!("cross-entropy backward: {e}"));
+        dlogits
     }
 
     fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -39,10 +39,12 @@ enum MoeOp {
     AttentionSoftmaxBackward { block: SoftmaxBlock },
     RmsNorm { eps: f64 },
     RmsNormBackward { weight_grad: bool },
+    CrossEntropy,
+    CrossEntropyBackward,
 }
 
 /// The ops' ids, in [`MoeOp::index`] order.
-const OP_NAMES: [&str; 13] = [
+const OP_NAMES: [&str; 15] = [
     "moe_permute",
     "moe_grouped_matmul",
     "moe_grouped_matmul_weight_grad",
@@ -56,10 +58,12 @@ const OP_NAMES: [&str; 13] = [
     "moe_attention_softmax_backward",
     "moe_rms_norm",
     "moe_rms_norm_backward",
+    "moe_cross_entropy",
+    "moe_cross_entropy_backward",
 ];
 
 /// How many times each op has run on the inner backend through the fusion stream, process-wide.
-static EXECUTED: [AtomicU64; 13] = [const { AtomicU64::new(0) }; 13];
+static EXECUTED: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
 
 /// How many times the MoE op `name` (`"moe_grouped_matmul"`, `"moe_sdd"`, ... — the [`MoeBackend`]
 /// method names) has executed as a fusion custom op on the inner backend in this process; `None`
@@ -85,6 +89,8 @@ impl MoeOp {
             MoeOp::AttentionSoftmaxBackward { .. } => 10,
             MoeOp::RmsNorm { .. } => 11,
             MoeOp::RmsNormBackward { .. } => 12,
+            MoeOp::CrossEntropy => 13,
+            MoeOp::CrossEntropyBackward => 14,
         }
     }
 
@@ -173,6 +179,18 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustomOp<
                     handles.register_float_tensor::<B>(&outs[1].id, dw);
                 }
                 dx
+            }
+            MoeOp::CrossEntropy => {
+                let logits = float(0, handles);
+                let targets = handles.get_int_tensor::<B>(&ins[1]);
+                let (nll, lse) = B::moe_cross_entropy(logits, targets);
+                handles.register_float_tensor::<B>(&outs[1].id, lse);
+                nll
+            }
+            MoeOp::CrossEntropyBackward => {
+                let logits = float(0, handles);
+                let targets = handles.get_int_tensor::<B>(&ins[1]);
+                B::moe_cross_entropy_backward(logits, targets, float(2, handles), float(3, handles))
             }
         };
         handles.register_float_tensor::<B>(&outs[0].id, out);
@@ -292,6 +310,22 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
         let mut out = register::<B>(MoeOp::RmsNormBackward { weight_grad }, vec![x, weight, rstd, dy], outputs);
         let dw = weight_grad.then(|| out.pop().expect("two outputs registered"));
         (one(out), dw)
+    }
+
+    fn moe_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        // Both per-row outputs are f32 whatever the logits' dtype (the CubeCL kernel's outputs).
+        let row = (Shape::new([logits.shape[0]]), DType::F32);
+        two(register::<B>(MoeOp::CrossEntropy, vec![logits, targets], vec![row.clone(), row]))
+    }
+
+    fn moe_cross_entropy_backward(
+        logits: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        lse: FloatTensor<Self>,
+        dnll: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let out = (logits.shape.clone(), logits.dtype);
+        one(register::<B>(MoeOp::CrossEntropyBackward, vec![logits, targets, lse, dnll], vec![out]))
     }
 
     fn moe_dstd(s: FloatTensor<Self>, d: FloatTensor<Self>, topology: &BlockSparseTopology, transpose_out: bool) -> FloatTensor<Self> {

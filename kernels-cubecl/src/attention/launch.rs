@@ -5,10 +5,8 @@ use cubecl::server::Handle;
 
 use super::kernel::{SOFTMAX_UNITS, attention_softmax_backward_kernel, attention_softmax_kernel};
 use super::SoftmaxBlock;
+use crate::reduce::row_grid;
 use crate::scatter::KernelError;
-
-/// Cubes along x per grid row: every runtime allows 65 535 (wgpu's limit), so more rows go to y.
-const MAX_CUBES_X: usize = 65_535;
 
 /// [`attention_softmax_kernel`] over `block`: `scores` holds `rows × keys` values of `F`; writes as
 /// many probabilities to `probs` and `rows` f32 log-sum-exps to `lse`.
@@ -28,8 +26,7 @@ pub fn launch_attention_softmax<R: Runtime, F: Float + CubeElement>(
         return Ok(());
     }
     let len = block.rows * block.keys;
-    let x = block.rows.min(MAX_CUBES_X);
-    let count = CubeCount::Static(x as u32, block.rows.div_ceil(x) as u32, 1);
+    let count = row_grid(block.rows);
     // SAFETY: one cube per row (cubes past the last row return at once); every row reads and writes
     // `keys` values inside `rows × keys`, and one log-sum-exp.
     unsafe {

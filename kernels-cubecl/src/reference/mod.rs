@@ -6,3 +6,4 @@ pub mod rmsnorm;
 pub mod routing;
 pub mod scatter;
 pub mod swiglu;
+pub mod xent;

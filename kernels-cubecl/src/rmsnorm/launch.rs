@@ -5,11 +5,8 @@ use cubecl::server::Handle;
 
 use super::RmsNormProblem;
 use super::kernel::{rms_norm_backward_kernel, rms_norm_kernel, rms_norm_weight_grad_finish_kernel, rms_norm_weight_grad_kernel};
-use crate::reduce::REDUCE_UNITS;
+use crate::reduce::{MAX_CUBES_X, REDUCE_UNITS, row_grid};
 use crate::scatter::KernelError;
-
-/// Cubes along x per grid row: every runtime allows 65 535 (wgpu's limit), so more rows go to y.
-const MAX_CUBES_X: usize = 65_535;
 
 /// Units per cube of the column kernels of the weight gradient.
 const COLUMN_UNITS: u32 = 256;
@@ -20,12 +17,6 @@ const TARGET_CUBES: usize = 1024;
 
 /// Fewest rows a weight-gradient chunk sums, so small problems do not spread over many partials.
 const MIN_CHUNK_ROWS: usize = 16;
-
-/// One cube per row.
-fn row_grid(rows: usize) -> CubeCount {
-    let x = rows.min(MAX_CUBES_X);
-    CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
-}
 
 /// `(chunk rows, chunks)` of the weight gradient of `problem`: the rows split so that column blocks
 /// × chunks is about [`TARGET_CUBES`], each chunk at least [`MIN_CHUNK_ROWS`] rows.
