@@ -213,6 +213,12 @@ fn grouped_matmul_weight_grad_cubecl<R: CubeRuntime, F: FloatElement, I: IntElem
     dw
 }
 
+/// A per-row statistic (log-sum-exps, corrections, `rstd`, loss gradients) as the kernels read it:
+/// contiguous f32, whatever dtype the caller's tensor has.
+fn f32_contiguous<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    into_contiguous(if t.dtype == DType::F32 { t } else { burn_cubecl::kernel::cast(t, DType::F32) })
+}
+
 /// The norm's scale, contiguous and in the activations' dtype `dtype` (the kernels read both as one
 /// type; a scale kept in another precision is cast, `[D]` values).
 fn norm_scale<R: CubeRuntime>(weight: CubeTensor<R>, dtype: &DType) -> CubeTensor<R> {
@@ -353,9 +359,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         block: &SoftmaxBlock,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (scores, dprobs) = (into_contiguous(scores), into_contiguous(dprobs));
-        // The statistics are f32 whatever the scores' dtype (the kernel reads them as f32).
-        let stats = |t: CubeTensor<R>| into_contiguous(if t.dtype == DType::F32 { t } else { burn_cubecl::kernel::cast(t, DType::F32) });
-        let (lse, correction) = (stats(lse), stats(correction));
+        let (lse, correction) = (f32_contiguous(lse), f32_contiguous(correction));
         check_same("attention softmax backward", &[&scores, &dprobs]);
         assert_eq!(
             (scores.meta.shape()[0], scores.meta.shape()[1], lse.meta.shape().num_elements(), correction.meta.shape().num_elements()),
@@ -406,7 +410,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         let weight_dtype = weight.dtype;
         let (x, dy) = (into_contiguous(x), into_contiguous(dy));
         let weight = norm_scale(weight, &x.dtype);
-        let rstd = into_contiguous(if rstd.dtype == DType::F32 { rstd } else { burn_cubecl::kernel::cast(rstd, DType::F32) });
+        let rstd = f32_contiguous(rstd);
         check_same("RMSNorm backward", &[&x, &dy]);
         let problem = rms_norm_problem(&x, &weight, 0.0);
         assert_eq!(rstd.meta.shape().num_elements(), problem.rows, "RMSNorm backward: rstd {:?} for {} rows", rstd.meta.shape(), problem.rows);
@@ -460,9 +464,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             .tensor();
         }
         let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
-        // The per-row values are f32 whatever the logits' dtype (the kernel reads them as f32).
-        let stats = |t: CubeTensor<R>| into_contiguous(if t.dtype == DType::F32 { t } else { burn_cubecl::kernel::cast(t, DType::F32) });
-        let (lse, dnll) = (stats(lse), stats(dnll));
+        let (lse, dnll) = (f32_contiguous(lse), f32_contiguous(dnll));
         let problem = cross_entropy_problem(&logits, &targets);
         assert_eq!(
             (lse.meta.shape().num_elements(), dnll.meta.shape().num_elements()),
