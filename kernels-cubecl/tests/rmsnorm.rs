@@ -9,7 +9,7 @@ use kernels_cubecl::reference::rmsnorm as reference;
 use kernels_cubecl::rmsnorm::{launch_rms_norm, launch_rms_norm_backward, launch_rms_norm_weight_grad, weight_grad_chunks};
 
 mod common;
-use common::{max_rel, values};
+use common::{download, max_rel, upload, values};
 
 const EPS: f32 = 1e-5;
 
@@ -45,21 +45,10 @@ fn run<R: Runtime>(client: &ComputeClient<R>, rows: usize, dim: usize, storage: 
     let x: Vec<f32> = round(values(len, 11).into_iter().enumerate().map(|(i, v)| v * (1.0 + (i / dim.max(1)) as f32 % 5.0)).collect());
     let w = round(values(dim, 12).into_iter().map(|v| 1.0 + 0.5 * v).collect());
     let dy = round(values(len, 13));
-    let up = |v: &[f32]| match storage {
-        Storage::F32 => client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v })),
-        Storage::F16 => {
-            let h: Vec<f16> = if v.is_empty() { vec![f16::ZERO] } else { v.iter().map(|x| f16::from_f32(*x)).collect() };
-            client.create_from_slice(f16::as_bytes(&h))
-        }
-    };
-    let read = |h, n: usize| -> Vec<f32> {
-        let bytes = client.read_one(h).expect("read back");
-        match storage {
-            Storage::F32 => f32::from_bytes(&bytes)[..n].to_vec(),
-            Storage::F16 => f16::from_bytes(&bytes)[..n].iter().map(|v| v.to_f32()).collect(),
-        }
-    };
-    let read_f32 = |h, n: usize| f32::from_bytes(&client.read_one(h).expect("read back"))[..n].to_vec();
+    let half = matches!(storage, Storage::F16);
+    let up = |v: &[f32]| upload(client, v, half);
+    let read = |h, n: usize| download(client, h, n, half);
+    let read_f32 = |h, n: usize| download(client, h, n, false);
     let problem = RmsNormProblem { rows, dim, eps: EPS };
     let (xh, wh, dyh) = (up(&x), up(&w), up(&dy));
     // Outputs pre-filled with NaN so that an element a kernel skipped shows.

@@ -8,7 +8,7 @@ use kernels_cubecl::reference::xent as reference;
 use kernels_cubecl::xent::{launch_cross_entropy, launch_cross_entropy_backward};
 
 mod common;
-use common::{max_rel, values};
+use common::{download, max_rel, upload, values};
 
 /// `rows × vocab` logits (scaled so the softmax is neither flat nor one-hot), targets cycling through
 /// the first and last word, the ignore index −100 and ordinary words; f16 storage rounds the logits
@@ -19,20 +19,10 @@ fn run<R: Runtime>(client: &ComputeClient<R>, rows: usize, vocab: usize, half: b
     let logits: Vec<f32> = values(len, 21).into_iter().map(|v| round(v * 8.0)).collect();
     let targets: Vec<i32> = (0..rows).map(|r| match r % 4 { 0 => 0, 1 => vocab as i32 - 1, 2 => -100, _ => (r * 7 % vocab) as i32 }).collect();
     let dnll: Vec<f32> = values(rows, 22).into_iter().map(|v| v + 1.5).collect();
-    let up_f = |v: &[f32]| {
-        if half {
-            let h: Vec<f16> = if v.is_empty() { vec![f16::ZERO] } else { v.iter().map(|x| f16::from_f32(*x)).collect() };
-            client.create_from_slice(f16::as_bytes(&h))
-        } else {
-            client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v }))
-        }
-    };
-    let up32 = |v: &[f32]| client.create_from_slice(f32::as_bytes(if v.is_empty() { &[0.0] } else { v }));
-    let read = |h, n: usize| -> Vec<f32> {
-        let bytes = client.read_one(h).expect("read back");
-        if half { f16::from_bytes(&bytes)[..n].iter().map(|v| v.to_f32()).collect() } else { f32::from_bytes(&bytes)[..n].to_vec() }
-    };
-    let read32 = |h, n: usize| f32::from_bytes(&client.read_one(h).expect("read back"))[..n].to_vec();
+    let up_f = |v: &[f32]| upload(client, v, half);
+    let up32 = |v: &[f32]| upload(client, v, false);
+    let read = |h, n: usize| download(client, h, n, half);
+    let read32 = |h, n: usize| download(client, h, n, false);
     let problem = CrossEntropyProblem { rows, vocab };
     let (lh, th) = (up_f(&logits), client.create_from_slice(i32::as_bytes(if targets.is_empty() { &[0] } else { &targets })));
     // Outputs pre-filled with NaN so that an element a kernel skipped shows.

@@ -471,21 +471,16 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             group: self.name.clone(),
             detail: format!("dtype {:?} has no NCCL type", cube.dtype),
         })?;
-        if let Some(r) = rec.as_mut() {
-            r.lap();
-        }
+        let mut lap = || rec.as_mut().map_or(0.0, Rec::lap);
+        lap();
         let input = self.buf(cube, collective)?;
-        if let Some(r) = rec.as_mut() {
-            r.p.contiguous_us = r.lap();
-        }
+        let contiguous_us = lap();
         B::sync(&self.device).map_err(|e| cuda_err(collective, &self.name, e))?;
-        if let Some(r) = rec.as_mut() {
-            r.p.sync_us = r.lap();
-        }
+        let sync_us = lap();
         unsafe { cu::ctx::set_current(self.ctx) }.map_err(|e| cuda_err(collective, &self.name, e))?;
+        lap();
         if let Some(r) = rec.as_mut() {
-            r.lap();
-            r.p.prepare_us = r.elapsed_us();
+            (r.p.contiguous_us, r.p.sync_us, r.p.prepare_us) = (contiguous_us, sync_us, r.elapsed_us());
         }
         Ok((input, dtype))
     }
@@ -533,7 +528,8 @@ impl<B: CudaTensorAccess> NcclComm<B> {
     /// A wait watched by a second thread is what torch's NCCL watchdog does too. How this thread
     /// waits is [`WaitMode`] (polling without keeping CubeCL's device thread awake measured 10-20%
     /// slower at 64-256 MiB than blocking; polling with it, faster than both).
-    fn wait(&self, collective: &'static str) -> Result<(), CommError> {
+    /// `rec`, the call's profile (if profiling), is completed and kept once the wait succeeded.
+    fn wait(&self, collective: &'static str, rec: Option<Rec>) -> Result<(), CommError> {
         self.watchdog.arm(Instant::now() + self.timeout);
         // With deferred gathers in flight Burn may have compute queued, which a ping would wait for
         // (and the overlap would be lost): those waits block.
@@ -555,6 +551,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
         }
         // Our stream ran everything queued before this wait, deferred gathers included.
         self.in_flight.borrow_mut().clear();
+        self.record(rec, true);
         Ok(())
     }
 
@@ -615,8 +612,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             self.record(rec, false);
             return Ok(self.finish(out));
         }
-        self.wait(C)?;
-        self.record(rec, true);
+        self.wait(C, rec)?;
         drop(input);
         Ok(self.finish(out))
     }
@@ -644,8 +640,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             .result()
             .map_err(|e| nccl_err(C, &self.name, e))
         })?;
-        self.wait(C)?;
-        self.record(rec, true);
+        self.wait(C, rec)?;
         drop(input);
         Ok(self.finish(out))
     }
@@ -698,8 +693,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             .result()
             .map_err(|e| nccl_err(C, &self.name, e))
         })?;
-        self.wait(C)?;
-        self.record(rec, true);
+        self.wait(C, rec)?;
         drop(input);
         Ok(self.finish(out))
     }
@@ -768,8 +762,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             })();
             result.map_err(|e| nccl_err(C, &self.name, e))
         })?;
-        self.wait(C)?;
-        self.record(rec, true);
+        self.wait(C, rec)?;
         drop(input);
         Ok(self.finish(out))
     }
@@ -795,8 +788,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             .result()
             .map_err(|e| nccl_err(C, &self.name, e))
         })?;
-        self.wait(C)?;
-        self.record(rec, true);
+        self.wait(C, rec)?;
         drop(input);
         Ok(self.finish(out))
     }
@@ -811,8 +803,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         }
         // No events: the gathers' NCCL calls were timed (host only) when queued.
         let rec = self.rec("wait_gathers");
-        self.wait("all_gather (deferred)")?;
-        self.record(rec, true);
+        self.wait("all_gather (deferred)", rec)?;
         Ok(())
     }
 

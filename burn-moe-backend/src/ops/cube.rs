@@ -213,16 +213,17 @@ fn grouped_matmul_weight_grad_cubecl<R: CubeRuntime, F: FloatElement, I: IntElem
     dw
 }
 
-/// A per-row statistic (log-sum-exps, corrections, `rstd`, loss gradients) as the kernels read it:
-/// contiguous f32, whatever dtype the caller's tensor has.
-fn f32_contiguous<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
-    into_contiguous(if t.dtype == DType::F32 { t } else { burn_cubecl::kernel::cast(t, DType::F32) })
+/// `t` contiguous and in `dtype` (cast only when it differs): the per-row statistics the kernels read
+/// as f32 (log-sum-exps, corrections, `rstd`, loss gradients) whatever the caller's dtype, a norm
+/// scale kept in another precision than its activations, a gradient returned in its parameter's.
+fn contiguous_in<R: CubeRuntime>(t: CubeTensor<R>, dtype: DType) -> CubeTensor<R> {
+    into_contiguous(if t.dtype == dtype { t } else { burn_cubecl::kernel::cast(t, dtype) })
 }
 
-/// The norm's scale, contiguous and in the activations' dtype `dtype` (the kernels read both as one
-/// type; a scale kept in another precision is cast, `[D]` values).
-fn norm_scale<R: CubeRuntime>(weight: CubeTensor<R>, dtype: &DType) -> CubeTensor<R> {
-    into_contiguous(if weight.dtype == *dtype { weight } else { burn_cubecl::kernel::cast(weight, *dtype) })
+/// Whether the kernels serve `dtype` (the float types `with_float!` dispatches); other dtypes take
+/// the trait's tensor-op defaults.
+fn has_kernels(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
 }
 
 /// The kernels' problem for `x: [N, D]` and a scale of `D` values; panics naming the shapes otherwise
@@ -323,7 +324,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
 
     fn moe_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {
         let len = x.meta.shape().num_elements();
-        if len == 0 || !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if len == 0 || !has_kernels(x.dtype) {
             return crate::optim::sum_squares_ops::<Self>(x);
         }
         let x = into_contiguous(x);
@@ -359,7 +360,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         block: &SoftmaxBlock,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
         let (scores, dprobs) = (into_contiguous(scores), into_contiguous(dprobs));
-        let (lse, correction) = (f32_contiguous(lse), f32_contiguous(correction));
+        let (lse, correction) = (contiguous_in(lse, DType::F32), contiguous_in(correction, DType::F32));
         check_same("attention softmax backward", &[&scores, &dprobs]);
         assert_eq!(
             (scores.meta.shape()[0], scores.meta.shape()[1], lse.meta.shape().num_elements(), correction.meta.shape().num_elements()),
@@ -380,12 +381,12 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
     }
 
     fn moe_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !has_kernels(x.dtype) {
             let (y, rstd) = crate::norm::rms_norm_ops::<Self>(float(x), float(weight), eps);
             return (y.into_primitive().tensor(), rstd.into_primitive().tensor());
         }
         let x = into_contiguous(x);
-        let weight = norm_scale(weight, &x.dtype);
+        let weight = contiguous_in(weight, x.dtype);
         let problem = rms_norm_problem(&x, &weight, eps);
         let y = empty(&x, [problem.rows, problem.dim], x.dtype);
         let rstd = empty_nd::<R, 1>(&x, [problem.rows], DType::F32);
@@ -403,14 +404,14 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         dy: FloatTensor<Self>,
         weight_grad: bool,
     ) -> (FloatTensor<Self>, Option<FloatTensor<Self>>) {
-        if !matches!(x.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !has_kernels(x.dtype) {
             let (dx, dw) = crate::norm::rms_norm_backward_ops::<Self>(float(x), float(weight), float(rstd), float(dy), weight_grad);
             return (dx.into_primitive().tensor(), dw.map(|t| t.into_primitive().tensor()));
         }
         let weight_dtype = weight.dtype;
         let (x, dy) = (into_contiguous(x), into_contiguous(dy));
-        let weight = norm_scale(weight, &x.dtype);
-        let rstd = f32_contiguous(rstd);
+        let weight = contiguous_in(weight, x.dtype);
+        let rstd = contiguous_in(rstd, DType::F32);
         check_same("RMSNorm backward", &[&x, &dy]);
         let problem = rms_norm_problem(&x, &weight, 0.0);
         assert_eq!(rstd.meta.shape().num_elements(), problem.rows, "RMSNorm backward: rstd {:?} for {} rows", rstd.meta.shape(), problem.rows);
@@ -426,13 +427,13 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             ))
             .unwrap_or_else(|e| panic!("RMSNorm weight gradient: {e}"));
             // The gradient in the scale's own dtype (the kernels ran in the activations').
-            if dw.dtype == weight_dtype { dw } else { burn_cubecl::kernel::cast(dw, weight_dtype) }
+            contiguous_in(dw, weight_dtype)
         });
         (dx, dw)
     }
 
     fn moe_cross_entropy(logits: FloatTensor<Self>, targets: IntTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        if !matches!(logits.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !has_kernels(logits.dtype) {
             let (nll, lse) = crate::loss::cross_entropy_ops::<Self>(float(logits), burn::tensor::Tensor::from_primitive(targets));
             return (nll.into_primitive().tensor(), lse.into_primitive().tensor());
         }
@@ -453,7 +454,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         lse: FloatTensor<Self>,
         dnll: FloatTensor<Self>,
     ) -> FloatTensor<Self> {
-        if !matches!(logits.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        if !has_kernels(logits.dtype) {
             return crate::loss::cross_entropy_backward_ops::<Self>(
                 float(logits),
                 burn::tensor::Tensor::from_primitive(targets),
@@ -464,7 +465,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             .tensor();
         }
         let (logits, targets) = (into_contiguous(logits), into_contiguous(targets));
-        let (lse, dnll) = (f32_contiguous(lse), f32_contiguous(dnll));
+        let (lse, dnll) = (contiguous_in(lse, DType::F32), contiguous_in(dnll, DType::F32));
         let problem = cross_entropy_problem(&logits, &targets);
         assert_eq!(
             (lse.meta.shape().num_elements(), dnll.meta.shape().num_elements()),

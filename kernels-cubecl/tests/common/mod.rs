@@ -24,3 +24,24 @@ pub fn max_rel(a: &[f32], b: &[f32]) -> f32 {
     let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
 }
+
+/// `v` as a device buffer of f16 when `half`, else of f32 (one zero for an empty `v`: CubeCL buffers
+/// are never empty).
+#[allow(dead_code)] // not every test binary stores f16
+pub fn upload<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>, v: &[f32], half: bool) -> cubecl::server::Handle {
+    use cubecl::prelude::CubeElement;
+    let v = if v.is_empty() { &[0.0][..] } else { v };
+    if half {
+        client.create_from_slice(half::f16::as_bytes(&v.iter().map(|x| half::f16::from_f32(*x)).collect::<Vec<_>>()))
+    } else {
+        client.create_from_slice(f32::as_bytes(v))
+    }
+}
+
+/// The first `n` values of a device buffer of f16 (`half`) or f32, as f32.
+#[allow(dead_code)] // not every test binary stores f16
+pub fn download<R: cubecl::Runtime>(client: &cubecl::prelude::ComputeClient<R>, h: cubecl::server::Handle, n: usize, half: bool) -> Vec<f32> {
+    use cubecl::prelude::CubeElement;
+    let bytes = client.read_one(h).expect("read back");
+    if half { half::f16::from_bytes(&bytes)[..n].iter().map(|v| v.to_f32()).collect() } else { f32::from_bytes(&bytes)[..n].to_vec() }
+}
