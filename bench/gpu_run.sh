@@ -8,7 +8,7 @@
 # times the scatter path with each expert-GEMM library (and checks both); PHASES=1 adds the forward
 # step by step; CHECK_EXTRA (e.g. "--d 1024 --ffn 3584") shrinks the check's layer; PIPELINED (e.g.
 # "default,64x2w/32x4w") times the CubeCL layer once per pipelined configuration and CHECK_PIPELINED
-# picks the one the check runs with; TS, REPS, *_TIMEOUT. Each section's start time is printed.
+# picks the one the check runs with, CHECK=0 skips the check; TS, REPS, *_TIMEOUT. Each section's start time is printed.
 # The device tool sends the checkout the session started in (not a helper's worktree): a helper's
 # binary and this script must be copied into an ignored folder there and carried.
 set -u
@@ -43,7 +43,9 @@ if [ "${PHASES:-0}" = 1 ]; then
   echo "=== phases of the scatter forward"
   timeout ${PHASES_TIMEOUT:-120} /tmp/moe_bench --backend cuda --phases --tokens $TS --reps ${REPS:-3} --grouped-gemm $GG
 fi
+if [ "${CHECK:-1}" = 1 ]; then
 echo "=== burn-moe moe_bench --check (f32 reference vs scatter f32/bf16) $(date +%T)"
 timeout ${CHECK_TIMEOUT:-120} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-2048} --reps 1 --dtype bf16 --kernels scatter --check --grouped-gemm $GG --pipelined ${CHECK_PIPELINED:-default} ${CHECK_EXTRA:-}
+fi
 echo "=== done $(date +%T)"
 du -sh ~/.cache/cubecl 2>/dev/null

@@ -4,7 +4,8 @@
 # 2. ncu (kernel durations only, clocks left alone) over one warm-up + one forward+backward;
 # 3. moe_bench --check at a small T with each expert-GEMM library.
 # Expects the carried .dev/bin/moe_bench.xz (release, --features cuda). Knobs: GROUPED_GEMM, TS,
-# PROFILE_T, CHECK_T, NCU=0 to skip the profiler. Logs under $OUT.
+# PROFILE_T, CHECK_T, CHECK_EXTRA (e.g. "--d 1024 --ffn 3584"), NCU=0 to skip the profiler, CHECK=0 to skip the
+# check. Logs under $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -25,5 +26,7 @@ if [ "${NCU:-1}" = 1 ]; then
   grep "profile T=" "$OUT/ncu_summary.csv"
 fi
 
-echo "=== moe_bench --check"
-timeout ${CHECK_TIMEOUT:-150} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-1024} --reps 1 --dtype bf16 --kernels scatter --check --grouped-gemm $GG
+if [ "${CHECK:-1}" = 1 ]; then
+  echo "=== moe_bench --check"
+  timeout ${CHECK_TIMEOUT:-150} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-1024} --reps 1 --dtype bf16 --kernels scatter --check --grouped-gemm $GG ${CHECK_EXTRA:-}
+fi

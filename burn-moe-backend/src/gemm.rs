@@ -20,7 +20,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GroupedGemm {
-    /// `kernels-cubecl`'s grouped GEMMs (tensor-core `cmma` for f16/bf16): every runtime.
+    /// `kernels-cubecl`'s grouped GEMMs (tensor cores for f16/bf16; on a Hopper GPU its `wgmma` + TMA
+    /// kernel unless `BURN_MOE_WGMMA=0`): every runtime.
     #[default]
     #[serde(rename = "cubecl")]
     CubeCl,

@@ -20,7 +20,7 @@ use burn_moe_backend::{DMoe, GroupedGemm, MoeBackend, MoeKernel, set_grouped_gem
 use clap::{Parser, ValueEnum};
 use cubecl::CubeElement;
 use kernels_cubecl::scatter::{
-    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulStrategy, TILE_GROUP_DEFAULT, set_pipelined_defaults,
+    CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulStrategy, TILE_GROUP_DEFAULT, set_pipelined_defaults, set_wgmma_enabled,
     set_tile_group,
 };
 
@@ -74,7 +74,9 @@ struct Args {
     /// Pipelined tensor-core configurations that `Auto` uses in the layer, `<forward>/<weight
     /// gradient>` each `<block_k>x<stages>[w][m]` (`w`: wide plane layout, `m`: manual MMA, where
     /// the device has it, else the same on the wmma path), e.g. `64x2/32x4,64x2w/32x4w,64x2wm/32x4wm`;
-    /// `default` = the compiled-in choice. The CubeCL layer is timed once per entry.
+    /// `default` = the compiled-in choice (on a Hopper GPU the wgmma kernel; elsewhere the pipelined
+    /// defaults), `cubecl` = the compiled-in pipelined defaults without the wgmma kernel; an explicit
+    /// configuration also leaves the wgmma kernel out. The CubeCL layer is timed once per entry.
     #[arg(long, default_value = "default", value_delimiter = ',')]
     pipelined: Vec<PipelinedChoice>,
     /// Row tiles per group in the pipelined kernels' tile order (`set_tile_group`; 0 = launch
@@ -99,27 +101,43 @@ fn apply_tile_group(g: Option<usize>) -> String {
     g.map_or_else(String::new, |g| format!(" [tile group {g}]"))
 }
 
-/// One `--pipelined` entry: `None` = the compiled-in defaults.
+/// One `--pipelined` entry: `None` = the compiled-in defaults; `wgmma` = whether `Auto` may run the
+/// Hopper kernel (`default`: yes; `cubecl` and any explicit configuration: no, the portable
+/// CubeCL kernels only).
 #[derive(Debug, Clone, Copy)]
-struct PipelinedChoice(Option<(GroupedMatmulStrategy, GroupedMatmulStrategy)>);
+struct PipelinedChoice(Option<(GroupedMatmulStrategy, GroupedMatmulStrategy)>, bool);
+
+impl PipelinedChoice {
+    const DEFAULT: Self = Self(None, true);
+
+    /// Makes this entry what `Auto` runs, for the whole process.
+    fn apply(self) {
+        set_pipelined_defaults(self.0).expect("validated when parsed");
+        set_wgmma_enabled(self.1);
+    }
+}
 
 impl std::str::FromStr for PipelinedChoice {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s == "default" {
-            return Ok(Self(None));
+        match s {
+            "default" => return Ok(Self::DEFAULT),
+            "cubecl" => return Ok(Self(None, false)),
+            _ => {}
         }
-        let (f, w) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected <forward>/<weight gradient>, e.g. 64x2/32x4"))?;
+        let (f, w) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected default, cubecl or <forward>/<weight gradient>, e.g. 64x2/32x4"))?;
         let parse = |v: &str| v.parse::<GroupedMatmulStrategy>().map_err(|e| e.to_string());
-        Ok(Self(Some((parse(f)?, parse(w)?))))
+        let choice = (parse(f)?, parse(w)?);
+        set_pipelined_defaults(Some(choice)).and_then(|_| set_pipelined_defaults(None)).map_err(|e| e.to_string())?;
+        Ok(Self(Some(choice), false))
     }
 }
 
 impl std::fmt::Display for PipelinedChoice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (fw, wg) = self.0.unwrap_or_else(|| (CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT));
-        write!(f, "{fw}/{wg}")
+        let (fw, wg) = self.0.unwrap_or((CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT));
+        if self.1 { write!(f, "wgmma|{fw}/{wg}") } else { write!(f, "{fw}/{wg}") }
     }
 }
 
@@ -169,7 +187,7 @@ fn run<R: CubeRuntime>(args: &Args, device: &R::Device) -> Result<()> {
         return Ok(());
     }
     // The check, the phases and the profile run with the first `--pipelined` entry.
-    set_pipelined_defaults(args.pipelined[0].0)?;
+    args.pipelined[0].apply();
     if args.phases {
         match args.dtype {
             Dtype::F32 => phases::<R, f32>(args, device),
@@ -276,7 +294,7 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
                 let libs = if k == MoeKernel::Scatter { args.grouped_gemm.clone() } else { vec![GroupedGemm::CubeCl] };
                 libs.into_iter().flat_map(move |g| {
                     let cubecl = k == MoeKernel::Scatter && g == GroupedGemm::CubeCl;
-                    let choices = if cubecl { args.pipelined.clone() } else { vec![PipelinedChoice(None)] };
+                    let choices = if cubecl { args.pipelined.clone() } else { vec![PipelinedChoice::DEFAULT] };
                     let groups = if cubecl { tile_groups(args) } else { vec![None] };
                     choices.into_iter().flat_map(move |c| groups.clone().into_iter().map(move |tg| (k, g, c, tg)))
                 })
@@ -287,7 +305,7 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
                 println!("T={t} {kernel} {lib}: skipped ({e})");
                 continue;
             }
-            set_pipelined_defaults(choice.0).expect("validated when parsed");
+            choice.apply();
             let group_label = apply_tile_group(group);
             let label = match kernel {
                 MoeKernel::Scatter if lib == GroupedGemm::CubeCl && args.pipelined.len() > 1 => format!("{kernel}+{lib}[{choice}]{group_label}"),
@@ -317,7 +335,11 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
                 sync::<B<R, F>>(device);
                 let start = Instant::now();
                 let out = moe_ad.forward(x_ad.clone()).output;
-                let grads = out.sum().backward();
+                // The output's own backward (a gradient of ones, Burn's root gradient): no loss reduction
+                // in the timed step, as the torch anchors' `y.backward(gy)` with a prepared `gy`. (A
+                // `sum()` first added ~0.9 ms at T=4096: Burn's full reduction of a [4096, 4096] bf16
+                // tensor runs on 2 cubes — a harness cost, not the layer's.)
+                let grads = out.backward();
                 // When the host has queued everything: close to the total means the host (or a
                 // read-back that waits for the device) sets the pace, not the kernels.
                 let host = start.elapsed().as_secs_f64();
@@ -340,14 +362,14 @@ fn time_all<R: CubeRuntime, F: FloatElement>(args: &Args, device: &R::Device) {
             // One more, untimed step under the memory poller (polling contends with submission).
             let mem = memory_while::<R>(device, || {
                 let out = moe_ad.forward(x_ad.clone()).output;
-                let grads = out.sum().backward();
+                let grads = out.backward();
                 sync::<B<R, F>>(device);
                 drop(grads);
             });
             println!("T={t} {label}: fwd+bwd memory {mem}");
         }
         set_grouped_gemm(GroupedGemm::CubeCl).expect("cubecl is always available");
-        set_pipelined_defaults(None).expect("the defaults are valid");
+        PipelinedChoice::DEFAULT.apply();
         set_tile_group(TILE_GROUP_DEFAULT);
     }
 }
@@ -542,11 +564,14 @@ fn bench_variant<R: CubeRuntime>(
     label: &str,
     flops: f64,
     empty: impl Fn() -> cubecl::server::Handle,
+    poisoned: impl Fn() -> cubecl::server::Handle,
     launch: &dyn Fn(cubecl::server::Handle) -> Result<GroupedMatmulStrategy, kernels_cubecl::scatter::KernelError>,
     read: &dyn Fn(cubecl::server::Handle) -> Vec<f32>,
     want: &[f32],
 ) {
-    let out = empty();
+    // The checked run writes into NaN: an `empty` buffer may be memory an earlier variant filled with
+    // the right answer, which would hide a kernel that wrote nothing.
+    let out = poisoned();
     let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| launch(out.clone())));
     if !matches!(ran, Ok(Ok(_))) {
         println!("{label}: FAILED to run ({:?})", ran.map(|r| r.err()).map_err(|_| "panic"));
@@ -581,7 +606,7 @@ fn time_it<B: Backend>(device: &B::Device, reps: usize, mut f: impl FnMut()) -> 
 fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
     use kernels_cubecl::scatter::{
         GroupedMatmulProblem, cmma_pipelined_manual_supported, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul_weight_grad_with,
-        launch_grouped_matmul_with,
+        launch_grouped_matmul_with, wgmma_supported,
     };
     // Every tensor-core variant this device can run: the single-stage kernel and the pipelined
     // configurations (depth per step × steps in flight), each also with manual MMA where it runs.
@@ -604,6 +629,11 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             }
         } else {
             println!("gemm: no manual MMA (mma.sync + ldmatrix) pipelined kernels on this device");
+        }
+        if wgmma_supported::<R, half::bf16>(client, problem, false) {
+            v.push(GroupedMatmulStrategy::Wgmma);
+        } else {
+            println!("gemm: no wgmma (Hopper) kernel on this device");
         }
         v.retain(|s| args.gemm_strategies.is_empty() || args.gemm_strategies.contains(s));
         v
@@ -639,6 +669,7 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
             let (xb, wb) = (prim(x.clone()), prim3(w.clone()));
             let (xf, wf) = (prim(x.clone().cast(FloatDType::F32)), prim3(w.clone().cast(FloatDType::F32)));
             let client = xb.client.clone();
+            let nan_bf16 = |len: usize| client.create_from_slice(half::bf16::as_bytes(&vec![half::bf16::NAN; len]));
             let problem = GroupedMatmulProblem { rows, m, k, num_experts: e, transpose };
             let offs: Vec<u32> = offsets.iter().map(|&o| o as u32).collect();
             let off_h = client.create_from_slice(u32::as_bytes(&offs));
@@ -668,7 +699,7 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
                 for group in tile_groups(args) {
                     let launch = |out| launch_grouped_matmul_with::<R, half::bf16>(&client, &problem, &offsets, xb.handle.clone(), wb.handle.clone(), off_h.clone(), out, strategy);
                     let label = format!("gemm T={t} {name} bf16 {strategy:?}{}", apply_tile_group(group));
-                    bench_variant::<R>(device, args.reps, &label, flops, || client.empty(rows * m * 2), &launch, &|h| read(h, true), &want);
+                    bench_variant::<R>(device, args.reps, &label, flops, || client.empty(rows * m * 2), || nan_bf16(rows * m), &launch, &|h| read(h, true), &want);
                 }
             }
             set_tile_group(TILE_GROUP_DEFAULT);
@@ -711,7 +742,7 @@ fn gemm<R: CubeRuntime>(args: &Args, device: &R::Device) {
                 for group in tile_groups(args) {
                     let launch = |out| launch_grouped_matmul_weight_grad_with::<R, half::bf16>(&client, &problem, &offsets, dh.handle.clone(), xb.handle.clone(), off_h.clone(), out, strategy);
                     let label = format!("gemm T={t} weight grad dh[seg]ᵀ·x[seg] -> [{e}x{m}x{k}] bf16 {strategy:?}{}", apply_tile_group(group));
-                    bench_variant::<R>(device, args.reps, &label, flops, || client.empty(n * 2), &launch, &|h| read_w(h, true), &want);
+                    bench_variant::<R>(device, args.reps, &label, flops, || client.empty(n * 2), || nan_bf16(n), &launch, &|h| read_w(h, true), &want);
                 }
             }
             set_tile_group(TILE_GROUP_DEFAULT);

@@ -18,7 +18,11 @@
 //! weight gradient have a shared-memory tiled kernel (any float), a single-stage tensor-core (`cmma`)
 //! kernel for f16/bf16, and a pipelined tensor-core kernel whose operand tiles arrive by asynchronous
 //! copies several depth steps ahead (`cp.async` + barriers, CUDA); `Auto` picks the most capable one
-//! the runtime supports (see [`scatter::GroupedMatmulStrategy`]).
+//! the runtime supports (see [`scatter::GroupedMatmulStrategy`]). On a Hopper GPU (sm_90) that is a
+//! `wgmma` + TMA kernel written as generated CUDA source and compiled and launched by CubeCL's own CUDA
+//! runtime (CubeCL 0.10's kernel language cannot emit `wgmma`): `scatter/wgmma_source.rs`,
+//! `scatter/wgmma.rs`, feature `cuda`; `BURN_MOE_WGMMA=0` or [`scatter::set_wgmma_enabled`] keeps the
+//! portable kernels.
 //!
 //! RMSNorm ([`rmsnorm`]): the forward pass and the input gradient one cube per row, the weight gradient
 //! by column in row chunks. The language-model loss ([`xent`]): cross-entropy over the vocabulary, a

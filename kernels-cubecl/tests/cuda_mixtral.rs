@@ -61,7 +61,7 @@ use kernels_cubecl::reference::scatter as scatter_ref;
 use kernels_cubecl::reference::swiglu as swiglu_ref;
 use kernels_cubecl::scatter::{
     CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy as Strategy, KernelError, cmma_pipelined_manual_supported, cmma_pipelined_supported,
-    cmma_supported, launch_combine, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute,
+    cmma_supported, launch_combine, wgmma_enabled, wgmma_supported, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute,
 };
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
 
@@ -514,8 +514,10 @@ fn padded_x(plan: &RoutingPlan, topo: &BlockSparseTopology, x: &[f32]) -> Vec<f3
 // ---------------------------------------------------------------------------------------------
 
 /// What `Auto` must resolve to for `S` on this device (`support` as in `resolve_strategy`).
-fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, pipelined: Strategy) -> Strategy {
-    if cmma_pipelined_supported::<R, S>(client, support) {
+fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, pipelined: Strategy, weight_grad: bool) -> Strategy {
+    if wgmma_enabled() && wgmma_supported::<R, S>(client, support, weight_grad) {
+        Strategy::Wgmma
+    } else if cmma_pipelined_supported::<R, S>(client, support) {
         pipelined
     } else if cmma_supported::<R, S>(client) {
         Strategy::Cmma
@@ -524,8 +526,9 @@ fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProb
     }
 }
 
-fn strategy_supported<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, strategy: Strategy) -> bool {
+fn strategy_supported<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, strategy: Strategy, weight_grad: bool) -> bool {
     match strategy {
+        Strategy::Wgmma => wgmma_supported::<R, S>(client, support, weight_grad),
         Strategy::Cmma => cmma_supported::<R, S>(client),
         Strategy::CmmaPipelined { manual: true, .. } => cmma_pipelined_manual_supported::<R, S>(client, support),
         Strategy::CmmaPipelined { .. } => cmma_pipelined_supported::<R, S>(client, support),
@@ -542,6 +545,7 @@ fn check_strategies<S: Elem>(
     client: &ComputeClient<R>,
     support: &GroupedMatmulProblem,
     pipelined: Strategy,
+    weight_grad: bool,
     strategies: &[Strategy],
     run: &dyn Fn(Strategy) -> Result<(Strategy, Vec<f32>), KernelError>,
     sample: &dyn Fn(&[f32]) -> Vec<f32>,
@@ -551,10 +555,10 @@ fn check_strategies<S: Elem>(
 ) -> Option<Vec<f32>> {
     let mut first = None;
     let mut unsupported = Vec::new();
-    let auto = expected_auto::<S>(client, support, pipelined);
+    let auto = expected_auto::<S>(client, support, pipelined, weight_grad);
     for &strategy in strategies {
         let label = format!("{what} {} {strategy:?}", S::NAME);
-        if strategy != Strategy::Auto && !strategy_supported::<S>(client, support, strategy) {
+        if strategy != Strategy::Auto && !strategy_supported::<S>(client, support, strategy, weight_grad) {
             let res = run(strategy);
             assert!(matches!(res, Err(KernelError::Unsupported(_))), "{label}: unsupported on this device but not refused: {:?}", res.map(|r| r.0));
             println!("{label}: UNSUPPORTED on this device (refused: {})", res.err().map(|e| e.to_string()).unwrap_or_default());
@@ -660,13 +664,13 @@ fn grouped_matmul_case(transpose: bool, f32_others: &[Strategy], bf16: &[Strateg
 
     let full = {
         let run = runner::<f32>(&client, &problem, offsets, upload::<f32>(&client, &x), upload::<f32>(&client, &w), off_h.clone());
-        let tiled = check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, &[Strategy::Tiled], &run, &sample, &want, None, &none)
+        let tiled = check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, false, &[Strategy::Tiled], &run, &sample, &want, None, &none)
             .expect("f32 tiled ran");
-        check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, f32_others, &run, &sample, &want, Some(&tiled), &none);
+        check_strategies::<f32>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, false, f32_others, &run, &sample, &want, Some(&tiled), &none);
         tiled
     };
     let run = runner::<bf16>(&client, &problem, offsets, upload::<bf16>(&client, &x), upload::<bf16>(&client, &w), off_h);
-    check_strategies::<bf16>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, bf16, &run, &sample, &want, Some(&full), &none);
+    check_strategies::<bf16>(&what, &client, &problem, CMMA_PIPELINED_DEFAULT, false, bf16, &run, &sample, &want, Some(&full), &none);
 }
 
 #[test]
@@ -733,13 +737,13 @@ fn weight_grad_case(m: usize, k: usize, f32_others: &[Strategy], bf16: &[Strateg
 
     let full = {
         let run = runner::<f32>(&client, &problem, offsets, upload::<f32>(&client, &dy), upload::<f32>(&client, &x), off_h.clone());
-        let tiled = check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, &[Strategy::Tiled], &run, &sample, &want, None, &starved_zero)
+        let tiled = check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, true, &[Strategy::Tiled], &run, &sample, &want, None, &starved_zero)
             .expect("f32 tiled ran");
-        check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, f32_others, &run, &sample, &want, Some(&tiled), &starved_zero);
+        check_strategies::<f32>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, true, f32_others, &run, &sample, &want, Some(&tiled), &starved_zero);
         tiled
     };
     let run = runner::<bf16>(&client, &problem, offsets, upload::<bf16>(&client, &dy), upload::<bf16>(&client, &x), off_h);
-    check_strategies::<bf16>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, bf16, &run, &sample, &want, Some(&full), &starved_zero);
+    check_strategies::<bf16>(&what, &client, &support, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, true, bf16, &run, &sample, &want, Some(&full), &starved_zero);
 }
 
 /// `dW1 = dH[seg]ᵀ · X[seg]` (`[E, ffn, d]`).
@@ -765,6 +769,32 @@ fn manual_mma_weight_grad_up_projection_matches_reference_at_mixtral_sizes() {
 #[test]
 fn manual_mma_weight_grad_down_projection_matches_reference_at_mixtral_sizes() {
     weight_grad_case(D, FFN, &[], &BF16_MANUAL_STRATEGIES);
+}
+
+/// The Hopper kernel (`wgmma` + TMA) for the up projection (`w1` read `[E, ffn, d]`: both operands
+/// K-major); refused with a reason elsewhere.
+#[test]
+fn wgmma_grouped_matmul_up_projection_matches_reference_at_mixtral_sizes() {
+    grouped_matmul_case(true, &[], &[Strategy::Wgmma, Strategy::Auto]);
+}
+
+/// The down projection (`w2` as `[E, k, m]`: the weight MN-major).
+#[test]
+fn wgmma_grouped_matmul_down_projection_matches_reference_at_mixtral_sizes() {
+    grouped_matmul_case(false, &[], &[Strategy::Wgmma, Strategy::Auto]);
+}
+
+/// `dW1` on the Hopper kernel (both operands MN-major; ragged segment tails zeroed in shared
+/// memory; the empty expert must get zeros).
+#[test]
+fn wgmma_weight_grad_up_projection_matches_reference_at_mixtral_sizes() {
+    weight_grad_case(FFN, D, &[], &[Strategy::Wgmma, Strategy::Auto]);
+}
+
+/// `dW2` on the Hopper kernel.
+#[test]
+fn wgmma_weight_grad_down_projection_matches_reference_at_mixtral_sizes() {
+    weight_grad_case(D, FFN, &[], &[Strategy::Wgmma, Strategy::Auto]);
 }
 
 /// SwiGLU forward and backward over the `[T·k, ffn]` activations, against the full reference.

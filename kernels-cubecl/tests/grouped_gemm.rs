@@ -6,7 +6,7 @@ use half::f16;
 use kernels_cubecl::reference::scatter as reference;
 use kernels_cubecl::scatter::{
     CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, TILED_BLOCK_M, cmma_pipelined_manual_supported, cmma_pipelined_supported, cmma_supported, launch_grouped_matmul,
-    launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, pipelined_defaults, set_pipelined_defaults,
+    launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, pipelined_defaults, set_pipelined_defaults, wgmma_enabled, wgmma_supported,
 };
 
 mod common;
@@ -132,8 +132,10 @@ fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
 }
 
 /// What `Auto` resolves to for f16 operands of problem `p` on this client.
-fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem, pipelined: GroupedMatmulStrategy) -> GroupedMatmulStrategy {
-    if cmma_pipelined_supported::<R, f16>(client, p) {
+fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem, pipelined: GroupedMatmulStrategy, weight_grad: bool) -> GroupedMatmulStrategy {
+    if wgmma_enabled() && wgmma_supported::<R, f16>(client, p, weight_grad) {
+        GroupedMatmulStrategy::Wgmma
+    } else if cmma_pipelined_supported::<R, f16>(client, p) {
         match pipelined {
             // A manual-MMA default runs without it where the device lacks it.
             GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: true } if !cmma_pipelined_manual_supported::<R, f16>(client, p) => {
@@ -154,12 +156,37 @@ fn auto_f16_cases<R: Runtime>(client: &ComputeClient<R>) {
         for transpose in [true, false] {
             for (m, k) in [(96, 64), (100, 60), (34, 18)] {
                 let ran = check(client, &counts, m, k, transpose, Storage::F16, GroupedMatmulStrategy::Auto).unwrap();
-                assert_eq!(ran, expected_auto_f16(client, &GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }, CMMA_PIPELINED_DEFAULT));
+                assert_eq!(ran, expected_auto_f16(client, &GroupedMatmulProblem { rows, m, k, num_experts: counts.len(), transpose }, CMMA_PIPELINED_DEFAULT, false));
             }
         }
     }
     // f32 never takes the tensor-core kernel.
     assert_eq!(check(client, &[3, 4], 8, 8, true, Storage::F32, GroupedMatmulStrategy::Auto).unwrap(), GroupedMatmulStrategy::Tiled);
+    wgmma_cases(client);
+}
+
+/// The Hopper kernel asked for by name: both layouts of `w`, ragged segments longer than a 128-row
+/// tile, an output width that is not a multiple of its 256 columns, `k` not a multiple of its 64-deep
+/// step (`w` read `[E, m, k]`; refused for `[E, k, m]`, which needs multiples of 64), and a refusal
+/// naming what it needs where it cannot run (anything but CUDA on a Hopper GPU).
+fn wgmma_cases<R: Runtime>(client: &ComputeClient<R>) {
+    for (counts, m, k, transpose) in [
+        (vec![37, 0, 21, 5], 96, 64, true),
+        (vec![37, 0, 21, 5], 96, 64, false),
+        (vec![0, 300, 0, 129], 136, 200, true),
+        (vec![130, 2, 260], 264, 128, false),
+    ] {
+        let p = GroupedMatmulProblem { rows: counts.iter().sum(), m, k, num_experts: counts.len(), transpose };
+        let res = check(client, &counts, m, k, transpose, Storage::F16, GroupedMatmulStrategy::Wgmma);
+        if wgmma_supported::<R, f16>(client, &p, false) {
+            assert_eq!(res.unwrap(), GroupedMatmulStrategy::Wgmma, "{p:?}");
+        } else {
+            let err = res.unwrap_err();
+            assert!(matches!(err, KernelError::Unsupported(_)) && err.to_string().contains("Hopper"), "{p:?}: {err}");
+        }
+    }
+    let res = check(client, &[37, 0, 21, 5], 96, 200, false, Storage::F16, GroupedMatmulStrategy::Wgmma);
+    assert!(matches!(res, Err(KernelError::Unsupported(_))), "k = 200 with w as [E, k, m] must be refused: {res:?}");
 }
 
 /// Asking for tensor cores where they are missing is an error naming the types, not a wrong answer.
@@ -323,8 +350,18 @@ fn weight_grad_cases<R: Runtime>(client: &ComputeClient<R>) {
     }
     // `Auto` (the weight gradient reads dy and x row-major: support is asked for the untransposed
     // problem): Tiled without tensor cores (lavapipe), else a tensor-core kernel.
-    let auto = expected_auto_f16(client, &GroupedMatmulProblem { rows: 63, m: 34, k: 18, num_experts: 4, transpose: false }, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT);
+    let auto = expected_auto_f16(client, &GroupedMatmulProblem { rows: 63, m: 34, k: 18, num_experts: 4, transpose: false }, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, true);
     assert_eq!(check_weight_grad(client, &[37, 0, 21, 5], 34, 18, Storage::F16, GroupedMatmulStrategy::Auto).unwrap(), auto);
+    // The Hopper kernel where it runs (ragged segments, an empty expert, tails of 64-row steps),
+    // else a refusal naming what it needs.
+    let p = GroupedMatmulProblem { rows: 63, m: 96, k: 64, num_experts: 4, transpose: false };
+    let res = check_weight_grad(client, &[37, 0, 21, 5], 96, 64, Storage::F16, GroupedMatmulStrategy::Wgmma);
+    if wgmma_supported::<R, f16>(client, &p, true) {
+        assert_eq!(res.unwrap(), GroupedMatmulStrategy::Wgmma);
+        assert_eq!(check_weight_grad(client, &[0, 300, 0, 1], 136, 200, Storage::F16, GroupedMatmulStrategy::Wgmma).unwrap(), GroupedMatmulStrategy::Wgmma);
+    } else {
+        assert!(matches!(res, Err(KernelError::Unsupported(_))), "{res:?}");
+    }
     let res = check_weight_grad(client, &[37, 0, 21], 64, 40, Storage::F16, GroupedMatmulStrategy::Cmma);
     if cmma_supported::<R, f16>(client) {
         assert_eq!(res.unwrap(), GroupedMatmulStrategy::Cmma);
@@ -374,7 +411,8 @@ fn strategy_names_parse_and_bad_pipelined_defaults_are_refused() {
     assert_eq!(parse("32x4w").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: true, manual: false });
     assert_eq!(parse("64x2wm").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 64, stages: 2, wide: true, manual: true });
     assert_eq!(parse("32x4m").unwrap(), GroupedMatmulStrategy::CmmaPipelined { block_k: 32, stages: 4, wide: false, manual: true });
-    for name in ["auto", "naive", "tiled", "cmma", "64x2", "32x4w", "64x2wm", "32x4m"] {
+    assert_eq!(parse("wgmma").unwrap(), GroupedMatmulStrategy::Wgmma);
+    for name in ["auto", "naive", "tiled", "cmma", "wgmma", "64x2", "32x4w", "64x2wm", "32x4m"] {
         assert_eq!(parse(name).unwrap().to_string(), name, "Display reads back as FromStr's name");
     }
     for bad in ["48x2", "64x5", "64", "x2", "64x2ww", "64x2mw", "64x2mm", "48x2wm", "m", "fast"] {

@@ -125,8 +125,9 @@ pub struct Args {
     #[arg(long, default_value = "reference")]
     pub moe_kernel: burn_moe_backend::MoeKernel,
 
-    /// Library for the scatter kernel's expert GEMMs on CUDA: cubecl (our CubeCL tensor-core
-    /// kernels, the default) or cublas (cuBLAS per expert segment; libcublas on the library path).
+    /// Library for the scatter kernel's expert GEMMs on CUDA: cubecl (our kernels, the default: on a
+    /// Hopper GPU the wgmma + TMA one, elsewhere — or with BURN_MOE_WGMMA=0 — the CubeCL tensor-core
+    /// kernels) or cublas (cuBLAS per expert segment; libcublas on the library path).
     /// Takes effect where the scatter ops run unfused: `--device cuda` with `--dtype bf16|f16`.
     #[arg(long, default_value = "cubecl")]
     pub grouped_gemm: burn_moe_backend::GroupedGemm,

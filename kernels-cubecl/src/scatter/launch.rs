@@ -61,6 +61,12 @@ pub enum GroupedMatmulStrategy {
         /// configuration without it).
         manual: bool,
     },
+    /// Hopper (sm_90) only: warpgroup `wgmma` products on operand tiles brought by the bulk tensor
+    /// copy engine (TMA), 128 × 256 outputs per cube, 4 stages, one producer and two consumer
+    /// warpgroups. Written as generated CUDA source compiled and launched by CubeCL's CUDA runtime,
+    /// because CubeCL 0.10's kernel language cannot emit `wgmma` (see `wgmma_source.rs`). f16/bf16;
+    /// see [`wgmma_supported`] for where it runs. `Auto` picks it there while [`wgmma_enabled`].
+    Wgmma,
 }
 
 /// The pipelined tensor-core configuration [`GroupedMatmulStrategy::Auto`] picks for the grouped
@@ -103,6 +109,46 @@ pub fn set_pipelined_defaults(choice: Option<(GroupedMatmulStrategy, GroupedMatm
     }
     *PIPELINED_CHOICE.write().unwrap_or_else(|e| e.into_inner()) = choice;
     Ok(())
+}
+
+/// 0: not decided yet (read `BURN_MOE_WGMMA` on first use), 1: on, 2: off.
+static WGMMA_ENABLED: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Whether [`GroupedMatmulStrategy::Auto`] runs the Hopper kernel ([`GroupedMatmulStrategy::Wgmma`])
+/// where [`wgmma_supported`] holds, for the whole process. Off, `Auto` runs the pipelined CubeCL
+/// kernels ([`pipelined_defaults`]) as on other GPUs: the portable path, for comparison.
+pub fn set_wgmma_enabled(enabled: bool) {
+    WGMMA_ENABLED.store(if enabled { 1 } else { 2 }, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// See [`set_wgmma_enabled`]; until it is called, on unless the environment has `BURN_MOE_WGMMA=0`
+/// (or `off`/`false`), which is how a run of the trainer is switched to the portable kernels.
+pub fn wgmma_enabled() -> bool {
+    match WGMMA_ENABLED.load(std::sync::atomic::Ordering::Relaxed) {
+        1 => true,
+        2 => false,
+        _ => {
+            let off = std::env::var("BURN_MOE_WGMMA").is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "0" | "off" | "false" | "no"));
+            set_wgmma_enabled(!off);
+            !off
+        }
+    }
+}
+
+/// Whether [`GroupedMatmulStrategy::Wgmma`] can run `problem` (the forward product, or with
+/// `weight_grad` its weight gradient) for `F` on this client: the CUDA runtime on a Hopper GPU,
+/// f16/bf16, the 16-byte row strides TMA needs (`k` and `m` multiples of 8), and for the forward
+/// product with `w` stored `[E, k, m]` also `k` a multiple of 64.
+pub fn wgmma_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, problem: &GroupedMatmulProblem, weight_grad: bool) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        super::wgmma::wgmma_supported::<R, F>(client, problem, weight_grad)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (client, problem, weight_grad);
+        false
+    }
 }
 
 /// Row tiles per group in the order the pipelined kernels walk their output tiles (see
@@ -152,6 +198,7 @@ impl std::fmt::Display for GroupedMatmulStrategy {
             Self::Naive => f.write_str("naive"),
             Self::Tiled => f.write_str("tiled"),
             Self::Cmma => f.write_str("cmma"),
+            Self::Wgmma => f.write_str("wgmma"),
             Self::CmmaPipelined { block_k, stages, wide, manual } => {
                 write!(f, "{block_k}x{stages}{}{}", if *wide { "w" } else { "" }, if *manual { "m" } else { "" })
             }
@@ -168,7 +215,7 @@ impl std::str::FromStr for GroupedMatmulStrategy {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             KernelError::Unsupported(format!(
-                "grouped matmul strategy `{s}`: expected auto, naive, tiled, cmma or <block_k>x<stages>[w][m] (e.g. 64x2, 32x4w, 64x2wm)"
+                "grouped matmul strategy `{s}`: expected auto, naive, tiled, cmma, wgmma or <block_k>x<stages>[w][m] (e.g. 64x2, 32x4w, 64x2wm)"
             ))
         };
         Ok(match s.trim() {
@@ -176,6 +223,7 @@ impl std::str::FromStr for GroupedMatmulStrategy {
             "naive" => Self::Naive,
             "tiled" => Self::Tiled,
             "cmma" => Self::Cmma,
+            "wgmma" => Self::Wgmma,
             other => {
                 let (other, manual) = match other.strip_suffix('m') {
                     Some(b) => (b, true),
@@ -370,18 +418,32 @@ pub fn launch_grouped_matmul<R: Runtime, F: Float + CubeElement>(
         .map(|_| ())
 }
 
-/// What `strategy` means on this device: `Auto` is the `pipelined` tensor-core configuration where
+/// What `strategy` means on this device: `Auto` is the Hopper kernel where [`wgmma_supported`] (and
+/// [`wgmma_enabled`]), else the `pipelined` tensor-core configuration where
 /// [`cmma_pipelined_supported`] (a `manual` one only where [`cmma_pipelined_manual_supported`], else
 /// its wmma twin), else the single-stage tensor-core kernel where [`cmma_supported`], else the tiled
-/// one; asking for a tensor-core kernel where it cannot run is an error naming `what`.
+/// one; asking for a tensor-core kernel where it cannot run is an error naming the product.
 fn resolve_strategy<R: Runtime, F: Float + CubeElement>(
     client: &ComputeClient<R>,
     problem: &GroupedMatmulProblem,
     strategy: GroupedMatmulStrategy,
     pipelined: GroupedMatmulStrategy,
-    what: &str,
+    weight_grad: bool,
 ) -> Result<GroupedMatmulStrategy, KernelError> {
+    let what = if weight_grad { "weight gradient" } else { "matmul" };
     match strategy {
+        // Not for thin products (LoRA's rank-r factors): a 128 × 128+ tile 64 deep would be mostly
+        // padding there; the CubeCL kernels' smaller steps waste less.
+        GroupedMatmulStrategy::Auto if wgmma_enabled() && problem.m >= 64 && problem.k >= 64 && wgmma_supported::<R, F>(client, problem, weight_grad) => {
+            Ok(GroupedMatmulStrategy::Wgmma)
+        }
+        GroupedMatmulStrategy::Wgmma if !wgmma_supported::<R, F>(client, problem, weight_grad) => Err(KernelError::Unsupported(format!(
+            "wgmma grouped {what} needs the CUDA runtime on a Hopper GPU (sm_90), f16/bf16 ({:?} here), k and m multiples of 8 (k {}, m {}){}",
+            storage_type::<F>(),
+            problem.k,
+            problem.m,
+            if weight_grad || problem.transpose { String::new() } else { format!(", and k a multiple of 64 for w stored [E, k, m] (k {})", problem.k) }
+        ))),
         GroupedMatmulStrategy::Auto if cmma_pipelined_supported::<R, F>(client, problem) => match pipelined {
             // Manual MMA (the default) only where it runs; elsewhere the same tiles through `cmma`.
             GroupedMatmulStrategy::CmmaPipelined { block_k, stages, wide, manual: true } if !cmma_pipelined_manual_supported::<R, F>(client, problem) => {
@@ -435,7 +497,7 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
 ) -> Result<GroupedMatmulStrategy, KernelError> {
     problem.validate(host_offsets)?;
     let p = problem;
-    let strategy = resolve_strategy::<R, F>(client, p, strategy, pipelined_defaults().0, "matmul")?;
+    let strategy = resolve_strategy::<R, F>(client, p, strategy, pipelined_defaults().0, false)?;
     let total = p.rows * p.m;
     if total == 0 {
         return Ok(strategy);
@@ -445,6 +507,13 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
     let off_arg = || unsafe { ArrayArg::from_raw_parts(offsets.clone(), p.num_experts + 1) };
     let out_arg = || unsafe { ArrayArg::from_raw_parts(out.clone(), total) };
     match strategy {
+        GroupedMatmulStrategy::Wgmma => {
+            #[cfg(feature = "cuda")]
+            {
+                let tiles = p.row_tiles(host_offsets, super::wgmma_source::WGMMA_BLOCK_M)?;
+                super::wgmma::launch_wgmma_matmul::<R, F>(client, p, &tiles, x, w, offsets, out, tile_group())?;
+            }
+        }
         GroupedMatmulStrategy::Naive => {
             let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
             grouped_matmul_kernel::launch::<F, R>(
@@ -564,7 +633,7 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
     // The weight gradient reads dy ([rows, m]) and x ([rows, k]) row-major: both widths must suit
     // the vectors, as for the forward kernel with `w: [E, k, m]`.
     let row_major = GroupedMatmulProblem { transpose: false, ..*p };
-    let strategy = resolve_strategy::<R, F>(client, &row_major, strategy, pipelined_defaults().1, "weight gradient")?;
+    let strategy = resolve_strategy::<R, F>(client, &row_major, strategy, pipelined_defaults().1, true)?;
     let total = p.num_experts * p.m * p.k;
     if total == 0 {
         return Ok(strategy);
@@ -578,6 +647,10 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
         .filter(|&e| e <= client.properties().hardware.max_cube_count.2)
         .ok_or_else(|| KernelError::Shape(format!("{} experts exceed the device's z cube count", p.num_experts)))?;
     match strategy {
+        GroupedMatmulStrategy::Wgmma => {
+            #[cfg(feature = "cuda")]
+            super::wgmma::launch_wgmma_weight_grad::<R, F>(client, p, dy, x, offsets, dw, tile_group())?;
+        }
         GroupedMatmulStrategy::Naive => {
             let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
             grouped_matmul_weight_grad_kernel::launch::<F, R>(client, count, cube_dim(), dy_arg(1), x_arg(1), off_arg(), dw_arg(), p.m, p.k);

@@ -6,6 +6,10 @@ pub(crate) mod gemm_pipelined;
 mod gemm_wgrad;
 mod kernel;
 pub(crate) mod launch;
+#[cfg(feature = "cuda")]
+mod wgmma;
+#[cfg(any(feature = "cuda", test))]
+mod wgmma_source;
 
 pub use kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 pub use gemm::{
@@ -16,5 +20,5 @@ pub use gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_we
 pub use gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
 pub use launch::{
     CMMA_PIPELINED_DEFAULT, CMMA_PIPELINED_WEIGHT_GRAD_DEFAULT, GroupedMatmulProblem, GroupedMatmulStrategy, KernelError, cmma_pipelined_manual_supported, cmma_pipelined_supported, cmma_supported, launch_combine, launch_grouped_matmul,
-    launch_grouped_matmul_weight_grad, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute, pipelined_defaults, set_pipelined_defaults, set_tile_group, tile_group, TILE_GROUP_DEFAULT,
+    launch_grouped_matmul_weight_grad, launch_grouped_matmul_weight_grad_with, launch_grouped_matmul_with, launch_permute, pipelined_defaults, set_pipelined_defaults, set_tile_group, set_wgmma_enabled, tile_group, wgmma_enabled, wgmma_supported, TILE_GROUP_DEFAULT,
 };
