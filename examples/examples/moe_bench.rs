@@ -129,7 +129,10 @@ impl std::str::FromStr for PipelinedChoice {
         let (f, w) = s.split_once('/').ok_or_else(|| format!("`{s}`: expected default, cubecl or <forward>/<weight gradient>, e.g. 64x2/32x4"))?;
         let parse = |v: &str| v.parse::<GroupedMatmulStrategy>().map_err(|e| e.to_string());
         let choice = (parse(f)?, parse(w)?);
-        set_pipelined_defaults(Some(choice)).and_then(|_| set_pipelined_defaults(None)).map_err(|e| e.to_string())?;
+        // The strategy's own parser checked the numbers; `set_pipelined_defaults` also wants pipelined ones.
+        if let Some(other) = [choice.0, choice.1].into_iter().find(|s| !matches!(s, GroupedMatmulStrategy::CmmaPipelined { .. })) {
+            return Err(format!("`{s}`: {other} is not a pipelined configuration (<block_k>x<stages>[w][m])"));
+        }
         Ok(Self(Some(choice), false))
     }
 }

@@ -515,7 +515,7 @@ fn padded_x(plan: &RoutingPlan, topo: &BlockSparseTopology, x: &[f32]) -> Vec<f3
 
 /// What `Auto` must resolve to for `S` on this device (`support` as in `resolve_strategy`).
 fn expected_auto<S: Elem>(client: &ComputeClient<R>, support: &GroupedMatmulProblem, pipelined: Strategy, weight_grad: bool) -> Strategy {
-    if wgmma_enabled() && wgmma_supported::<R, S>(client, support, weight_grad) {
+    if wgmma_enabled() && support.m >= 64 && support.k >= 64 && wgmma_supported::<R, S>(client, support, weight_grad) {
         Strategy::Wgmma
     } else if cmma_pipelined_supported::<R, S>(client, support) {
         pipelined

@@ -133,7 +133,7 @@ fn auto_grouped_matmul_follows_f16_storage_on_wgpu() {
 
 /// What `Auto` resolves to for f16 operands of problem `p` on this client.
 fn expected_auto_f16<R: Runtime>(client: &ComputeClient<R>, p: &GroupedMatmulProblem, pipelined: GroupedMatmulStrategy, weight_grad: bool) -> GroupedMatmulStrategy {
-    if wgmma_enabled() && wgmma_supported::<R, f16>(client, p, weight_grad) {
+    if wgmma_enabled() && p.m >= 64 && p.k >= 64 && wgmma_supported::<R, f16>(client, p, weight_grad) {
         GroupedMatmulStrategy::Wgmma
     } else if cmma_pipelined_supported::<R, f16>(client, p) {
         match pipelined {

@@ -308,7 +308,7 @@ impl GroupedMatmulProblem {
 }
 
 /// The storage type of `F` as CubeCL's IR names it.
-fn storage_type<F: CubePrimitive>() -> StorageType {
+pub(crate) fn storage_type<F: CubePrimitive>() -> StorageType {
     F::as_type_native_unchecked().storage_type()
 }
 
@@ -513,6 +513,8 @@ pub fn launch_grouped_matmul_with<R: Runtime, F: Float + CubeElement>(
                 let tiles = p.row_tiles(host_offsets, super::wgmma_source::WGMMA_BLOCK_M)?;
                 super::wgmma::launch_wgmma_matmul::<R, F>(client, p, &tiles, x, w, offsets, out, tile_group())?;
             }
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("resolve_strategy refuses wgmma without the cuda feature");
         }
         GroupedMatmulStrategy::Naive => {
             let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
@@ -650,6 +652,8 @@ pub fn launch_grouped_matmul_weight_grad_with<R: Runtime, F: Float + CubeElement
         GroupedMatmulStrategy::Wgmma => {
             #[cfg(feature = "cuda")]
             super::wgmma::launch_wgmma_weight_grad::<R, F>(client, p, dy, x, offsets, dw, tile_group())?;
+            #[cfg(not(feature = "cuda"))]
+            unreachable!("resolve_strategy refuses wgmma without the cuda feature");
         }
         GroupedMatmulStrategy::Naive => {
             let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());

@@ -19,7 +19,7 @@ use cubecl::server::{Handle, KernelArguments, MetadataBindingInfo, TensorMapBind
 use cubecl::zspace::metadata::Metadata;
 use cubecl::{CompilationError, Compiler, CubeTask};
 
-use super::launch::{GroupedMatmulProblem, KernelError};
+use super::launch::{GroupedMatmulProblem, KernelError, storage_type};
 use super::wgmma_source::{WGMMA_BLOCK_K, WGMMA_BLOCK_M, WGMMA_ENTRY, WGMMA_THREADS, WgmmaConfig, wgmma_source};
 
 /// Output columns per cube, and stages in flight (4 × 48 KiB of the H100/H200's 227 KiB). Outputs
@@ -43,7 +43,7 @@ fn cuda_client<R: Runtime>(client: &ComputeClient<R>) -> Option<&ComputeClient<C
 /// would read the next expert's rows of `w` (against zero-filled `x`, but 0 · NaN is NaN).
 pub fn wgmma_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, problem: &GroupedMatmulProblem, wgrad: bool) -> bool {
     let Some(cuda) = cuda_client(client) else { return false };
-    let ty = F::as_type_native_unchecked().storage_type();
+    let ty = storage_type::<F>();
     let half = ty == StorageType::Scalar(ElemType::Float(FloatKind::F16)) || ty == StorageType::Scalar(ElemType::Float(FloatKind::BF16));
     let props = cuda.properties();
     let hopper = props.features.tma.contains(Tma::Base) && !props.features.tma.contains(Tma::Im2colWide);
@@ -150,7 +150,7 @@ fn tensor_map<F: CubeElement + CubePrimitive>(handle: &Handle, rows: usize, cols
             swizzle: TensorMapSwizzle::B128,
             prefetch: TensorMapPrefetch::None,
             oob_fill: OobFill::Zero,
-            storage_ty: F::as_type_native_unchecked().storage_type(),
+            storage_ty: storage_type::<F>(),
         },
     }
 }
@@ -163,7 +163,7 @@ fn check_aligned(what: &str, handle: &Handle) -> Result<(), KernelError> {
 }
 
 fn is_bf16<F: CubePrimitive>() -> bool {
-    F::as_type_native_unchecked().storage_type() == StorageType::Scalar(ElemType::Float(FloatKind::BF16))
+    storage_type::<F>() == StorageType::Scalar(ElemType::Float(FloatKind::BF16))
 }
 
 /// `out = x · w[e]ᵀ` / `x · w[e]` per segment on the Hopper kernel. `tiles` is the `[expert, first
