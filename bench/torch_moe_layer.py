@@ -81,6 +81,25 @@ def peak_gib(fn):
     return (torch.cuda.max_memory_allocated() - before) / 2**30
 
 
+def profile_kernels(step, t, steps=3):
+    """Kernel time per step by kernel name (CUPTI through torch.profiler), largest first: where the
+    torch layer's time goes, to set next to ncu's list of ours."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows = [(e.device_time_total / steps / 1e3, e.count // steps, e.key) for e in prof.key_averages() if e.device_time_total > 0]
+    rows.sort(reverse=True)
+    total = sum(r[0] for r in rows if r[1] > 0)
+    print(f"torch grouped_mm MoE T={t} profile: kernel time per fwd+bwd {total:.3f} ms")
+    for ms, n, name in rows[:30]:
+        print(f"  {ms:8.3f} ms  x{n:<3d} {name[:110]}")
+
+
 def params(e, d, ffn, dtype, grad):
     def p(*shape, fan_in):
         return (torch.randn(*shape, device="cuda", dtype=torch.float32) / fan_in**0.5).to(dtype).requires_grad_(grad)
@@ -97,6 +116,8 @@ def main():
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--check", action="store_true", help="compare with a per-expert loop at T=512, d=256, ffn=512 first")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the grouped layer's kernels per forward+backward (torch.profiler, y.backward(gy) as the anchors)")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}; d={a.d} ffn={a.ffn} E={a.experts} k={a.top_k} bf16")
@@ -124,6 +145,8 @@ def main():
         mem = peak_gib(step)
         print(f"torch grouped_mm MoE T={t}: forward {fwd:.3f} ms {flops / fwd / 1e9:.1f} TFLOP/s | "
               f"fwd+bwd {both:.3f} ms {3 * flops / both / 1e9:.1f} TFLOP/s | fwd+bwd transient {mem:.2f} GiB")
+        if a.profile:
+            profile_kernels(lambda: moe_grouped(xg, g, w1, w3, w2, a.top_k).backward(torch.ones_like(x)), t)
         del g, w1, w3, w2, x, xg
         d1, d3, d2 = (torch.randn(a.d, a.ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True),
                       torch.randn(a.d, a.ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True),

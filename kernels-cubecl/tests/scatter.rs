@@ -5,7 +5,7 @@ use cubecl::prelude::*;
 use kernels_cubecl::RoutingPlan;
 use kernels_cubecl::reference::scatter as reference;
 use kernels_cubecl::scatter::{
-    GroupedMatmulProblem, KernelError, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad,
+    GroupedMatmulProblem, KernelError, launch_combine, launch_combine_backward, launch_grouped_matmul, launch_grouped_matmul_weight_grad,
     launch_permute,
 };
 
@@ -94,6 +94,36 @@ fn check_case<R: Runtime>(client: &ComputeClient<R>, tokens: usize, d: usize, f:
     let out_want = reference::combine(&y_want, &slots, &weights, top_k, d);
     let out = read_f32(client, out_h, tokens * d);
     assert!(max_rel(&out, &out_want) < 1e-5, "{label}: combine err {}", max_rel(&out, &out_want));
+
+    // combine backward (the slots name each row of y once): dy and the routing weights' gradient
+    let dout = values(tokens * d, 5);
+    let (dy_want, dw_want) = reference::combine_backward(&dout, &y_want, &slots, &weights, top_k, d);
+    let (dy_h, dwt_h) = (client.empty((n * d).max(1) * 4), client.empty((tokens * top_k).max(1) * 4));
+    launch_combine_backward::<R, f32, u32>(
+        client,
+        upload_f32(client, &dout),
+        upload_f32(client, &y_want),
+        n,
+        upload_u32(client, &slots),
+        upload_f32(client, &weights),
+        tokens,
+        top_k,
+        d,
+        dy_h.clone(),
+        dwt_h.clone(),
+    )
+    .unwrap();
+    let dy = read_f32(client, dy_h, n * d);
+    let dwt = read_f32(client, dwt_h, tokens * top_k);
+    assert!(max_rel(&dy, &dy_want) < 1e-6, "{label}: combine backward dy err {}", max_rel(&dy, &dy_want));
+    assert!(max_rel(&dwt, &dw_want) < 1e-5, "{label}: combine backward dweights err {}", max_rel(&dwt, &dw_want));
+    // Rows and slots that disagree are refused, not half-written.
+    let res = launch_combine_backward::<R, f32, u32>(client, scratch(client), scratch(client), n + 1, upload_u32(client, &slots), upload_f32(client, &weights), tokens, top_k, d, scratch(client), scratch(client));
+    assert!(matches!(res, Err(KernelError::Shape(_))), "{label}: {res:?}");
+}
+
+fn scratch<R: Runtime>(client: &ComputeClient<R>) -> cubecl::server::Handle {
+    client.empty(4)
 }
 
 fn all_cases<R: Runtime>(device: &R::Device) {

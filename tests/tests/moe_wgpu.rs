@@ -230,6 +230,22 @@ fn fusion_wrapper_runs_the_cubecl_kernels_not_the_standard_op_fallback() {
     let (y, gw) = (data(vec![6, 5], 48, 1.0), data(vec![3, 2], 49, 1.0));
     let slots = TensorData::new(vec![5i32, 0, 2, 3, 1, 4], [6]);
     same("moe_combine", &|| moe_combine(f2(&y), fi(&slots), f2(&gw)).into_data(), moe_combine(p2(&y), pi(&slots), p2(&gw)).into_data());
+    // Its backward (the slots are a permutation of y's rows): both gradients, and the plain backend's
+    // kernel against the standard-op reference.
+    let dout = data(vec![3, 5], 52, 1.0);
+    let prim = |t: Tensor<Wgpu, 2>| t.into_primitive().tensor();
+    let (cdy, cdw) = Wgpu::moe_combine_backward(prim(p2(&dout)), prim(p2(&y)), pi(&slots).into_primitive(), prim(p2(&gw)));
+    let fused_combine_backward = |pick_weights: bool| {
+        let f = |t: Tensor<Fused, 2>| t.into_primitive().tensor();
+        let (dy, dw) = Fused::moe_combine_backward(f(f2(&dout)), f(f2(&y)), fi(&slots).into_primitive(), f(f2(&gw)));
+        Tensor::<Fused, 2>::from_primitive(TensorPrimitive::Float(if pick_weights { dw } else { dy })).into_data()
+    };
+    let (cdy, cdw) = (host(cdy), host(cdw));
+    same("moe_combine_backward", &|| fused_combine_backward(false), cdy.clone());
+    same("moe_combine_backward", &|| fused_combine_backward(true), cdw.clone());
+    let (rdy, rdw) = burn_moe_backend::ops::reference_combine_backward(p2(&dout), p2(&y), pi(&slots), p2(&gw));
+    cdy.assert_approx_eq::<f32>(&rdy.into_data(), burn::tensor::Tolerance::absolute(1e-6));
+    cdw.assert_approx_eq::<f32>(&rdw.into_data(), burn::tensor::Tolerance::absolute(1e-5));
 
     // Block-sparse SDD, DSD, DSᵀD (both output layouts) on a topology with an empty expert.
     let topology = BlockSparseTopology::for_experts(&[17, 0, 28], m, 16).unwrap();

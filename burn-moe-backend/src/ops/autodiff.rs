@@ -404,6 +404,18 @@ fn combine<B: MoeBackend, C: CheckpointStrategy>(
             let [node_y, node_w] = ops.parents;
             let dout: Tensor<B, 2> = float(grads.consume::<B>(&ops.node));
             let (y, slots, slots_host, weights) = ops.state;
+            // The MoE layers' slots name each sorted row once: then one fused pass gives both
+            // gradients (a permutation checked on the host copy; none is read back).
+            if slots_host.as_ref().is_some_and(|h| h.len() == y.shape()[0] && h.is_permutation()) {
+                let (dy, dw) = B::moe_combine_backward(prim(dout), y, slots, weights);
+                if let Some(node) = node_w {
+                    grads.register::<B>(node.id, dw);
+                }
+                if let Some(node) = node_y {
+                    grads.register::<B>(node.id, dy);
+                }
+                return;
+            }
             let y: Tensor<B, 2> = float(y);
             let weights: Tensor<B, 2> = float(weights);
             let slots = Tensor::<B, 1, Int>::from_primitive(slots);

@@ -32,6 +32,14 @@ impl HostIndex {
         self.0.is_empty()
     }
 
+    /// Whether the entries are `0..len` in some order, each once (what
+    /// [`MoeBackend::moe_combine_backward`] needs of its slots). O(len) on the host.
+    pub fn is_permutation(&self) -> bool {
+        let n = self.0.len();
+        let mut seen = vec![false; n];
+        self.0.iter().all(|&v| usize::try_from(v).ok().filter(|&i| i < n).is_some_and(|i| !std::mem::replace(&mut seen[i], true)))
+    }
+
     /// The same values as a 1-d device tensor.
     pub fn tensor<B: Backend>(&self, device: &B::Device) -> Tensor<B, 1, Int> {
         crate::reference::index_tensor(self.0.to_vec(), device)
@@ -119,6 +127,27 @@ pub trait MoeBackend: Backend {
     fn moe_combine_host(y: FloatTensor<Self>, slots: IntTensor<Self>, slots_host: &HostIndex, weights: FloatTensor<Self>) -> FloatTensor<Self> {
         let _ = slots_host;
         Self::moe_combine(y, slots, weights)
+    }
+
+    /// Both gradients of [`moe_combine`](Self::moe_combine) for the output gradient `dout`, when
+    /// `slots` names every row of `y` exactly once (a permutation of `0..N`, `N = T·k`: what the MoE
+    /// layers' routing plans give): `dy[slots[t·k + j]] = weights[t, j] · dout[t]` and
+    /// `dweights[t, j] = Σ_c dout[t, c] · y[slots[t·k + j], c]`. One pass over `dout` and `y` where
+    /// the general backward (a gather, a product, a row sum, a scatter-add) takes five; the caller
+    /// checks the permutation (on the host, [`HostIndex::is_permutation`]).
+    ///
+    /// # Shapes
+    /// - `dout`: `[T, D]`, `y`: `[N, D]`, `slots`: `[N]`, `weights`: `[T, k]` → (`dy`: `[N, D]`,
+    ///   `dweights`: `[T, k]`)
+    fn moe_combine_backward(
+        dout: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let slots = Tensor::<Self, 1, Int>::from_primitive(slots);
+        let (dy, dw) = reference::reference_combine_backward::<Self>(float(dout), float(y), slots, float(weights));
+        (dy.into_primitive().tensor(), dw.into_primitive().tensor())
     }
 
     /// One AdamW update of a parameter, elementwise (burn-optim's `AdamW` formula; see

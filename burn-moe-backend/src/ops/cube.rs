@@ -16,7 +16,7 @@ use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
 use kernels_cubecl::scatter::{
-    GroupedMatmulProblem, cmma_supported, launch_combine, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
+    GroupedMatmulProblem, cmma_supported, launch_combine, launch_combine_backward, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
 };
 
 use super::backend::MoeBackend;
@@ -299,6 +299,33 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             &y.client, y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d, out.handle.clone()
         )));
         out
+    }
+
+    fn moe_combine_backward(
+        dout: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (n, d) = (y.meta.shape()[0], y.meta.shape()[1]);
+        let (t, k) = (weights.meta.shape()[0], weights.meta.shape()[1]);
+        // One storage type for the kernel: the output gradient and the weights follow `y` (in the
+        // layers they already do; a cast is a no-op then).
+        let dtype = y.dtype;
+        let weights_dtype = weights.dtype;
+        let dout = contiguous_in(dout, dtype);
+        let weights = contiguous_in(weights, dtype);
+        let y = into_contiguous(y);
+        let slots = into_contiguous(slots);
+        let dy = empty(&y, [n, d], dtype);
+        let dweights = empty(&y, [t, k], dtype);
+        with_float!(dtype, FE => with_int!(slots.dtype, IE => launch_combine_backward::<R, FE, IE>(
+            &y.client, dout.handle.clone(), y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d,
+            dy.handle.clone(), dweights.handle.clone()
+        )))
+        .unwrap_or_else(|e| panic!("combine backward: {e}"));
+        let dweights = if weights_dtype == dtype { dweights } else { burn_cubecl::kernel::cast(dweights, weights_dtype) };
+        (dy, dweights)
     }
 
     fn moe_adamw_step(

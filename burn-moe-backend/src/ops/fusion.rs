@@ -41,10 +41,11 @@ enum MoeOp {
     RmsNormBackward { weight_grad: bool },
     CrossEntropy,
     CrossEntropyBackward,
+    CombineBackward,
 }
 
 /// The ops' ids, in [`MoeOp::index`] order.
-const OP_NAMES: [&str; 15] = [
+const OP_NAMES: [&str; 16] = [
     "moe_permute",
     "moe_grouped_matmul",
     "moe_grouped_matmul_weight_grad",
@@ -60,10 +61,11 @@ const OP_NAMES: [&str; 15] = [
     "moe_rms_norm_backward",
     "moe_cross_entropy",
     "moe_cross_entropy_backward",
+    "moe_combine_backward",
 ];
 
 /// How many times each op has run on the inner backend through the fusion stream, process-wide.
-static EXECUTED: [AtomicU64; 15] = [const { AtomicU64::new(0) }; 15];
+static EXECUTED: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
 
 /// How many times the MoE op `name` (`"moe_grouped_matmul"`, `"moe_sdd"`, ... — the [`MoeBackend`]
 /// method names) has executed as a fusion custom op on the inner backend in this process; `None`
@@ -91,6 +93,7 @@ impl MoeOp {
             MoeOp::RmsNormBackward { .. } => 12,
             MoeOp::CrossEntropy => 13,
             MoeOp::CrossEntropyBackward => 14,
+            MoeOp::CombineBackward => 15,
         }
     }
 
@@ -136,6 +139,14 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustomOp<
             MoeOp::Swiglu => {
                 let (gate, up) = (float(0, handles), float(1, handles));
                 B::moe_swiglu(gate, up)
+            }
+            MoeOp::CombineBackward => {
+                let (dout, y) = (float(0, handles), float(1, handles));
+                let slots = handles.get_int_tensor::<B>(&ins[2]);
+                let weights = float(3, handles);
+                let (dy, dweights) = B::moe_combine_backward(dout, y, slots, weights);
+                handles.register_float_tensor::<B>(&outs[1].id, dweights);
+                dy
             }
             MoeOp::SwigluBackward => {
                 let (gate, up, dh) = (float(0, handles), float(1, handles), float(2, handles));
@@ -246,6 +257,17 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
         let out = (Shape::new([weights.shape[0], y.shape[1]]), y.dtype);
         one(register::<B>(MoeOp::Combine, vec![y, slots, weights], vec![out]))
+    }
+
+    fn moe_combine_backward(
+        dout: FloatTensor<Self>,
+        y: FloatTensor<Self>,
+        slots: IntTensor<Self>,
+        weights: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let dy = (y.shape.clone(), y.dtype);
+        let dweights = (weights.shape.clone(), weights.dtype);
+        two(register::<B>(MoeOp::CombineBackward, vec![dout, y, slots, weights], vec![dy, dweights]))
     }
 
     fn moe_swiglu(gate: FloatTensor<Self>, up: FloatTensor<Self>) -> FloatTensor<Self> {

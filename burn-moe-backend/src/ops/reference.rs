@@ -70,6 +70,27 @@ pub fn reference_combine<B: Backend>(y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, 
     (picked * weights.reshape([t, k, 1])).sum_dim(1).reshape([t, d])
 }
 
+/// The gradients of [`reference_combine`] when `slots` is a permutation of the rows of `y`:
+/// `dy[slots[i]] = weights[i / k, i % k] · dout[i / k]`, `dweights[t, j] = dout[t] · y[slots[t·k + j]]`.
+///
+/// # Shapes
+/// - `dout`: `[T, D]`, `y`: `[N = T·k, D]`, `slots`: `[N]`, `weights`: `[T, k]` → (`[N, D]`, `[T, k]`)
+pub fn reference_combine_backward<B: Backend>(
+    dout: Tensor<B, 2>,
+    y: Tensor<B, 2>,
+    slots: Tensor<B, 1, Int>,
+    weights: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let [t, k] = weights.dims();
+    let [n, d] = y.dims();
+    let picked = y.select(0, slots.clone()).reshape([t, k, d]);
+    let dweights = (picked * dout.clone().reshape([t, 1, d])).sum_dim(2).reshape([t, k]);
+    let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
+    // A permutation: scattering the rows is assigning them.
+    let dy = Tensor::zeros([n, d], (&contrib.device(), contrib.dtype())).select_assign(0, slots, contrib, burn::tensor::IndexingUpdateOp::Add);
+    (dy, dweights)
+}
+
 /// Dense rows `[rb·bs, cb·bs]` → their blocks `[rb·cb, bs, bs]` in block-CSR order.
 fn rows_to_blocks<B: Backend>(dense: Tensor<B, 2>, bs: usize) -> Tensor<B, 3> {
     let [r, c] = dense.dims();

@@ -53,3 +53,24 @@ pub fn combine(y: &[f32], slots: &[u32], weights: &[f32], top_k: usize, cols: us
     }
     out
 }
+
+/// The gradients of [`combine`] for the output gradient `dout` when `slots` names each row of `y`
+/// once: `dy[slots[t·k + j]] = weights[t, j] · dout[t]`, `dweights[t, j] = dout[t] · y[slots[t·k + j]]`.
+pub fn combine_backward(dout: &[f32], y: &[f32], slots: &[u32], weights: &[f32], top_k: usize, cols: usize) -> (Vec<f32>, Vec<f32>) {
+    let tokens = weights.len() / top_k;
+    let mut dy = vec![0f32; y.len()];
+    let mut dweights = vec![0f32; tokens * top_k];
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let (s, w) = (slots[t * top_k + j] as usize, weights[t * top_k + j] as f64);
+            let mut acc = 0f64;
+            for c in 0..cols {
+                let g = dout[t * cols + c] as f64;
+                acc += g * y[s * cols + c] as f64;
+                dy[s * cols + c] = (w * g) as f32;
+            }
+            dweights[t * top_k + j] = acc as f32;
+        }
+    }
+    (dy, dweights)
+}

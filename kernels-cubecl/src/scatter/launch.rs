@@ -15,7 +15,7 @@ use super::gemm::{
 };
 use super::gemm_pipelined::{grouped_matmul_cmma_pipelined_kernel, grouped_matmul_weight_grad_cmma_pipelined_kernel, plane_layout};
 use super::gemm_wgrad::{grouped_matmul_weight_grad_cmma_kernel, grouped_matmul_weight_grad_tiled_kernel};
-use super::kernel::{combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
+use super::kernel::{combine_backward_kernel, combine_kernel, grouped_matmul_kernel, grouped_matmul_weight_grad_kernel, permute_kernel};
 
 /// Threads per cube for the element-wise style kernels.
 const CUBE_THREADS: u32 = 256;
@@ -372,6 +372,17 @@ fn cube_dim() -> CubeDim {
     CubeDim::new_1d(CUBE_THREADS)
 }
 
+/// The widest vector (≤ 16 bytes, dividing `cols`) for the row kernels, narrowed until every
+/// buffer's start is aligned to it (a tensor can be a view starting inside its buffer).
+fn row_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, cols: usize, buffers: &[&Handle]) -> usize {
+    let mut v = crate::swiglu::swiglu_vector_size::<R, F>(client, cols);
+    let elem = std::mem::size_of::<F>() as u64;
+    while v > 1 && buffers.iter().any(|h| !h.offset_start.unwrap_or(0).is_multiple_of(v as u64 * elem)) {
+        v /= 2;
+    }
+    v
+}
+
 /// `out[i] = x[rows[i]]` for `n` rows of width `cols`.
 pub fn launch_permute<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     client: &ComputeClient<R>,
@@ -385,16 +396,20 @@ pub fn launch_permute<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     if n * cols == 0 {
         return;
     }
-    let count = cubecl::calculate_cube_count_elemwise(client, n * cols, cube_dim());
+    let v = row_vector_size::<R, F>(client, cols, &[&x, &out]);
+    let count = cubecl::calculate_cube_count_elemwise(client, n * cols / v, cube_dim());
+    // SAFETY: the kernel returns past the last output vector; the caller's `rows` are in
+    // `0..x_rows`, so every read is inside `x`.
     unsafe {
-        permute_kernel::launch::<F, I, R>(
+        permute_kernel::launch_unchecked::<F, I, R>(
             client,
             count,
             cube_dim(),
+            v,
             ArrayArg::from_raw_parts(x, x_rows * cols),
             ArrayArg::from_raw_parts(rows, n),
             ArrayArg::from_raw_parts(out, n * cols),
-            cols,
+            cols / v,
         );
     }
 }
@@ -746,18 +761,77 @@ pub fn launch_combine<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     if total == 0 {
         return;
     }
-    let count = cubecl::calculate_cube_count_elemwise(client, total, cube_dim());
+    let v = row_vector_size::<R, F>(client, cols, &[&y, &out]);
+    let count = cubecl::calculate_cube_count_elemwise(client, total / v, cube_dim());
+    // SAFETY: the kernel returns past the last output vector; the caller's slots are in `0..y_rows`.
     unsafe {
-        combine_kernel::launch::<F, I, R>(
+        combine_kernel::launch_unchecked::<F, I, R>(
             client,
             count,
             cube_dim(),
+            v,
             ArrayArg::from_raw_parts(y, y_rows * cols),
             ArrayArg::from_raw_parts(slots, tokens * top_k),
             ArrayArg::from_raw_parts(weights, tokens * top_k),
             ArrayArg::from_raw_parts(out, total),
-            cols,
+            cols / v,
             top_k,
         );
     }
+}
+
+/// Both gradients of [`launch_combine`] for the output gradient `dout` (`[tokens, cols]`), when
+/// `slots` names each of the `y_rows = tokens · top_k` rows of `y` exactly once:
+/// `dy[slots[t·k + j]] = weights[t, j] · dout[t]` (`[y_rows, cols]`) and
+/// `dweights[t, j] = dout[t] · y[slots[t·k + j]]` (`[tokens, top_k]`). A cube per token.
+///
+/// # Errors
+/// [`KernelError::Shape`] when `y_rows` is not `tokens · top_k` (the slots cannot then be a
+/// permutation of `y`'s rows, and rows would be written twice or not at all).
+#[allow(clippy::too_many_arguments)]
+pub fn launch_combine_backward<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
+    client: &ComputeClient<R>,
+    dout: Handle,
+    y: Handle,
+    y_rows: usize,
+    slots: Handle,
+    weights: Handle,
+    tokens: usize,
+    top_k: usize,
+    cols: usize,
+    dy: Handle,
+    dweights: Handle,
+) -> Result<(), KernelError> {
+    if y_rows != tokens * top_k {
+        return Err(KernelError::Shape(format!(
+            "combine backward: y has {y_rows} rows but {tokens} tokens x top-k {top_k} = {} slots; it needs each row named once",
+            tokens * top_k
+        )));
+    }
+    if tokens == 0 || top_k == 0 {
+        return Ok(());
+    }
+    let n = row_vector_size::<R, F>(client, cols, &[&dout, &y, &dy]);
+    let vectors = cols / n;
+    // SAFETY: every cube returns past the last token; a token's units index its own `dout` row and
+    // the `y` / `dy` rows its slots name (in `0..y_rows` by the caller's permutation), at vector
+    // positions below `vectors`.
+    unsafe {
+        combine_backward_kernel::launch_unchecked::<F, I, R>(
+            client,
+            crate::reduce::row_grid(tokens),
+            CubeDim::new_1d(crate::reduce::REDUCE_UNITS),
+            n,
+            ArrayArg::from_raw_parts(dout, tokens * cols),
+            ArrayArg::from_raw_parts(y, y_rows * cols),
+            ArrayArg::from_raw_parts(slots, tokens * top_k),
+            ArrayArg::from_raw_parts(weights, tokens * top_k),
+            ArrayArg::from_raw_parts(dy, y_rows * cols),
+            ArrayArg::from_raw_parts(dweights, tokens * top_k),
+            tokens,
+            vectors,
+            top_k,
+        );
+    }
+    Ok(())
 }

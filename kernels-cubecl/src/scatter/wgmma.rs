@@ -22,13 +22,42 @@ use cubecl::{CompilationError, Compiler, CubeTask};
 use super::launch::{GroupedMatmulProblem, KernelError, storage_type};
 use super::wgmma_source::{WGMMA_BLOCK_K, WGMMA_BLOCK_M, WGMMA_ENTRY, WGMMA_THREADS, WgmmaConfig, wgmma_source};
 
-/// Output columns per cube, and stages in flight (4 × 48 KiB of the H100/H200's 227 KiB). Outputs
-/// at most 128 wide (attention's per-head products) take 128-column tiles instead of half-empty ones.
+/// Output columns per cube, and at most this many stages in flight (4 × 48 KiB of the H100/H200's
+/// 227 KiB; 3 when the staged output tile takes 64 KiB of it). Outputs at most 128 wide
+/// (attention's per-head products) take 128-column tiles instead of half-empty ones.
 const WGMMA_BN: usize = 256;
 const WGMMA_STAGES: usize = 4;
+/// Shared memory per block on sm_90.
+const HOPPER_SMEM: usize = 227 * 1024;
 
 fn block_n(cols: usize) -> usize {
     if cols <= 128 { 128 } else { WGMMA_BN }
+}
+
+/// Which products write their tiles through shared memory and TMA bulk stores
+/// (`BURN_MOE_WGMMA_EPILOGUE`: `all`, the default; `wgrad` = the weight gradients only; `direct` =
+/// none, every tile stored from registers). Read once. On an H200 at T=4096 (BENCHMARKS.md) the
+/// bulk stores took the weight gradients from 555 to 731 TFLOP/s (their reductions are one
+/// segment, ~T·k/E rows, so their tiles are many and short and the direct stores' stall was a
+/// quarter of their time) and the up projection from 660 to 721, at one stage fewer.
+fn tma_store_for(wgrad: bool) -> bool {
+    static MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let mode = MODE.get_or_init(|| std::env::var("BURN_MOE_WGMMA_EPILOGUE").map(|v| v.trim().to_ascii_lowercase()).unwrap_or_default());
+    match mode.as_str() {
+        "direct" | "0" | "off" => false,
+        "wgrad" => wgrad,
+        _ => true,
+    }
+}
+
+/// The configuration a launch runs: the most stages (up to [`WGMMA_STAGES`]) that fit.
+fn config(bn: usize, wgrad: bool, b_mn: bool, bf16: bool) -> WgmmaConfig {
+    let tma_store = tma_store_for(wgrad);
+    let mut cfg = WgmmaConfig { bn, stages: WGMMA_STAGES, wgrad, b_mn, bf16, tma_store };
+    while cfg.stages > 2 && cfg.shared_bytes() > HOPPER_SMEM {
+        cfg.stages -= 1;
+    }
+    cfg
 }
 
 /// The CUDA client behind a generic one, when the runtime is CUDA.
@@ -47,7 +76,7 @@ pub fn wgmma_supported<R: Runtime, F: Float + CubeElement>(client: &ComputeClien
     let half = ty == StorageType::Scalar(ElemType::Float(FloatKind::F16)) || ty == StorageType::Scalar(ElemType::Float(FloatKind::BF16));
     let props = cuda.properties();
     let hopper = props.features.tma.contains(Tma::Base) && !props.features.tma.contains(Tma::Im2colWide);
-    let cfg = WgmmaConfig { bn: WGMMA_BN, stages: WGMMA_STAGES, wgrad, b_mn: !problem.transpose, bf16: true };
+    let cfg = config(WGMMA_BN, wgrad, !problem.transpose, true);
     let smem = props.hardware.max_shared_memory_size >= cfg.shared_bytes();
     let strides = problem.k.is_multiple_of(8) && problem.m.is_multiple_of(8);
     let depth = wgrad || problem.transpose || problem.k.is_multiple_of(WGMMA_BLOCK_K);
@@ -155,6 +184,25 @@ fn tensor_map<F: CubeElement + CubePrimitive>(handle: &Handle, rows: usize, cols
     }
 }
 
+/// The output `[planes, rows, cols]` (row-major) as the bulk stores see it: 64 × 64 boxes of one
+/// plane, 128-byte swizzled; what falls outside is not written (a weight gradient's tile past its
+/// expert's `rows`, columns past `cols`).
+fn output_map<F: CubeElement + CubePrimitive>(handle: &Handle, planes: usize, rows: usize, cols: usize) -> TensorMapBinding {
+    TensorMapBinding {
+        binding: handle.clone().binding(),
+        map: TensorMapMeta {
+            format: TensorMapFormat::Tiled(TiledArgs { tile_size: [1, 64, 64].into() }),
+            metadata: Metadata::new([planes, rows, cols], [rows * cols, cols, 1]),
+            elem_stride: [1usize, 1, 1].into(),
+            interleave: TensorMapInterleave::None,
+            swizzle: TensorMapSwizzle::B128,
+            prefetch: TensorMapPrefetch::None,
+            oob_fill: OobFill::Zero,
+            storage_ty: storage_type::<F>(),
+        },
+    }
+}
+
 fn check_aligned(what: &str, handle: &Handle) -> Result<(), KernelError> {
     match handle.offset_start.unwrap_or(0) % 16 {
         0 => Ok(()),
@@ -188,7 +236,7 @@ pub(crate) fn launch_wgmma_matmul<R: Runtime, F: Float + CubeElement>(
     if row_tiles == 0 || p.m == 0 {
         return Ok(());
     }
-    let cfg = WgmmaConfig { bn: block_n(p.m), stages: WGMMA_STAGES, wgrad: false, b_mn: !p.transpose, bf16: is_bf16::<F>() };
+    let cfg = config(block_n(p.m), false, !p.transpose, is_bf16::<F>());
     let map_a = tensor_map::<F>(&x, p.rows, p.k, WGMMA_BLOCK_M, WGMMA_BLOCK_K);
     let map_b = if p.transpose {
         tensor_map::<F>(&w, p.num_experts * p.m, p.k, cfg.bn, WGMMA_BLOCK_K)
@@ -198,7 +246,11 @@ pub(crate) fn launch_wgmma_matmul<R: Runtime, F: Float + CubeElement>(
     let col_tiles = p.m.div_ceil(cfg.bn);
     let tiles_h = cuda.create_from_slice(u32::as_bytes(tiles));
     let grid = TileGrid { x: row_tiles, y: col_tiles, z: 1, group: group.clamp(1, row_tiles) };
-    launch(cuda, cfg, grid, [map_a, map_b], [offsets, tiles_h, out], [p.m as u64, p.k as u64, 0])
+    let mut maps = vec![map_a, map_b];
+    if cfg.tma_store {
+        maps.push(output_map::<F>(&out, 1, p.rows, p.m));
+    }
+    launch(cuda, cfg, grid, maps, [offsets, tiles_h, out], [p.m as u64, p.k as u64, 0])
 }
 
 /// `dw[e] = dy[seg e]ᵀ · x[seg e]` into `dw: [E, m, k]` (every element written; an expert without
@@ -220,7 +272,7 @@ pub(crate) fn launch_wgmma_weight_grad<R: Runtime, F: Float + CubeElement>(
     if p.m == 0 || p.k == 0 || p.num_experts == 0 {
         return Ok(());
     }
-    let cfg = WgmmaConfig { bn: block_n(p.k), stages: WGMMA_STAGES, wgrad: true, b_mn: true, bf16: is_bf16::<F>() };
+    let cfg = config(block_n(p.k), true, true, is_bf16::<F>());
     // Zero-row tensors still need a valid map: TMA rejects a zero extent (every box is then past the
     // end and zero-filled, and no expert has rows to read anyway).
     let rows = p.rows.max(1);
@@ -229,7 +281,11 @@ pub(crate) fn launch_wgmma_weight_grad<R: Runtime, F: Float + CubeElement>(
     let m_tiles = p.m.div_ceil(WGMMA_BLOCK_M);
     let grid = TileGrid { x: m_tiles, y: p.k.div_ceil(cfg.bn), z: p.num_experts, group: group.clamp(1, m_tiles) };
     let placeholder = offsets.clone();
-    launch(cuda, cfg, grid, [map_a, map_b], [offsets, placeholder, dw], [p.k as u64, 0, p.m as u64])
+    let mut maps = vec![map_a, map_b];
+    if cfg.tma_store {
+        maps.push(output_map::<F>(&dw, p.num_experts, p.m, p.k));
+    }
+    launch(cuda, cfg, grid, maps, [offsets, placeholder, dw], [p.k as u64, 0, p.m as u64])
 }
 
 /// The output tiles of one launch: `x` (row tiles) by `y` (column tiles) by `z` (experts of a weight
@@ -248,8 +304,9 @@ fn persistent() -> bool {
     *PERSISTENT.get_or_init(|| !std::env::var("BURN_MOE_WGMMA_PERSISTENT").is_ok_and(|v| matches!(v.trim(), "0" | "off" | "false")))
 }
 
-/// `scalars`: output columns, forward reduction width, weight-gradient output rows.
-fn launch(client: &ComputeClient<CudaRuntime>, cfg: WgmmaConfig, grid: TileGrid, maps: [TensorMapBinding; 2], buffers: [Handle; 3], scalars: [u64; 3]) -> Result<(), KernelError> {
+/// `maps`: the operands' and, with `cfg.tma_store`, the output's. `scalars`: output columns, forward
+/// reduction width, weight-gradient output rows.
+fn launch(client: &ComputeClient<CudaRuntime>, cfg: WgmmaConfig, grid: TileGrid, maps: Vec<TensorMapBinding>, buffers: [Handle; 3], scalars: [u64; 3]) -> Result<(), KernelError> {
     let total = grid.x * grid.y * grid.z;
     let too_big = || KernelError::Shape(format!("wgmma grouped GEMM: {} x {} x {} output tiles exceed u32", grid.x, grid.y, grid.z));
     let total32 = u32::try_from(total).map_err(|_| too_big())?;
@@ -266,7 +323,7 @@ fn launch(client: &ComputeClient<CudaRuntime>, cfg: WgmmaConfig, grid: TileGrid,
         buffers: buffers.into_iter().map(Handle::binding).collect(),
         // No dynamic part: the whole block is the by-value parameter the kernel declares last.
         info: MetadataBindingInfo::new(info, len),
-        tensor_maps: maps.into(),
+        tensor_maps: maps,
     };
     client.launch(Box::new(WgmmaTask { cfg }), CubeCount::Static(cubes, 1, 1), args);
     Ok(())
@@ -282,8 +339,9 @@ mod tests {
     #[test]
     fn task_carries_our_source_and_its_shared_memory() {
         for cfg in [
-            WgmmaConfig { bn: 256, stages: 4, wgrad: false, b_mn: false, bf16: true },
-            WgmmaConfig { bn: 128, stages: 4, wgrad: true, b_mn: true, bf16: false },
+            WgmmaConfig { bn: 256, stages: 4, wgrad: false, b_mn: false, bf16: true, tma_store: false },
+            WgmmaConfig { bn: 128, stages: 4, wgrad: true, b_mn: true, bf16: false, tma_store: true },
+            config(256, true, true, true),
         ] {
             let compiled = WgmmaTask { cfg }
                 .compile(&mut Default::default(), &Default::default(), ExecutionMode::Checked, u32_addresses())

@@ -36,6 +36,11 @@ pub(crate) struct WgmmaConfig {
     pub b_mn: bool,
     /// bf16 operands (else f16).
     pub bf16: bool,
+    /// Write output tiles through shared memory and TMA bulk stores (asynchronous: the stores drain
+    /// while the next tile's products run) instead of from registers straight to global memory.
+    /// Forward products store this way only the tiles that lie wholly inside their segment (a bulk
+    /// store cannot stop at a segment's end); the others keep the direct stores.
+    pub tma_store: bool,
 }
 
 /// Output rows per cube: two consumer warpgroups of 64.
@@ -53,10 +58,15 @@ impl WgmmaConfig {
         (WGMMA_BLOCK_M + self.bn) * WGMMA_BLOCK_K * 2
     }
 
-    /// Dynamic shared memory the kernel asks for: the stages, two barriers per stage, and 1 KiB of
-    /// slack to align the ring to the 1 KiB the 128-byte swizzle needs.
+    /// Bytes of the output tile staged for the TMA stores (none without them).
+    pub fn epilogue_bytes(self) -> usize {
+        if self.tma_store { WGMMA_BLOCK_M * self.bn * 2 } else { 0 }
+    }
+
+    /// Dynamic shared memory the kernel asks for: the stages, the staged output tile, two barriers
+    /// per stage, and 1 KiB of slack to align the ring to the 1 KiB the 128-byte swizzle needs.
     pub fn shared_bytes(self) -> usize {
-        self.stages * self.stage_bytes() + self.stages * 16 + 1024
+        self.stages * self.stage_bytes() + self.epilogue_bytes() + self.stages * 16 + 1024
     }
 }
 
@@ -101,6 +111,7 @@ struct Params {{ u64 v[8]; }};
 #define STAGES {stages}
 #define WGRAD {wgrad}
 #define B_MN {b_mn}
+#define TMA_STORE {tma_store}
 #define A_BYTES (128 * 64 * 2)
 #define B_BYTES (BN * 64 * 2)
 #define BOX_BYTES (64 * 64 * 2)
@@ -123,6 +134,13 @@ __device__ __forceinline__ void mbar_wait(u32 bar, u32 parity) {{
 __device__ __forceinline__ void tma_load_2d(u32 dst, const TmaMap* map, int c0, int c1, u32 bar) {{
   asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {{%2, %3}}], [%4];"
                :: "r"(dst), "l"((u64)map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}}
+__device__ __forceinline__ void tma_store_3d(const TmaMap* map, int c0, int c1, int c2, u32 src) {{
+  asm volatile("cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {{%1, %2, %3}}], [%4];"
+               :: "l"((u64)map), "r"(c0), "r"(c1), "r"(c2), "r"(src) : "memory");
+}}
+__device__ __forceinline__ void st_shared(u32 addr, u32 v) {{
+  asm volatile("st.shared.u32 [%0], %1;" :: "r"(addr), "r"(v) : "memory");
 }}
 __device__ __forceinline__ u64 desc(u32 addr, u32 lead, u32 stride) {{
   return (u64)((addr & 0x3FFFF) >> 4) | ((u64)((lead & 0x3FFFF) >> 4) << 16) | ((u64)((stride & 0x3FFFF) >> 4) << 32) | (1ull << 62);
@@ -184,9 +202,16 @@ __device__ __forceinline__ Work work_of(u32 t, const Params& p, const u32* offse
 // a cube per tile, or persistent (a cube per SM) so that one tile's epilogue overlaps the loads of
 // the next and the pipeline is filled once per cube rather than once per tile. The stage ring and
 // its barrier phases run on across tiles (`it` counts 64-deep steps over all of them).
+// With TMA_STORE a third map, of the output as [E, m, n] (weight gradient) or [1, rows, n].
 extern "C" __global__ void __launch_bounds__({threads}, 1) {entry}(
     const __grid_constant__ TmaMap map_a, const __grid_constant__ TmaMap map_b,
+#if TMA_STORE
+    const __grid_constant__ TmaMap map_c,
+#endif
     const u16* __restrict__ a_buf, const u16* __restrict__ b_buf,
+#if TMA_STORE
+    const u16* __restrict__ c_buf,
+#endif
     const u32* __restrict__ offsets, const u32* __restrict__ tiles, u16* __restrict__ out,
     const __grid_constant__ Params p) {{
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -194,7 +219,10 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {entry}(
   const u32 base = (raw + 1023u) & ~1023u;
   const u32 a_s = base;
   const u32 b_s = base + STAGES * A_BYTES;
-  const u32 full = b_s + STAGES * B_BYTES;
+  // The staged output tile (TMA_STORE): 64-row x 64-column boxes of 8 KiB, 128-byte swizzled like
+  // the operands, warpgroup 1's BN / 64 boxes then warpgroup 2's.
+  const u32 c_s = b_s + STAGES * B_BYTES;
+  const u32 full = c_s + TMA_STORE * 128 * BN * 2;
   const u32 empty = full + STAGES * 8;
   const u32 n = (u32)p.v[0];
   const u32 total = (u32)p.v[6];
@@ -310,6 +338,47 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {entry}(
     // Accumulator layout of wgmma m64nNk16 (f32): warp w of the warpgroup holds rows 16w..16w+15;
     // for each 8-column slice j, d[4j], d[4j+1] are (row lane/4, columns 8j + 2(lane%4) + 0/1) and
     // d[4j+2], d[4j+3] the same columns 8 rows down.
+#if TMA_STORE
+    // Whole tiles (every weight-gradient tile: the map stops at its expert's m rows; a forward tile
+    // inside its segment) go out by bulk stores from shared memory, issued by one thread per
+    // warpgroup and left to drain while the next tile runs. Before overwriting its boxes, that
+    // thread waits until the previous tile's stores have read them.
+#if WGRAD
+    const bool bulk = true;
+#else
+    const bool bulk = w.row0 + 128 <= w.row_end;
+#endif
+    if (bulk) {{
+      const u32 c_wg = c_s + wg * (BN / 64) * BOX_BYTES;
+      const bool leader = (threadIdx.x % 128) == 0;
+      if (leader) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      asm volatile("bar.sync %0, 128;" :: "r"(2 + wg) : "memory");
+      // Row r of a box holds 16-byte chunk c at chunk c ^ (r % 8); this thread's rows are
+      // warp * 16 + lane / 4 and 8 further, both = lane / 4 modulo 8.
+      const u32 r_in = warp * 16 + lane / 4;
+      const u32 sw = lane / 4;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {{
+        const u32 box = c_wg + (j / 8) * BOX_BYTES;
+        const u32 at = (((u32)(j % 8) ^ sw) << 4) + (lane % 4) * 4;
+        st_shared(box + r_in * 128 + at, pack2(d[4 * j], d[4 * j + 1]));
+        st_shared(box + (r_in + 8) * 128 + at, pack2(d[4 * j + 2], d[4 * j + 3]));
+      }}
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("bar.sync %0, 128;" :: "r"(2 + wg) : "memory");
+      if (leader) {{
+#if WGRAD
+        const int plane = (int)w.e;
+#else
+        const int plane = 0;
+#endif
+#pragma unroll
+        for (int j = 0; j < BN / 64; ++j) tma_store_3d(&map_c, (int)(w.n0 + 64 * j), (int)(w.row0 + wg * 64), plane, c_wg + j * BOX_BYTES);
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+      }}
+      continue;
+    }}
+#endif
     const u32 r_a = w.row0 + wg * 64 + warp * 16 + lane / 4;
     const u32 r_b = r_a + 8;
 #if WGRAD
@@ -326,11 +395,16 @@ extern "C" __global__ void __launch_bounds__({threads}, 1) {entry}(
       }}
     }}
   }}
+#if TMA_STORE
+  // Shared memory must outlive the last bulk stores' reads.
+  if ((threadIdx.x % 128) == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
 }}
 "#,
         stages = cfg.stages,
         wgrad = u8::from(cfg.wgrad),
         b_mn = u8::from(cfg.b_mn),
+        tma_store = u8::from(cfg.tma_store),
         entry = WGMMA_ENTRY,
         threads = WGMMA_THREADS,
     )
@@ -354,8 +428,10 @@ mod tests {
 
     #[test]
     fn source_has_one_wgmma_with_all_accumulators() {
-        for (bn, wgrad, b_mn, bf16) in [(256, false, false, true), (128, true, true, false), (256, false, true, true)] {
-            let cfg = WgmmaConfig { bn, stages: 4, wgrad, b_mn, bf16 };
+        for (bn, wgrad, b_mn, bf16, tma_store, stages) in
+            [(256, false, false, true, false, 4), (128, true, true, false, true, 4), (256, false, true, true, false, 4), (256, true, true, true, true, 3)]
+        {
+            let cfg = WgmmaConfig { bn, stages, wgrad, b_mn, bf16, tma_store };
             let src = wgmma_source(cfg);
             let ty = if bf16 { "bf16" } else { "f16" };
             assert!(src.contains(&format!("m64n{bn}k16.f32.{ty}.{ty}")), "{cfg:?}");
@@ -364,6 +440,8 @@ mod tests {
             let trans = if wgrad { "1, 1;" } else if b_mn { "0, 1;" } else { "0, 0;" };
             assert!(src.contains(&format!("p, 1, 1, {trans}")), "{cfg:?}");
             assert!(cfg.shared_bytes() <= 227 * 1024);
+            // The staged output and its third tensor map come together.
+            assert_eq!(src.contains("#define TMA_STORE 1"), tma_store, "{cfg:?}");
         }
     }
 }

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One device call (one Hopper GPU): the wgmma kernel's output path, direct stores from registers against
+# shared memory + TMA bulk stores (BURN_MOE_WGMMA_EPILOGUE = direct | wgrad (default) | all).
+# 1) correctness per mode: the small ragged CUDA cases (grouped_gemm `on_cuda`) and the Mixtral-size wgmma
+#    tests (cuda_mixtral `wgmma`); 2) the GEMMs alone per mode (moe_bench --gemm, T=4096); 3) torchtitan and the
+#    dense ceiling (anchors), then our layer per mode, same call; 4) ncu per launch at T=4096 (default mode).
+# Expects the carried .dev/bin/{grouped_gemm,cuda_mixtral,moe_bench}.xz and .dev/anchors/. Knobs: MODES,
+# TEST_MODES, TS, STEPS (default "tests gemm layer ncu"; also nsys), REPS.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+exec > >(tee -a "$OUT/epilogue.log") 2>&1
+source bench/moe_bench_env.sh
+for b in grouped_gemm cuda_mixtral; do
+  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/bin/$b.xz'), open('/tmp/$b','wb'))" && chmod +x /tmp/$b
+done
+MODES=${MODES:-direct wgrad all}
+TS=${TS:-4096,16384}
+rc=0
+for step in ${STEPS:-tests gemm layer ncu}; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    tests)
+      for m in ${TEST_MODES:-wgrad all}; do
+        echo "--- tests, epilogue $m"
+        BURN_MOE_WGMMA_EPILOGUE=$m timeout ${SMALL_TIMEOUT:-200} /tmp/grouped_gemm --test-threads 1 on_cuda > "$OUT/small_$m.log" 2>&1 || rc=1
+        grep -E "^test |panicked|result" "$OUT/small_$m.log"
+        BURN_MOE_WGMMA_EPILOGUE=$m timeout ${MIXTRAL_TIMEOUT:-150} /tmp/cuda_mixtral --nocapture --test-threads 2 wgmma > "$OUT/mixtral_$m.log" 2>&1 || rc=1
+        grep -E "^test |rel|panicked|result" "$OUT/mixtral_$m.log" | cut -c1-220
+      done ;;
+    gemm)
+      for m in $MODES; do
+        echo "--- GEMMs alone, epilogue $m"
+        BURN_MOE_WGMMA_EPILOGUE=$m timeout ${GEMM_TIMEOUT:-120} /tmp/moe_bench --backend cuda --gemm --tokens 4096 --reps ${REPS:-5} --gemm-strategies wgmma > "$OUT/gemm_$m.log" 2>&1 || rc=1
+        grep -E "Wgmma|error|panicked" "$OUT/gemm_$m.log"
+      done ;;
+    layer)
+      mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site .dev/anchors/whl/*.whl >/dev/null 2>&1
+      ( cd .dev/anchors && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT="$OUT" TS=$TS GEMM=0 WARM=3 REPS=10 \
+          ONLY=${ONLY:-torchtitan_moe,dense_2T} timeout ${ANCHOR_TIMEOUT:-200} python3 bench_moe.py ) | grep -E "SUMMARY|T= " | cut -c1-200
+      for m in $MODES; do
+        echo "--- layer, epilogue $m"
+        BURN_MOE_WGMMA_EPILOGUE=$m timeout ${LAYER_TIMEOUT:-150} /tmp/moe_bench --backend cuda --tokens $TS --reps ${REPS:-5} --dtype bf16 --kernels scatter > "$OUT/layer_$m.log" 2>&1 || rc=1
+        grep -E "scatter|error|panicked" "$OUT/layer_$m.log"
+      done ;;
+    ncu)
+      NCU_BIN=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+      timeout ${NCU_TIMEOUT:-200} $NCU_BIN --clock-control none --metrics gpu__time_duration.sum --csv \
+        /tmp/moe_bench --backend cuda --profile --kernels scatter --tokens 4096 --reps 1 > "$OUT/ncu_launches.csv" 2> "$OUT/ncu_stderr.txt"
+      echo "ncu exit $?"
+      python3 bench/ncu_launches.py "$OUT/ncu_launches.csv" ;;
+    nsys)
+      # The timeline of one profiled fwd+bwd: where the device waits between kernels (host syncs, launches).
+      NSYS_BIN=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
+      if [ -z "$NSYS_BIN" ]; then echo "no nsys"; continue; fi
+      timeout ${NSYS_TIMEOUT:-200} $NSYS_BIN profile -o /tmp/moe_trace -t cuda --force-overwrite true \
+        /tmp/moe_bench --backend cuda --profile --kernels scatter --tokens 4096 --reps 1 > "$OUT/nsys_run.log" 2>&1
+      echo "nsys exit $?"
+      $NSYS_BIN stats --report cuda_gpu_trace,cuda_api_sum --format csv --output /tmp/moe_trace_stats /tmp/moe_trace.nsys-rep > /dev/null 2>&1
+      ls /tmp/moe_trace_stats* 2>/dev/null
+      cp /tmp/moe_trace_stats*cuda_gpu_trace*.csv "$OUT/" 2>/dev/null
+      python3 bench/nsys_gaps.py /tmp/moe_trace_stats*cuda_gpu_trace*.csv ;;
+  esac
+done
+echo "=== done $(date +%T) rc=$rc"
+exit $rc
