@@ -9,7 +9,7 @@ use crate::aux::MoeAuxStats;
 use crate::dispatch::{LocalDispatcher, TokenDispatcher};
 use crate::kernel::MoeKernel;
 use crate::lora::{DMoeLora, LoraConfig};
-use crate::ops::{HostIndex, MoeBackend, moe_combine_host, moe_dsd, moe_grouped_matmul, moe_permute_host, moe_sdd, moe_swiglu};
+use crate::ops::{HostIndex, MoeBackend, moe_combine_host, moe_gate_logits, moe_dsd, moe_grouped_matmul, moe_permute_host, moe_sdd, moe_swiglu};
 use crate::reference;
 
 /// Default block size of [`MoeKernel::BlockSparse`]: MegaBlocks' 128, the tile size GPUs like.
@@ -220,14 +220,16 @@ impl<B: Backend> DMoe<B> {
     pub fn num_experts(&self) -> usize {
         self.gate.dims()[0]
     }
+}
 
+impl<B: MoeBackend> DMoe<B> {
     /// Routes tokens: softmax over all experts, top-k, renormalise.
     ///
     /// # Shapes
     /// - `x`: `[T, D]`
     pub fn route(&self, x: Tensor<B, 2>) -> RouterOutput<B> {
         let dtype = x.dtype();
-        let logits = x.matmul(self.gate.val().transpose());
+        let logits = moe_gate_logits(x, self.gate.val());
         // As HF: the softmax, the choice and the normalisation in f32 (bf16 probabilities would
         // tie and flip the top-k), the combine weights rounded back to the activations' dtype.
         let probs = softmax(logits.clone().cast(DType::F32), 1);
@@ -237,9 +239,7 @@ impl<B: Backend> DMoe<B> {
         let weights = (top.clone() / top.sum_dim(1)).cast(dtype);
         RouterOutput { logits, probs, weights, experts }
     }
-}
 
-impl<B: MoeBackend> DMoe<B> {
     /// Applies the layer to a flat batch of tokens.
     ///
     /// # Shapes

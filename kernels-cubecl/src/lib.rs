@@ -14,7 +14,8 @@
 //! device (histogram, offsets, stable sort and its inverse, padded offsets and block experts, with
 //! scans in shared memory instead of atomics), and the ScatterMoE kernel
 //! family ([`scatter`]): permute, grouped matmul over expert segments and its weight gradient,
-//! weighted combine, each accumulating in f32 for f32/f16/bf16 storage. The grouped matmul and its
+//! weighted combine and its fused backward (both gradients in one pass when the slots are a
+//! permutation), each accumulating in f32 for f32/f16/bf16 storage. The grouped matmul and its
 //! weight gradient have a shared-memory tiled kernel (any float), a single-stage tensor-core (`cmma`)
 //! kernel for f16/bf16, and a pipelined tensor-core kernel whose operand tiles arrive by asynchronous
 //! copies several depth steps ahead (`cp.async` + barriers, CUDA); `Auto` picks the most capable one
@@ -23,6 +24,9 @@
 //! runtime (CubeCL 0.10's kernel language cannot emit `wgmma`): `scatter/wgmma_source.rs`,
 //! `scatter/wgmma.rs`, feature `cuda`; `BURN_MOE_WGMMA=0` or [`scatter::set_wgmma_enabled`] keeps the
 //! portable kernels.
+//!
+//! The router's gate ([`gate`]): the logits `x · gateᵀ` a cube per token, the gate's gradient by
+//! column over row chunks — thin products that tiled matmuls spread over too few cubes.
 //!
 //! RMSNorm ([`rmsnorm`]): the forward pass and the input gradient one cube per row, the weight gradient
 //! by column in row chunks. The language-model loss ([`xent`]): cross-entropy over the vocabulary, a
@@ -44,6 +48,7 @@
 
 pub mod attention;
 pub mod blocksparse;
+pub mod gate;
 pub mod optim;
 mod reduce;
 pub mod reference;
@@ -54,6 +59,7 @@ pub mod swiglu;
 pub mod xent;
 
 pub use attention::SoftmaxBlock;
+pub use gate::GateProblem;
 pub use rmsnorm::RmsNormProblem;
 pub use xent::CrossEntropyProblem;
 pub use reference::blocksparse::{BlockSparseError, BlockSparseTopology};

@@ -1,8 +1,10 @@
 //! Cube-wide reductions shared by the kernels that reduce through shared memory (the attention
-//! softmax's row statistics, the sum of squares of the gradient norm, RMSNorm, the cross-entropy),
-//! and the grid of the kernels that give each row a cube.
+//! softmax's row statistics, the sum of squares of the gradient norm, RMSNorm, the cross-entropy,
+//! the combine's backward), the grid of the kernels that give each row a cube, and the vector width
+//! of the kernels that walk rows in vectors.
 
 use cubecl::prelude::*;
+use cubecl::server::Handle;
 
 /// Units per cube of the kernels that call [`cube_reduce`] (a power of two: the reduction halves it).
 pub const REDUCE_UNITS: u32 = 256;
@@ -15,6 +17,18 @@ pub(crate) const MAX_CUBES_X: usize = 65_535;
 pub(crate) fn row_grid(rows: usize) -> CubeCount {
     let x = rows.clamp(1, MAX_CUBES_X);
     CubeCount::Static(x as u32, rows.div_ceil(x) as u32, 1)
+}
+
+/// The widest vector (8, 4, 2 or 1 elements, at most 16 bytes, dividing `cols`) for kernels that walk
+/// rows of `cols` values in vectors, narrowed until every buffer's start is aligned to it (a tensor can
+/// be a view starting inside its buffer).
+pub(crate) fn row_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, cols: usize, buffers: &[&Handle]) -> usize {
+    let mut v = crate::swiglu::swiglu_vector_size::<R, F>(client, cols);
+    let elem = std::mem::size_of::<F>() as u64;
+    while v > 1 && buffers.iter().any(|h| !h.offset_start.unwrap_or(0).is_multiple_of(v as u64 * elem)) {
+        v /= 2;
+    }
+    v
 }
 
 /// Reduces `value` over the units of the cube (of [`REDUCE_UNITS`] units) through `shared` (as many

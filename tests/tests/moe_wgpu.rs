@@ -138,7 +138,7 @@ fn fusion_wrapped_wgpu_runs_every_kernel() {
 fn fusion_wrapper_runs_the_cubecl_kernels_not_the_standard_op_fallback() {
     use burn::tensor::{Int, TensorPrimitive};
     use burn_moe_backend::ops::{
-        BlockSparseTopology, fused_moe_op_count, moe_combine, moe_dsd, moe_dstd, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu,
+        BlockSparseTopology, fused_moe_op_count, moe_combine, moe_dsd, moe_dstd, moe_gate_logits, moe_grouped_matmul, moe_permute, moe_sdd, moe_swiglu,
     };
     type Fused = burn::backend::Wgpu<f32, i32>;
     let device = Default::default();
@@ -246,6 +246,19 @@ fn fusion_wrapper_runs_the_cubecl_kernels_not_the_standard_op_fallback() {
     let (rdy, rdw) = burn_moe_backend::ops::reference_combine_backward(p2(&dout), p2(&y), pi(&slots), p2(&gw));
     cdy.assert_approx_eq::<f32>(&rdy.into_data(), burn::tensor::Tolerance::absolute(1e-6));
     cdw.assert_approx_eq::<f32>(&rdw.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+
+    // The router gate's logits and gradient (the cube-per-token and column-chunk kernels), and
+    // against Burn's matmul on the plain backend.
+    let (gx, gg, gd) = (data(vec![40, 24], 53, 1.0), data(vec![5, 24], 54, 1.0), data(vec![40, 5], 55, 1.0));
+    same("moe_gate_logits", &|| moe_gate_logits(f2(&gx), f2(&gg)).into_data(), moe_gate_logits(p2(&gx), p2(&gg)).into_data());
+    let gw_p = host(Wgpu::moe_gate_weight_grad(prim(p2(&gd)), prim(p2(&gx))));
+    let gw_f = || {
+        let f = |t: Tensor<Fused, 2>| t.into_primitive().tensor();
+        Tensor::<Fused, 2>::from_primitive(TensorPrimitive::Float(Fused::moe_gate_weight_grad(f(f2(&gd)), f(f2(&gx))))).into_data()
+    };
+    same("moe_gate_weight_grad", &gw_f, gw_p.clone());
+    moe_gate_logits(p2(&gx), p2(&gg)).into_data().assert_approx_eq::<f32>(&p2(&gx).matmul(p2(&gg).transpose()).into_data(), burn::tensor::Tolerance::absolute(1e-5));
+    gw_p.assert_approx_eq::<f32>(&p2(&gd).transpose().matmul(p2(&gx)).into_data(), burn::tensor::Tolerance::absolute(1e-5));
 
     // Block-sparse SDD, DSD, DSᵀD (both output layouts) on a topology with an empty expert.
     let topology = BlockSparseTopology::for_experts(&[17, 0, 28], m, 16).unwrap();

@@ -205,6 +205,42 @@ impl<B: MoeBackend, C: CheckpointStrategy> MoeBackend for Autodiff<B, C> {
         <FloatTensor<Self>>::new(B::moe_dstd(s.primitive, d.primitive, topology, transpose_out))
     }
 
+    fn moe_gate_logits(x: FloatTensor<Self>, gate: FloatTensor<Self>) -> FloatTensor<Self> {
+        #[derive(Debug)]
+        struct GateBackward;
+
+        impl<B: MoeBackend> Backward<B, 2> for GateBackward {
+            type State = (FloatTensor<B>, FloatTensor<B>);
+
+            fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+                let [node_x, node_gate] = ops.parents;
+                let dlogits = grads.consume::<B>(&ops.node);
+                let (x, gate) = ops.state;
+                if let Some(node) = node_x {
+                    // [T, E] · [E, D]: a wide output, which Burn's matmul tiles well.
+                    let dx = float::<B, 2>(dlogits.clone()).matmul(float(gate));
+                    grads.register::<B>(node.id, prim(dx));
+                }
+                if let Some(node) = node_gate {
+                    grads.register::<B>(node.id, B::moe_gate_weight_grad(dlogits, x));
+                }
+            }
+        }
+
+        match GateBackward.prepare::<C>([x.node.clone(), gate.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let logits = B::moe_gate_logits(x.primitive.clone(), gate.primitive.clone());
+                prep.finish((x.primitive, gate.primitive), logits)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::moe_gate_logits(x.primitive, gate.primitive)),
+        }
+    }
+
+    fn moe_gate_weight_grad(dlogits: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        // Used inside backward passes only; second derivatives are not needed.
+        <FloatTensor<Self>>::new(B::moe_gate_weight_grad(dlogits.primitive, x.primitive))
+    }
+
     fn moe_rms_norm(x: FloatTensor<Self>, weight: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
         #[derive(Debug)]
         struct RmsNormBackward;
@@ -457,6 +493,25 @@ mod tests {
 
     fn leaf(values: Vec<f32>, shape: [usize; 2]) -> Tensor<B, 2> {
         Tensor::from_data(TensorData::new(values, shape), &Default::default()).require_grad()
+    }
+
+    /// The gate op's gradients (its own backward: `dlogits · gate` and the gate-gradient op) equal
+    /// those of Burn's matmul.
+    #[test]
+    fn gate_logits_have_the_gradients_of_a_matmul() {
+        let device = Default::default();
+        let xv: Vec<f32> = (0..15).map(|i| (i as f32 * 0.37).sin()).collect();
+        let gv: Vec<f32> = (0..10).map(|i| (i as f32 * 0.71).cos()).collect();
+        let probe = Tensor::<B, 2>::from_data(TensorData::new((0..6).map(|i| i as f32 - 2.5).collect::<Vec<_>>(), [3, 2]), &device);
+        let grads = |f: &dyn Fn(Tensor<B, 2>, Tensor<B, 2>) -> Tensor<B, 2>| {
+            let (x, gate) = (leaf(xv.clone(), [3, 5]), leaf(gv.clone(), [2, 5]));
+            let g = (f(x.clone(), gate.clone()) * probe.clone()).sum().backward();
+            (x.grad(&g).unwrap().into_data(), gate.grad(&g).unwrap().into_data())
+        };
+        let (dx, dgate) = grads(&|x, gate| crate::ops::moe_gate_logits(x, gate));
+        let (dx_ref, dgate_ref) = grads(&|x, gate| x.matmul(gate.transpose()));
+        dx.assert_approx_eq::<f32>(&dx_ref, Tolerance::absolute(1e-6));
+        dgate.assert_approx_eq::<f32>(&dgate_ref, Tolerance::absolute(1e-6));
     }
 
     /// The gradients through the host-index ops equal those of Burn's `select` (whose backward is

@@ -178,6 +178,29 @@ pub trait MoeBackend: Backend {
         crate::optim::sum_squares_ops::<Self>(x)
     }
 
+    /// The router's logits `x · gateᵀ` for a gate of a few rows (`E`, one per expert). Default:
+    /// Burn's matmul; CubeCL backends run a cube per token that reads `x` once (a tiled matmul gives
+    /// an 8-column output a few dozen cubes). Under `Autodiff` the gate's gradient is
+    /// [`moe_gate_weight_grad`](Self::moe_gate_weight_grad) and `x`'s Burn's matmul `dlogits · gate`.
+    ///
+    /// # Shapes
+    /// - `x`: `[T, D]`, `gate`: `[E, D]` → `[T, E]`
+    fn moe_gate_logits(x: FloatTensor<Self>, gate: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (x, gate): (Tensor<Self, 2>, Tensor<Self, 2>) = (float(x), float(gate));
+        x.matmul(gate.transpose()).into_primitive().tensor()
+    }
+
+    /// The gate's gradient `dlogitsᵀ · x` of [`moe_gate_logits`](Self::moe_gate_logits). Default:
+    /// Burn's matmul; CubeCL backends sum row chunks of `x` per column (partials in f32) and then the
+    /// chunks.
+    ///
+    /// # Shapes
+    /// - `dlogits`: `[T, E]`, `x`: `[T, D]` → `[E, D]`
+    fn moe_gate_weight_grad(dlogits: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (dlogits, x): (Tensor<Self, 2>, Tensor<Self, 2>) = (float(dlogits), float(x));
+        dlogits.transpose().matmul(x).into_primitive().tensor()
+    }
+
     /// RMSNorm of each row: `y = (x · rstd) · weight` with `rstd = 1 / sqrt(mean(x²) + eps)` in f32
     /// and the normalised row rounded to `x`'s dtype before the scale (Hugging Face's
     /// `MixtralRMSNorm`); returns `y` and `rstd` (f32), which the backward pass reuses. The default is
@@ -417,6 +440,14 @@ pub fn moe_linear<B: MoeBackend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 
     let [n, _] = x.dims();
     let [m, k] = w.dims();
     moe_grouped_matmul(x, w.reshape([1, m, k]), &[0, n], true)
+}
+
+/// [`MoeBackend::moe_gate_logits`] on tensors: the router's logits `x · gateᵀ`, differentiable.
+///
+/// # Shapes
+/// - `x`: `[T, D]`, `gate`: `[E, D]` → `[T, E]`
+pub fn moe_gate_logits<B: MoeBackend>(x: Tensor<B, 2>, gate: Tensor<B, 2>) -> Tensor<B, 2> {
+    float(B::moe_gate_logits(x.into_primitive().tensor(), gate.into_primitive().tensor()))
 }
 
 /// [`MoeBackend::moe_sum_squares`] on tensors: `Σ x²` in f32 (f64 for f64), shape `[1]`.

@@ -11,7 +11,8 @@ use kernels_cubecl::attention::{launch_attention_softmax, launch_attention_softm
 use kernels_cubecl::optim::{launch_sum_squares, sum_squares_cubes};
 use kernels_cubecl::rmsnorm::{launch_rms_norm, launch_rms_norm_backward, launch_rms_norm_weight_grad};
 use kernels_cubecl::xent::{launch_cross_entropy, launch_cross_entropy_backward};
-use kernels_cubecl::{CrossEntropyProblem, RmsNormProblem};
+use kernels_cubecl::gate::{launch_gate_logits, launch_gate_weight_grad};
+use kernels_cubecl::{CrossEntropyProblem, GateProblem, RmsNormProblem};
 use kernels_cubecl::{BlockSparseTopology, SoftmaxBlock};
 use kernels_cubecl::blocksparse::{BlockSparseProblem, TopologyBuffers, launch_dsd, launch_dstd, launch_sdd};
 use kernels_cubecl::swiglu::{launch_swiglu, launch_swiglu_backward};
@@ -299,6 +300,41 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
             &y.client, y.handle.clone(), n, slots.handle.clone(), weights.handle.clone(), t, k, d, out.handle.clone()
         )));
         out
+    }
+
+    fn moe_gate_logits(x: FloatTensor<Self>, gate: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (t, d) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let e = gate.meta.shape()[0];
+        let problem = GateProblem { tokens: t, dim: d, experts: e };
+        if problem.check().is_err() || !has_kernels(x.dtype) {
+            // More experts than the kernel keeps sums for (or no kernel for the type): Burn's matmul.
+            let (x, gate) = (float::<Self, 2>(x), float::<Self, 2>(gate));
+            return x.matmul(gate.transpose()).into_primitive().tensor();
+        }
+        let dtype = x.dtype;
+        let (x, gate) = (into_contiguous(x), contiguous_in(gate, dtype));
+        let out = empty(&x, [t, e], dtype);
+        with_float!(dtype, FE => launch_gate_logits::<R, FE>(&x.client, &problem, x.handle.clone(), gate.handle.clone(), out.handle.clone()))
+            .unwrap_or_else(|err| unreachable!("gate logits checked above: {err}"));
+        out
+    }
+
+    fn moe_gate_weight_grad(dlogits: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let (t, d) = (x.meta.shape()[0], x.meta.shape()[1]);
+        let e = dlogits.meta.shape()[1];
+        let problem = GateProblem { tokens: t, dim: d, experts: e };
+        if problem.check().is_err() || !has_kernels(x.dtype) {
+            let (dlogits, x) = (float::<Self, 2>(dlogits), float::<Self, 2>(x));
+            return dlogits.transpose().matmul(x).into_primitive().tensor();
+        }
+        let dtype = x.dtype;
+        let (dlogits, x) = (contiguous_in(dlogits, dtype), into_contiguous(x));
+        let dgate = empty(&x, [e, d], dtype);
+        match with_float!(dtype, FE => launch_gate_weight_grad::<R, FE>(&x.client, &problem, dlogits.handle.clone(), x.handle.clone(), dgate.handle.clone())) {
+            Ok(()) => dgate,
+            // A row wider than the column kernel's grid (tens of millions of values): Burn's matmul.
+            Err(_) => float::<Self, 2>(dlogits).transpose().matmul(float(x)).into_primitive().tensor(),
+        }
     }
 
     fn moe_combine_backward(

@@ -42,10 +42,12 @@ enum MoeOp {
     CrossEntropy,
     CrossEntropyBackward,
     CombineBackward,
+    GateLogits,
+    GateWeightGrad,
 }
 
 /// The ops' ids, in [`MoeOp::index`] order.
-const OP_NAMES: [&str; 16] = [
+const OP_NAMES: [&str; 18] = [
     "moe_permute",
     "moe_grouped_matmul",
     "moe_grouped_matmul_weight_grad",
@@ -62,10 +64,12 @@ const OP_NAMES: [&str; 16] = [
     "moe_cross_entropy",
     "moe_cross_entropy_backward",
     "moe_combine_backward",
+    "moe_gate_logits",
+    "moe_gate_weight_grad",
 ];
 
 /// How many times each op has run on the inner backend through the fusion stream, process-wide.
-static EXECUTED: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+static EXECUTED: [AtomicU64; 18] = [const { AtomicU64::new(0) }; 18];
 
 /// How many times the MoE op `name` (`"moe_grouped_matmul"`, `"moe_sdd"`, ... — the [`MoeBackend`]
 /// method names) has executed as a fusion custom op on the inner backend in this process; `None`
@@ -94,6 +98,8 @@ impl MoeOp {
             MoeOp::CrossEntropy => 13,
             MoeOp::CrossEntropyBackward => 14,
             MoeOp::CombineBackward => 15,
+            MoeOp::GateLogits => 16,
+            MoeOp::GateWeightGrad => 17,
         }
     }
 
@@ -139,6 +145,14 @@ impl<B: FusionBackend + MoeBackend> Operation<B::FusionRuntime> for MoeCustomOp<
             MoeOp::Swiglu => {
                 let (gate, up) = (float(0, handles), float(1, handles));
                 B::moe_swiglu(gate, up)
+            }
+            MoeOp::GateLogits => {
+                let (x, gate) = (float(0, handles), float(1, handles));
+                B::moe_gate_logits(x, gate)
+            }
+            MoeOp::GateWeightGrad => {
+                let (dlogits, x) = (float(0, handles), float(1, handles));
+                B::moe_gate_weight_grad(dlogits, x)
             }
             MoeOp::CombineBackward => {
                 let (dout, y) = (float(0, handles), float(1, handles));
@@ -257,6 +271,16 @@ impl<B: FusionBackend + MoeBackend> MoeBackend for Fusion<B> {
     fn moe_combine(y: FloatTensor<Self>, slots: IntTensor<Self>, weights: FloatTensor<Self>) -> FloatTensor<Self> {
         let out = (Shape::new([weights.shape[0], y.shape[1]]), y.dtype);
         one(register::<B>(MoeOp::Combine, vec![y, slots, weights], vec![out]))
+    }
+
+    fn moe_gate_logits(x: FloatTensor<Self>, gate: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = (Shape::new([x.shape[0], gate.shape[0]]), x.dtype);
+        one(register::<B>(MoeOp::GateLogits, vec![x, gate], vec![out]))
+    }
+
+    fn moe_gate_weight_grad(dlogits: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
+        let out = (Shape::new([dlogits.shape[1], x.shape[1]]), x.dtype);
+        one(register::<B>(MoeOp::GateWeightGrad, vec![dlogits, x], vec![out]))
     }
 
     fn moe_combine_backward(

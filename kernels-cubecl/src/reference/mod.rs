@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod blocksparse;
+pub mod gate;
 pub mod rmsnorm;
 pub mod routing;
 pub mod scatter;

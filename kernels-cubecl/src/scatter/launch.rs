@@ -372,16 +372,6 @@ fn cube_dim() -> CubeDim {
     CubeDim::new_1d(CUBE_THREADS)
 }
 
-/// The widest vector (≤ 16 bytes, dividing `cols`) for the row kernels, narrowed until every
-/// buffer's start is aligned to it (a tensor can be a view starting inside its buffer).
-fn row_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, cols: usize, buffers: &[&Handle]) -> usize {
-    let mut v = crate::swiglu::swiglu_vector_size::<R, F>(client, cols);
-    let elem = std::mem::size_of::<F>() as u64;
-    while v > 1 && buffers.iter().any(|h| !h.offset_start.unwrap_or(0).is_multiple_of(v as u64 * elem)) {
-        v /= 2;
-    }
-    v
-}
 
 /// `out[i] = x[rows[i]]` for `n` rows of width `cols`.
 pub fn launch_permute<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
@@ -396,7 +386,7 @@ pub fn launch_permute<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     if n * cols == 0 {
         return;
     }
-    let v = row_vector_size::<R, F>(client, cols, &[&x, &out]);
+    let v = crate::reduce::row_vector_size::<R, F>(client, cols, &[&x, &out]);
     let count = cubecl::calculate_cube_count_elemwise(client, n * cols / v, cube_dim());
     // SAFETY: the kernel returns past the last output vector; the caller's `rows` are in
     // `0..x_rows`, so every read is inside `x`.
@@ -761,7 +751,7 @@ pub fn launch_combine<R: Runtime, F: Float + CubeElement, I: Int + CubeElement>(
     if total == 0 {
         return;
     }
-    let v = row_vector_size::<R, F>(client, cols, &[&y, &out]);
+    let v = crate::reduce::row_vector_size::<R, F>(client, cols, &[&y, &out]);
     let count = cubecl::calculate_cube_count_elemwise(client, total / v, cube_dim());
     // SAFETY: the kernel returns past the last output vector; the caller's slots are in `0..y_rows`.
     unsafe {
@@ -811,7 +801,7 @@ pub fn launch_combine_backward<R: Runtime, F: Float + CubeElement, I: Int + Cube
     if tokens == 0 || top_k == 0 {
         return Ok(());
     }
-    let n = row_vector_size::<R, F>(client, cols, &[&dout, &y, &dy]);
+    let n = crate::reduce::row_vector_size::<R, F>(client, cols, &[&dout, &y, &dy]);
     let vectors = cols / n;
     // SAFETY: every cube returns past the last token; a token's units index its own `dout` row and
     // the `y` / `dy` rows its slots name (in `0..y_rows` by the caller's permutation), at vector

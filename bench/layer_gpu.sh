@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# One device call (one Hopper GPU): the wgmma kernel's output path, direct stores from registers against
-# shared memory + TMA bulk stores (BURN_MOE_WGMMA_EPILOGUE = direct | wgrad (default) | all).
-# 1) correctness per mode: the small ragged CUDA cases (grouped_gemm `on_cuda`) and the Mixtral-size wgmma
-#    tests (cuda_mixtral `wgmma`); 2) the GEMMs alone per mode (moe_bench --gemm, T=4096); 3) torchtitan and the
-#    dense ceiling (anchors), then our layer per mode, same call; 4) ncu per launch at T=4096 (default mode).
-# Expects the carried .dev/bin/{grouped_gemm,cuda_mixtral,moe_bench}.xz and .dev/anchors/. Knobs: MODES,
-# TEST_MODES, TS, STEPS (default "tests gemm layer ncu"; also nsys), REPS.
+# One device call (one Hopper GPU): the dMoE layer checked and timed next to torchtitan, with A/B runs of the
+# wgmma kernel's output path (BURN_MOE_WGMMA_EPILOGUE = direct | wgrad | all (default): stores from registers
+# or through shared memory and TMA bulk stores). Steps (STEPS, default "tests gemm layer ncu"):
+#   tests   the small ragged CUDA GEMM cases (grouped_gemm `on_cuda`) and the Mixtral-size wgmma tests
+#           (cuda_mixtral `wgmma`) per TEST_MODES;
+#   scatter the scatter kernels (permute, grouped GEMMs, combine and its backward) against the reference (scatter
+#           binary, `on_cuda`), and the router-gate kernels (gate binary) when carried;
+#   check   moe_bench --check (output and every gradient against the f32 reference, small layer);
+#   gemm    the GEMMs alone per mode (moe_bench --gemm, T=4096);
+#   layer   torchtitan and the dense ceiling (anchors), then our layer per mode, same call;
+#   ncu     per-launch kernel times of one fwd+bwd at T=4096; nsys: the device timeline, where installed.
+# Expects the carried .dev/bin/{grouped_gemm,cuda_mixtral,scatter,gate,moe_bench}.xz and .dev/anchors/. Knobs:
+# MODES, TEST_MODES, TS, REPS.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-exec > >(tee -a "$OUT/epilogue.log") 2>&1
+exec > >(tee -a "$OUT/layer_gpu.log") 2>&1
 source bench/moe_bench_env.sh
-for b in grouped_gemm cuda_mixtral; do
-  python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/bin/$b.xz'), open('/tmp/$b','wb'))" && chmod +x /tmp/$b
+for b in grouped_gemm cuda_mixtral scatter gate; do
+  [ -f .dev/bin/$b.xz ] && python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/bin/$b.xz'), open('/tmp/$b','wb'))" && chmod +x /tmp/$b
 done
-MODES=${MODES:-direct wgrad all}
+MODES=${MODES:-all}
 TS=${TS:-4096,16384}
 rc=0
 for step in ${STEPS:-tests gemm layer ncu}; do
@@ -28,6 +34,17 @@ for step in ${STEPS:-tests gemm layer ncu}; do
         BURN_MOE_WGMMA_EPILOGUE=$m timeout ${MIXTRAL_TIMEOUT:-150} /tmp/cuda_mixtral --nocapture --test-threads 2 wgmma > "$OUT/mixtral_$m.log" 2>&1 || rc=1
         grep -E "^test |rel|panicked|result" "$OUT/mixtral_$m.log" | cut -c1-220
       done ;;
+    scatter)
+      timeout ${SCATTER_TIMEOUT:-120} /tmp/scatter --test-threads 1 on_cuda > "$OUT/scatter.log" 2>&1 || rc=1
+      grep -E "^test |panicked|result" "$OUT/scatter.log"
+      if [ -x /tmp/gate ]; then
+        timeout ${SCATTER_TIMEOUT:-120} /tmp/gate --test-threads 1 on_cuda > "$OUT/gate.log" 2>&1 || rc=1
+        grep -E "^test |panicked|result" "$OUT/gate.log"
+      fi ;;
+    check)
+      timeout ${CHECK_TIMEOUT:-150} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-1024} --reps 1 --dtype bf16 --kernels scatter --check \
+        ${CHECK_EXTRA:---d 1024 --ffn 3584} > "$OUT/check.log" 2>&1 || rc=1
+      grep -E "check|error|panicked" "$OUT/check.log" | cut -c1-200 ;;
     gemm)
       for m in $MODES; do
         echo "--- GEMMs alone, epilogue $m"
