@@ -7,11 +7,14 @@
 #   scatter the scatter kernels (permute, grouped GEMMs, combine and its backward) against the reference (scatter
 #           binary, `on_cuda`), and the router-gate kernels (gate binary) when carried;
 #   check   moe_bench --check (output and every gradient against the f32 reference, small layer);
+#   torch   the torchtitan-style layer of bench/torch_moe_layer.py with its kernels per fwd+bwd (--profile);
 #   gemm    the GEMMs alone per mode (moe_bench --gemm, T=4096);
-#   layer   torchtitan and the dense ceiling (anchors), then our layer per mode, same call;
-#   ncu     per-launch kernel times of one fwd+bwd at T=4096; nsys: the device timeline, where installed.
+#   layer   torchtitan and the dense ceiling (anchors; ANCHOR_GEMM=1 adds their per-GEMM torch._grouped_mm
+#           microbenchmark), then our layer per mode, same call;
+#   ncu     per-launch kernel times of one fwd+bwd at T=4096 (bench/ncu_launches.py).
+# Where the layer's time goes, GEMM by GEMM, ours and torch's: STEPS="torch gemm layer ncu" ANCHOR_GEMM=1 TS=4096.
 # Expects the carried .dev/bin/{grouped_gemm,cuda_mixtral,scatter,gate,moe_bench}.xz and .dev/anchors/. Knobs:
-# MODES, TEST_MODES, TS, REPS.
+# MODES, TEST_MODES, TS, REPS, ANCHOR_GEMM.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -45,6 +48,8 @@ for step in ${STEPS:-tests gemm layer ncu}; do
       timeout ${CHECK_TIMEOUT:-150} /tmp/moe_bench --backend cuda --tokens ${CHECK_T:-1024} --reps 1 --dtype bf16 --kernels scatter --check \
         ${CHECK_EXTRA:---d 1024 --ffn 3584} > "$OUT/check.log" 2>&1 || rc=1
       grep -E "check|error|panicked" "$OUT/check.log" | cut -c1-200 ;;
+    torch)
+      PYTHONUNBUFFERED=1 timeout ${TORCH_TIMEOUT:-120} python3 bench/torch_moe_layer.py --tokens $TS --profile ;;
     gemm)
       for m in $MODES; do
         echo "--- GEMMs alone, epilogue $m"
@@ -53,7 +58,7 @@ for step in ${STEPS:-tests gemm layer ncu}; do
       done ;;
     layer)
       mkdir -p /tmp/site && python3 -m pip install -q --no-index --no-deps --target /tmp/site .dev/anchors/whl/*.whl >/dev/null 2>&1
-      ( cd .dev/anchors && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT="$OUT" TS=$TS GEMM=0 WARM=3 REPS=10 \
+      ( cd .dev/anchors && PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT="$OUT" TS=$TS GEMM=${ANCHOR_GEMM:-0} WARM=3 REPS=10 \
           ONLY=${ONLY:-torchtitan_moe,dense_2T} timeout ${ANCHOR_TIMEOUT:-200} python3 bench_moe.py ) | grep -E "SUMMARY|T= " | cut -c1-200
       for m in $MODES; do
         echo "--- layer, epilogue $m"
@@ -66,17 +71,6 @@ for step in ${STEPS:-tests gemm layer ncu}; do
         /tmp/moe_bench --backend cuda --profile --kernels scatter --tokens 4096 --reps 1 > "$OUT/ncu_launches.csv" 2> "$OUT/ncu_stderr.txt"
       echo "ncu exit $?"
       python3 bench/ncu_launches.py "$OUT/ncu_launches.csv" ;;
-    nsys)
-      # The timeline of one profiled fwd+bwd: where the device waits between kernels (host syncs, launches).
-      NSYS_BIN=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys /usr/local/cuda/nsight-systems*/bin/nsys 2>/dev/null | head -1)
-      if [ -z "$NSYS_BIN" ]; then echo "no nsys"; continue; fi
-      timeout ${NSYS_TIMEOUT:-200} $NSYS_BIN profile -o /tmp/moe_trace -t cuda --force-overwrite true \
-        /tmp/moe_bench --backend cuda --profile --kernels scatter --tokens 4096 --reps 1 > "$OUT/nsys_run.log" 2>&1
-      echo "nsys exit $?"
-      $NSYS_BIN stats --report cuda_gpu_trace,cuda_api_sum --format csv --output /tmp/moe_trace_stats /tmp/moe_trace.nsys-rep > /dev/null 2>&1
-      ls /tmp/moe_trace_stats* 2>/dev/null
-      cp /tmp/moe_trace_stats*cuda_gpu_trace*.csv "$OUT/" 2>/dev/null
-      python3 bench/nsys_gaps.py /tmp/moe_trace_stats*cuda_gpu_trace*.csv ;;
   esac
 done
 echo "=== done $(date +%T) rc=$rc"

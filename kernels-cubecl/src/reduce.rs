@@ -35,25 +35,38 @@ pub(crate) fn row_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient
 /// entries): the maximum when `take_max`, else the sum. Every unit gets the result.
 #[cube]
 pub(crate) fn cube_reduce(shared: &mut SharedMemory<f32>, value: f32, #[comptime] take_max: bool) -> f32 {
-    let u = UNIT_POS as usize;
-    shared[u] = value;
+    shared[UNIT_POS as usize] = value;
     sync_cube();
+    cube_reduce_rows(shared, 1usize, take_max);
+    let total = shared[0];
+    // Nobody may overwrite `shared[0]` (the next reduction) before every unit has read it.
+    sync_cube();
+    total
+}
+
+/// Reduces each of the `rows` rows of [`REDUCE_UNITS`] values in `shared` (every unit has written its
+/// entry of each row, and the cube synced) in place, all rows in the same steps: afterwards
+/// `shared[r · REDUCE_UNITS]` holds row `r`'s maximum when `take_max`, else its sum.
+#[cube]
+pub(crate) fn cube_reduce_rows(shared: &mut SharedMemory<f32>, #[comptime] rows: usize, #[comptime] take_max: bool) {
+    let u = UNIT_POS as usize;
+    let units = REDUCE_UNITS as usize;
     // Pairs at growing distances (a literal start: cubecl cannot mutate a variable initialised from
     // a constant expression).
     let mut stride = 1usize;
-    while stride < REDUCE_UNITS as usize {
+    while stride < units {
         if u % (2 * stride) == 0 {
-            if take_max {
-                shared[u] = max(shared[u], shared[u + stride]);
-            } else {
-                shared[u] += shared[u + stride];
+            #[unroll]
+            for r in 0..rows {
+                let i = r * units + u;
+                if take_max {
+                    shared[i] = max(shared[i], shared[i + stride]);
+                } else {
+                    shared[i] += shared[i + stride];
+                }
             }
         }
         sync_cube();
         stride *= 2;
     }
-    let total = shared[0];
-    // Nobody may overwrite `shared[0]` (the next reduction) before every unit has read it.
-    sync_cube();
-    total
 }

@@ -28,6 +28,7 @@ use kernels_cubecl::BlockSparseTopology;
 
 use super::backend::{HostIndex, MoeBackend};
 use crate::attention::CausalAttention;
+use super::reference::{combine_rows_grad, combine_weights_grad};
 use super::scatter_add::{scatter_add_rows, scatter_add_rows_host};
 
 fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
@@ -455,15 +456,13 @@ fn combine<B: MoeBackend, C: CheckpointStrategy>(
             let y: Tensor<B, 2> = float(y);
             let weights: Tensor<B, 2> = float(weights);
             let slots = Tensor::<B, 1, Int>::from_primitive(slots);
-            let [t, k] = weights.dims();
-            let [n, d] = y.dims();
+            let n = y.dims()[0];
             if let Some(node) = node_w {
-                let picked = y.select(0, slots.clone()).reshape([t, k, d]);
-                let dw = (picked * dout.clone().reshape([t, 1, d])).sum_dim(2).reshape([t, k]);
+                let dw = combine_weights_grad(dout.clone(), y, slots.clone(), weights.dims());
                 grads.register::<B>(node.id, prim(dw));
             }
             if let Some(node) = node_y {
-                let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
+                let contrib = combine_rows_grad(dout, weights);
                 let dy = match slots_host {
                     Some(host) => scatter_add_rows_host(contrib, host.as_slice(), n),
                     None => scatter_add_rows(contrib, slots, n),

@@ -186,8 +186,7 @@ pub trait MoeBackend: Backend {
     /// # Shapes
     /// - `x`: `[T, D]`, `gate`: `[E, D]` → `[T, E]`
     fn moe_gate_logits(x: FloatTensor<Self>, gate: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (x, gate): (Tensor<Self, 2>, Tensor<Self, 2>) = (float(x), float(gate));
-        x.matmul(gate.transpose()).into_primitive().tensor()
+        reference::reference_gate_logits::<Self>(float(x), float(gate)).into_primitive().tensor()
     }
 
     /// The gate's gradient `dlogitsᵀ · x` of [`moe_gate_logits`](Self::moe_gate_logits). Default:
@@ -197,8 +196,7 @@ pub trait MoeBackend: Backend {
     /// # Shapes
     /// - `dlogits`: `[T, E]`, `x`: `[T, D]` → `[E, D]`
     fn moe_gate_weight_grad(dlogits: FloatTensor<Self>, x: FloatTensor<Self>) -> FloatTensor<Self> {
-        let (dlogits, x): (Tensor<Self, 2>, Tensor<Self, 2>) = (float(dlogits), float(x));
-        dlogits.transpose().matmul(x).into_primitive().tensor()
+        reference::reference_gate_weight_grad::<Self>(float(dlogits), float(x)).into_primitive().tensor()
     }
 
     /// RMSNorm of each row: `y = (x · rstd) · weight` with `rstd = 1 / sqrt(mean(x²) + eps)` in f32

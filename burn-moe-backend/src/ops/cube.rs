@@ -21,6 +21,7 @@ use kernels_cubecl::scatter::{
 };
 
 use super::backend::MoeBackend;
+use super::reference::{reference_gate_logits, reference_gate_weight_grad};
 
 /// Calls `$body` with `$f` bound to the Rust float type of `$dtype`.
 macro_rules! with_float {
@@ -308,8 +309,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         let problem = GateProblem { tokens: t, dim: d, experts: e };
         if problem.check().is_err() || !has_kernels(x.dtype) {
             // More experts than the kernel keeps sums for (or no kernel for the type): Burn's matmul.
-            let (x, gate) = (float::<Self, 2>(x), float::<Self, 2>(gate));
-            return x.matmul(gate.transpose()).into_primitive().tensor();
+            return reference_gate_logits::<Self>(float(x), float(gate)).into_primitive().tensor();
         }
         let dtype = x.dtype;
         let (x, gate) = (into_contiguous(x), contiguous_in(gate, dtype));
@@ -324,8 +324,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         let e = dlogits.meta.shape()[1];
         let problem = GateProblem { tokens: t, dim: d, experts: e };
         if problem.check().is_err() || !has_kernels(x.dtype) {
-            let (dlogits, x) = (float::<Self, 2>(dlogits), float::<Self, 2>(x));
-            return dlogits.transpose().matmul(x).into_primitive().tensor();
+            return reference_gate_weight_grad::<Self>(float(dlogits), float(x)).into_primitive().tensor();
         }
         let dtype = x.dtype;
         let (dlogits, x) = (contiguous_in(dlogits, dtype), into_contiguous(x));
@@ -333,7 +332,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         match with_float!(dtype, FE => launch_gate_weight_grad::<R, FE>(&x.client, &problem, dlogits.handle.clone(), x.handle.clone(), dgate.handle.clone())) {
             Ok(()) => dgate,
             // A row wider than the column kernel's grid (tens of millions of values): Burn's matmul.
-            Err(_) => float::<Self, 2>(dlogits).transpose().matmul(float(x)).into_primitive().tensor(),
+            Err(_) => reference_gate_weight_grad::<Self>(float(dlogits), float(x)).into_primitive().tensor(),
         }
     }
 

@@ -25,6 +25,6 @@ pub(crate) use cublas::cublas_available;
 pub use fusion::fused_moe_op_count;
 pub use kernels_cubecl::BlockSparseTopology;
 pub use reference::{
-    reference_combine, reference_combine_backward, reference_dsd, reference_dstd, reference_grouped_matmul, reference_grouped_matmul_weight_grad,
-    reference_sdd,
+    reference_combine, reference_combine_backward, reference_dsd, reference_dstd, reference_gate_logits, reference_gate_weight_grad, reference_grouped_matmul,
+    reference_grouped_matmul_weight_grad, reference_sdd,
 };

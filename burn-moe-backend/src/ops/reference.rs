@@ -70,6 +70,27 @@ pub fn reference_combine<B: Backend>(y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, 
     (picked * weights.reshape([t, k, 1])).sum_dim(1).reshape([t, d])
 }
 
+/// The routing weights' gradient of [`reference_combine`]: `dweights[t, j] = dout[t] · y[slots[t·k + j]]`.
+///
+/// # Shapes
+/// - `dout`: `[T, D]`, `y`: `[N, D]`, `slots`: `[T·k]`, `weights_shape`: `[T, k]` → `[T, k]`
+pub(crate) fn combine_weights_grad<B: Backend>(dout: Tensor<B, 2>, y: Tensor<B, 2>, slots: Tensor<B, 1, Int>, [t, k]: [usize; 2]) -> Tensor<B, 2> {
+    let [_, d] = y.dims();
+    let picked = y.select(0, slots).reshape([t, k, d]);
+    (picked * dout.reshape([t, 1, d])).sum_dim(2).reshape([t, k])
+}
+
+/// What [`reference_combine`]'s `y` gradient scatters into the rows `slots` name: row `t·k + j` is
+/// `weights[t, j] · dout[t]`.
+///
+/// # Shapes
+/// - `dout`: `[T, D]`, `weights`: `[T, k]` → `[T·k, D]`
+pub(crate) fn combine_rows_grad<B: Backend>(dout: Tensor<B, 2>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
+    let [t, k] = weights.dims();
+    let [_, d] = dout.dims();
+    (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d])
+}
+
 /// The gradients of [`reference_combine`] when `slots` is a permutation of the rows of `y`:
 /// `dy[slots[i]] = weights[i / k, i % k] · dout[i / k]`, `dweights[t, j] = dout[t] · y[slots[t·k + j]]`.
 ///
@@ -81,14 +102,28 @@ pub fn reference_combine_backward<B: Backend>(
     slots: Tensor<B, 1, Int>,
     weights: Tensor<B, 2>,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let [t, k] = weights.dims();
     let [n, d] = y.dims();
-    let picked = y.select(0, slots.clone()).reshape([t, k, d]);
-    let dweights = (picked * dout.clone().reshape([t, 1, d])).sum_dim(2).reshape([t, k]);
-    let contrib = (dout.reshape([t, 1, d]) * weights.reshape([t, k, 1])).reshape([t * k, d]);
+    let dweights = combine_weights_grad(dout.clone(), y, slots.clone(), weights.dims());
+    let contrib = combine_rows_grad(dout, weights);
     // A permutation: scattering the rows is assigning them.
     let dy = Tensor::zeros([n, d], (&contrib.device(), contrib.dtype())).select_assign(0, slots, contrib, burn::tensor::IndexingUpdateOp::Add);
     (dy, dweights)
+}
+
+/// The router's logits `x · gateᵀ` from Burn's matmul.
+///
+/// # Shapes
+/// - `x`: `[T, D]`, `gate`: `[E, D]` → `[T, E]`
+pub fn reference_gate_logits<B: Backend>(x: Tensor<B, 2>, gate: Tensor<B, 2>) -> Tensor<B, 2> {
+    x.matmul(gate.transpose())
+}
+
+/// The gate's gradient `dlogitsᵀ · x` from Burn's matmul.
+///
+/// # Shapes
+/// - `dlogits`: `[T, E]`, `x`: `[T, D]` → `[E, D]`
+pub fn reference_gate_weight_grad<B: Backend>(dlogits: Tensor<B, 2>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    dlogits.transpose().matmul(x)
 }
 
 /// Dense rows `[rb·bs, cb·bs]` → their blocks `[rb·cb, bs, bs]` in block-CSR order.

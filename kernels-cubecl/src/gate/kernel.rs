@@ -2,8 +2,7 @@
 
 use cubecl::prelude::*;
 
-/// Units per cube of [`gate_logits_kernel`] (a power of two: its reduction halves it).
-pub(crate) const GATE_UNITS: u32 = 256;
+use crate::reduce::{REDUCE_UNITS, cube_reduce_rows};
 
 /// `out[t, e] = Σ_c x[t, c] · gate[e, c]` for token `t = CUBE_POS`: units stride over the row in
 /// vectors of `N` (`vectors` per row) keeping one sum per expert, then the cube adds the `experts`
@@ -23,7 +22,7 @@ pub fn gate_logits_kernel<F: Float, N: Size>(
     }
     let nv = N::value();
     let u = UNIT_POS as usize;
-    let units = GATE_UNITS as usize;
+    let units = REDUCE_UNITS as usize;
     let mut acc = Array::<Vector<f32, N>>::new(experts);
     #[unroll]
     for e in 0..experts {
@@ -38,7 +37,7 @@ pub fn gate_logits_kernel<F: Float, N: Size>(
         }
         c += units;
     }
-    let mut shared = SharedMemory::<f32>::new(comptime!(experts * GATE_UNITS as usize));
+    let mut shared = SharedMemory::<f32>::new(comptime!(experts * REDUCE_UNITS as usize));
     #[unroll]
     for e in 0..experts {
         let mut s = 0.0f32;
@@ -49,19 +48,7 @@ pub fn gate_logits_kernel<F: Float, N: Size>(
         shared[e * units + u] = s;
     }
     sync_cube();
-    // Pairs at growing distances (a literal start: cubecl cannot mutate a variable initialised from
-    // a constant expression).
-    let mut stride = 1usize;
-    while stride < units {
-        if u % (2 * stride) == 0 {
-            #[unroll]
-            for e in 0..experts {
-                shared[e * units + u] += shared[e * units + u + stride];
-            }
-        }
-        sync_cube();
-        stride *= 2;
-    }
+    cube_reduce_rows(&mut shared, experts, false);
     if u < experts {
         out[t * experts + u] = F::cast_from(shared[u * units]);
     }

@@ -4,8 +4,8 @@ use cubecl::prelude::*;
 use cubecl::server::Handle;
 
 use super::GateProblem;
-use super::kernel::{GATE_UNITS, gate_logits_kernel, gate_weight_grad_finish_kernel, gate_weight_grad_kernel};
-use crate::reduce::{MAX_CUBES_X, row_grid, row_vector_size};
+use super::kernel::{gate_logits_kernel, gate_weight_grad_finish_kernel, gate_weight_grad_kernel};
+use crate::reduce::{MAX_CUBES_X, REDUCE_UNITS, row_grid, row_vector_size};
 use crate::scatter::KernelError;
 
 /// Most gate rows the kernels take: each unit keeps `experts` vector sums in registers.
@@ -17,7 +17,6 @@ const COLUMN_UNITS: u32 = 64;
 /// and the fewest rows a chunk sums.
 const TARGET_CUBES: usize = 1024;
 const MIN_CHUNK_ROWS: usize = 16;
-
 
 /// [`gate_logits_kernel`]: `out` (`tokens × experts` of `F`) `= x · gateᵀ` for `x` (`tokens × dim`)
 /// and `gate` (`experts × dim`), row-major.
@@ -43,7 +42,7 @@ pub fn launch_gate_logits<R: Runtime, F: Float + CubeElement>(
         gate_logits_kernel::launch_unchecked::<F, R>(
             client,
             row_grid(tokens),
-            CubeDim::new_1d(GATE_UNITS),
+            CubeDim::new_1d(REDUCE_UNITS),
             v,
             ArrayArg::from_raw_parts(x, tokens * dim),
             ArrayArg::from_raw_parts(gate, experts * dim),

@@ -169,15 +169,17 @@ fn smem_carrier(out: &mut Array<u32>, #[comptime] words: usize) {
     out[UNIT_POS as usize] = s[0] + s[words - 1];
 }
 
-/// A row-major `[rows, cols]` 16-bit tensor's TMA map with `[box_rows, box_cols]` boxes, the
-/// 128-byte swizzle, and zero fill outside the tensor.
-fn tensor_map<F: CubeElement + CubePrimitive>(handle: &Handle, rows: usize, cols: usize, box_rows: usize, box_cols: usize) -> TensorMapBinding {
+/// The TMA map of a row-major 16-bit tensor of `shape` with `tile`-sized boxes, the 128-byte swizzle,
+/// and zero fill outside the tensor: the operands as `[rows, cols]`, the output of the bulk stores as
+/// `[planes, rows, cols]` with boxes of one plane (a weight gradient's tile past its expert's rows, or
+/// columns past the last, are then not written).
+fn tensor_map<F: CubeElement + CubePrimitive, const D: usize>(handle: &Handle, shape: [usize; D], tile: [usize; D]) -> TensorMapBinding {
     TensorMapBinding {
         binding: handle.clone().binding(),
         map: TensorMapMeta {
-            format: TensorMapFormat::Tiled(TiledArgs { tile_size: [box_rows, box_cols].into() }),
-            metadata: Metadata::new([rows, cols], [cols, 1]),
-            elem_stride: [1usize, 1].into(),
+            format: TensorMapFormat::Tiled(TiledArgs { tile_size: tile.into() }),
+            metadata: Metadata::new(shape, row_major_strides(shape)),
+            elem_stride: [1usize; D].into(),
             interleave: TensorMapInterleave::None,
             swizzle: TensorMapSwizzle::B128,
             prefetch: TensorMapPrefetch::None,
@@ -187,23 +189,13 @@ fn tensor_map<F: CubeElement + CubePrimitive>(handle: &Handle, rows: usize, cols
     }
 }
 
-/// The output `[planes, rows, cols]` (row-major) as the bulk stores see it: 64 × 64 boxes of one
-/// plane, 128-byte swizzled; what falls outside is not written (a weight gradient's tile past its
-/// expert's `rows`, columns past `cols`).
-fn output_map<F: CubeElement + CubePrimitive>(handle: &Handle, planes: usize, rows: usize, cols: usize) -> TensorMapBinding {
-    TensorMapBinding {
-        binding: handle.clone().binding(),
-        map: TensorMapMeta {
-            format: TensorMapFormat::Tiled(TiledArgs { tile_size: [1, 64, 64].into() }),
-            metadata: Metadata::new([planes, rows, cols], [rows * cols, cols, 1]),
-            elem_stride: [1usize, 1, 1].into(),
-            interleave: TensorMapInterleave::None,
-            swizzle: TensorMapSwizzle::B128,
-            prefetch: TensorMapPrefetch::None,
-            oob_fill: OobFill::Zero,
-            storage_ty: storage_type::<F>(),
-        },
+/// Element strides of a contiguous row-major tensor of `shape`.
+fn row_major_strides<const D: usize>(shape: [usize; D]) -> [usize; D] {
+    let mut strides = [1usize; D];
+    for i in (0..D.saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1];
     }
+    strides
 }
 
 fn check_aligned(what: &str, handle: &Handle) -> Result<(), KernelError> {
@@ -240,18 +232,18 @@ pub(crate) fn launch_wgmma_matmul<R: Runtime, F: Float + CubeElement>(
         return Ok(());
     }
     let cfg = config(block_n(p.m), false, !p.transpose, is_bf16::<F>());
-    let map_a = tensor_map::<F>(&x, p.rows, p.k, WGMMA_BLOCK_M, WGMMA_BLOCK_K);
+    let map_a = tensor_map::<F, 2>(&x, [p.rows, p.k], [WGMMA_BLOCK_M, WGMMA_BLOCK_K]);
     let map_b = if p.transpose {
-        tensor_map::<F>(&w, p.num_experts * p.m, p.k, cfg.bn, WGMMA_BLOCK_K)
+        tensor_map::<F, 2>(&w, [p.num_experts * p.m, p.k], [cfg.bn, WGMMA_BLOCK_K])
     } else {
-        tensor_map::<F>(&w, p.num_experts * p.k, p.m, WGMMA_BLOCK_K, 64)
+        tensor_map::<F, 2>(&w, [p.num_experts * p.k, p.m], [WGMMA_BLOCK_K, 64])
     };
     let col_tiles = p.m.div_ceil(cfg.bn);
     let tiles_h = cuda.create_from_slice(u32::as_bytes(tiles));
     let grid = TileGrid { x: row_tiles, y: col_tiles, z: 1, group: group.clamp(1, row_tiles) };
     let mut maps = vec![map_a, map_b];
     if cfg.tma_store {
-        maps.push(output_map::<F>(&out, 1, p.rows, p.m));
+        maps.push(tensor_map::<F, 3>(&out, [1, p.rows, p.m], [1, 64, 64]));
     }
     launch(cuda, cfg, grid, maps, [offsets, tiles_h, out], [p.m as u64, p.k as u64, 0])
 }
@@ -279,14 +271,14 @@ pub(crate) fn launch_wgmma_weight_grad<R: Runtime, F: Float + CubeElement>(
     // Zero-row tensors still need a valid map: TMA rejects a zero extent (every box is then past the
     // end and zero-filled, and no expert has rows to read anyway).
     let rows = p.rows.max(1);
-    let map_a = tensor_map::<F>(&dy, rows, p.m, WGMMA_BLOCK_K, 64);
-    let map_b = tensor_map::<F>(&x, rows, p.k, WGMMA_BLOCK_K, 64);
+    let map_a = tensor_map::<F, 2>(&dy, [rows, p.m], [WGMMA_BLOCK_K, 64]);
+    let map_b = tensor_map::<F, 2>(&x, [rows, p.k], [WGMMA_BLOCK_K, 64]);
     let m_tiles = p.m.div_ceil(WGMMA_BLOCK_M);
     let grid = TileGrid { x: m_tiles, y: p.k.div_ceil(cfg.bn), z: p.num_experts, group: group.clamp(1, m_tiles) };
     let placeholder = offsets.clone();
     let mut maps = vec![map_a, map_b];
     if cfg.tma_store {
-        maps.push(output_map::<F>(&dw, p.num_experts, p.m, p.k));
+        maps.push(tensor_map::<F, 3>(&dw, [p.num_experts, p.m, p.k], [1, 64, 64]));
     }
     launch(cuda, cfg, grid, maps, [offsets, placeholder, dw], [p.k as u64, 0, p.m as u64])
 }
@@ -335,6 +327,12 @@ fn launch(client: &ComputeClient<CudaRuntime>, cfg: WgmmaConfig, grid: TileGrid,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_major_strides_of_the_maps() {
+        assert_eq!(row_major_strides([5, 7]), [7, 1]);
+        assert_eq!(row_major_strides([3, 5, 7]), [35, 7, 1]);
+    }
 
     /// The task compiles without a GPU (CubeCL's CUDA compiler is plain Rust; NVRTC runs later, in
     /// the runtime): our source and entry point, and a shared-memory description as large as the
