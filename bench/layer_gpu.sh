@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call (one Hopper GPU): the dMoE layer checked and timed next to torchtitan, with A/B runs of the
-# wgmma kernel's output path (BURN_MOE_WGMMA_EPILOGUE = direct | wgrad (the build's default) | all: stores from
-# registers or through shared memory and TMA bulk stores; MODES, default "wgrad"). Steps (STEPS, default "tests gemm layer ncu"):
+# wgmma kernel's output path (BURN_MOE_WGMMA_EPILOGUE = direct | wgrad | all (the build's default): stores from
+# registers or through shared memory and TMA bulk stores; MODES, default "all"). Steps (STEPS, default "tests gemm layer ncu"):
 #   tests   the small ragged CUDA GEMM cases (grouped_gemm `on_cuda`) and the Mixtral-size wgmma tests
 #           (cuda_mixtral `wgmma`) per TEST_MODES;
 #   scatter the scatter kernels (permute, grouped GEMMs, combine and its backward) against the reference (scatter
@@ -23,7 +23,7 @@ source bench/moe_bench_env.sh
 for b in grouped_gemm cuda_mixtral scatter gate; do
   [ -f .dev/bin/$b.xz ] && python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('.dev/bin/$b.xz'), open('/tmp/$b','wb'))" && chmod +x /tmp/$b
 done
-MODES=${MODES:-wgrad}
+MODES=${MODES:-all}
 TS=${TS:-4096,16384}
 rc=0
 for step in ${STEPS:-tests gemm layer ncu}; do

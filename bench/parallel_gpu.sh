@@ -3,12 +3,13 @@
 #  1. Equivalence: the tiny job as 1 process x batch 4 and as NPROC processes x batch 4/NPROC under each
 #     plan (NCCL); the logged losses must agree (f32).
 #  2. The table: a Mixtral-8x7B-shaped model (d=4096, ffn=14336, E=8, k=2, 32 heads / 8 kv, vocab 32000)
-#     with LAYERS layers, random init, packed rows of SEQ tokens, per-device batch 1, STEPS steps, f32 unless EXTRA has --dtype bf16,
+#     with LAYERS layers, random init, packed rows of SEQ tokens, per-device batch BATCH (default 1), STEPS steps, f32 unless EXTRA has --dtype bf16,
 #     for each plan in PLANS and each mode in LORAS (none | attn-only | all).
 #     Memory: nvidia-smi sampled every 200 ms (max over the run, per GPU). Model FLOPs per token: 6·N_active + 12·L·d·S (HF/Megatron
 #     convention, causal attention counted in full), N_active = non-embedding params a token touches.
 # EQUIV_EXTRA adds flags to the equivalence runs (e.g. "--dtype bf16": then 1 GPU bf16 is also compared with
-# 1 GPU f32, and the plans with 1 GPU bf16). GEMM_RATE=1 first measures torch's bf16 8192^3 matmul rate on
+# 1 GPU f32, and the plans with 1 GPU bf16); EQUIV_ACCUM sets their gradient accumulation (default 2; 1 is
+# where bf16 gradients that no rank sums go to the optimizer unwidened). GEMM_RATE=1 first measures torch's bf16 8192^3 matmul rate on
 # this card (the denominator of the "40% of the card's bf16 GEMM rate" target).
 # Plans: fsdp2, fsdp1 (the trainer's default --fsdp-gather: one unit at a time, the next one's gathers
 # overlapped), fsdp2-layer / fsdp1-layer (one unit at a time, no overlap), fsdp2-step / fsdp1-step (the
@@ -41,12 +42,12 @@ fi
 
 if [ "${EQUIV:-1}" = 1 ]; then
   PER=$(( NPROC >= 4 ? 1 : 4 / NPROC )); GLOBAL=$((PER * NPROC))
-  COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2 ${EQUIV_EXTRA:-}"
+  COMMON="--device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps ${EQUIV_ACCUM:-2} ${EQUIV_EXTRA:-}"
   EQUIV_PLANS=${EQUIV_PLANS:-$PLANS}
   echo "=== equivalence (tiny model, ${EQUIV_EXTRA:-f32}): 1 x batch $GLOBAL vs $NPROC x batch $PER"
   timeout 120 /tmp/trainer $COMMON --per-device-train-batch-size $GLOBAL --output-dir $OUT/eq/single >/dev/null
   if [ -n "${EQUIV_EXTRA:-}" ]; then
-    timeout 120 /tmp/trainer --device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps 2 \
+    timeout 120 /tmp/trainer --device cuda --max-steps 3 --seed 1 --gradient-accumulation-steps ${EQUIV_ACCUM:-2} \
       --per-device-train-batch-size $GLOBAL --output-dir $OUT/eq/single-f32 >/dev/null
     EQUIV_PLANS="single-f32 $EQUIV_PLANS"
   fi
@@ -76,14 +77,14 @@ for lora in $LORAS; do
     ROWS="$ROWS $name"
   done
 done
-python3 - "$OUT" "$NPROC" "$LAYERS" "$SEQ" $ROWS <<'PY'
+python3 - "$OUT" "$NPROC" "$LAYERS" "$SEQ" "${BATCH:-1}" $ROWS <<'PY'
 import json, sys, os, collections
-out, nproc, L, S, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+out, nproc, L, S, batch, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6:]
 d, f, E, k, V, kv = 4096, 14336, 8, 2, 32000, 1024
 attn = 2 * d * d + 2 * d * kv
 n_active = L * (attn + E * d + k * 3 * d * f) + V * d
 flop_tok = 6 * n_active + 12 * L * d * S
-print(f"model: {L} layers, {n_active/1e9:.3f}B active params/token, {flop_tok/1e9:.1f} GFLOP/token (fwd+bwd)")
+print(f"model: {L} layers, {n_active/1e9:.3f}B active params/token, {flop_tok/1e9:.1f} GFLOP/token (fwd+bwd); per-device batch {batch} x {S} tokens")
 print("| plan | LoRA | steps | train_runtime s | lower-median s/step (steps 2+) | tokens/s/GPU | model TFLOP/s/GPU | gpu_mem_used_peak | gpu_mem_alloc | smi peak MiB (max GPU) | loss first→last |")
 print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 table = []
@@ -107,7 +108,7 @@ for r in rows:
     # be a compilation step's neighbour (5 steps: 2.62, 7.25, 0.78, 0.79 s read 2.62 on 2026-11-29).
     deltas = sorted(b["elapsed_s"] - a["elapsed_s"] for a, b in zip(m, m[1:])) or [m[0]["elapsed_s"]]
     steady = deltas[(len(deltas) - 1) // 2]
-    tok_gpu = S / steady  # per-device batch 1 of S tokens
+    tok_gpu = batch * S / steady  # per-device batch of packed rows of S tokens
     tflops = tok_gpu * flop_tok / 1e12
     row = dict(plan=plan, lora=lora, steps=len(m), runtime=s["train_runtime"], steady=steady, tok_gpu=tok_gpu,
                tflops=tflops, mem=max(peak.values()) if peak else None, loss=(m[0]["loss"], m[-1]["loss"]))

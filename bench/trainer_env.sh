@@ -19,8 +19,8 @@ flags() { # plan -> trainer flags
     ep*+*) local ep=${plan%%+*}; echo "--ep-size ${ep#ep} --sharding ${plan#*+} $gather";;
   esac
 }
-# The Mixtral-shaped row of the GPU tables, for a config written by bench/mixtral_config.py: one packed
-# row of SEQ tokens per device (default 4096), STEPS steps (default 4), each logged.
+# The Mixtral-shaped row of the GPU tables, for a config written by bench/mixtral_config.py: BATCH packed
+# rows (default 1) of SEQ tokens per device (default 4096), STEPS steps (default 4), each logged.
 mixtral_row() { # config.json -> trainer flags
-  echo "--model-config $1 --per-device-train-batch-size 1 --packing --max-seq-length ${SEQ:-4096} --max-steps ${STEPS:-4} --logging-steps 1 --learning-rate 1e-5"
+  echo "--model-config $1 --per-device-train-batch-size ${BATCH:-1} --packing --max-seq-length ${SEQ:-4096} --max-steps ${STEPS:-4} --logging-steps 1 --learning-rate 1e-5"
 }

@@ -35,4 +35,4 @@ pub use kernel::MoeKernel;
 pub use memory::{DeviceMemory, MemoryBackend};
 pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError, freeze};
 pub use ops::MoeBackend;
-pub use optim::{FusedAdamW, GradScale};
+pub use optim::{ComputeCopies, FusedAdamW, FusedAdamWOptimizer, GradScale};

@@ -126,3 +126,68 @@ fn a_gradient_scale_equals_scaled_gradients() {
     let folded = run_scaled::<Wgpu>(&Default::default(), true, 0.25, 1.0);
     assert_eq!(folded, run_scaled::<Wgpu>(&Default::default(), true, 1.0, 0.25), "wgpu kernel");
 }
+
+/// Four steps on wgpu of `FusedAdamW` (`fused` as given) fed f16 gradients (`narrow`): with
+/// `copies`, the optimizer that leaves f16 copies; without, the gradients widened to f32 first. The
+/// weights after each step, and the f16 values of the copies (or of the weights cast).
+fn run_narrow(fused: bool, copies: bool, narrow: bool) -> Vec<(Vec<f32>, Vec<f32>)> {
+    use burn::tensor::FloatDType;
+    use burn_moe_backend::ComputeCopies;
+    type Wgpu = Autodiff<CubeBackend<WgpuRuntime, f32, i32, u32>>;
+    type Inner = CubeBackend<WgpuRuntime, f32, i32, u32>;
+    let device = Default::default();
+    let opt = FusedAdamW { epsilon: 1e-6, weight_decay: 0.1, fused, ..Default::default() };
+    let store = ComputeCopies::<Inner>::new(FloatDType::F16);
+    let mut opt = if copies { opt.init_with_copies::<Wgpu, Weights<Wgpu>>(store.clone()) } else { opt.init::<Wgpu, Weights<Wgpu>>() };
+    let mut w = weights::<Wgpu>(&device);
+    let mut out = Vec::new();
+    for step in 0..4 {
+        let mut g = GradientsParams::from_grads(loss(&w).backward(), &w);
+        // The narrow gradients a half-precision backward pass gives, widened back when the
+        // optimizer is not the one to do it.
+        macro_rules! narrow {
+            ($p:expr, $d:literal) => {{
+                let t = g.remove::<Inner, $d>($p.id).unwrap().cast(FloatDType::F16);
+                g.register::<Inner, $d>($p.id, if copies { t } else { t.cast(FloatDType::F32) });
+            }};
+        }
+        if narrow {
+            narrow!(w.a, 1);
+            narrow!(w.b, 2);
+            narrow!(w.c, 3);
+        }
+        w = opt.step(0.05 / (step + 1) as f64, w, g);
+        let half = |t: Tensor<Inner, 1>| t.cast(FloatDType::F16).cast(FloatDType::F32).into_data().to_vec::<f32>().unwrap();
+        let copy = if copies {
+            assert_eq!(store.len(), 3, "step {}: a copy per parameter", step + 1);
+            let mut v = half(store.get::<1>(w.a.id, &w.a.val().shape()).unwrap().cast(FloatDType::F32));
+            v.extend(half(store.get::<2>(w.b.id, &w.b.val().shape()).unwrap().cast(FloatDType::F32).flatten(0, 1)));
+            v.extend(half(store.get::<3>(w.c.id, &w.c.val().shape()).unwrap().cast(FloatDType::F32).flatten(0, 2)));
+            v
+        } else {
+            let mut v = half(w.a.val().inner());
+            v.extend(half(w.b.val().inner().flatten(0, 1)));
+            v.extend(half(w.c.val().inner().flatten(0, 2)));
+            v
+        };
+        out.push((flat(&w), copy));
+    }
+    out
+}
+
+/// Mixed precision's widening and compute copy folded into the update are exact: f16 gradients read
+/// by the update and the copies it writes give bit for bit the weights of widening the gradients
+/// first and the f16 values of casting the new weights — in the CubeCL kernel and in the tensor-op
+/// default. And they are not the f32-gradient run's (the narrow gradients do reach the update).
+#[test]
+fn narrow_gradients_and_compute_copies_are_exact() {
+    for fused in [true, false] {
+        let (folded, separate) = (run_narrow(fused, true, true), run_narrow(fused, false, true));
+        for (step, (a, b)) in folded.iter().zip(&separate).enumerate() {
+            assert_eq!(a.0, b.0, "fused {fused}, step {}: weights", step + 1);
+            assert_eq!(a.1, b.1, "fused {fused}, step {}: compute copies", step + 1);
+        }
+    }
+    let (narrow, wide) = (run_narrow(true, true, true), run_narrow(true, true, false));
+    assert!(rel_l2(&narrow[3].0, &wide[3].0) > 1e-6, "the f16 gradients must reach the update");
+}

@@ -66,7 +66,7 @@ fn check_kernel(kernel: MoeKernel) {
     let device = Default::default();
     let model: MixtralForCausalLM<Autodiff<Wgpu>> = MixtralConfig::tiny().with_moe_kernel(kernel).init_seeded(&device, 3);
     let full = pass(&model, &device);
-    let half = pass(&compute_copy(model, FloatDType::F16), &device);
+    let half = pass(&compute_copy(model, FloatDType::F16, None), &device);
     assert!(full.dtypes.iter().all(|&d| d == DType::F32));
     assert!(half.dtypes.iter().all(|&d| d == DType::F16), "{kernel}: the compute copy is f16");
     let loss_err = (half.loss - full.loss).abs() / full.loss;
@@ -146,6 +146,26 @@ fn trainer_fused_adamw_trains_like_burn_optims_adamw() {
     }
     // Step 1 is before any update; the later steps are where the optimizers act.
     assert!(ops[3] < ops[0], "the run trains: {ops:?}");
+}
+
+/// Under `--dtype f16` the fused AdamW reads the f16 gradients itself and writes the next step's f16
+/// weights (no widening pass, no cast of the weights before the forward pass); burn-optim's tensor
+/// ops (`--fused-adamw false`) widen and cast as separate passes. The runs follow each other step for
+/// step — a stale or missing copy would put the forward pass a step behind — and so does a run with
+/// gradient accumulation, where the gradients are widened to be summed.
+#[test]
+fn trainer_f16_fused_adamw_folds_widening_and_copy() {
+    type B = Autodiff<Wgpu>;
+    for extra in [&[][..], &["--gradient-accumulation-steps", "2"][..]] {
+        let ops = trainer_losses::<B>("none", "float16", &[&["--fused-adamw", "false"][..], extra].concat());
+        let fused = trainer_losses::<B>("none", "float16", extra);
+        assert_eq!(fused.len(), 4);
+        for (step, (a, b)) in ops.iter().zip(&fused).enumerate() {
+            let err = (a - b).abs() / a;
+            assert!(err < 1e-5, "{extra:?} step {}: fused loss {b} vs tensor-op AdamW {a} (rel {err:.2e})", step + 1);
+        }
+        assert!(ops[3] < ops[0], "the run trains: {ops:?}");
+    }
 }
 
 /// Per-step losses of a 4-step tiny-model trainer run on `B` (scatter kernels), with `extra` flags.

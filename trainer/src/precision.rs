@@ -3,13 +3,18 @@
 //! gradients (produced in that dtype) are widened to f32 before they are accumulated, reduced,
 //! clipped and applied — the recipe of `torch.autocast` + f32 master weights, made explicit.
 //!
+//! With the fused AdamW the widening and the copy ride in the optimizer's pass where they can: it
+//! reads bf16 gradients that nothing sums first ([`widen_grads_where`]) and leaves the next step's
+//! copy of each weight in [`ComputeCopies`] ([`compute_copy`] takes it).
+//!
 //! Frozen weights (the base model under LoRA) have no master copy: they are stored in the compute
 //! dtype from the start (as transformers loads a `torch_dtype=bfloat16` base), which halves their
 //! memory. The model code follows each tensor's runtime dtype and does its softmaxes, norms and
 //! loss in f32 (as HF does), so the device's default float dtype is never changed: host scalars,
 //! statistics and gradient buffers stay f32.
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn_moe_backend::ComputeCopies;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
 use burn::tensor::{DType, FloatDType, Tensor};
@@ -112,27 +117,47 @@ pub fn compute_leaf<B: AutodiffBackend, const D: usize>(t: Tensor<B, D>, compute
 }
 
 /// The model the forward pass runs: every parameter rounded to the compute dtype
-/// ([`compute_leaf`]).
-pub fn compute_copy<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType) -> M {
-    struct Round(FloatDType);
-    impl<B: AutodiffBackend> ModuleMapper<B> for Round {
+/// ([`compute_leaf`]) — taken from `copies` where the optimizer's last update left the parameter
+/// already rounded (one pass over the weights fewer per step), cast otherwise.
+pub fn compute_copy<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType, copies: Option<&ComputeCopies<B::InnerBackend>>) -> M {
+    struct Round<'a, B: Backend>(FloatDType, Option<&'a ComputeCopies<B>>);
+    impl<B: AutodiffBackend> ModuleMapper<B> for Round<'_, B::InnerBackend> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, t, mapper) = param.consume();
-            Param::from_mapped_value(id, compute_leaf(t, self.0), mapper)
+            let ready = self.1.filter(|c| c.dtype() == self.0).and_then(|c| c.get::<D>(id, &t.shape()));
+            let t = match ready {
+                Some(copy) => {
+                    let copy = Tensor::<B, D>::from_inner(copy);
+                    if t.is_require_grad() { copy.require_grad() } else { copy }
+                }
+                None => compute_leaf(t, self.0),
+            };
+            Param::from_mapped_value(id, t, mapper)
         }
     }
-    model.map(&mut Round(compute))
+    model.map(&mut Round(compute, copies))
 }
 
-/// Widens the gradients of `module`'s parameters to f32 (the masters' dtype), in place.
-pub fn widen_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams) {
-    struct Widen<'a>(&'a mut GradientsParams);
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Widen<'_> {
+/// Widens the gradients of `module`'s parameters for which `wide(id)` holds to f32 (the masters'
+/// dtype), in place. The others stay in the compute dtype: the optimizer's update reads them as they
+/// are (one pass over the gradients fewer), which is exact as long as nothing sums them first — no
+/// accumulation over micro-batches and no reduction over ranks.
+pub fn widen_grads_where<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams, wide: impl Fn(ParamId) -> bool) {
+    struct Widen<'a, W>(&'a mut GradientsParams, W);
+    impl<B: AutodiffBackend, W: Fn(ParamId) -> bool> ModuleVisitor<B> for Widen<'_, W> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if !(self.1)(param.id) {
+                return;
+            }
             if let Some(g) = self.0.remove::<B::InnerBackend, D>(param.id) {
                 self.0.register::<B::InnerBackend, D>(param.id, cast(g, FloatDType::F32));
             }
         }
     }
-    module.visit(&mut Widen(grads));
+    module.visit(&mut Widen(grads, wide));
+}
+
+/// Widens the gradients of `module`'s parameters to f32 (the masters' dtype), in place.
+pub fn widen_grads<B: AutodiffBackend, M: Module<B>>(module: &M, grads: &mut GradientsParams) {
+    widen_grads_where(module, grads, |_| true);
 }

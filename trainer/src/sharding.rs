@@ -44,7 +44,7 @@ use burn_moe_backend::dist::{
     CollectiveBackend, CommError, Communicator, DTensor, DTensorError, DeviceMesh, GraphComm, MeshError, Placement,
     ReduceOp, reduce_scatter_shard, shard_range,
 };
-use burn_moe_backend::{AllToAllDispatcher, LocalDispatcher, MoeBackend, TokenDispatcher};
+use burn_moe_backend::{AllToAllDispatcher, ComputeCopies, LocalDispatcher, MoeBackend, TokenDispatcher};
 use mixtral_burn::{LazyWeights, MixtralForCausalLM};
 
 /// How non-expert parameters are distributed (`--sharding`).
@@ -150,6 +150,8 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     num_experts: usize,
     /// When FSDP gathers.
     gather: FsdpGather,
+    /// Mixed precision with the fused AdamW: the weights its last update left rounded to `compute`.
+    copies: Option<ComputeCopies<B::InnerBackend>>,
 }
 
 /// The part of one parameter's global tensor a rank stores (see [`Parallel::local_piece`]).
@@ -188,7 +190,7 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, num_experts, gather: FsdpGather::default() })
+        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, num_experts, gather: FsdpGather::default(), copies: None })
     }
 
     /// With expert parallelism, the experts this rank holds (the same range [`shard`](Self::shard)
@@ -204,6 +206,31 @@ where
     pub fn with_compute_dtype(mut self, compute: Option<FloatDType>) -> Self {
         self.compute = compute;
         self
+    }
+
+    /// The compute copies the optimizer leaves ([`burn_moe_backend::FusedAdamW::init_with_copies`]),
+    /// which [`materialize`](Self::materialize) takes instead of casting the weights again.
+    #[must_use]
+    pub fn with_compute_copies(mut self, copies: Option<ComputeCopies<B::InnerBackend>>) -> Self {
+        self.copies = copies;
+        self
+    }
+
+    /// Whether [`materialize`](Self::materialize) rounds every weight whole, as it is stored (no
+    /// FSDP gather): only then are the optimizer's compute copies used, so other plans do not keep them.
+    pub fn rounds_whole_weights(&self) -> bool {
+        !matches!(self.sharding, Sharding::Fsdp1 | Sharding::Fsdp2)
+    }
+
+    /// Whether parameter `id`'s gradient is summed over ranks before the update (it is then widened
+    /// to f32 first under mixed precision): sharded and flat parameters, replicated ones on more
+    /// than one rank, experts with more than one expert-data-parallel replica.
+    pub fn reduces_grad(&self, id: ParamId) -> bool {
+        match self.placements.get(&id) {
+            Some(ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. }) => true,
+            Some(ParamPlacement::Expert) => self.mesh.expert_dp_group().size() > 1,
+            Some(ParamPlacement::Replicated) | None => self.mesh.fsdp_group().size() > 1,
+        }
     }
 
     /// When FSDP gathers (`--fsdp-gather`; default per unit with prefetch).
@@ -408,7 +435,7 @@ where
     fn gather_where(&self, model: &MixtralForCausalLM<B>, compute: Option<FloatDType>, skip_frozen: bool) -> Result<MixtralForCausalLM<B>, ShardingError> {
         if !self.placements.values().any(|p| matches!(p, ParamPlacement::Sharded { .. } | ParamPlacement::Flat { .. })) {
             return Ok(match compute {
-                Some(c) => crate::precision::compute_copy(model.clone(), c),
+                Some(c) => crate::precision::compute_copy(model.clone(), c, self.copies.as_ref()),
                 None => model.clone(),
             });
         }

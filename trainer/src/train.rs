@@ -453,15 +453,25 @@ where
     // burn-optim's AdamW (the same numbers and checkpoint state); with `--fused-adamw` the update is
     // one pass per parameter on CubeCL backends.
     let grad_scale = burn_moe_backend::GradScale::default();
-    let mut optimizer = burn_moe_backend::FusedAdamW {
+    let adamw = burn_moe_backend::FusedAdamW {
         beta_1: args.adam_beta1 as f32,
         beta_2: args.adam_beta2 as f32,
         epsilon: args.adam_epsilon as f32,
         weight_decay: args.weight_decay as f32,
         fused: args.fused_adamw,
         grad_scale: grad_scale.clone(),
-    }
-    .init::<B, MixtralForCausalLM<B>>();
+    };
+    // Mixed precision with the fused update: it also writes the next step's compute copy of each
+    // weight, which the forward pass takes where weights are rounded whole (not under FSDP, whose
+    // shards are rounded as they are gathered, so copies would only be held).
+    let copies = compute
+        .filter(|_| args.fused_adamw && parallel.rounds_whole_weights())
+        .map(burn_moe_backend::ComputeCopies::<B::InnerBackend>::new);
+    parallel = parallel.with_compute_copies(copies.clone());
+    let mut optimizer = match copies {
+        Some(c) => adamw.init_with_copies::<B, MixtralForCausalLM<B>>(c),
+        None => adamw.init::<B, MixtralForCausalLM<B>>(),
+    };
     let (start_step, mut tokens, mut last_eval, metrics) = match &resume {
         Some((dir, state)) => {
             let ids = param_ids::<B, _>(&model);
@@ -593,8 +603,10 @@ where
                 timers.mark("backward");
                 let mut grads = GradientsParams::from_grads(grads, &live);
                 if compute.is_some() {
-                    // Accumulated, reduced and applied in f32, as the masters.
-                    crate::precision::widen_grads(&live, &mut grads);
+                    // Accumulated and reduced in f32, as the masters; a gradient that is neither
+                    // goes to the optimizer as it is, which widens it in its own pass.
+                    let keep_narrow = args.fused_adamw && accum == 1;
+                    crate::precision::widen_grads_where(&live, &mut grads, |id| !keep_narrow || parallel.reduces_grad(id));
                 }
                 accumulator.accumulate(&live, grads);
                 timers.mark("gradients (widen, accumulate)");
@@ -630,7 +642,7 @@ where
                     evaluate_parallel::<B, C>(&parallel, &model, eval, args.per_device_eval_batch_size, comm, device)?
                 } else {
                     let full = match compute {
-                        Some(c) => crate::precision::compute_copy(model.clone(), c),
+                        Some(c) => crate::precision::compute_copy(model.clone(), c, None),
                         None => model.clone(),
                     };
                     evaluate(&full.valid(), eval, args.per_device_eval_batch_size, device)

@@ -1,10 +1,24 @@
 use std::sync::Arc;
 
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::{Int, Tensor, TensorPrimitive, backend::Backend};
+use burn::tensor::{FloatDType, Int, Tensor, TensorPrimitive, backend::Backend};
 use kernels_cubecl::BlockSparseTopology;
 
 use super::reference;
+
+/// What [`MoeBackend::moe_adamw_step`] returns: the updated parameter and moments (in the
+/// parameter's dtype) and, when asked for, the parameter rounded to the compute dtype.
+#[derive(Debug, Clone)]
+pub struct AdamWUpdate<B: Backend> {
+    /// The new parameter.
+    pub param: FloatTensor<B>,
+    /// The new first moment.
+    pub m: FloatTensor<B>,
+    /// The new second moment.
+    pub v: FloatTensor<B>,
+    /// The new parameter in the requested compute dtype.
+    pub copy: Option<FloatTensor<B>>,
+}
 
 /// A row index (of [`MoeBackend::moe_permute`] or [`MoeBackend::moe_combine`]) that the caller also
 /// holds on the host, as the MoE layers do: they build their routing plan there.
@@ -151,20 +165,24 @@ pub trait MoeBackend: Backend {
     }
 
     /// One AdamW update of a parameter, elementwise (burn-optim's `AdamW` formula; see
-    /// [`crate::optim::FusedAdamW`]): returns the new parameter and first and second moments. The
-    /// default composes it from tensor ops in burn-optim's order (the same numbers as its `AdamW`);
-    /// CubeCL backends run one fused kernel.
+    /// [`crate::optim::FusedAdamW`]): the new parameter and first and second moments, and with
+    /// `copy` the new parameter rounded to that dtype (mixed precision's compute copy for the next
+    /// step). `grad` may be narrower than the parameter (a bf16 gradient of f32 master weights): it
+    /// is widened first, exactly as a cast would. The default composes it from tensor ops in
+    /// burn-optim's order (the same numbers as its `AdamW`) with casts around; CubeCL backends run
+    /// one fused kernel that reads the narrow gradient and writes the copy in the same pass.
     ///
     /// # Shapes
-    /// - `param`, `grad`, `m`, `v`: the same shape → three of that shape
+    /// - `param`, `grad`, `m`, `v`: the same shape → [`AdamWUpdate`] of that shape
     fn moe_adamw_step(
         param: FloatTensor<Self>,
         grad: FloatTensor<Self>,
         m: FloatTensor<Self>,
         v: FloatTensor<Self>,
         hyper: &kernels_cubecl::optim::AdamWHyper,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        crate::optim::adamw_step_ops::<Self>(param, grad, m, v, hyper)
+        copy: Option<FloatDType>,
+    ) -> AdamWUpdate<Self> {
+        crate::optim::adamw_update_ops::<Self>(param, grad, m, v, hyper, copy)
     }
 
     /// `Σ x²` over every element, in f32 (f64 for f64 tensors), as a one-element tensor: the

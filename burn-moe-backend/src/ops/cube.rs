@@ -2,13 +2,13 @@
 //! `kernels-cubecl` scatter and block-sparse kernels. Each launch follows the tensors' *runtime* dtypes (a
 //! `CubeBackend<_, bf16>` tensor can hold f32 data), so the element types are chosen per call.
 
-use burn::tensor::{DType, Shape};
+use burn::tensor::{DType, FloatDType, Shape};
 use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use burn::tensor::ops::{FloatTensor, IntTensor};
 use kernels_cubecl::attention::{launch_attention_softmax, launch_attention_softmax_backward};
-use kernels_cubecl::optim::{launch_sum_squares, sum_squares_cubes};
+use kernels_cubecl::optim::{AdamWBuffers, launch_adamw, launch_sum_squares, sum_squares_cubes};
 use kernels_cubecl::rmsnorm::{launch_rms_norm, launch_rms_norm_backward, launch_rms_norm_weight_grad};
 use kernels_cubecl::xent::{launch_cross_entropy, launch_cross_entropy_backward};
 use kernels_cubecl::gate::{launch_gate_logits, launch_gate_weight_grad};
@@ -20,7 +20,7 @@ use kernels_cubecl::scatter::{
     GroupedMatmulProblem, cmma_supported, launch_combine, launch_combine_backward, launch_grouped_matmul, launch_grouped_matmul_weight_grad, launch_permute,
 };
 
-use super::backend::MoeBackend;
+use super::backend::{AdamWUpdate, MoeBackend};
 use super::reference::{reference_gate_logits, reference_gate_weight_grad};
 
 /// Calls `$body` with `$f` bound to the Rust float type of `$dtype`.
@@ -369,19 +369,46 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> MoeBackend
         m: FloatTensor<Self>,
         v: FloatTensor<Self>,
         hyper: &kernels_cubecl::optim::AdamWHyper,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        copy: Option<FloatDType>,
+    ) -> AdamWUpdate<Self> {
         let (param, grad, m, v) = (into_contiguous(param), into_contiguous(grad), into_contiguous(m), into_contiguous(v));
-        check_same("AdamW", &[&param, &grad, &m, &v]);
+        check_same("AdamW", &[&param, &m, &v]);
+        assert_eq!(grad.meta.shape(), param.meta.shape(), "AdamW: the gradient's shape differs from the parameter's");
         let shape = param.meta.shape().clone();
         let len = shape.num_elements();
         let out = || empty_shape(&param, shape.clone(), param.dtype);
         let (p_out, m_out, v_out) = (out(), out(), out());
-        with_float!(param.dtype, FE => kernels_cubecl::optim::launch_adamw::<R, FE>(
-            &param.client, len, hyper, param.handle.clone(), grad.handle.clone(), m.handle.clone(), v.handle.clone(),
-            p_out.handle.clone(), m_out.handle.clone(), v_out.handle.clone()
-        ))
+        // f32 masters (mixed precision) take a gradient and give a copy of any float type in the
+        // pass; a narrower parameter keeps one type for all (the gradient cast first if it differs,
+        // the copy cast after).
+        let wide = param.dtype == DType::F32;
+        let grad = if wide || grad.dtype == param.dtype { grad } else { burn_cubecl::kernel::cast(grad, param.dtype) };
+        let fused_copy = copy.map(DType::from).filter(|_| wide);
+        let copy_out = fused_copy.map(|dtype| empty_shape(&param, shape.clone(), dtype));
+        let buffers = AdamWBuffers {
+            param: param.handle.clone(),
+            grad: grad.handle.clone(),
+            m: m.handle.clone(),
+            v: v.handle.clone(),
+            param_out: p_out.handle.clone(),
+            m_out: m_out.handle.clone(),
+            v_out: v_out.handle.clone(),
+            copy_out: copy_out.as_ref().map(|c| c.handle.clone()),
+        };
+        let client = &param.client;
+        if wide {
+            with_float!(grad.dtype, GE => with_float!(fused_copy.unwrap_or(DType::F32), HE =>
+                launch_adamw::<R, f32, GE, HE>(client, len, hyper, buffers)))
+        } else {
+            with_float!(param.dtype, FE => launch_adamw::<R, FE, FE, FE>(client, len, hyper, buffers))
+        }
         .unwrap_or_else(|e| panic!("AdamW: {e}"));
-        (p_out, m_out, v_out)
+        let copy = match (copy_out, copy) {
+            (Some(c), _) => Some(c),
+            (None, Some(dtype)) => Some(burn_cubecl::kernel::cast(p_out.clone(), DType::from(dtype))),
+            (None, None) => None,
+        };
+        AdamWUpdate { param: p_out, m: m_out, v: v_out, copy }
     }
 
     fn moe_sum_squares(x: FloatTensor<Self>) -> FloatTensor<Self> {

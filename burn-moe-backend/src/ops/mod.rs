@@ -16,7 +16,7 @@ mod reference;
 mod scatter_add;
 
 pub use backend::{
-    HostIndex, MoeBackend, moe_combine, moe_combine_host, moe_cross_entropy, moe_dsd, moe_dstd, moe_gate_logits, moe_grouped_matmul, moe_linear, moe_permute, moe_permute_host, moe_rms_norm,
+    AdamWUpdate, HostIndex, MoeBackend, moe_combine, moe_combine_host, moe_cross_entropy, moe_dsd, moe_dstd, moe_gate_logits, moe_grouped_matmul, moe_linear, moe_permute, moe_permute_host, moe_rms_norm,
     moe_sdd, moe_sum_squares, moe_swiglu, uses_grouped_gemm,
 };
 #[cfg(feature = "cublas")]

@@ -47,37 +47,78 @@ impl AdamWHyper {
     }
 }
 
-/// One AdamW step over `len` elements of `F`: reads `param`, `grad`, `m`, `v`, writes `param_out`,
-/// `m_out`, `v_out` (all `len` elements; outputs may not alias inputs).
+/// The buffers of one AdamW update ([`launch_adamw`]): the parameter and both moments of `F`, the
+/// gradient of `G`, and optionally a compute copy of the new parameter in `H`.
+#[derive(Debug, Clone)]
+pub struct AdamWBuffers {
+    /// Parameter, gradient, first and second moment (read).
+    pub param: Handle,
+    /// The gradient (its own element type `G`).
+    pub grad: Handle,
+    /// First moment.
+    pub m: Handle,
+    /// Second moment.
+    pub v: Handle,
+    /// New parameter, first and second moment (written; may not alias the inputs).
+    pub param_out: Handle,
+    /// New first moment.
+    pub m_out: Handle,
+    /// New second moment.
+    pub v_out: Handle,
+    /// The new parameter rounded to `H` (the next step's compute copy), when wanted.
+    pub copy_out: Option<Handle>,
+}
+
+/// Elements per vector of the update: the widest of 4, 2, 1 that divides `len` and to which every
+/// buffer's start is aligned (a parameter can be a view into a larger buffer), `elem_bytes[i]` being
+/// buffer `i`'s element size. Four: sixteen bytes of f32, the widest load.
+pub fn adamw_vector_size(len: usize, buffers: &[(&Handle, usize)]) -> usize {
+    let mut n = 4;
+    while n > 1 && (!len.is_multiple_of(n) || buffers.iter().any(|(h, e)| !h.offset_start.unwrap_or(0).is_multiple_of((n * e) as u64))) {
+        n /= 2;
+    }
+    n
+}
+
+/// One AdamW step over `len` elements: reads `param`, `m`, `v` (of `F`) and `grad` (of `G`: a bf16 or
+/// f16 gradient of f32 weights is widened in the pass), writes the new parameter and moments (of `F`)
+/// and, with `copy_out`, the new parameter rounded to `H` (the compute copy of mixed precision).
 ///
 /// # Errors
 /// None today; `Result` keeps the launcher signature of the other kernel families.
-#[allow(clippy::too_many_arguments)]
-pub fn launch_adamw<R: Runtime, F: Float + CubeElement>(
+pub fn launch_adamw<R: Runtime, F: Float + CubeElement, G: Float + CubeElement, H: Float + CubeElement>(
     client: &ComputeClient<R>,
     len: usize,
     hyper: &AdamWHyper,
-    param: Handle,
-    grad: Handle,
-    m: Handle,
-    v: Handle,
-    param_out: Handle,
-    m_out: Handle,
-    v_out: Handle,
+    buffers: AdamWBuffers,
 ) -> Result<(), KernelError> {
     if len == 0 {
         return Ok(());
     }
+    let AdamWBuffers { param, grad, m, v, param_out, m_out, v_out, copy_out } = buffers;
+    let (f, g, h) = (std::mem::size_of::<F>(), std::mem::size_of::<G>(), std::mem::size_of::<H>());
+    let with_copy = copy_out.is_some();
+    // Without a copy the kernel still takes the argument (a comptime flag skips the store): any
+    // buffer of `H` elements will do.
+    let copy = copy_out.unwrap_or_else(|| client.empty(h.max(1) * 4));
+    let mut aligned = vec![(&param, f), (&grad, g), (&m, f), (&v, f), (&param_out, f), (&m_out, f), (&v_out, f)];
+    if with_copy {
+        aligned.push((&copy, h));
+    }
+    let n = adamw_vector_size(len, &aligned);
     let hp = client.create_from_slice(f32::as_bytes(&hyper.packed()));
-    let count = cubecl::calculate_cube_count_elemwise(client, len, CubeDim::new_1d(UNITS));
+    let count = cubecl::calculate_cube_count_elemwise(client, len / n, CubeDim::new_1d(UNITS));
+    // The length is given in elements; the kernel counts vectors.
     let arg = |h: &Handle| unsafe { ArrayArg::from_raw_parts(h.clone(), len) };
-    // SAFETY: the kernel bounds-checks its position against the output length; every buffer holds
-    // `len` elements and `hp` ten.
+    let copy_len = if with_copy { len } else { n };
+    // SAFETY: the kernel bounds-checks its vector index against `len / n`; every buffer holds `len`
+    // elements (the unused copy buffer is written only with `with_copy`) and `hp` ten.
     unsafe {
-        adamw_kernel::launch_unchecked::<F, R>(
+        adamw_kernel::launch_unchecked::<F, G, H, R>(
             client,
             count,
             CubeDim::new_1d(UNITS),
+            n,
             arg(&param),
             arg(&grad),
             arg(&m),
@@ -86,6 +127,9 @@ pub fn launch_adamw<R: Runtime, F: Float + CubeElement>(
             arg(&param_out),
             arg(&m_out),
             arg(&v_out),
+            ArrayArg::from_raw_parts(copy, copy_len),
+            len / n,
+            with_copy,
         );
     }
     Ok(())
@@ -116,16 +160,18 @@ pub fn launch_sum_squares<R: Runtime, F: Float + CubeElement>(
     }
     let cubes = sum_squares_cubes(len);
     let stride = cubes * REDUCE_UNITS as usize;
-    // SAFETY: each unit reads `input` only below `len` (the buffer's length) and unit 0 of cube `c`
-    // writes `partials[c]`, `c < cubes` (the buffer's length).
+    let n = crate::reduce::row_vector_size::<R, F>(client, len, &[&input]);
+    // SAFETY: each unit reads `input` only below `len / n` vectors (the buffer's length) and unit 0
+    // of cube `c` writes `partials[c]`, `c < cubes` (the buffer's length).
     unsafe {
         sum_squares_kernel::launch_unchecked::<F, R>(
             client,
             CubeCount::Static(cubes as u32, 1, 1),
             CubeDim::new_1d(REDUCE_UNITS),
+            n,
             ArrayArg::from_raw_parts(input, len),
             ArrayArg::from_raw_parts(partials, cubes),
-            len,
+            len / n,
             stride,
         );
     }

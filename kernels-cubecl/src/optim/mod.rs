@@ -8,4 +8,4 @@ mod kernel;
 mod launch;
 
 pub use kernel::{adamw_kernel, sum_squares_kernel};
-pub use launch::{AdamWHyper, launch_adamw, launch_sum_squares, sum_squares_cubes};
+pub use launch::{AdamWBuffers, AdamWHyper, adamw_vector_size, launch_adamw, launch_sum_squares, sum_squares_cubes};

@@ -35,21 +35,20 @@ fn block_n(cols: usize) -> usize {
 }
 
 /// Whether a product writes its tiles through shared memory and TMA bulk stores
-/// (`BURN_MOE_WGMMA_EPILOGUE`: `wgrad`, the default = the weight gradients only; `all`; `direct` = none,
+/// (`BURN_MOE_WGMMA_EPILOGUE`: `all`, the default; `wgrad` = the weight gradients only; `direct` = none,
 /// every tile stored from registers). Read once. On an H200 (BENCHMARKS.md) the bulk stores took the
 /// weight gradients at T=4096 from 555 to 731 TFLOP/s: their reductions are one segment (~T·k/E rows),
-/// so their tiles are many and short, and the direct stores' stall was a quarter of their time. For
-/// the forward products they are a trade: the up projection alone went from 660 to 721 TFLOP/s (at one
-/// stage fewer) and the layer's forward alone 475 → 523, but its forward+backward not measurably
-/// (584 vs 591), and the 2-layer training step ran 2–7% slower than with direct stores (not
-/// explained yet), so `all` stays opt-in.
+/// so their tiles are many and short, and the direct stores' stall was a quarter of their time; the up
+/// projection alone went from 660 to 721 TFLOP/s (at one stage fewer) and the layer's forward alone
+/// 475 → 523. A 2-layer training step once looked 2–7% slower with `all`, but that step was waiting on
+/// the host; once it was not, `all` made it 4% faster (309 → 322 TFLOP/s, same losses).
 fn tma_store_for(wgrad: bool) -> bool {
     static MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let mode = MODE.get_or_init(|| std::env::var("BURN_MOE_WGMMA_EPILOGUE").map(|v| v.trim().to_ascii_lowercase()).unwrap_or_default());
     match mode.as_str() {
         "direct" | "0" | "off" => false,
-        "all" | "tma" => true,
-        _ => wgrad,
+        "wgrad" => wgrad,
+        _ => true,
     }
 }
 
