@@ -23,9 +23,16 @@ pub(crate) fn row_grid(rows: usize) -> CubeCount {
 /// rows of `cols` values in vectors, narrowed until every buffer's start is aligned to it (a tensor can
 /// be a view starting inside its buffer).
 pub(crate) fn row_vector_size<R: Runtime, F: CubeElement>(client: &ComputeClient<R>, cols: usize, buffers: &[&Handle]) -> usize {
-    let mut v = crate::swiglu::swiglu_vector_size::<R, F>(client, cols);
-    let elem = std::mem::size_of::<F>() as u64;
-    while v > 1 && buffers.iter().any(|h| !h.offset_start.unwrap_or(0).is_multiple_of(v as u64 * elem)) {
+    let elem = std::mem::size_of::<F>();
+    let buffers: Vec<(&Handle, usize)> = buffers.iter().map(|&h| (h, elem)).collect();
+    narrow_vector_size(crate::swiglu::swiglu_vector_size::<R, F>(client, cols), cols, &buffers)
+}
+
+/// Halves the vector width `v` (a power of two) until it divides `len` and every buffer's start is
+/// aligned to `v` of its elements (`(buffer, element bytes)`; buffers of different element types, as
+/// in the optimizer's update, are each checked at their own width).
+pub(crate) fn narrow_vector_size(mut v: usize, len: usize, buffers: &[(&Handle, usize)]) -> usize {
+    while v > 1 && (!len.is_multiple_of(v) || buffers.iter().any(|(h, e)| !h.offset_start.unwrap_or(0).is_multiple_of((v * e) as u64))) {
         v /= 2;
     }
     v

@@ -112,8 +112,13 @@ pub fn freeze_in<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType
 /// so the backward pass stops at the copy and its gradient is keyed by the parameter's id.
 pub fn compute_leaf<B: AutodiffBackend, const D: usize>(t: Tensor<B, D>, compute: FloatDType) -> Tensor<B, D> {
     let trainable = t.is_require_grad();
-    let copy = Tensor::<B, D>::from_inner(cast(t.inner(), compute));
-    if trainable { copy.require_grad() } else { copy }
+    leaf(cast(t.inner(), compute), trainable)
+}
+
+/// `value` as a fresh autodiff leaf, tracked when `trainable`.
+fn leaf<B: AutodiffBackend, const D: usize>(value: Tensor<B::InnerBackend, D>, trainable: bool) -> Tensor<B, D> {
+    let t = Tensor::<B, D>::from_inner(value);
+    if trainable { t.require_grad() } else { t }
 }
 
 /// The model the forward pass runs: every parameter rounded to the compute dtype
@@ -126,10 +131,7 @@ pub fn compute_copy<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDT
             let (id, t, mapper) = param.consume();
             let ready = self.1.filter(|c| c.dtype() == self.0).and_then(|c| c.get::<D>(id, &t.shape()));
             let t = match ready {
-                Some(copy) => {
-                    let copy = Tensor::<B, D>::from_inner(copy);
-                    if t.is_require_grad() { copy.require_grad() } else { copy }
-                }
+                Some(copy) => leaf(copy, t.is_require_grad()),
                 None => compute_leaf(t, self.0),
             };
             Param::from_mapped_value(id, t, mapper)

@@ -70,14 +70,10 @@ pub struct AdamWBuffers {
 }
 
 /// Elements per vector of the update: the widest of 4, 2, 1 that divides `len` and to which every
-/// buffer's start is aligned (a parameter can be a view into a larger buffer), `elem_bytes[i]` being
-/// buffer `i`'s element size. Four: sixteen bytes of f32, the widest load.
+/// buffer's start is aligned (a parameter can be a view into a larger buffer), given as `(buffer,
+/// element bytes)`. Four: sixteen bytes of f32, the widest load.
 pub fn adamw_vector_size(len: usize, buffers: &[(&Handle, usize)]) -> usize {
-    let mut n = 4;
-    while n > 1 && (!len.is_multiple_of(n) || buffers.iter().any(|(h, e)| !h.offset_start.unwrap_or(0).is_multiple_of((n * e) as u64))) {
-        n /= 2;
-    }
-    n
+    crate::reduce::narrow_vector_size(4, len, buffers)
 }
 
 /// One AdamW step over `len` elements: reads `param`, `m`, `v` (of `F`) and `grad` (of `G`: a bf16 or
