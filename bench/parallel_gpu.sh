@@ -15,9 +15,13 @@
 # overlapped), fsdp2-layer / fsdp1-layer (one unit at a time, no overlap), fsdp2-step / fsdp1-step (the
 # whole model once per step), fsdp2-prefetch / fsdp1-prefetch, ddp, ep<N>+<fsdp2|fsdp1|ddp>, and
 # ep<N>+<fsdp2|fsdp1>-<layer|step|prefetch>.
+# The 4-GPU table of issue 6 is one call (8 layers fit on 2 H200s under every plan but FSDP1 full fine-tuning):
+#   NPROC=4 LAYERS=8 PLANS="fsdp2 fsdp1 ep4+fsdp2 ep4+fsdp2-step ep4+ddp ep2+fsdp2" LORAS="none attn-only" STEPS=6 \
+#     GEMM_RATE=1 EXTRA="--dtype bf16 --moe-kernel scatter" bash bench/parallel_gpu.sh
 # The 8-GPU run of issue 8 is one call (the tiny model has 4 experts, hence EQUIV_PLANS):
-#   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep4+fsdp2" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
-#     LORAS="none attn-only all" LAYERS=<as many as fit> bash bench/parallel_gpu.sh
+#   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep8+fsdp2-step ep4+fsdp2 ep4+fsdp2-step" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
+#     LORAS="none attn-only all" LAYERS=<as many as fit> STEPS=6 GEMM_RATE=1 EQUIV_EXTRA="--dtype bf16" \
+#     EXTRA="--dtype bf16 --moe-kernel scatter" bash bench/parallel_gpu.sh
 # Expects .dev/bin/trainer.xz (release, --features cuda, stripped, xz). Logs and JSON go to $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -71,8 +75,12 @@ for lora in $LORAS; do
     SMI=$!
     echo "=== $name: $(flags $plan) --use-lora $lora"
     timeout ${RUN_TIMEOUT:-150} /tmp/trainer --device cuda $(mixtral_row $OUT/mixtral_${LAYERS}l.json) --nproc-per-node $NPROC \
-      --use-lora $lora $(flags $plan) ${EXTRA:-} --output-dir $OUT/$name 2>&1 | grep -vE "^\s*$" | tail -4
-    echo "rc=${PIPESTATUS[0]}"
+      --use-lora $lora $(flags $plan) ${EXTRA:-} --output-dir $OUT/$name > $OUT/run-$name.log 2>&1
+    rc=$?
+    grep -vE "^\s*$" $OUT/run-$name.log | tail -4
+    # A failed run: its first error lines (a panic's message comes before the launcher's summary).
+    [ $rc = 0 ] || grep -m4 -iE "panicked|error|out of memory" $OUT/run-$name.log
+    echo "rc=$rc"
     kill $SMI 2>/dev/null; wait $SMI 2>/dev/null
     ROWS="$ROWS $name"
   done

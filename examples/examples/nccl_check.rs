@@ -168,6 +168,35 @@ fn check(comm: &NcclComm<B>) -> Result<()> {
     c.eq("deferred all_gather completed by a blocking collective", &host(third), &want);
     comm.wait_gathers()?;
 
+    // Deferred reduce-scatters (FSDP's gradient reduction beside the next unit's backward pass):
+    // queued after a deferred gather, whose wait must not wait for them; Burn computes; then
+    // their wait. A blocking collective completes them too.
+    let chunk = big / n;
+    let grads: Vec<Vec<f32>> = (0..n).map(|r| input(r, 41, chunk * n)).collect();
+    let want_rs: Vec<f32> = (rank * chunk..(rank + 1) * chunk).map(|i| grads.iter().map(|g| g[i]).sum()).collect();
+    comm.defer_gathers(true);
+    let gathered = comm.all_gather(tensor(&parts[rank], [big], DType::F32, &dev), 0)?;
+    comm.defer_gathers(false);
+    comm.defer_reductions(true);
+    let reduced = comm.reduce_scatter(tensor(&grads[rank], [chunk * n], DType::F32, &dev), 0, ReduceOp::Sum)?;
+    comm.defer_reductions(false);
+    comm.wait_gathers()?;
+    c.eq("deferred all_gather queued before a deferred reduce_scatter", &host(gathered), &want);
+    let mut m = Tensor::<B, 2>::full([2048, 2048], 0.5, &dev);
+    for _ in 0..8 {
+        m = (m.clone().matmul(m) / 2048.0).sqrt();
+    }
+    comm.wait_reductions()?;
+    c.eq("deferred reduce_scatter", &host(reduced), &want_rs);
+    c.eq("compute beside a deferred reduce_scatter", &host(m.slice([0..1, 0..4])), &[0.5; 4]);
+    comm.defer_reductions(true);
+    let again = comm.reduce_scatter(tensor(&grads[rank], [chunk * n], DType::F32, &dev), 0, ReduceOp::Sum)?;
+    comm.defer_reductions(false);
+    let sum = host(comm.all_reduce(tensor(&[1.0], [1], DType::F32, &dev), ReduceOp::Sum)?);
+    c.eq("all_reduce after a deferred reduce_scatter", &sum, &[n as f32]);
+    c.eq("deferred reduce_scatter completed by a blocking collective", &host(again), &want_rs);
+    comm.wait_reductions()?;
+
     // Sub-groups: even and odd ranks, ordered by descending parent rank (key = n - rank).
     let sub = comm.split(rank % 2, n - rank, if rank % 2 == 0 { "even" } else { "odd" })?;
     let members: Vec<usize> = (0..n).filter(|r| r % 2 == rank % 2).rev().collect();

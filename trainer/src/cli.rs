@@ -281,7 +281,8 @@ pub struct Args {
     /// layer is ever whole); `step` gathers the whole model once per optimizer step and keeps it
     /// until the step's last backward pass (no recomputation, the whole model's memory);
     /// `prefetch` (the default) is `layer` with each unit's gathers queued while the unit before it
-    /// computes (overlapped on NCCL; two units whole at a time).
+    /// computes and each unit's gradient reduce-scatters left running during the next unit's
+    /// backward pass (overlapped on NCCL; two units whole at a time).
     #[arg(long, value_enum, default_value_t = crate::sharding::FsdpGather::Prefetch, help_heading = "Distributed")]
     pub fsdp_gather: crate::sharding::FsdpGather,
 

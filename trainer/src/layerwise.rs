@@ -21,7 +21,9 @@
 //! this one's), waited for only when it is its turn, so the transfers overlap compute on NCCL:
 //! then two units are whole at a time (three while the head's and the last layer's backward passes
 //! run, the layer below being fetched). The gathers come in the same order either way; in the
-//! backward pass each one now precedes the reduce-scatters of the unit above it.
+//! backward pass each one now precedes the reduce-scatters of the unit above it. The
+//! reduce-scatters are deferred too: each unit's run on NCCL during the backward pass of the unit
+//! below it and are waited for just before that unit's own are queued ([`PartReducer`]).
 //!
 //! The model code is untouched: the units are the model's own modules, run one by one. The
 //! load-balancing loss couples the layers only through the token counts, which carry no gradient:
@@ -326,6 +328,8 @@ where
         }
         None => reducer.add(model, &embed, GradientsParams::new(), grads)?,
     }
+    // The last deferred reductions (the embedding's, or the root unit's under FSDP1).
+    reducer.finish(model, grads)?;
 
     Ok(MicroOutcome { lm, aux, loss: lm + scale.aux_coef * aux, expert_counts: fwd.counts.concat() })
 }

@@ -449,6 +449,12 @@ where
     if world > 1 {
         tracing::info!(plan = %parallel.describe(), world, "parallel plan");
     }
+    // On a GPU, the weights this rank keeps (and so their gradients, moments and compute copies,
+    // which take the same sizes) in exact-size buffers instead of the allocator's large pages:
+    // see `persistent_params`. `BURN_MOE_PERSISTENT_PARAMS=0` leaves them in the pages (to compare).
+    if B::device_memory(device).is_some() && std::env::var("BURN_MOE_PERSISTENT_PARAMS").map_or(true, |v| v.trim() != "0") {
+        model = burn_moe_backend::persistent_params(model, device);
+    }
 
     // burn-optim's AdamW (the same numbers and checkpoint state); with `--fused-adamw` the update is
     // one pass per parameter on CubeCL backends.

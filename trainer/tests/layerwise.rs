@@ -4,7 +4,8 @@
 //! kept, as torchtitan does) and the embedding again — one unit at a time, each just before it
 //! runs — and reduce-scatters each unit's gradients right after its backward pass, in that order.
 //! With `--fsdp-gather prefetch` the same gathers are queued deferred, each unit's before the unit
-//! before it runs. (That the resulting training equals one device is `ddp.rs`.)
+//! before it runs, and each unit's reduce-scatters deferred until the next unit's are queued.
+//! (That the resulting training equals one device is `ddp.rs`.)
 
 use std::sync::{Arc, Mutex};
 
@@ -24,8 +25,9 @@ type B = burn::backend::Autodiff<Inner>;
 type Log = Arc<Mutex<Vec<(&'static str, usize)>>>;
 
 /// A communicator that records the element count of every all-gather's output and every
-/// reduce-scatter's input (the full tensors), and every switch of deferral (`defer`, 1 = on) and
-/// wait for deferred gathers (`wait`), in call order.
+/// reduce-scatter's input (the full tensors), every switch of deferral (`defer` for gathers,
+/// `defer_rs` for reductions; 1 = on) and every wait for deferred gathers (`wait`) and reductions
+/// (`wait_rs`), in call order.
 struct Logged<C> {
     inner: C,
     log: Log,
@@ -72,6 +74,14 @@ impl<Bk: Backend, C: Communicator<Bk>> Communicator<Bk> for Logged<C> {
     fn wait_gathers(&self) -> Result<(), CommError> {
         self.log.lock().unwrap().push(("wait", 0));
         self.inner.wait_gathers()
+    }
+    fn defer_reductions(&self, on: bool) {
+        self.log.lock().unwrap().push(("defer_rs", usize::from(on)));
+        self.inner.defer_reductions(on);
+    }
+    fn wait_reductions(&self) -> Result<(), CommError> {
+        self.log.lock().unwrap().push(("wait_rs", 0));
+        self.inner.wait_reductions()
     }
     fn split(&self, color: usize, key: usize, name: &str) -> Result<Self, CommError> {
         Ok(Self { inner: self.inner.split(color, key, name)?, log: self.log.clone() })
@@ -198,4 +208,44 @@ fn fsdp1_gathers_each_flat_unit_just_before_it_runs() {
     assert_eq!(of(&log, "all_gather"), vec![root, l0, l1, root, l0, root]);
     // The root unit is reduced once its last member (the embedding) has had its backward pass.
     assert_eq!(of(&log, "reduce_scatter"), vec![l1, l0, root]);
+}
+
+/// Checks the deferred reductions of a log: returns how many reduce-scatters were called while
+/// deferral was on, and how many all-gathers were called while some reduction was still in flight
+/// (queued, not waited for). Panics when a part's reductions are queued before the previous
+/// part's were waited for, or when the micro-batch ends with reductions in flight.
+fn reductions_in_flight(log: &[(&'static str, usize)]) -> (usize, usize) {
+    let (mut on, mut outstanding, mut deferred, mut overlapped) = (false, 0, 0, 0);
+    for &(op, n) in log {
+        match op {
+            "defer_rs" => {
+                on = n == 1;
+                assert!(!on || outstanding == 0, "a part's reductions queued before the previous part's were waited for: {log:?}");
+            }
+            "reduce_scatter" if on => {
+                deferred += 1;
+                outstanding += 1;
+            }
+            "wait_rs" => outstanding = 0,
+            "all_gather" if outstanding > 0 => overlapped += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(outstanding, 0, "the micro-batch ended with reductions in flight: {log:?}");
+    (deferred, overlapped)
+}
+
+#[test]
+fn prefetch_defers_each_units_reductions_past_the_next_units_gathers() {
+    for sharding in [Sharding::Fsdp2, Sharding::Fsdp1] {
+        let (log, _, _) = schedule(sharding, FsdpGather::Prefetch);
+        let (deferred, overlapped) = reductions_in_flight(&log);
+        assert_eq!(deferred, of(&log, "reduce_scatter").len(), "{sharding:?}: every reduce-scatter deferred");
+        // Layer 1's (FSDP2: and the head's) reductions are in flight while the embedding is
+        // queued for the backward pass and layer 0 re-runs.
+        assert!(overlapped > 0, "{sharding:?}: no gather overlapped a reduction: {log:?}");
+        let (layer_log, _, _) = schedule(sharding, FsdpGather::Layer);
+        assert_eq!(reductions_in_flight(&layer_log), (0, 0), "{sharding:?}: `layer` defers no reduction");
+        assert!(of(&layer_log, "wait_rs").is_empty());
+    }
 }

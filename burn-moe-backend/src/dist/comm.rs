@@ -156,6 +156,26 @@ pub trait Communicator<B: Backend>: Send + Sized {
         Ok(())
     }
 
+    /// While `on`, a [`reduce_scatter`](Self::reduce_scatter) along dim 0 may return before its
+    /// output is complete, like an all-gather under [`defer_gathers`](Self::defer_gathers): it is
+    /// queued on the transport and this rank goes on, so the reduction of one unit's gradients
+    /// overlaps the next unit's backward pass (FSDP's asynchronous reduce-scatter). The output must
+    /// not be read, nor turned into another tensor by a kernel, until
+    /// [`wait_reductions`](Self::wait_reductions) has returned (views are fine). Other collectives
+    /// stay blocking and complete every reduction queued before them; waiting for gathers does not
+    /// wait for reductions queued after them. Ignored where collectives always complete on return
+    /// (the in-process implementation and the default).
+    fn defer_reductions(&self, on: bool) {
+        let _ = on;
+    }
+
+    /// Waits for every reduce-scatter queued under [`defer_reductions`](Self::defer_reductions);
+    /// afterwards their outputs may be read. A peer that never joins surfaces here as
+    /// [`CommError::Timeout`]. The default has nothing to wait for.
+    fn wait_reductions(&self) -> Result<(), CommError> {
+        Ok(())
+    }
+
     /// Splits the group like `MPI_Comm_split` / `ncclCommSplit`: members passing the same `color`
     /// form a new group, ordered by `(key, parent rank)`. Every member of this group must call it.
     /// `name` names the new group in errors and logs.

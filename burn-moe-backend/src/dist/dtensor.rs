@@ -232,20 +232,44 @@ pub fn reduce_scatter_shard<B: Backend, C: Communicator<B>, const D: usize>(
     dim: usize,
     op: ReduceOp,
 ) -> Result<Tensor<B, D>, DTensorError> {
+    // (A bad `dim` is the padded half's error.)
+    let len = full.dims().get(dim).copied().unwrap_or(0);
+    let part = reduce_scatter_shard_padded(comm, full, dim, op)?;
+    Ok(trim_reduced_shard(comm, part, dim, len))
+}
+
+/// [`reduce_scatter_shard`] in two halves, for a deferred reduction
+/// ([`Communicator::defer_reductions`]): pads and reduce-scatters, returning this rank's chunk as
+/// the collective wrote it (padding included), so that no kernel touches it before
+/// [`wait_reductions`](Communicator::wait_reductions); then [`trim_reduced_shard`] with the
+/// gathered dimension's full length `len` gives `reduce_scatter_shard`'s result.
+///
+/// # Errors
+/// [`DTensorError::ShardDim`] for a bad `dim`; collective errors.
+pub fn reduce_scatter_shard_padded<B: Backend, C: Communicator<B>, const D: usize>(
+    comm: &C,
+    full: Tensor<B, D>,
+    dim: usize,
+    op: ReduceOp,
+) -> Result<Tensor<B, D>, DTensorError> {
     if dim >= D {
-        return Err(DTensorError::ShardDim {
-            dim,
-            mesh_dim: 0,
-            rank: D,
-        });
+        return Err(DTensorError::ShardDim { dim, mesh_dim: 0, rank: D });
     }
-    let len = full.dims()[dim];
-    let size = comm.size();
-    let chunk = len.div_ceil(size);
-    let padded = pad_dim(full, dim, chunk * size);
-    let part = comm.reduce_scatter(padded, dim, op)?;
-    let own = shard_range(len, size, comm.rank()).len();
-    Ok(slice_dim(part, dim, 0..own))
+    let chunk = full.dims()[dim].div_ceil(comm.size());
+    let padded = pad_dim(full, dim, chunk * comm.size());
+    Ok(comm.reduce_scatter(padded, dim, op)?)
+}
+
+/// The second half of [`reduce_scatter_shard_padded`]: this rank's shard of a dimension of full
+/// length `len`, without the padding (a view).
+pub fn trim_reduced_shard<B: Backend, C: Communicator<B>, const D: usize>(
+    comm: &C,
+    part: Tensor<B, D>,
+    dim: usize,
+    len: usize,
+) -> Tensor<B, D> {
+    let own = shard_range(len, comm.size(), comm.rank()).len();
+    slice_dim(part, dim, 0..own)
 }
 
 impl<B: Backend, const D: usize> DTensor<B, D> {

@@ -17,7 +17,7 @@ mod pool;
 mod thread;
 
 pub use comm::{CommError, Communicator, ReduceOp, check_splits};
-pub use dtensor::{DTensor, DTensorError, GroupInfo, Placement, owned_copy, reduce_scatter_shard, shard_range};
+pub use dtensor::{DTensor, DTensorError, GroupInfo, Placement, owned_copy, reduce_scatter_shard, reduce_scatter_shard_padded, shard_range, trim_reduced_shard};
 pub use env::{DistEnv, rendezvous};
 pub use graph::{CollectiveBackend, GraphComm, all_to_all_rows};
 pub use host::reduce_host;

@@ -15,13 +15,16 @@
 //! reuse their memory. The price is that communication never overlaps Burn's compute inside one
 //! collective; overlapping needs a hook into CubeCL's stream that 0.10 does not offer.
 //!
-//! The one exception is a deferred all-gather ([`Communicator::defer_gathers`], FSDP's prefetch):
-//! steps 1 and 2 as above, step 3 postponed to [`Communicator::wait_gathers`] (or to the next
-//! blocking collective, whose wait covers everything queued before it). Meanwhile Burn queues
-//! compute on its own stream, which runs beside the gather; the gather's input and output are held
-//! by the communicator until the wait, so neither CubeCL's allocator nor the output pool can hand
-//! their memory out while NCCL reads or writes it, and the caller reads the output only after the
-//! wait.
+//! The exceptions are a deferred all-gather ([`Communicator::defer_gathers`], FSDP's prefetch)
+//! and a deferred reduce-scatter ([`Communicator::defer_reductions`], FSDP's gradient reduction
+//! overlapping the next unit's backward pass): steps 1 and 2 as above, then a CUDA event recorded
+//! on our stream; step 3 postponed to [`Communicator::wait_gathers`] /
+//! [`Communicator::wait_reductions`], which wait for the event of the last collective of their kind
+//! (so a gather queued before a reduction is not held up by it), or to the next blocking
+//! collective, whose wait covers everything queued before it. Meanwhile Burn queues compute on its
+//! own stream, which runs beside the transfer; its input and output are held by the communicator
+//! until the wait, so neither CubeCL's allocator nor the output pool can hand their memory out
+//! while NCCL reads or writes it, and the caller reads the output only after the wait.
 //!
 //! # Profiling
 //! With `BURN_MOE_NCCL_PROFILE=1` in the environment at [`NcclComm::init`] (sub-communicators
@@ -185,9 +188,10 @@ pub struct NcclComm<B: CudaTensorAccess> {
     pool: std::cell::RefCell<OutputPool>,
     /// [`Communicator::defer_gathers`] is on.
     defer: std::cell::Cell<bool>,
-    /// Inputs and outputs of the all-gathers queued but not yet waited for: held so that neither
-    /// CubeCL nor the pool hands their memory to anyone while NCCL still reads or writes it.
-    in_flight: std::cell::RefCell<Vec<CubeTensor<CudaRuntime>>>,
+    /// [`Communicator::defer_reductions`] is on.
+    defer_reductions: std::cell::Cell<bool>,
+    /// The deferred collectives queued but not yet waited for, oldest first.
+    in_flight: std::cell::RefCell<Vec<InFlight>>,
     /// `Some` when profiling is on (`BURN_MOE_NCCL_PROFILE=1`).
     profile: Option<Profiler>,
     /// How step 3 waits.
@@ -227,6 +231,32 @@ fn nccl_op(op: ReduceOp) -> nc::ncclRedOp_t {
     }
 }
 
+/// Which wait a deferred collective belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deferred {
+    Gather,
+    Reduction,
+}
+
+/// A deferred collective on our stream: its input and output, held so that neither CubeCL nor
+/// the pool hands their memory to anyone while NCCL still reads or writes it, and the event
+/// recorded after it (`None` if recording failed: its wait then synchronises the whole stream).
+struct InFlight {
+    kind: Deferred,
+    event: Option<cusys::CUevent>,
+    _buffers: [CubeTensor<CudaRuntime>; 2],
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(event) = self.event.take() {
+            // SAFETY: an event this communicator created; destroying one not yet reached is
+            // allowed (CUDA releases it once it completes).
+            unsafe { cu::event::destroy(event) }.ok();
+        }
+    }
+}
+
 /// A contiguous device buffer of a tensor, as NCCL sees it.
 struct Buf {
     tensor: CubeTensor<CudaRuntime>,
@@ -246,7 +276,8 @@ impl Buf {
 #[derive(Debug, Clone, Default)]
 pub struct CallProfile {
     /// `all_gather`, `reduce_scatter`, `all_reduce`, `all_to_all_single`, `broadcast`, or
-    /// `wait_gathers` (the wait for deferred all-gathers, only `wait_us` and `total_us` set).
+    /// `wait_gathers` / `wait_reductions` (the wait for deferred all-gathers / reduce-scatters,
+    /// only `wait_us` and `total_us` set).
     pub collective: &'static str,
     /// Bytes of the input tensor.
     pub in_bytes: u64,
@@ -387,6 +418,7 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             aborted: std::cell::Cell::new(false),
             pool: std::cell::RefCell::new(OutputPool::new(config.output_pool_bytes)),
             defer: std::cell::Cell::new(false),
+            defer_reductions: std::cell::Cell::new(false),
             in_flight: std::cell::RefCell::new(Vec::new()),
             profile,
             wait_mode: config.wait,
@@ -530,15 +562,27 @@ impl<B: CudaTensorAccess> NcclComm<B> {
     /// slower at 64-256 MiB than blocking; polling with it, faster than both).
     /// `rec`, the call's profile (if profiling), is completed and kept once the wait succeeded.
     fn wait(&self, collective: &'static str, rec: Option<Rec>) -> Result<(), CommError> {
+        self.watched(collective, || {
+            // With deferred collectives in flight Burn may have compute queued, which a ping would
+            // wait for (and the overlap would be lost): those waits block.
+            match self.wait_mode {
+                WaitMode::Warm if self.in_flight.borrow().is_empty() => self.poll_warm(),
+                _ => unsafe { cu::stream::synchronize(self.stream) },
+            }
+        })?;
+        // Our stream ran everything queued before this wait, deferred collectives included.
+        self.in_flight.borrow_mut().clear();
+        self.record(rec, true);
+        Ok(())
+    }
+
+    /// Runs `block` (a wait for our stream or one of its events) under the watchdog, then turns a
+    /// timeout (the watchdog aborted the communicator), a CUDA error or an error NCCL reports
+    /// asynchronously into [`CommError`].
+    fn watched(&self, collective: &'static str, block: impl FnOnce() -> Result<(), cudarc::driver::DriverError>) -> Result<(), CommError> {
         self.watchdog.arm(Instant::now() + self.timeout);
-        // With deferred gathers in flight Burn may have compute queued, which a ping would wait for
-        // (and the overlap would be lost): those waits block.
-        let synced = match self.wait_mode {
-            WaitMode::Warm if self.in_flight.borrow().is_empty() => self.poll_warm(),
-            _ => unsafe { cu::stream::synchronize(self.stream) },
-        };
-        let fired = self.watchdog.disarm();
-        if fired {
+        let synced = block();
+        if self.watchdog.disarm() {
             self.aborted.set(true);
             return Err(CommError::Timeout { collective, group: self.name.clone(), missing: Vec::new(), timeout: self.timeout });
         }
@@ -549,14 +593,49 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             self.abort();
             return Err(nccl_err(collective, &self.name, async_err));
         }
-        // Our stream ran everything queued before this wait, deferred gathers included.
-        self.in_flight.borrow_mut().clear();
+        Ok(())
+    }
+
+    /// Queues the end of a deferred collective: `prepare` synced Burn, so its input is final;
+    /// both buffers stay referenced until its wait, which waits for the event recorded here.
+    fn defer(&self, kind: Deferred, input: Buf, out: &Buf) {
+        let event = cu::event::create(cusys::CUevent_flags::CU_EVENT_DISABLE_TIMING).ok().and_then(|event| {
+            // SAFETY: our stream and a fresh event of the current context (`prepare`).
+            match unsafe { cu::event::record(event, self.stream) } {
+                Ok(()) => Some(event),
+                Err(_) => {
+                    unsafe { cu::event::destroy(event) }.ok();
+                    None
+                }
+            }
+        });
+        self.in_flight.borrow_mut().push(InFlight { kind, event, _buffers: [input.tensor, out.tensor.clone()] });
+    }
+
+    /// Waits for the deferred collectives of `kind` (and everything queued on our stream before
+    /// the last of them), then releases their buffers. Bounded by the watchdog like [`wait`].
+    fn wait_deferred(&self, kind: Deferred, collective: &'static str) -> Result<(), CommError> {
+        let Some(last) = self.in_flight.borrow().iter().rposition(|f| f.kind == kind) else { return Ok(()) };
+        let event = self.in_flight.borrow()[last].event;
+        let rec = self.rec(match kind {
+            Deferred::Gather => "wait_gathers",
+            Deferred::Reduction => "wait_reductions",
+        });
+        let Some(event) = event else {
+            // No event to wait for: the whole stream it is.
+            return self.wait(collective, rec);
+        };
+        unsafe { cu::ctx::set_current(self.ctx) }.map_err(|e| cuda_err(collective, &self.name, e))?;
+        // SAFETY: an event recorded on our stream, alive until its entry is dropped below.
+        self.watched(collective, || unsafe { cu::event::synchronize(event) })?;
+        // Stream order: everything up to the event has run.
+        self.in_flight.borrow_mut().drain(..=last);
         self.record(rec, true);
         Ok(())
     }
 
     /// [`WaitMode::Warm`]: polls our stream until it is done, pinging CubeCL's device thread in
-    /// between (no deferred gather is in flight, so no Burn work is queued and the sync is empty). The
+    /// between (no deferred collective is in flight, so no Burn work is queued and the sync is empty). The
     /// watchdog still bounds the wait: its abort makes NCCL's kernels return and the stream finish.
     fn poll_warm(&self) -> Result<(), cudarc::driver::DriverError> {
         // SAFETY: our stream, created with the communicator; its context is current (`prepare`).
@@ -606,9 +685,8 @@ impl<B: CudaTensorAccess> NcclComm<B> {
                 .map_err(|e| nccl_err(C, &self.name, e))
         })?;
         if self.defer.get() {
-            // Step 3 comes later (`wait_gathers`): `prepare` synced Burn, so the input is final;
-            // both buffers stay referenced until our stream has run the gather.
-            self.in_flight.borrow_mut().extend([input.tensor, out.tensor.clone()]);
+            // Step 3 comes later (`wait_gathers`).
+            self.defer(Deferred::Gather, input, &out);
             self.record(rec, false);
             return Ok(self.finish(out));
         }
@@ -640,6 +718,12 @@ impl<B: CudaTensorAccess> NcclComm<B> {
             .result()
             .map_err(|e| nccl_err(C, &self.name, e))
         })?;
+        if self.defer_reductions.get() {
+            // Step 3 comes later (`wait_reductions`).
+            self.defer(Deferred::Reduction, input, &out);
+            self.record(rec, false);
+            return Ok(self.finish(out));
+        }
         self.wait(C, rec)?;
         drop(input);
         Ok(self.finish(out))
@@ -650,6 +734,14 @@ impl<B: CudaTensorAccess> Drop for NcclComm<B> {
     fn drop(&mut self) {
         unsafe {
             let _ = cu::ctx::set_current(self.ctx);
+            if !self.in_flight.get_mut().is_empty() && !self.aborted.get() {
+                // Deferred transfers may still use buffers that dropping their entries hands back
+                // to CubeCL: let them finish (bounded by the watchdog, which aborts a stuck one).
+                self.watchdog.arm(Instant::now() + self.timeout);
+                let _ = cu::stream::synchronize(self.stream);
+                self.watchdog.disarm();
+            }
+            self.in_flight.get_mut().clear();
             self.watchdog.stop();
             if !self.aborted.get() && !self.watchdog.fired() {
                 nc::ncclCommDestroy(self.comm);
@@ -717,8 +809,11 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
         if dim == 0 {
             return self.reduce_scatter0(tensor, op);
         }
-        let part = self.reduce_scatter0(tensor.swap_dims(0, dim), op)?;
-        Ok(part.swap_dims(0, dim))
+        // Not deferred: the caller's layout is a swap of NCCL's output (see `all_gather`).
+        let defer = self.defer_reductions.replace(false);
+        let part = self.reduce_scatter0(tensor.swap_dims(0, dim), op);
+        self.defer_reductions.set(defer);
+        Ok(part?.swap_dims(0, dim))
     }
 
     fn all_to_all_single<const D: usize>(
@@ -798,13 +893,16 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
     }
 
     fn wait_gathers(&self) -> Result<(), CommError> {
-        if self.in_flight.borrow().is_empty() {
-            return Ok(());
-        }
-        // No events: the gathers' NCCL calls were timed (host only) when queued.
-        let rec = self.rec("wait_gathers");
-        self.wait("all_gather (deferred)", rec)?;
-        Ok(())
+        // No timing events: the gathers' NCCL calls were timed (host only) when queued.
+        self.wait_deferred(Deferred::Gather, "all_gather (deferred)")
+    }
+
+    fn defer_reductions(&self, on: bool) {
+        self.defer_reductions.set(on);
+    }
+
+    fn wait_reductions(&self) -> Result<(), CommError> {
+        self.wait_deferred(Deferred::Reduction, "reduce_scatter (deferred)")
     }
 
     fn barrier(&self) -> Result<(), CommError> {
@@ -863,6 +961,7 @@ impl<B: CudaTensorAccess> Communicator<B> for NcclComm<B> {
             aborted: std::cell::Cell::new(false),
             pool: std::cell::RefCell::new(OutputPool::new(self.pool.borrow().cap())),
             defer: std::cell::Cell::new(false),
+            defer_reductions: std::cell::Cell::new(false),
             in_flight: std::cell::RefCell::new(Vec::new()),
             profile,
             wait_mode: self.wait_mode,
