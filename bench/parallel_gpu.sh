@@ -11,15 +11,16 @@
 # 1 GPU f32, and the plans with 1 GPU bf16); EQUIV_ACCUM sets their gradient accumulation (default 2; 1 is
 # where bf16 gradients that no rank sums go to the optimizer unwidened). GEMM_RATE=1 first measures torch's bf16 8192^3 matmul rate on
 # this card (the denominator of the "40% of the card's bf16 GEMM rate" target).
-# Plans: fsdp2, fsdp1 (the trainer's default --fsdp-gather: one unit at a time, the next one's gathers
-# overlapped), fsdp2-layer / fsdp1-layer (one unit at a time, no overlap), fsdp2-step / fsdp1-step (the
-# whole model once per step), fsdp2-prefetch / fsdp1-prefetch, ddp, ep<N>+<fsdp2|fsdp1|ddp>, and
-# ep<N>+<fsdp2|fsdp1>-<layer|step|prefetch>.
+# Plans: fsdp2, fsdp1 (the trainer's default --fsdp-gather auto: without EP one unit at a time, the next
+# one's gathers and this one's reductions overlapped), fsdp2-layer / fsdp1-layer (one unit at a time, no
+# overlap), fsdp2-step / fsdp1-step (the whole model once per step), fsdp2-prefetch / fsdp1-prefetch, ddp,
+# ep<N>+<fsdp2|fsdp1|ddp> (auto: with EP the non-expert weights once per step), and
+# ep<N>+<fsdp2|fsdp1>-<layer|step|prefetch>. (Logs before 2026-11-30 evening: the default was prefetch.)
 # The 4-GPU table of issue 6 is one call (8 layers fit on 2 H200s under every plan but FSDP1 full fine-tuning):
-#   NPROC=4 LAYERS=8 PLANS="fsdp2 fsdp1 ep4+fsdp2 ep4+fsdp2-step ep4+ddp ep2+fsdp2" LORAS="none attn-only" STEPS=6 \
+#   NPROC=4 LAYERS=8 PLANS="fsdp2 fsdp1 ep4+fsdp2 ep4+fsdp2-prefetch ep4+ddp ep2+fsdp2" LORAS="none attn-only" STEPS=6 \
 #     GEMM_RATE=1 EXTRA="--dtype bf16 --moe-kernel scatter" bash bench/parallel_gpu.sh
 # The 8-GPU run of issue 8 is one call (the tiny model has 4 experts, hence EQUIV_PLANS):
-#   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep8+fsdp2-step ep4+fsdp2 ep4+fsdp2-step" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
+#   NPROC=8 PLANS="fsdp2 fsdp1 ep8+fsdp2 ep8+fsdp2-prefetch ep4+fsdp2 ep4+fsdp2-prefetch" EQUIV_PLANS="fsdp2 fsdp1 ep4+fsdp2" \
 #     LORAS="none attn-only all" LAYERS=<as many as fit> STEPS=6 GEMM_RATE=1 EQUIV_EXTRA="--dtype bf16" \
 #     EXTRA="--dtype bf16 --moe-kernel scatter" bash bench/parallel_gpu.sh
 # Expects .dev/bin/trainer.xz (release, --features cuda, stripped, xz). Logs and JSON go to $OUT.

@@ -280,10 +280,11 @@ pub struct Args {
     /// forward pass and again in the backward pass (which re-runs the layer's forward: at most one
     /// layer is ever whole); `step` gathers the whole model once per optimizer step and keeps it
     /// until the step's last backward pass (no recomputation, the whole model's memory);
-    /// `prefetch` (the default) is `layer` with each unit's gathers queued while the unit before it
-    /// computes and each unit's gradient reduce-scatters left running during the next unit's
-    /// backward pass (overlapped on NCCL; two units whole at a time).
-    #[arg(long, value_enum, default_value_t = crate::sharding::FsdpGather::Prefetch, help_heading = "Distributed")]
+    /// `prefetch` is `layer` with each unit's gathers queued while the unit before it computes and
+    /// each unit's gradient reduce-scatters left running during the next unit's backward pass
+    /// (overlapped on NCCL; two units whole at a time); `auto` (the default) is `step` with
+    /// `--ep-size` > 1 (FSDP then gathers only the small non-expert weights) and `prefetch` otherwise.
+    #[arg(long, value_enum, default_value_t = crate::sharding::FsdpGather::Auto, help_heading = "Distributed")]
     pub fsdp_gather: crate::sharding::FsdpGather,
 
     /// The original's switch for expert parallelism: `--ep-size <world size>` unless `--ep-size` is
@@ -540,7 +541,8 @@ mod tests {
         assert_eq!(parse(&["--sharding", "fsdp1"]).unwrap().sharding, crate::sharding::Sharding::Fsdp1);
         assert!(parse(&["--sharding", "zero3"]).is_err());
         use crate::sharding::FsdpGather;
-        assert_eq!(parse(&[]).unwrap().fsdp_gather, FsdpGather::Prefetch);
+        assert_eq!(parse(&[]).unwrap().fsdp_gather, FsdpGather::Auto);
+        assert_eq!(parse(&["--fsdp-gather", "auto"]).unwrap().fsdp_gather, FsdpGather::Auto);
         assert_eq!(parse(&["--fsdp-gather", "layer"]).unwrap().fsdp_gather, FsdpGather::Layer);
         assert_eq!(parse(&["--fsdp-gather", "step"]).unwrap().fsdp_gather, FsdpGather::Step);
         assert_eq!(parse(&["--fsdp-gather", "prefetch"]).unwrap().fsdp_gather, FsdpGather::Prefetch);

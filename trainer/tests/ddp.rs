@@ -141,11 +141,14 @@ fn expert_parallel_fsdp2_and_fsdp1_equal_one_device() {
             (2, &["--sharding", "fsdp1"]),
             (4, &["--sharding", "fsdp1"]),
             (4, &["--ep-size", "2", "--sharding", "fsdp1"]),
-            // The whole-model gather once per step instead of one unit at a time.
+            // The whole-model gather once per step instead of one unit at a time (the default
+            // with EP, so the EP rows above run it).
             (2, &["--sharding", "fsdp2", "--fsdp-gather", "step"]),
-            (4, &["--ep-size", "2", "--sharding", "fsdp1", "--fsdp-gather", "step"]),
-            // Each unit's gathers queued while the unit before it runs.
+            // The per-unit schedules under EP: each unit's gathers queued while the unit before
+            // it runs, or one unit at a time.
             (2, &["--ep-size", "2", "--sharding", "fsdp2", "--fsdp-gather", "prefetch"]),
+            (4, &["--ep-size", "2", "--sharding", "fsdp1", "--fsdp-gather", "layer"]),
+            (4, &["--ep-size", "4", "--sharding", "fsdp2", "--fsdp-gather", "prefetch"]),
             (2, &["--sharding", "fsdp1", "--fsdp-gather", "prefetch"]),
         ];
         for (n, plan) in plans {
@@ -201,6 +204,7 @@ fn expert_parallel_ranks_with_empty_slices_and_lora_on_experts() {
     // EP=4 × FSDP2 (empty slices) and FSDP1 (frozen and trainable units) write the one-device file.
     for (what, ranks, plan) in [
         ("EP=4 + FSDP2, LoRA all, empty slices", 4, &["--ep-size", "4", "--sharding", "fsdp2"][..]),
+        ("the same, per unit", 4, &["--ep-size", "4", "--sharding", "fsdp2", "--fsdp-gather", "prefetch"][..]),
         ("FSDP1 on 2 ranks, LoRA all", 2, &["--sharding", "fsdp1"][..]),
     ] {
         let out = tmp.path().join(plan.join(""));
