@@ -1415,14 +1415,33 @@ where
     ) -> Result<(), ShardingError> {
         // The previous part's reductions have had this part's backward pass to run.
         self.flush(model, into)?;
+        let world = self.parallel.mesh.fsdp_group();
+        world.defer_reductions(self.defer);
+        let queued = self.queue(model, part, &mut grads, into);
+        world.defer_reductions(false);
+        queued?;
+        if !self.defer {
+            self.flush(model, into)?;
+        }
+        Ok(())
+    }
+
+    /// The reductions of [`add`](Self::add): FSDP2 shards of `part`'s gradients and the FSDP1 units
+    /// it completes go to `landing`; replicated and expert gradients to `into` as they are.
+    fn queue<M: Module<B>>(
+        &mut self,
+        model: &MixtralForCausalLM<B>,
+        part: &M,
+        grads: &mut GradientsParams,
+        into: &mut GradientsParams,
+    ) -> Result<(), ShardingError> {
         let p = self.parallel;
         let world = p.mesh.fsdp_group();
-        world.defer_reductions(self.defer);
         let mut visit = ReducePart {
             placements: &p.placements,
             world,
-            grads: &mut grads,
-            into: &mut *into,
+            grads,
+            into,
             pending: &mut self.pending,
             left: &mut self.left,
             landing: &mut self.landing,
@@ -1432,7 +1451,6 @@ where
         part.visit(&mut visit);
         let (complete, error) = (visit.complete, visit.error);
         if let Some(e) = error {
-            world.defer_reductions(false);
             return Err(e);
         }
         let device = model.lm_head.weight.val().device();
@@ -1443,17 +1461,7 @@ where
             let mut members = UnitGrads { placements: &p.placements, unit, pending: &mut self.pending, device: &device, parts: Vec::new() };
             model.visit(&mut members);
             let full = pad_to(members.parts, p.units[unit].chunk * world.size(), &device, FloatDType::F32);
-            match world.reduce_scatter(full, 0, ReduceOp::Sum) {
-                Ok(chunk) => self.landing.push(Landing::Unit(unit, chunk)),
-                Err(e) => {
-                    world.defer_reductions(false);
-                    return Err(e.into());
-                }
-            }
-        }
-        world.defer_reductions(false);
-        if !self.defer {
-            self.flush(model, into)?;
+            self.landing.push(Landing::Unit(unit, world.reduce_scatter(full, 0, ReduceOp::Sum)?));
         }
         Ok(())
     }
