@@ -6,17 +6,19 @@ chmod +x /tmp/trainer
 source "$(dirname "${BASH_SOURCE[0]}")/cuda_libs.sh"
 export RUST_LOG=warn
 # A plan name of the GPU scripts (fsdp2, fsdp1, ddp, ep<N>+<sharding>; an FSDP plan may end in -step,
-# -layer or -prefetch for that --fsdp-gather, else the trainer's default) -> trainer flags.
+# -layer or -prefetch for that --fsdp-gather, else the trainer's default; any plan may end in -ckpt for
+# --gradient-checkpointing, after the gather suffix) -> trainer flags.
 flags() { # plan -> trainer flags
-  local plan=$1 gather=""
+  local plan=$1 gather="" ckpt=""
+  case $plan in *-ckpt) ckpt="--gradient-checkpointing"; plan=${plan%-ckpt};; esac
   case $plan in
     *-step) gather="--fsdp-gather step"; plan=${plan%-step};;
     *-prefetch) gather="--fsdp-gather prefetch"; plan=${plan%-prefetch};;
     *-layer) gather="--fsdp-gather layer"; plan=${plan%-layer};;
   esac
   case $plan in
-    fsdp2|fsdp1|ddp) echo "--sharding $plan $gather";;
-    ep*+*) local ep=${plan%%+*}; echo "--ep-size ${ep#ep} --sharding ${plan#*+} $gather";;
+    fsdp2|fsdp1|ddp) echo "--sharding $plan $gather $ckpt";;
+    ep*+*) local ep=${plan%%+*}; echo "--ep-size ${ep#ep} --sharding ${plan#*+} $gather $ckpt";;
   esac
 }
 # The Mixtral-shaped row of the GPU tables, for a config written by bench/mixtral_config.py: BATCH packed

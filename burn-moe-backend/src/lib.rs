@@ -32,7 +32,7 @@ pub use dispatch::{AllToAllDispatcher, LocalDispatcher, TokenDispatcher, experts
 pub use dmoe::{DEFAULT_BLOCK_SIZE, DMoe, DMoeConfig, MoeOutput, RouterOutput, TokenMask};
 pub use gemm::{GroupedGemm, GroupedGemmError, grouped_gemm, set_grouped_gemm};
 pub use kernel::MoeKernel;
-pub use memory::{DeviceMemory, MemoryBackend, persistent_params};
+pub use memory::{DeviceMemory, MemoryBackend, persistent_params, persistent_sizes};
 pub use lora::{DMoeLora, ExpertLora, LoraConfig, LoraConfigError, freeze};
 pub use ops::MoeBackend;
 pub use optim::{ComputeCopies, FusedAdamW, FusedAdamWOptimizer, GradScale};

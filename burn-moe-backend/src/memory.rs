@@ -1,12 +1,12 @@
 //! Device-memory statistics of a backend's allocator, for training metrics (`gpu_mem_alloc`,
 //! `gpu_mem_used_peak`). CubeCL backends report their memory manager's counters; the CPU backends
-//! report nothing. And [`persistent_params`], which keeps a model's weights out of the allocator's
-//! paged pools.
+//! report nothing. And [`persistent_params`] and [`persistent_sizes`], which keep a model's weights
+//! and a training step's large transient buffers out of the allocator's paged pools.
 
 use burn::backend::NdArray;
 use burn::backend::autodiff::{Autodiff, checkpoint::strategy::CheckpointStrategy};
 use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::Tensor;
+use burn::tensor::{DType, Tensor};
 use burn::tensor::backend::{AutodiffBackend, Backend};
 
 /// Moves every float parameter of `module` into exact-size buffers of the backend's persistent
@@ -39,12 +39,40 @@ pub fn persistent_params<B: AutodiffBackend, M: Module<B>>(module: M, device: &B
                 drop(t);
                 copy
             });
+            // Pages whose last weight has moved go back to the driver now, not at the end: the
+            // weights are never held twice (a 32-layer Mixtral's frozen base is 93 GB in bf16).
+            B::memory_cleanup(self.0);
             Param::from_mapped_value(id, Tensor::from_inner(moved).set_require_grad(require_grad), mapper)
         }
     }
     let module = module.map(&mut Move::<B::InnerBackend>(device));
     B::memory_cleanup(device);
     module
+}
+
+/// Makes the backend's persistent memory serve every later buffer of `numel` elements of `dtype`,
+/// for each `(numel, dtype)` of `sizes`, in exact-size buffers: one of each is allocated there and
+/// released at once, and a buffer of a size that memory knows reuses a free one or joins it (see
+/// [`persistent_params`]). Empty sizes are skipped; backends without such memory do nothing. An
+/// explicit `memory_cleanup` releases the free buffers and so forgets the sizes: call this after
+/// [`persistent_params`], not before.
+///
+/// Why: for the large transient buffers a training step allocates again and again at the same
+/// sizes — FSDP1's whole-unit gradient before its reduce-scatter (a Mixtral layer in f32: 5.8 GB)
+/// and gathered unit — CubeCL 0.10 would otherwise take pages of a quarter of the GPU's memory.
+pub fn persistent_sizes<B: Backend>(device: &B::Device, sizes: &[(usize, DType)]) {
+    let sizes: Vec<(usize, DType)> = sizes.iter().copied().filter(|(n, _)| *n > 0).collect();
+    if sizes.is_empty() {
+        return;
+    }
+    B::memory_persistent_allocations(device, sizes, |sizes| {
+        for (numel, dtype) in sizes {
+            let t = Tensor::<B, 1>::zeros([numel], (device, dtype));
+            // Read one element: the buffer then exists, also under a lazily executing (fusing)
+            // backend, and is allocated while the mode is persistent.
+            let _ = t.slice([0..1]).into_data();
+        }
+    });
 }
 
 /// Bytes held by the allocator of one device at the time of the query.

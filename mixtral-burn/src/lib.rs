@@ -18,4 +18,4 @@ pub mod parity;
 pub use checkpoint::{CheckpointError, HfCheckpoint, HfLayout, LazyWeights, load_peft_adapter, save_hf_classic, save_peft_adapter};
 pub use config::{ConfigError, MixtralConfig};
 pub use burn_moe_backend::LoraConfig;
-pub use model::{AttentionKernel, LoraTargets, CausalLmOutput, MixtralForCausalLM, MixtralModel, causal_lm_loss};
+pub use model::{AttentionKernel, InitRng, LoraTargets, CausalLmOutput, MixtralForCausalLM, MixtralModel, causal_lm_loss};

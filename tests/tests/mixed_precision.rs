@@ -152,11 +152,12 @@ fn trainer_fused_adamw_trains_like_burn_optims_adamw() {
 /// weights (no widening pass, no cast of the weights before the forward pass); burn-optim's tensor
 /// ops (`--fused-adamw false`) widen and cast as separate passes. The runs follow each other step for
 /// step — a stale or missing copy would put the forward pass a step behind — and so does a run with
-/// gradient accumulation, where the gradients are widened to be summed.
+/// gradient accumulation, where the gradients are widened to be summed, and one with per-layer
+/// recomputation, whose schedule takes the copies and keeps the gradients narrow too.
 #[test]
 fn trainer_f16_fused_adamw_folds_widening_and_copy() {
     type B = Autodiff<Wgpu>;
-    for extra in [&[][..], &["--gradient-accumulation-steps", "2"][..]] {
+    for extra in [&[][..], &["--gradient-accumulation-steps", "2"][..], &["--gradient-checkpointing"][..]] {
         let ops = trainer_losses::<B>("none", "float16", &[&["--fused-adamw", "false"][..], extra].concat());
         let fused = trainer_losses::<B>("none", "float16", extra);
         assert_eq!(fused.len(), 4);
@@ -174,8 +175,7 @@ where
     B: AutodiffBackend
         + MoeBackend
         + burn_moe_backend::MemoryBackend
-        + burn_moe_backend::dist::CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>
-        + trainer::recompute::Recompute,
+        + burn_moe_backend::dist::CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
 {
     let dir = tempfile::tempdir().unwrap();

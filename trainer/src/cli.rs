@@ -99,9 +99,10 @@ pub struct Args {
     #[arg(long, alias = "torch-dtype", value_enum, default_value_t = crate::precision::Dtype::F32)]
     pub dtype: crate::precision::Dtype,
 
-    /// Recompute activations in the backward pass instead of keeping them: Burn's balanced
-    /// checkpointing (elementwise, softmax and norm results are recomputed; matmul and MoE kernel
-    /// outputs are kept). Less activation memory, a little more compute.
+    /// Recompute activations in the backward pass instead of keeping them, one decoder layer at a
+    /// time (HF's `gradient_checkpointing`): the forward pass keeps each layer's input only, the
+    /// backward pass runs each layer again with its graph. One layer's activations alive at a time,
+    /// one more forward pass per step. Any plan; not with `--fsdp-gather step`.
     #[arg(long)]
     pub gradient_checkpointing: bool,
 

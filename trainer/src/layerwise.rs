@@ -1,4 +1,6 @@
-//! FSDP's per-unit schedule (`--sharding fsdp1|fsdp2`, `--fsdp-gather layer|prefetch`): with
+//! FSDP's per-unit schedule (`--sharding fsdp1|fsdp2`, `--fsdp-gather layer|prefetch`), which is also
+//! per-layer activation recomputation (`--gradient-checkpointing`, under every plan: without FSDP
+//! the "gathers" just hand out the weights, in the compute dtype). With
 //! `layer` no rank ever holds more than one gathered unit (the embedding, one decoder layer, or the
 //! head) at a time — except the last layer and the head together, whose backward passes run back
 //! to back; `prefetch` (the default) holds one more, the unit being fetched.
@@ -76,6 +78,9 @@ pub struct MicroScale {
     pub micro_batches: usize,
     /// `router_aux_loss_coef`.
     pub aux_coef: f64,
+    /// Under mixed precision, gradients that no rank sums may stay in the compute dtype: the
+    /// optimizer widens them in its update pass (the fused AdamW, one micro-batch per step).
+    pub narrow_grads: bool,
 }
 
 /// What one micro-batch reports (this rank's shares; the caller sums them over ranks).
@@ -283,8 +288,8 @@ where
     crate::timers::sync_check::<B>(device, || "the head's and the last layer's backward pass".to_string())?;
     parallel.check()?;
     let mut upstream = last.input.grad(&backward).map(Tensor::<B, 3>::from_inner);
-    reduce_part(&head, parallel, model, &mut backward, &mut reducer, grads)?;
-    reduce_part(&last.live, parallel, model, &mut backward, &mut reducer, grads)?;
+    reduce_part(&head, parallel, model, &mut backward, &mut reducer, grads, scale.narrow_grads)?;
+    reduce_part(&last.live, parallel, model, &mut backward, &mut reducer, grads, scale.narrow_grads)?;
     crate::timers::sync_check::<B>(device, || "reducing the head's and the last layer's gradients".to_string())?;
     drop((head, last.live));
 
@@ -311,7 +316,7 @@ where
         crate::timers::sync_check::<B>(device, || format!("layer {l}'s backward pass"))?;
         parallel.check()?;
         upstream = x.grad(&backward).map(Tensor::<B, 3>::from_inner);
-        reduce_part(&live, parallel, model, &mut backward, &mut reducer, grads)?;
+        reduce_part(&live, parallel, model, &mut backward, &mut reducer, grads, scale.narrow_grads)?;
         crate::timers::sync_check::<B>(device, || format!("reducing layer {l}'s gradients"))?;
     }
 
@@ -323,7 +328,7 @@ where
     match upstream.filter(|_| embed.weight.is_require_grad()) {
         Some(dh) => {
             let mut backward = (embed.forward(ids) * dh).sum().backward();
-            reduce_part(&embed, parallel, model, &mut backward, &mut reducer, grads)?;
+            reduce_part(&embed, parallel, model, &mut backward, &mut reducer, grads, scale.narrow_grads)?;
             crate::timers::sync_check::<B>(device, || "the embedding's backward pass and reduction".to_string())?;
         }
         None => reducer.add(model, &embed, GradientsParams::new(), grads)?,
@@ -335,7 +340,8 @@ where
 }
 
 /// Takes the gradients of gathered unit `part` out of a backward pass, widens them to f32 under
-/// mixed precision and hands them to the [`PartReducer`].
+/// mixed precision (all of them, or with `narrow` only those summed over ranks) and hands them to
+/// the [`PartReducer`].
 fn reduce_part<B, C, M>(
     part: &M,
     parallel: &Parallel<B, C>,
@@ -343,6 +349,7 @@ fn reduce_part<B, C, M>(
     backward: &mut B::Gradients,
     reducer: &mut PartReducer<'_, B, C>,
     into: &mut GradientsParams,
+    narrow: bool,
 ) -> Result<(), TrainError>
 where
     B: AutodiffBackend + MoeBackend + CollectiveBackend<Wire = B::InnerBackend>,
@@ -351,7 +358,7 @@ where
 {
     let mut g = GradientsParams::from_module(backward, part);
     if parallel.compute_dtype().is_some() {
-        crate::precision::widen_grads(part, &mut g);
+        crate::precision::widen_grads_where(part, &mut g, |id| !narrow || parallel.reduces_grad(id));
     }
     reducer.add(model, part, g, into)?;
     Ok(())

@@ -9,7 +9,6 @@ pub mod layerwise;
 pub mod parallel;
 pub mod precision;
 pub mod rank_shards;
-pub mod recompute;
 pub mod metrics;
 pub mod schedule;
 pub mod sharding;

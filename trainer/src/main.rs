@@ -9,13 +9,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, CheckpointStrategy, NoCheckpointing};
 use burn_moe_backend::dist::{CommConfig, DistEnv, ThreadComm};
 use clap::Parser;
 use trainer::Args;
 use trainer::cli::Device;
 use trainer::launch::{is_launched_worker, run_workers};
-use trainer::recompute::Recompute;
 use trainer::train::{train, train_with};
 use tracing_subscriber::EnvFilter;
 
@@ -54,15 +52,7 @@ fn main() -> anyhow::Result<()> {
             if args.nnodes > 1 {
                 bail!("--nnodes {} needs --device cuda: CPU ranks are threads of one process", args.nnodes);
             }
-            if args.gradient_checkpointing {
-                run_cpu_threads::<BalancedCheckpointing>(&args, timeout)?
-            } else {
-                run_cpu_threads::<NoCheckpointing>(&args, timeout)?
-            }
-        }
-        (_, Device::Ndarray) if args.gradient_checkpointing => {
-            type B = burn::backend::Autodiff<burn::backend::NdArray<f32>, BalancedCheckpointing>;
-            train::<B>(&args, &Default::default()).context("training failed")?
+            run_cpu_threads(&args, timeout)?
         }
         (_, Device::Ndarray) => {
             type B = burn::backend::Autodiff<burn::backend::NdArray<f32>>;
@@ -81,14 +71,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// `--nproc-per-node N` on the CPU: N threads, one data-parallel rank each.
-fn run_cpu_threads<S: CheckpointStrategy>(args: &Args, timeout: Duration) -> anyhow::Result<trainer::TrainSummary>
-where
-    burn::backend::Autodiff<burn::backend::NdArray<f32>, S>: Recompute,
-{
+fn run_cpu_threads(args: &Args, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
     type Inner = burn::backend::NdArray<f32>;
-    type B<S> = burn::backend::Autodiff<Inner, S>;
+    type B = burn::backend::Autodiff<Inner>;
     let results = ThreadComm::<Inner>::run_ranks(args.nproc_per_node, CommConfig::with_timeout(timeout), |comm| {
-        train_with::<B<S>, _>(args, &Default::default(), &comm)
+        train_with::<B, _>(args, &Default::default(), &comm)
     });
     let mut first = None;
     for (rank, result) in results.into_iter().enumerate() {
@@ -125,16 +112,11 @@ mod cuda {
     impl<B: Backend<Device = CudaDevice> + MoeBackend + MemoryBackend + CollectiveBackend<Wire = B> + CudaTensorAccess> CudaInner for B {}
 }
 
-/// Calls `$on::<inner backend, checkpoint strategy>($args...)` for the flags of `$a`.
+/// Calls `$on::<inner backend>($args...)` for the dtype of `$a`.
 #[cfg(feature = "cuda")]
 macro_rules! cuda_dispatch {
     ($a:expr, $on:ident($($args:expr),*)) => {
-        match ($a.dtype.compute().is_some(), $a.gradient_checkpointing) {
-            (true, true) => $on::<cuda::Plain, BalancedCheckpointing>($($args),*),
-            (true, false) => $on::<cuda::Plain, NoCheckpointing>($($args),*),
-            (false, true) => $on::<cuda::Fused, BalancedCheckpointing>($($args),*),
-            (false, false) => $on::<cuda::Fused, NoCheckpointing>($($args),*),
-        }
+        if $a.dtype.compute().is_some() { $on::<cuda::Plain>($($args),*) } else { $on::<cuda::Fused>($($args),*) }
     };
 }
 
@@ -162,26 +144,20 @@ fn select_grouped_gemm(args: &Args) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 fn run_cuda(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
-    fn on<I: cuda::CudaInner, S: CheckpointStrategy>(args: &Args) -> anyhow::Result<trainer::TrainSummary>
-    where
-        burn::backend::Autodiff<I, S>: Recompute,
-    {
-        train::<burn::backend::Autodiff<I, S>>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
+    fn on<I: cuda::CudaInner>(args: &Args) -> anyhow::Result<trainer::TrainSummary> {
+        train::<burn::backend::Autodiff<I>>(args, &burn::backend::cuda::CudaDevice::default()).context("training failed")
     }
     cuda_dispatch!(args, on(args))
 }
 
 #[cfg(feature = "cuda")]
 fn run_cuda_rank(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
-    fn on<I: cuda::CudaInner, S: CheckpointStrategy>(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary>
-    where
-        burn::backend::Autodiff<I, S>: Recompute,
-    {
+    fn on<I: cuda::CudaInner>(args: &Args, env: &DistEnv, timeout: Duration) -> anyhow::Result<trainer::TrainSummary> {
         use burn_moe_backend::dist::{NcclComm, NcclConfig};
         let device = burn::backend::cuda::CudaDevice { index: env.local_rank };
         let comm = NcclComm::<I>::init(env, device.clone(), NcclConfig { timeout, ..NcclConfig::default() })
             .with_context(|| format!("rank {} joining the NCCL group", env.rank))?;
-        train_with::<burn::backend::Autodiff<I, S>, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
+        train_with::<burn::backend::Autodiff<I>, _>(args, &device, &comm).with_context(|| format!("rank {} failed", env.rank))
     }
     cuda_dispatch!(args, on(args, env, timeout))
 }

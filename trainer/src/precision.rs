@@ -108,36 +108,43 @@ pub fn freeze_in<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType
     model.map(&mut Frozen(compute))
 }
 
-/// Rounds one parameter tensor to the compute dtype as a fresh autodiff leaf (same trainability),
-/// so the backward pass stops at the copy and its gradient is keyed by the parameter's id.
-pub fn compute_leaf<B: AutodiffBackend, const D: usize>(t: Tensor<B, D>, compute: FloatDType) -> Tensor<B, D> {
-    let trainable = t.is_require_grad();
-    leaf(cast(t.inner(), compute), trainable)
-}
-
 /// `value` as a fresh autodiff leaf, tracked when `trainable`.
 fn leaf<B: AutodiffBackend, const D: usize>(value: Tensor<B::InnerBackend, D>, trainable: bool) -> Tensor<B, D> {
     let t = Tensor::<B, D>::from_inner(value);
     if trainable { t.require_grad() } else { t }
 }
 
-/// The model the forward pass runs: every parameter rounded to the compute dtype
-/// ([`compute_leaf`]) — taken from `copies` where the optimizer's last update left the parameter
-/// already rounded (one pass over the weights fewer per step), cast otherwise.
+/// The model the forward pass runs: every parameter rounded to the compute dtype as a fresh
+/// autodiff leaf, so the backward pass stops at the copy and its gradient is keyed by the
+/// parameter's id ([`compute_value`]) — taken from `copies` where the optimizer's last update left
+/// the parameter already rounded (one pass over the weights fewer per step), cast otherwise.
 pub fn compute_copy<B: AutodiffBackend, M: Module<B>>(model: M, compute: FloatDType, copies: Option<&ComputeCopies<B::InnerBackend>>) -> M {
     struct Round<'a, B: Backend>(FloatDType, Option<&'a ComputeCopies<B>>);
     impl<B: AutodiffBackend> ModuleMapper<B> for Round<'_, B::InnerBackend> {
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
             let (id, t, mapper) = param.consume();
-            let ready = self.1.filter(|c| c.dtype() == self.0).and_then(|c| c.get::<D>(id, &t.shape()));
-            let t = match ready {
-                Some(copy) => leaf(copy, t.is_require_grad()),
-                None => compute_leaf(t, self.0),
-            };
-            Param::from_mapped_value(id, t, mapper)
+            Param::from_mapped_value(id, compute_value(id, t, self.0, self.1, true), mapper)
         }
     }
     model.map(&mut Round(compute, copies))
+}
+
+/// Parameter `id`'s value `t` in the compute dtype as a forward pass takes it: the optimizer's
+/// copy where its last update left one (`copies`), else cast; a fresh autodiff leaf (tracked when
+/// trainable) when `track`, else untracked (a pass that keeps no graph).
+pub fn compute_value<B: AutodiffBackend, const D: usize>(
+    id: ParamId,
+    t: Tensor<B, D>,
+    compute: FloatDType,
+    copies: Option<&ComputeCopies<B::InnerBackend>>,
+    track: bool,
+) -> Tensor<B, D> {
+    let trainable = t.is_require_grad() && track;
+    let ready = copies.filter(|c| c.dtype() == compute).and_then(|c| c.get::<D>(id, &t.shape()));
+    match ready {
+        Some(copy) => leaf(copy, trainable),
+        None => leaf(cast(t.inner(), compute), trainable),
+    }
 }
 
 /// Widens the gradients of `module`'s parameters for which `wide(id)` holds to f32 (the masters'

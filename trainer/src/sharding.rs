@@ -82,7 +82,8 @@ pub enum FsdpGather {
     /// 2-5% faster per step than `layer` on 2 H200s (another 9% for FSDP2 with the deferred
     /// reductions), for about one more unit of memory.
     Prefetch,
-    /// The default: `step` under expert parallelism, `prefetch` otherwise. With EP the gathered
+    /// The default: `step` under expert parallelism, `prefetch` otherwise (and with
+    /// `--gradient-checkpointing`, which runs per unit). With EP the gathered
     /// weights are only the non-expert ones (attention, norms, routers, embeddings: ~1.6 B of
     /// Mixtral-8x7B's 47 B), so holding them through the step costs little, while the per-unit
     /// schedule re-runs every layer's forward: 8 Mixtral-shaped layers, EP=2 + FSDP2 on 2 H200s,
@@ -92,11 +93,12 @@ pub enum FsdpGather {
 }
 
 impl FsdpGather {
-    /// `Auto` made concrete for a mesh with expert-parallel degree `ep_size`; the others as they are.
+    /// `Auto` made concrete for a mesh with expert-parallel degree `ep_size`, with or without
+    /// per-layer recomputation ([`Parallel::with_layer_recompute`]); the others as they are.
     #[must_use]
-    pub fn resolve(self, ep_size: usize) -> Self {
+    pub fn resolve(self, ep_size: usize, recompute: bool) -> Self {
         match self {
-            Self::Auto if ep_size > 1 => Self::Step,
+            Self::Auto if ep_size > 1 && !recompute => Self::Step,
             Self::Auto => Self::Prefetch,
             other => other,
         }
@@ -171,8 +173,12 @@ pub struct Parallel<B: AutodiffBackend + CollectiveBackend<Wire = B::InnerBacken
     /// Experts per MoE layer of the model this plan is for (EP: this rank's range of them is
     /// [`expert_range`](Self::expert_range)).
     num_experts: usize,
-    /// When FSDP gathers.
+    /// When FSDP gathers: `requested` resolved for this mesh.
     gather: FsdpGather,
+    /// What `--fsdp-gather` asked for.
+    requested: FsdpGather,
+    /// Each decoder layer's forward runs again in the backward pass (`--gradient-checkpointing`).
+    recompute: bool,
     /// Mixed precision with the fused AdamW: the weights its last update left rounded to `compute`.
     copies: Option<ComputeCopies<B::InnerBackend>>,
 }
@@ -213,7 +219,19 @@ where
         } else {
             None
         };
-        Ok(Self { sharding, mesh, dispatcher, placements: HashMap::new(), units: Vec::new(), compute: None, num_experts, gather: FsdpGather::Auto.resolve(ep_size), copies: None })
+        Ok(Self {
+            sharding,
+            mesh,
+            dispatcher,
+            placements: HashMap::new(),
+            units: Vec::new(),
+            compute: None,
+            num_experts,
+            gather: FsdpGather::Auto.resolve(ep_size, false),
+            requested: FsdpGather::Auto,
+            recompute: false,
+            copies: None,
+        })
     }
 
     /// With expert parallelism, the experts this rank holds (the same range [`shard`](Self::shard)
@@ -259,16 +277,32 @@ where
     /// When FSDP gathers (`--fsdp-gather`; by default [`FsdpGather::Auto`], resolved for this mesh).
     #[must_use]
     pub fn with_fsdp_gather(mut self, gather: FsdpGather) -> Self {
-        self.gather = gather.resolve(self.mesh.ep_size());
+        self.requested = gather;
+        self.gather = gather.resolve(self.mesh.ep_size(), self.recompute);
+        self
+    }
+
+    /// Activation recomputation per decoder layer (`--gradient-checkpointing`, HF's
+    /// `checkpoint(layer)`): training runs [`crate::layerwise`]'s per-unit schedule under every
+    /// plan, which keeps only each layer's input through the forward pass and runs the layer again,
+    /// with its graph, in the backward pass. The activations of one layer are alive at a time
+    /// instead of every layer's, for one more forward pass per step. Under FSDP the per-unit
+    /// gathers come with it (`--fsdp-gather auto` then means `prefetch` under EP too).
+    #[must_use]
+    pub fn with_layer_recompute(mut self, on: bool) -> Self {
+        self.recompute = on;
+        self.gather = self.requested.resolve(self.mesh.ep_size(), on);
         self
     }
 
     /// Whether training and evaluation run the per-unit schedule of [`crate::layerwise`] (FSDP
-    /// with `--fsdp-gather layer`) instead of one forward pass over a [`materialize`]d model.
+    /// with `--fsdp-gather layer|prefetch`, or any plan with
+    /// [`with_layer_recompute`](Self::with_layer_recompute)) instead of one forward pass over a
+    /// [`materialize`]d model.
     ///
     /// [`materialize`]: Self::materialize
     pub fn per_layer(&self) -> bool {
-        matches!(self.gather, FsdpGather::Layer | FsdpGather::Prefetch) && matches!(self.sharding, Sharding::Fsdp1 | Sharding::Fsdp2)
+        self.recompute || (matches!(self.gather, FsdpGather::Layer | FsdpGather::Prefetch) && matches!(self.sharding, Sharding::Fsdp1 | Sharding::Fsdp2))
     }
 
     /// The compute dtype under mixed precision.
@@ -299,6 +333,26 @@ where
     /// The FSDP1 units (empty for the other plans).
     pub fn units(&self) -> &[FlatUnit] {
         &self.units
+    }
+
+    /// The sizes of the whole-unit buffers a training step allocates under FSDP1, once per unit and
+    /// micro-batch: each unit gathered in the wire dtype, each trained unit's gradient in f32
+    /// before its reduce-scatter (`chunk · world` elements each). Empty for the other plans. For
+    /// [`burn_moe_backend::persistent_sizes`]: a Mixtral layer's gradient is 5.8 GB.
+    pub fn unit_buffer_sizes(&self) -> Vec<(usize, DType)> {
+        let world = self.mesh.fsdp_group().size();
+        let wire = DType::from(wire_dtype(self.compute));
+        let mut sizes: Vec<(usize, DType)> = Vec::new();
+        for unit in &self.units {
+            let whole = unit.chunk * world;
+            let dtypes = if unit.trainable { vec![wire, DType::F32] } else { vec![wire] };
+            for dtype in dtypes {
+                if !sizes.contains(&(whole, dtype)) {
+                    sizes.push((whole, dtype));
+                }
+            }
+        }
+        sizes
     }
 
     /// Which part of the global tensor of parameter `id` (stored here with shape `local_dims`) this
@@ -564,7 +618,7 @@ where
         let Some(Queued { flats, padded }) = queued else {
             return Err(ShardingError::Unsupported("a unit was used before its gathers were started".into()));
         };
-        let mut gather = Gather { placements: &self.placements, flats, padded, compute, skip_frozen, track, error: None };
+        let mut gather = Gather { placements: &self.placements, flats, padded, compute, skip_frozen, track, copies: self.copies.as_ref(), error: None };
         let live = part.map(&mut gather);
         match gather.error {
             Some(e) => Err(e),
@@ -931,6 +985,8 @@ struct Gather<'a, B: burn::tensor::backend::Backend> {
     skip_frozen: bool,
     /// `false`: every parameter comes out untracked (a forward pass that keeps no graph).
     track: bool,
+    /// The optimizer's compute copies of the unsharded parameters, where it keeps them.
+    copies: Option<&'a ComputeCopies<B>>,
     error: Option<ShardingError>,
 }
 
@@ -946,9 +1002,8 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Gather<'_, B::InnerBackend> {
                 let (id, t, mapper) = param.consume();
                 let t = match (self.compute, self.track) {
                     (None, true) => t,
-                    (Some(c), true) => crate::precision::compute_leaf(t, c),
                     (None, false) => Tensor::from_inner(t.inner()),
-                    (Some(c), false) => Tensor::from_inner(crate::precision::cast(t.inner(), c)),
+                    (Some(c), track) => crate::precision::compute_value(id, t, c, self.copies, track),
                 };
                 return Param::from_mapped_value(id, t, mapper);
             }

@@ -22,7 +22,6 @@ use crate::cli::{Args, IntervalStrategy};
 use crate::data::{Batch, DataError, DataLoader, TrainDataset, load_records};
 use crate::metrics::{MetricsError, MetricsWriter, StepMetrics, TrainSummary};
 use crate::parallel::all_reduce_scalars;
-use crate::recompute::Recompute;
 use crate::sharding::{Parallel, ShardingError};
 pub use crate::schedule::linear_schedule;
 use crate::schedule::{learning_rate, warmup_steps};
@@ -265,7 +264,7 @@ fn due(strategy: IntervalStrategy, step: usize, every: usize, epoch_end: bool) -
 /// diverging loss.
 pub fn train<B>(args: &Args, device: &B::Device) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend> + Recompute,
+    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
 {
     let solo = ThreadComm::<B::InnerBackend>::world(1, std::slice::from_ref(device), CommConfig::default())?
@@ -286,7 +285,7 @@ where
 /// As [`train`], plus [`TrainError::Comm`] when a collective fails.
 pub fn train_with<B, C>(args: &Args, device: &B::Device, comm: &C) -> Result<TrainSummary, TrainError>
 where
-    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend> + Recompute,
+    B: AutodiffBackend + MoeBackend + MemoryBackend + CollectiveBackend<Wire = <B as AutodiffBackend>::InnerBackend>,
     B::InnerBackend: MoeBackend,
     C: Communicator<B::InnerBackend> + 'static,
 {
@@ -301,13 +300,12 @@ where
     }
     // Before any data or weights are read.
     crate::precision::check_support::<B>(args.dtype, device).map_err(TrainError::Args)?;
-    if args.gradient_checkpointing != B::RECOMPUTES {
-        return Err(TrainError::Args(format!(
-            "--gradient-checkpointing is {} but this backend type {} activations: the strategy is part of the type \
-             (burn::backend::Autodiff<_, BalancedCheckpointing> recomputes); the trainer binary picks it from the flag",
-            if args.gradient_checkpointing { "on" } else { "off" },
-            if B::RECOMPUTES { "recomputes" } else { "keeps all" }
-        )));
+    if args.gradient_checkpointing && args.fsdp_gather == crate::sharding::FsdpGather::Step {
+        return Err(TrainError::Args(
+            "--gradient-checkpointing recomputes the model layer by layer, --fsdp-gather step runs it whole with every layer's \
+             activations: use --fsdp-gather auto, layer or prefetch with it"
+                .into(),
+        ));
     }
     let compute = args.dtype.compute();
     let source = model_source(args)?;
@@ -357,7 +355,8 @@ where
     let ep_size = args.effective_ep_size(world);
     let mut parallel = Parallel::<B, C>::new(comm, args.sharding, ep_size, num_experts)?
         .with_compute_dtype(compute)
-        .with_fsdp_gather(args.fsdp_gather);
+        .with_fsdp_gather(args.fsdp_gather)
+        .with_layer_recompute(args.gradient_checkpointing);
     // Expert parallelism: each rank's model holds only its own experts. Not with adapters on the
     // experts: their A matrices come from one RNG stream over all experts, drawn before the cut, so
     // that every rank count trains the same adapters; the base experts are then held whole until the
@@ -385,12 +384,16 @@ where
             lazy = weights;
             model
         }
-        // Real-shaped architectures on the GPU: the device RNG (a host RNG would take minutes for
-        // billions of weights), made identical on every rank by a broadcast from rank 0. On the CPU
-        // the host RNG below keeps runs reproducible across rank counts.
-        (_, None) if args.model_config.is_some() && args.device == crate::cli::Device::Cuda => {
-            B::seed(device, args.seed);
-            crate::parallel::broadcast_params::<B, _, C>(config.init(device), comm)?
+        // A given architecture (`--model-config`, real-sized ones): drawn lazily, like a checkpoint
+        // is read, so each rank draws the pieces the plan gives it and never holds the whole model
+        // (Mixtral-8x7B is 188 GB in f32). Each matrix has its own seeded stream, so every rank,
+        // and every rank count, draws the same values; on the GPU from the device RNG (a host RNG
+        // would take minutes for billions of weights).
+        (_, None) if args.model_config.is_some() => {
+            let rng = if args.device == crate::cli::Device::Cuda { mixtral_burn::InitRng::Device } else { mixtral_burn::InitRng::Host };
+            let (model, weights) = config.init_lazy(device, args.seed, rng);
+            lazy = weights;
+            model
         }
         // Weights from a host RNG: the backend's RNG is process-global, so concurrent runs (tests,
         // in-process ranks) would otherwise draw each other's numbers.
@@ -452,8 +455,14 @@ where
     // On a GPU, the weights this rank keeps (and so their gradients, moments and compute copies,
     // which take the same sizes) in exact-size buffers instead of the allocator's large pages:
     // see `persistent_params`. `BURN_MOE_PERSISTENT_PARAMS=0` leaves them in the pages (to compare).
-    if B::device_memory(device).is_some() && std::env::var("BURN_MOE_PERSISTENT_PARAMS").map_or(true, |v| v.trim() != "0") {
+    // FSDP1's whole-unit buffers likewise (allocated once per unit and micro-batch;
+    // `BURN_MOE_PERSISTENT_SIZES=0` leaves them in the pages).
+    let enabled = |var: &str| std::env::var(var).map_or(true, |v| v.trim() != "0");
+    if B::device_memory(device).is_some() && enabled("BURN_MOE_PERSISTENT_PARAMS") {
         model = burn_moe_backend::persistent_params(model, device);
+        if enabled("BURN_MOE_PERSISTENT_SIZES") {
+            burn_moe_backend::persistent_sizes::<B::InnerBackend>(device, &parallel.unit_buffer_sizes());
+        }
     }
 
     // burn-optim's AdamW (the same numbers and checkpoint state); with `--fused-adamw` the update is
@@ -544,7 +553,12 @@ where
             // micro-batch, an empty slice as one padding token.
             let mut grads = GradientsParams::new();
             let idle = Batch::idle();
-            let scale = crate::layerwise::MicroScale { step_targets, micro_batches: micro.len(), aux_coef: model.router_aux_loss_coef };
+            let scale = crate::layerwise::MicroScale {
+                step_targets,
+                micro_batches: micro.len(),
+                aux_coef: model.router_aux_loss_coef,
+                narrow_grads: args.fused_adamw && accum == 1,
+            };
             for (m, batch) in micro.iter().enumerate() {
                 step_tokens += batch.n_real_tokens() as f64;
                 let batch = if batch.batch > 0 { batch } else { &idle };

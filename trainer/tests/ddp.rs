@@ -150,6 +150,12 @@ fn expert_parallel_fsdp2_and_fsdp1_equal_one_device() {
             (4, &["--ep-size", "2", "--sharding", "fsdp1", "--fsdp-gather", "layer"]),
             (4, &["--ep-size", "4", "--sharding", "fsdp2", "--fsdp-gather", "prefetch"]),
             (2, &["--sharding", "fsdp1", "--fsdp-gather", "prefetch"]),
+            // Per-layer recomputation under the plans that do not gather per unit otherwise:
+            // replicated weights (DDP), EP with DDP on the rest, and EP with FSDP2 (auto then
+            // gathers per unit instead of once per step).
+            (2, &["--sharding", "ddp", "--gradient-checkpointing"]),
+            (4, &["--ep-size", "2", "--sharding", "ddp", "--gradient-checkpointing"]),
+            (2, &["--ep-size", "2", "--sharding", "fsdp2", "--gradient-checkpointing"]),
         ];
         for (n, plan) in plans {
             let name = format!("s{seed}-{n}{}", plan.join("").replace("--", "-"));

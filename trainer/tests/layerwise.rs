@@ -123,7 +123,7 @@ fn schedule(sharding: Sharding, gather: FsdpGather) -> (Vec<(&'static str, usize
         let mut plan = plan.with_fsdp_gather(gather);
         let model = plan.shard(config.init_seeded::<B>(&device, 7));
         log.lock().unwrap().clear();
-        let scale = MicroScale { step_targets: 8.0, micro_batches: 1, aux_coef: 0.02 };
+        let scale = MicroScale { step_targets: 8.0, micro_batches: 1, aux_coef: 0.02, narrow_grads: false };
         let mut grads = GradientsParams::new();
         let out = micro_step(&plan, &model, &batch(), scale, &comm, &device, None, &mut grads, &mut || ()).unwrap();
         assert!(out.loss.is_finite() && out.lm > 0.0 && out.aux > 0.0, "{out:?}");

@@ -90,22 +90,6 @@ fn held_from_checkpoint(model: &mixtral_burn::MixtralForCausalLM<B>, lazy: &mixt
     c.0
 }
 
-/// Lazy checkpoint parameters still unread.
-fn unread(model: &mixtral_burn::MixtralForCausalLM<B>, lazy: &mixtral_burn::LazyWeights) -> (usize, usize) {
-    struct Count<'a>(usize, usize, &'a mixtral_burn::LazyWeights);
-    impl burn::module::ModuleVisitor<B> for Count<'_> {
-        fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<burn::tensor::Tensor<B, D>>) {
-            if self.2.contains(p.id) {
-                self.0 += usize::from(!p.is_initialized());
-                self.1 += 1;
-            }
-        }
-    }
-    let mut c = Count(0, 0, lazy);
-    model.visit(&mut c);
-    (c.0, c.1)
-}
-
 /// Loading an HF checkpoint straight into shards: with the checkpoint loaded lazily, LoRA attached
 /// and the frozen base stored in the compute dtype (mixed precision), nothing is read before the plan cuts; then
 /// each rank reads exactly the elements it keeps (FSDP2 rows, FSDP1 ranges, its experts under EP;
@@ -141,9 +125,9 @@ fn a_lazily_loaded_checkpoint_is_read_straight_into_the_shards() {
                     let mut lazy_plan = Parallel::<B, _>::new(&comm, sharding, ep, config.num_local_experts).unwrap();
                     let (model, lazy) = ckpt.load_model_lazy::<B>(&device, config.moe_kernel, experts).unwrap();
                     let model = prepare(model);
-                    let before = (unread(&model, &lazy), lazy.elements_read());
+                    let before = (lazy.unread_in(&model), lazy.elements_read());
                     let local = lazy_plan.shard_lazy(model, &lazy);
-                    let after = unread(&local, &lazy).0;
+                    let after = lazy.unread_in(&local).0;
                     (before, after, lazy.elements_read(), held_from_checkpoint(&local, &lazy), param_bits(&local), param_bits(&eager))
                 });
                 for (rank, r) in results.into_iter().enumerate() {
@@ -154,6 +138,45 @@ fn a_lazily_loaded_checkpoint_is_read_straight_into_the_shards() {
                     assert_eq!(read, held, "{what} rank {rank}: read {read} elements, keeps {held}");
                     assert_eq!(lazy_bits, eager_bits, "{what} rank {rank}: shards differ from the eager load's");
                 }
+            }
+        }
+    }
+}
+
+/// A randomly initialised real-sized model is drawn the same way (`MixtralConfig::init_lazy`, the
+/// trainer's path for `--model-config`): with LoRA attached and the frozen base in the compute
+/// dtype, nothing is drawn before the plan cuts; afterwards each rank holds the same parameters,
+/// bit for bit, as sharding the whole model drawn from the same seed. Uneven shards (3 ranks),
+/// EP×FSDP2, EP with DDP.
+#[test]
+fn a_lazily_drawn_model_is_drawn_straight_into_the_shards() {
+    use mixtral_burn::{InitRng, LoraConfig, LoraTargets};
+    let config = MixtralConfig::tiny();
+    let plans = [(Sharding::Fsdp2, 1, 3), (Sharding::Fsdp1, 1, 3), (Sharding::Fsdp2, 2, 4), (Sharding::Ddp, 2, 2)];
+    for (sharding, ep, world) in plans {
+        for lora in [None, Some(LoraTargets::All)] {
+            let what = format!("{sharding:?} ep {ep} on {world} ranks, lora {lora:?}");
+            let results = ThreadComm::<Inner>::run_ranks(world, CommConfig::default(), |comm| {
+                let device = Default::default();
+                let prepare = |model: mixtral_burn::MixtralForCausalLM<B>| {
+                    let Some(targets) = lora else { return model };
+                    let model = model.with_lora(&LoraConfig::new().with_r(2), targets, 5);
+                    trainer::precision::freeze_in(model, burn::tensor::FloatDType::F64)
+                };
+                let (whole, _) = config.init_lazy::<B>(&device, 13, InitRng::Host);
+                let eager = Parallel::<B, _>::new(&comm, sharding, ep, config.num_local_experts).unwrap().shard(prepare(mixtral_burn::checkpoint::materialize(whole)));
+                let mut plan = Parallel::<B, _>::new(&comm, sharding, ep, config.num_local_experts).unwrap();
+                let (model, lazy) = config.init_lazy::<B>(&device, 13, InitRng::Host);
+                let model = prepare(model);
+                let before = lazy.unread_in(&model);
+                let local = plan.shard_lazy(model, &lazy);
+                (before, lazy.unread_in(&local).0, param_bits(&local), param_bits(&eager))
+            });
+            for (rank, r) in results.into_iter().enumerate() {
+                let ((undrawn, lazy_params), left, lazy_bits, eager_bits) = r.unwrap();
+                assert_eq!(undrawn, lazy_params, "{what} rank {rank}: matrices drawn before the plan cut them");
+                assert_eq!(left, 0, "{what} rank {rank}: lazy parameters left after sharding");
+                assert_eq!(lazy_bits, eager_bits, "{what} rank {rank}: shards differ from the whole model's");
             }
         }
     }

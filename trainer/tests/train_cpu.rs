@@ -142,15 +142,16 @@ fn packing_trains_on_full_rows() {
     assert!((losses[0].1 - 259f64.ln()).abs() < 0.5, "{losses:?}");
 }
 
-/// `--gradient-checkpointing` recomputes the memory-bound activations in the backward pass: the
-/// run is the same computation, so losses and gradient norms equal the run that keeps everything
-/// (LoRA on every projection and the scatter path included). The flag must match the backend
-/// type's strategy.
+/// `--gradient-checkpointing` keeps only each decoder layer's input and runs the layer again in the
+/// backward pass: the same computation, so losses and gradient norms equal the run that keeps
+/// everything (with gradient accumulation, and with LoRA on every projection and the scatter path;
+/// without LoRA dropout, whose masks come from per-layer seeds under recomputation, so that the
+/// re-run draws the first run's, and from the backend's RNG otherwise). It cannot be combined with
+/// `--fsdp-gather step`, which runs the whole model at once.
 #[test]
 fn gradient_checkpointing_recomputes_the_same_training_run() {
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-    type Recomputing = burn::backend::Autodiff<burn::backend::NdArray<f32>, BalancedCheckpointing>;
-    for extra in [&[][..], &["--use-lora", "all", "--moe-kernel", "scatter"][..]] {
+    let lora = ["--use-lora", "all", "--lora-dropout", "0", "--moe-kernel", "scatter"];
+    for extra in [&["--gradient-accumulation-steps", "2"][..], &lora[..]] {
         let run = |checkpointing: bool| {
             let dir = tempfile::tempdir().unwrap();
             let mut v = vec!["trainer", "--max-steps", "4", "--per-device-train-batch-size", "4", "--output-dir"];
@@ -158,24 +159,22 @@ fn gradient_checkpointing_recomputes_the_same_training_run() {
             v.extend_from_slice(extra);
             if checkpointing {
                 v.push("--gradient-checkpointing");
-                train::<Recomputing>(&Args::try_parse_from(&v).unwrap(), &Default::default()).unwrap();
-            } else {
-                train::<B>(&Args::try_parse_from(&v).unwrap(), &Default::default()).unwrap();
             }
+            train::<B>(&Args::try_parse_from(&v).unwrap(), &Default::default()).unwrap();
             (read_losses(dir.path()), read_field(dir.path(), "grad_norm"))
         };
         let (kept, recomputed) = (run(false), run(true));
         assert_eq!(kept.0.len(), 4);
         for ((a, b), what) in [(&kept.0, &recomputed.0), (&kept.1, &recomputed.1)].into_iter().zip(["loss", "grad_norm"]) {
             for ((step, x), (_, y)) in a.iter().zip(b) {
-                assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{extra:?} step {step} {what}: kept {x} vs recomputed {y}");
+                assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{extra:?} step {step} {what}: kept {x} vs recomputed {y}");
             }
         }
     }
     let dir = tempfile::tempdir().unwrap();
-    let args = Args::try_parse_from(["trainer", "--gradient-checkpointing", "--output-dir", dir.path().to_str().unwrap()]).unwrap();
+    let args = Args::try_parse_from(["trainer", "--gradient-checkpointing", "--fsdp-gather", "step", "--output-dir", dir.path().to_str().unwrap()]).unwrap();
     let err = train::<B>(&args, &Default::default()).unwrap_err().to_string();
-    assert!(err.contains("--gradient-checkpointing is on") && err.contains("BalancedCheckpointing"), "{err}");
+    assert!(err.contains("--gradient-checkpointing") && err.contains("--fsdp-gather step"), "{err}");
 }
 
 /// Protobuf wire-format fields of one message: (field number, value) with varints as `Int`,

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::tensor::{Shape, Tensor, TensorData, backend::Backend};
 
 use super::reader::SafetensorsFiles;
@@ -99,6 +99,24 @@ impl LazyWeights {
         trainable
     }
 
+    /// `(unread, all)`: how many of `module`'s parameters belong to this load, and how many of those
+    /// are still unread (lazy) — for checking that a sharding plan read each parameter, and only
+    /// once it had cut it.
+    pub fn unread_in<B: Backend, M: Module<B>>(&self, module: &M) -> (usize, usize) {
+        struct Count<'a>(usize, usize, &'a LazyWeights);
+        impl<B: Backend> ModuleVisitor<B> for Count<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<B, D>>) {
+                if self.2.contains(p.id) {
+                    self.0 += usize::from(!p.is_initialized());
+                    self.1 += 1;
+                }
+            }
+        }
+        let mut c = Count(0, 0, self);
+        module.visit(&mut c);
+        (c.0, c.1)
+    }
+
     /// Elements read from the checkpoint files by this load's parameters so far.
     pub fn elements_read(&self) -> usize {
         self.lock().elements_read
@@ -113,11 +131,27 @@ impl LazyWeights {
         shape: [usize; D],
         device: &B::Device,
     ) -> Param<Tensor<B, D>> {
+        debug_assert_eq!(segments.iter().map(|s| s.elements.len()).sum::<usize>(), shape.iter().product::<usize>());
+        let (state, files) = (self.clone(), Arc::clone(files));
+        self.param_from(shape, device, move |device: &B::Device, elements: Range<usize>| {
+            let values = read_segments(&files, &segments, elements);
+            state.lock().elements_read += values.len();
+            let n = values.len();
+            Tensor::<B, 1>::from_data(TensorData::new(values, [n]), device)
+        })
+    }
+
+    /// A lazy parameter of shape `shape` whose values come from `source`: given the row-major
+    /// elements to make (a request's piece, or all of them; never none), it returns exactly those,
+    /// as a 1-D tensor on the device. It is called once, when the parameter is first needed.
+    pub(crate) fn param_from<B: Backend, const D: usize, S>(&self, shape: [usize; D], device: &B::Device, source: S) -> Param<Tensor<B, D>>
+    where
+        S: Fn(&B::Device, Range<usize>) -> Tensor<B, 1> + Send + Sync + 'static,
+    {
         let numel: usize = shape.iter().product();
-        debug_assert_eq!(segments.iter().map(|s| s.elements.len()).sum::<usize>(), numel);
         let id = ParamId::new();
         self.lock().numel.insert(id, numel);
-        let (state, files) = (self.clone(), Arc::clone(files));
+        let state = self.clone();
         let init = move |device: &B::Device, require_grad: bool| {
             let request = state.lock().pending.remove(&id);
             let (elements, dims) = match request {
@@ -129,9 +163,7 @@ impl LazyWeights {
                 // No upload of zero bytes: burn-cuda refuses the strides of an empty tensor's data.
                 Tensor::<B, D>::empty(dims, device)
             } else {
-                let values = read_segments(&files, &segments, elements);
-                state.lock().elements_read += values.len();
-                Tensor::<B, D>::from_data(TensorData::new(values, dims), device)
+                source(device, elements).reshape(Shape::from(dims))
             };
             tensor.set_require_grad(require_grad)
         };

@@ -8,6 +8,7 @@ use super::decoder::DecoderLayer;
 use super::linear::HfLinear;
 use super::loss::causal_lm_loss;
 use super::rms_norm::RmsNorm;
+use crate::checkpoint::LazyWeights;
 use crate::config::MixtralConfig;
 
 /// The decoder stack without the LM head (HF `MixtralModel`).
@@ -70,7 +71,7 @@ impl MixtralConfig {
     /// [`MixtralConfig::from_hf_json_file`] or call `validate` first to get an error instead.
     pub fn init<B: Backend>(&self, device: &B::Device) -> MixtralForCausalLM<B> {
         let std = self.initializer_range;
-        self.build(device, self.num_local_experts, |n| Tensor::random([n], Distribution::Normal(0.0, std), device))
+        self.build(device, self.num_local_experts, &mut Eager(|n| Tensor::random([n], Distribution::Normal(0.0, std), device)))
     }
 
     /// A model of this shape whose weights are zeros and whose MoE layers hold only `experts_held`
@@ -86,7 +87,7 @@ impl MixtralConfig {
             "experts_held {experts_held} outside 1..={}",
             self.num_local_experts
         );
-        self.build(device, experts_held, |n| Tensor::zeros([n], device))
+        self.build(device, experts_held, &mut Eager(|n| Tensor::zeros([n], device)))
     }
 
     /// Like [`init`](Self::init), but the weights come from a host RNG seeded with `seed`, so the same
@@ -98,28 +99,53 @@ impl MixtralConfig {
     pub fn init_seeded<B: Backend>(&self, device: &B::Device, seed: u64) -> MixtralForCausalLM<B> {
         let mut rng = HostNormal::new(seed);
         let std = self.initializer_range as f32;
-        self.build(device, self.num_local_experts, |n| {
-            let values: Vec<f32> = (0..n).map(|_| rng.sample() * std).collect();
-            Tensor::from_data(TensorData::new(values, [n]), device)
-        })
+        self.build(
+            device,
+            self.num_local_experts,
+            &mut Eager(|n| {
+                let values: Vec<f32> = (0..n).map(|_| rng.sample() * std).collect();
+                Tensor::from_data(TensorData::new(values, [n]), device)
+            }),
+        )
     }
 
-    /// Assembles the model with `held` experts per MoE layer; `normal(n)` returns `n` values of
-    /// `N(0, initializer_range²)`, drawn in parameter order.
-    fn build<B: Backend>(&self, device: &B::Device, held: usize, mut normal: impl FnMut(usize) -> Tensor<B, 1>) -> MixtralForCausalLM<B> {
+    /// A model whose matrices are drawn only when first needed, and then only the piece a sharding
+    /// plan asked for ([`LazyWeights::request_piece`]), like a lazily loaded checkpoint
+    /// ([`HfCheckpoint::load_model_lazy`](crate::HfCheckpoint::load_model_lazy)). Why: a rank of a
+    /// sharded run of a real-sized architecture must never hold the whole model, not even while it
+    /// is being initialised (Mixtral-8x7B: 188 GB in f32, more than one GPU has).
+    ///
+    /// Each matrix has its own random stream, seeded from `seed` and its place in the model, so
+    /// its values do not depend on which pieces are drawn, in what order, or by how many ranks:
+    /// every rank count and every plan trains the same model. Drawing a piece draws the whole
+    /// matrix and keeps the piece, so at most one whole matrix is held at a time. The values
+    /// differ from [`init_seeded`](Self::init_seeded)'s (one stream over the whole model) and,
+    /// with [`InitRng::Device`], between backends.
+    ///
+    /// # Panics
+    /// As [`init`](Self::init).
+    pub fn init_lazy<B: Backend>(&self, device: &B::Device, seed: u64, rng: InitRng) -> (MixtralForCausalLM<B>, LazyWeights) {
+        let lazy = LazyWeights::default();
+        let mut drawn = Drawn { lazy: &lazy, device, seed, std: self.initializer_range, rng, next: 0 };
+        let model = self.build(device, self.num_local_experts, &mut drawn);
+        (model, lazy)
+    }
+
+    /// Assembles the model with `held` experts per MoE layer, its matrices made by `weights` in
+    /// parameter order.
+    fn build<B: Backend>(&self, device: &B::Device, held: usize, weights: &mut impl Weights<B>) -> MixtralForCausalLM<B> {
         if let Err(e) = self.validate("MixtralConfig::init") {
             panic!("{e}");
         }
         let (d, f, e, hd) = (self.hidden_size, self.intermediate_size, self.num_local_experts, self.head_dim());
-        let mut matrix = |rows: usize, cols: usize| normal(rows * cols).reshape([rows, cols]);
-        let embed = matrix(self.vocab_size, d);
+        let embed = weights.weight([self.vocab_size, d]);
         let mut layers = Vec::with_capacity(self.num_hidden_layers);
         for _ in 0..self.num_hidden_layers {
             let self_attn = MixtralAttention {
-                q_proj: HfLinear::from_weight(matrix(self.num_attention_heads * hd, d)),
-                k_proj: HfLinear::from_weight(matrix(self.num_key_value_heads * hd, d)),
-                v_proj: HfLinear::from_weight(matrix(self.num_key_value_heads * hd, d)),
-                o_proj: HfLinear::from_weight(matrix(d, self.num_attention_heads * hd)),
+                q_proj: HfLinear::from_param(weights.weight([self.num_attention_heads * hd, d])),
+                k_proj: HfLinear::from_param(weights.weight([self.num_key_value_heads * hd, d])),
+                v_proj: HfLinear::from_param(weights.weight([self.num_key_value_heads * hd, d])),
+                o_proj: HfLinear::from_param(weights.weight([d, self.num_attention_heads * hd])),
                 num_heads: self.num_attention_heads,
                 num_kv_heads: self.num_key_value_heads,
                 head_dim: hd,
@@ -128,21 +154,21 @@ impl MixtralConfig {
                 kernel: self.attention_kernel,
                 query_block: None,
             };
-            let gate = matrix(e, d);
-            let w1 = matrix(held * f, d).reshape([held, f, d]);
-            let w3 = matrix(held * f, d).reshape([held, f, d]);
-            let w2 = matrix(held * d, f).reshape([held, d, f]);
+            let gate = weights.weight([e, d]);
+            let w1 = weights.weight([held, f, d]);
+            let w3 = weights.weight([held, f, d]);
+            let w2 = weights.weight([held, d, f]);
             layers.push(DecoderLayer {
                 self_attn,
-                mlp: DMoe::from_weights(gate, w1, w3, w2, self.num_experts_per_tok, self.moe_kernel),
+                mlp: DMoe::from_params(gate, w1, w3, w2, self.num_experts_per_tok, self.moe_kernel),
                 input_layernorm: RmsNorm::init(d, self.rms_norm_eps, device),
                 post_attention_layernorm: RmsNorm::init(d, self.rms_norm_eps, device),
             });
         }
-        let lm_head = HfLinear::from_weight(matrix(self.vocab_size, d));
+        let lm_head = HfLinear::from_param(weights.weight([self.vocab_size, d]));
         MixtralForCausalLM {
             model: MixtralModel {
-                embed_tokens: MixtralForCausalLM::<B>::embedding_from(Param::from_tensor(embed)),
+                embed_tokens: MixtralForCausalLM::<B>::embedding_from(embed),
                 layers,
                 norm: RmsNorm::init(d, self.rms_norm_eps, device),
             },
@@ -165,13 +191,17 @@ impl HostNormal {
     }
 
     fn uniform(&mut self) -> f64 {
+        let z = self.next_u64();
+        // 53 random bits in (0, 1]: never 0, so the logarithm below is finite.
+        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    fn next_u64(&mut self) -> u64 {
         self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.state;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        // 53 random bits in (0, 1]: never 0, so the logarithm below is finite.
-        ((z >> 11) + 1) as f64 / (1u64 << 53) as f64
+        z ^ (z >> 31)
     }
 
     fn sample(&mut self) -> f32 {
@@ -183,6 +213,78 @@ impl HostNormal {
         let theta = 2.0 * std::f64::consts::PI * u2;
         self.spare = Some((r * theta.sin()) as f32);
         (r * theta.cos()) as f32
+    }
+}
+
+/// Where [`MixtralConfig::init_lazy`] draws its numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitRng {
+    /// SplitMix64 and Box–Muller on the host: the same weights on every backend, but slow for
+    /// billions of weights (tiny and test models, CPU runs).
+    Host,
+    /// The backend's RNG, reseeded for each matrix: fast on a GPU (real-sized models); the same
+    /// weights on every device of one backend, not across backends. It reseeds the backend's
+    /// process-global RNG, so nothing else may draw from it concurrently.
+    Device,
+}
+
+/// Makes the model's matrices for [`MixtralConfig::build`], in parameter order.
+trait Weights<B: Backend> {
+    /// A parameter of shape `shape`.
+    fn weight<const D: usize>(&mut self, shape: [usize; D]) -> Param<Tensor<B, D>>;
+}
+
+/// Matrices made now: the closure returns `n` values for an `n`-element matrix.
+struct Eager<F>(F);
+
+impl<B: Backend, F: FnMut(usize) -> Tensor<B, 1>> Weights<B> for Eager<F> {
+    fn weight<const D: usize>(&mut self, shape: [usize; D]) -> Param<Tensor<B, D>> {
+        Param::from_tensor((self.0)(shape.iter().product()).reshape(shape))
+    }
+}
+
+/// Matrices drawn lazily ([`MixtralConfig::init_lazy`]), each from its own stream.
+struct Drawn<'a, B: Backend> {
+    lazy: &'a LazyWeights,
+    device: &'a B::Device,
+    seed: u64,
+    std: f64,
+    rng: InitRng,
+    /// The next matrix's place in the model.
+    next: u64,
+}
+
+impl<B: Backend> Weights<B> for Drawn<'_, B> {
+    fn weight<const D: usize>(&mut self, shape: [usize; D]) -> Param<Tensor<B, D>> {
+        // One SplitMix64 step over (seed, place): well-separated seeds for neighbouring places.
+        let stream = HostNormal::new(self.seed ^ self.next.wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64();
+        self.next += 1;
+        let (numel, std, rng) = (shape.iter().product::<usize>(), self.std, self.rng);
+        self.lazy.param_from(shape, self.device, move |device: &B::Device, elements: std::ops::Range<usize>| match rng {
+            InitRng::Host => {
+                let mut normal = HostNormal::new(stream);
+                for _ in 0..elements.start {
+                    normal.sample();
+                }
+                let values: Vec<f32> = elements.clone().map(|_| normal.sample() * std as f32).collect();
+                Tensor::from_data(TensorData::new(values, [elements.len()]), device)
+            }
+            InitRng::Device => {
+                B::seed(device, stream);
+                let whole = Tensor::<B, 1>::random([numel], Distribution::Normal(0.0, std), device);
+                if elements.len() == numel {
+                    return whole;
+                }
+                // A slice is a view that keeps the whole matrix alive: copy the piece out. `whole`
+                // outlives the product (also under a fusing backend, which runs it at the sync), so
+                // the product cannot be written in place into the view.
+                let piece = whole.clone().slice([elements]).mul_scalar(1.0);
+                // A failed sync shows up at the next use of the piece; nothing to do about it here.
+                let _ = B::sync(device);
+                drop(whole);
+                piece
+            }
+        })
     }
 }
 

@@ -10,7 +10,7 @@ mod rms_norm;
 mod rope;
 
 pub use attention::{AttentionKernel, MixtralAttention};
-pub use causal_lm::{CausalLmOutput, MixtralForCausalLM, MixtralModel, ModelOutput};
+pub use causal_lm::{CausalLmOutput, InitRng, MixtralForCausalLM, MixtralModel, ModelOutput};
 pub use decoder::DecoderLayer;
 pub use linear::{HfLinear, LinearLora};
 pub use lora::LoraTargets;
