@@ -59,3 +59,9 @@ for n in names:
     f = lambda k: f"{s[k]:.0f}" if s.get(k) is not None else "-"
     print(f"| {n} | {layers} | {end - start - s['train_runtime']:.1f} | {steady:.3f} | {f('gpu_mem_used_peak')} | {f('gpu_mem_alloc')} | {smi} | {m[0]['loss']:.6f} → {m[-1]['loss']:.4f} |")
 PY
+# The device returns a limited number of files: keep the log and the run logs, not each run's outputs
+# (KEEP_RUNS=1 keeps them).
+if [ "${KEEP_RUNS:-0}" != 1 ]; then
+  for n in $NAMES; do rm -rf "${OUT:?}/$n" "$OUT/smi-$n.csv" "$OUT/$n.wall"; done
+  rm -f "$OUT"/mixtral_*l.json
+fi
