@@ -358,7 +358,7 @@ where
 {
     let mut g = GradientsParams::from_module(backward, part);
     if parallel.compute_dtype().is_some() {
-        crate::precision::widen_grads_where(part, &mut g, |id| !narrow || parallel.reduces_grad(id));
+        crate::precision::widen_grads_where(part, &mut g, |id| parallel.widens_grad(id, narrow));
     }
     reducer.add(model, part, g, into)?;
     Ok(())

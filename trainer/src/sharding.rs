@@ -274,6 +274,14 @@ where
         }
     }
 
+    /// Whether parameter `id`'s gradient goes to f32 before it is summed or updated, under mixed
+    /// precision: always, unless `keep_narrow` (the optimizer widens in its own pass and nothing
+    /// else sums the gradient: one micro-batch per step) — then only where ranks sum it
+    /// ([`reduces_grad`](Self::reduces_grad)).
+    pub fn widens_grad(&self, id: ParamId, keep_narrow: bool) -> bool {
+        !keep_narrow || self.reduces_grad(id)
+    }
+
     /// When FSDP gathers (`--fsdp-gather`; by default [`FsdpGather::Auto`], resolved for this mesh).
     #[must_use]
     pub fn with_fsdp_gather(mut self, gather: FsdpGather) -> Self {

@@ -540,6 +540,9 @@ where
         }
         let lr = learning_rate(args.lr_scheduler_type, args.learning_rate, step, warmup, total_steps);
         let micro: Vec<Batch> = (0..accum).map(|m| loader.micro_batch(step, m)).collect();
+        // Under mixed precision a gradient that is neither accumulated nor reduced goes to the fused
+        // optimizer as it is, which widens it in its own pass (`Parallel::widens_grad`).
+        let keep_narrow = args.fused_adamw && accum == 1;
         // Every micro-batch's token losses are divided by the target tokens of the whole step (over
         // all ranks), so the accumulated gradient is that of one big batch however it is split.
         let local_targets = micro.iter().map(|b| b.n_target_tokens).sum::<usize>() as f64;
@@ -557,7 +560,7 @@ where
                 step_targets,
                 micro_batches: micro.len(),
                 aux_coef: model.router_aux_loss_coef,
-                narrow_grads: args.fused_adamw && accum == 1,
+                narrow_grads: keep_narrow,
             };
             for (m, batch) in micro.iter().enumerate() {
                 step_tokens += batch.n_real_tokens() as f64;
@@ -623,10 +626,8 @@ where
                 timers.mark("backward");
                 let mut grads = GradientsParams::from_grads(grads, &live);
                 if compute.is_some() {
-                    // Accumulated and reduced in f32, as the masters; a gradient that is neither
-                    // goes to the optimizer as it is, which widens it in its own pass.
-                    let keep_narrow = args.fused_adamw && accum == 1;
-                    crate::precision::widen_grads_where(&live, &mut grads, |id| !keep_narrow || parallel.reduces_grad(id));
+                    // Accumulated and reduced in f32, as the masters.
+                    crate::precision::widen_grads_where(&live, &mut grads, |id| parallel.widens_grad(id, keep_narrow));
                 }
                 accumulator.accumulate(&live, grads);
                 timers.mark("gradients (widen, accumulate)");
